@@ -1,0 +1,73 @@
+"""Run a job from Python: connect to Ray, build the callbacks, drive, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from raypod.callbacks import Callback
+from raypod.config import ConfigError, JobConfig
+from raypod.driver.controller import Driver, build_recipe
+from raypod.progress import ProgressPrinter
+
+log = logging.getLogger("raypod")
+
+
+class JobFailed(RuntimeError):
+    """The job ended in the ``failed`` state; the message is one sentence."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def connect_ray() -> None:
+    """Connect to ``RAY_ADDRESS`` (or the cluster a ``ray job submit`` runs in), or start Ray."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING,
+                              "configure_logging": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=False, **kwargs)
+
+
+def default_callbacks(config: JobConfig, progress: bool = True) -> list[Callback]:
+    """Progress printing and, unless ``mlflow.enabled`` is false, MLflow tracking."""
+    cbs: list[Callback] = []
+    if progress:
+        cbs.append(ProgressPrinter())
+    if config.mlflow.enabled:
+        from raypod.tracking import MLflowCallback
+
+        cbs.append(MLflowCallback())
+    return cbs
+
+
+def run(config: JobConfig, callbacks: list[Callback] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run ``config`` to the end and return its summary.
+
+    Data and recipe problems are refused before Ray or any worker starts.
+
+    Raises:
+        ConfigError: bad data or recipe arguments, in one sentence.
+        JobFailed: the job ran and failed (the summary is on the exception).
+    """
+    recipe = build_recipe(config)
+    try:
+        recipe.prepare_data(config)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a recipe's data step failing is the user's input
+        raise ConfigError(f"preparing data.path '{config.data.path}' failed: {type(e).__name__}: {e}") from None
+    connect_ray()
+    cbs = default_callbacks(config, progress) if callbacks is None else callbacks
+    summary = Driver(config, callbacks=cbs, recipe=recipe).run()
+    if summary.get("status") != "succeeded":
+        raise JobFailed(f"job '{config.name}' failed: {summary.get('error', 'unknown error')}", summary)
+    return summary

@@ -1,0 +1,318 @@
+"""Job configuration: one YAML file, ``--set key.path=value`` overrides, validation.
+
+Every section is a pydantic model that refuses unknown keys and wrong types, so a
+bad config fails before Ray or any worker starts, with one sentence naming the key
+(:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, worded as one sentence that names the key or path at fault."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class RecipeConfig(_Section):
+    """Which recipe builds the model, optimizer, data and loss, and its arguments."""
+
+    target: str = "raypod.recipes.gpt:GPTRecipe"
+    """Import path ``package.module:ClassName`` of a :class:`raypod.Recipe` subclass."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the recipe's constructor."""
+
+
+class ScalingConfig(_Section):
+    """How many ranks, and what each one needs."""
+
+    min_workers: int = Field(default=2, ge=1)
+    """The job starts (and keeps going) with at least this many ranks."""
+    max_workers: int = Field(default=2, ge=1)
+    """The job never uses more ranks than this."""
+    use_gpu: bool = False
+    """One GPU per rank and NCCL; otherwise CPU and gloo."""
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    """Ray resources reserved for each rank (``GPU`` is added when ``use_gpu``)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy for the ranks' bundles."""
+    spares: int = Field(default=0, ge=0)
+    """Warm spare actors kept ready to replace a lost rank (used by in-process recovery)."""
+    schedule_timeout_s: float = Field(default=120.0, gt=0)
+    """How long to wait for ``min_workers`` ranks to be placeable before failing."""
+
+
+class ParallelConfig(_Section):
+    """How the model is spread over the ranks."""
+
+    strategy: Literal["fsdp", "hsdp", "ddp"] = "fsdp"
+    """``fsdp``: FSDP2 ``fully_shard`` per block; ``hsdp``: FSDP2 on a 2-D mesh; ``ddp``."""
+    replicas: int = Field(default=1, ge=1)
+    """HSDP replica groups (the mesh is ``replicas x world/replicas``)."""
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto`` is bf16 on GPU and fp32 on CPU."""
+
+
+class TrainConfig(_Section):
+    """The optimisation loop."""
+
+    max_steps: int = Field(default=100, ge=1)
+    """Optimizer steps to train for (the job's last step number)."""
+    global_batch: int = Field(default=16, ge=1)
+    """Samples per optimizer step, whatever the world size (gradient accumulation adjusts)."""
+    micro_batch: int = Field(default=4, ge=1)
+    """Samples per forward/backward on one rank."""
+    lr: float = Field(default=3e-3, gt=0)
+    """Peak learning rate."""
+    warmup_steps: int = Field(default=10, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    """The cosine decay ends at ``lr * min_lr_ratio`` on ``max_steps``."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    seed: int = 0
+    """Seeds model init and the data order."""
+    log_every_s: float = Field(default=5.0, gt=0)
+    """Seconds between progress lines when the output is not a terminal."""
+
+
+class DataConfig(_Section):
+    """Where the training data lives."""
+
+    path: str = "~/.cache/raypod/data/stdlib_corpus.parquet"
+    """A parquet file or folder: a local path or a pyarrow/fsspec URI."""
+
+
+class CheckpointConfig(_Section):
+    """Persistent checkpoints (torch.distributed.checkpoint)."""
+
+    storage: str = "./raypod_runs"
+    """Root for everything a job writes: ``<storage>/<name>/``. Local path or URI."""
+    every_steps: int = Field(default=50, ge=0)
+    """Persistent checkpoint interval in steps (0: only at the end)."""
+    keep: int = Field(default=3, ge=1)
+    """Committed checkpoints to keep; older ones are deleted."""
+    async_save: bool = True
+    """Write checkpoints in the background while training goes on."""
+    memory_every_steps: int = Field(default=1, ge=0)
+    """In-memory snapshot interval (checkpointless recovery)."""
+
+
+class FaultInjection(_Section):
+    """One injected fault: fires once per job when ``rank`` starts ``step``."""
+
+    step: int = Field(ge=1)
+    rank: int = Field(ge=0)
+    kind: Literal["kill", "exception"]
+
+
+class FaultConfig(_Section):
+    """Failure handling."""
+
+    max_failures: int = Field(default=3, ge=0)
+    """Recoveries allowed before the job fails."""
+    hang_timeout_s: float = Field(default=300.0, gt=0)
+    """A rank with no progress for this long is declared hung."""
+    pg_timeout_s: float = Field(default=300.0, gt=0)
+    """Timeout of the torch process group's collectives (never torch's 30-minute default)."""
+    inject: list[FaultInjection] = Field(default_factory=list)
+    """Faults to inject, for demos, tests and chaos runs."""
+
+
+class MLflowConfig(_Section):
+    """Experiment tracking."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    """Tracking server or store; default: ``MLFLOW_TRACKING_URI`` or a SQLite store under the job."""
+    experiment: str = "raypod"
+    run_name: str | None = None
+    """Defaults to the job's ``name``."""
+
+
+class JobConfig(_Section):
+    """A whole raypod job."""
+
+    name: str = Field(default="raypod-job", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    """The job's identity: its storage folder and its MLflow run are keyed by it."""
+    recipe: RecipeConfig = Field(default_factory=RecipeConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> JobConfig:
+        s = self.scaling
+        if s.min_workers > s.max_workers:
+            raise ValueError(
+                f"scaling.min_workers ({s.min_workers}) is larger than "
+                f"scaling.max_workers ({s.max_workers})"
+            )
+        if self.parallel.strategy == "hsdp" and s.min_workers % self.parallel.replicas:
+            raise ValueError(
+                f"parallel.replicas ({self.parallel.replicas}) must divide "
+                f"scaling.min_workers ({s.min_workers}) for hsdp"
+            )
+        for i, f in enumerate(self.fault.inject):
+            if f.rank >= s.max_workers:
+                raise ValueError(
+                    f"fault.inject[{i}].rank ({f.rank}) is not a rank of a job with at most "
+                    f"{s.max_workers} workers"
+                )
+        return self
+
+    # ---- derived paths -------------------------------------------------------------
+    @property
+    def job_dir(self) -> str:
+        """``<checkpoint.storage>/<name>``: a local absolute path or a URI."""
+        return join_uri(resolve_storage(self.checkpoint.storage), self.name)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as ``{"section.key": value}``, for MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+
+# ---- helpers -------------------------------------------------------------------------
+
+
+def resolve_storage(storage: str) -> str:
+    """Make a local storage path absolute (URIs are kept as they are)."""
+    if "://" in storage:
+        return storage.rstrip("/")
+    return str(Path(os.path.expanduser(storage)).resolve())
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join a local path or URI with path components."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts into dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``key.path=value`` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"--set '{override}' is not of the form key.path=value")
+    path, _, text = override.partition("=")
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set '{override}' names no key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {path}: the value '{text}' is not valid YAML ({e.problem})")
+    node = raw
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {path}: '{'.'.join(keys[: i + 1])}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _describe(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"])
+    loc = loc.replace(".[", "[")
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        return f"config key '{loc}' is not known (check its spelling and section)"
+    if e["type"] == "value_error" and not loc:
+        return msg.removeprefix("Value error, ")
+    got = e.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    return f"config key '{loc}': {msg[0].lower() + msg[1:]}{shown}"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                raw: dict[str, Any] | None = None) -> JobConfig:
+    """Read a YAML config, apply overrides, validate it and check its recipe imports.
+
+    Raises:
+        ConfigError: one sentence naming the file, key or recipe at fault.
+    """
+    data: dict[str, Any] = copy.deepcopy(raw) if raw else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}".split("\n")[0])
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+        data.update(loaded)
+    for ov in overrides or []:
+        apply_override(data, ov)
+    try:
+        cfg = JobConfig.model_validate(data)
+    except ValidationError as e:
+        where = f" in '{path}'" if path else ""
+        raise ConfigError(_describe(e) + where) from None
+    check_recipe(cfg)
+    return cfg
+
+
+def import_target(target: str) -> Any:
+    """Import ``package.module:Name`` (or ``package.module.Name``)."""
+    mod_name, sep, attr = target.partition(":")
+    if not sep:
+        mod_name, _, attr = target.rpartition(".")
+    if not mod_name or not attr:
+        raise ConfigError(f"recipe.target '{target}' is not an import path like 'pkg.module:Class'")
+    try:
+        module = importlib.import_module(mod_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's recipe
+        raise ConfigError(f"recipe.target '{target}' cannot be imported: {type(e).__name__}: {e}")
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"recipe.target '{target}': module '{mod_name}' has no '{attr}'") from None
+
+
+def check_recipe(cfg: JobConfig) -> None:
+    """Check that the recipe imports, is a Recipe, and accepts ``recipe.args``."""
+    from raypod.recipe import Recipe
+
+    cls = import_target(cfg.recipe.target)
+    if not (inspect.isclass(cls) and issubclass(cls, Recipe)):
+        raise ConfigError(f"recipe.target '{cfg.recipe.target}' is not a raypod.Recipe subclass")
+    try:
+        inspect.signature(cls).bind(**cfg.recipe.args)
+    except TypeError as e:
+        raise ConfigError(f"recipe.args do not fit {cls.__name__}: {e}") from None

@@ -1,0 +1,1 @@
+"""Data: corpus preparation, sample sources and the seeded sample order."""

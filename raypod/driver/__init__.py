@@ -1,0 +1,1 @@
+"""The driver: one state machine that owns membership, recovery, checkpoints' commit and tracking."""

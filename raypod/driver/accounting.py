@@ -1,0 +1,126 @@
+"""The job's books: step times, failures, world sizes, the sample ledger, goodput.
+
+Everything in ``summary.json`` comes from here, built from what the ranks reported
+(the sample ids they consumed), not from arithmetic on step counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from raypod.callbacks import FailureEvent
+from raypod.data.order import SampleOrder
+
+
+class JobAccounting:
+    """Records a job as it runs.
+
+    Args:
+        start_time: ``time.time()`` at driver start.
+        start_step: the step the job resumed after (0 when fresh).
+    """
+
+    def __init__(self, start_time: float, start_step: int = 0) -> None:
+        self.start_time = start_time
+        self.start_step = start_step
+        self.world_sizes: list[int] = []
+        self.events: list[FailureEvent] = []
+        self.step_s: dict[int, float] = {}
+        """Kept steps -> wall seconds the step took (from the previous step or group start)."""
+        self.ids: dict[int, list[tuple[int, np.ndarray]]] = {}
+        """Kept steps -> ``(epoch, ids)`` per rank."""
+        self.first_step_s: float | None = None
+        self.last_step = start_step
+        self.completed_ever = start_step
+        self.order: SampleOrder | None = None
+
+    def now(self) -> float:
+        return time.time() - self.start_time
+
+    # ---- recording ---------------------------------------------------------------
+    def group_started(self, world_size: int) -> None:
+        self.world_sizes.append(world_size)
+
+    def step_done(self, step: int, duration_s: float,
+                  ids: list[tuple[int, np.ndarray]]) -> tuple[bool, list[FailureEvent]]:
+        """Record a completed step.
+
+        Returns:
+            Whether the step number is a replay, and the failure events this step
+            resolves (the first step completed after them).
+        """
+        replay = step <= self.completed_ever
+        self.step_s[step] = duration_s
+        self.ids[step] = ids
+        self.last_step = step
+        self.completed_ever = max(self.completed_ever, step)
+        if self.first_step_s is None:
+            self.first_step_s = self.now()
+        resolved = [ev for ev in self.events if ev.resumed_s is None]
+        for ev in resolved:
+            ev.resumed_s = self.now()
+        return replay, resolved
+
+    def failure(self, event: FailureEvent) -> None:
+        self.events.append(event)
+
+    def rolled_back(self, event: FailureEvent, to_step: int, world_size: int, source: str) -> None:
+        """Steps after ``to_step`` are thrown away and will be done again."""
+        event.lost_steps = max(0, self.last_step - to_step)
+        event.world_size_after = world_size
+        event.restored_from = source
+        for s in [s for s in self.step_s if s > to_step]:
+            del self.step_s[s]
+            del self.ids[s]
+        self.last_step = to_step
+
+    # ---- results -----------------------------------------------------------------
+    def samples(self) -> dict[str, int]:
+        """Consumed, duplicated and skipped samples, from the ids the ranks reported."""
+        seen: Counter[tuple[int, int]] = Counter()
+        for per_rank in self.ids.values():
+            for epoch, ids in per_rank:
+                seen.update((epoch, int(i)) for i in ids)
+        consumed = sum(seen.values())
+        duplicated = sum(c - 1 for c in seen.values() if c > 1)
+        skipped = 0
+        if self.order is not None:
+            for step in self.ids:
+                epoch = self.order.epoch_of(step)
+                skipped += sum(1 for i in self.order.ids(step) if (epoch, int(i)) not in seen)
+        return {"consumed": consumed, "duplicated": duplicated, "skipped": skipped}
+
+    def productive_s(self) -> float:
+        """Wall time of the kept steps after the first one (replayed work is not productive)."""
+        first = min(self.step_s) if self.step_s else None
+        return sum(d for s, d in self.step_s.items() if s != first)
+
+    def summary(self, status: str, final_step: int, run_id: str | None, digest: str | None,
+                error: str | None = None) -> dict[str, Any]:
+        wall = self.now()
+        productive = self.productive_s()
+        after_first = wall - self.first_step_s if self.first_step_s is not None else 0.0
+        goodput = min(1.0, productive / after_first) if after_first > 0 else 0.0
+        out: dict[str, Any] = {
+            "status": status,
+            "final_step": final_step,
+            "mlflow_run_id": run_id,
+            "world_sizes": list(self.world_sizes),
+            "failures": len(self.events),
+            "events": [e.to_summary() for e in self.events],
+            "goodput": round(goodput, 4),
+            "wall_s": round(wall, 3),
+            "productive_s": round(productive, 3),
+            "samples": self.samples(),
+            "final_state_sha256": digest,
+            "first_step_s": None if self.first_step_s is None else round(self.first_step_s, 3),
+            "started_at": self.start_time,
+            "resumed_from_step": self.start_step,
+        }
+        if error:
+            out["error"] = error
+        return out

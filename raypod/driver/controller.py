@@ -1,0 +1,344 @@
+"""The driver: an explicit state machine that keeps a job training through failures.
+
+One loop iteration (:meth:`Driver.step`) runs the handler of the current state and
+returns ``(previous, next)``; :meth:`Driver._set_state` is the only place the state
+changes, and it fires the callbacks. Policies decide (:mod:`raypod.driver.failures`,
+:mod:`raypod.driver.scaling`); the driver acts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import ray
+
+from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
+from raypod.checkpoint import CheckpointStore, CommittedCheckpoint
+from raypod.checkpoint.fs import write_json_atomic
+from raypod.config import JobConfig, import_target, join_uri
+from raypod.data.order import SampleOrder
+from raypod.driver.accounting import JobAccounting
+from raypod.driver.failures import Failure, FailureDecision, FailurePolicy
+from raypod.driver.scaling import ResizeDecision, ScalingPolicy
+from raypod.driver.state import (
+    ErroredState,
+    FinishedState,
+    FinishingState,
+    RecoveringState,
+    RunningState,
+    SchedulingState,
+    State,
+    StateKind,
+)
+from raypod.driver.worker_group import GroupStartError, PollResult, WorkerError, WorkerGroup
+from raypod.recipe import Recipe
+
+log = logging.getLogger("raypod.driver")
+
+_POLL_S = 0.05
+_STEPS_IN_FLIGHT = 2  # steps queued on each rank ahead of the slowest one
+
+
+def build_recipe(config: JobConfig) -> Recipe:
+    """Instantiate ``recipe.target`` with ``recipe.args``."""
+    return import_target(config.recipe.target)(**config.recipe.args)
+
+
+class Driver:
+    """Runs one job to completion or to a clear failure.
+
+    Args:
+        config: the validated job config.
+        callbacks: hooks (progress, MLflow, ...).
+        recipe: the recipe instance; built from the config when omitted.
+    """
+
+    worker_group_cls: type = WorkerGroup
+
+    def __init__(self, config: JobConfig, callbacks: list[Callback] | None = None,
+                 recipe: Recipe | None = None) -> None:
+        self.cfg = config
+        self.recipe = recipe if recipe is not None else build_recipe(config)
+        self.callbacks = list(callbacks or [])
+        self.store = CheckpointStore(config.job_dir, config.checkpoint.keep)
+        replicas = config.parallel.replicas if config.parallel.strategy == "hsdp" else 1
+        self.failure_policy = FailurePolicy(config.fault.max_failures)
+        self.scaling_policy = ScalingPolicy(config.scaling, replicas)
+        self.state: State = SchedulingState(attempt=0)  # the initial state
+        self.group: Any = None
+        self.attempt = 0
+        self.failures = 0
+        self.fired: set[int] = set()
+        self.digest: str | None = None
+        self.summary: dict[str, Any] | None = None
+        self.start_time = time.time()
+        self.acct = JobAccounting(self.start_time)
+        # Step bookkeeping for the current group.
+        self.next_step = 1
+        self.done_step = 0
+        self.rank_step: dict[int, int] = {}
+        self.partial: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        self.save_acks: dict[int, set[int]] = defaultdict(set)
+        self.last_progress = time.monotonic()
+        self.last_completion = time.time()
+        self.committed_step = 0
+
+    # ---- the loop ----------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train to ``train.max_steps``; returns the summary (also written to storage)."""
+        latest = self.store.latest()
+        self.acct = JobAccounting(self.start_time, latest.step if latest else 0)
+        self.committed_step = latest.step if latest else 0
+        info = JobInfo(config=self.cfg, job_dir=self.cfg.job_dir, start_time=self.start_time,
+                       start_step=self.acct.start_step)
+        self._fire("before_job", info)
+        log.info("state -> %s", self.state.name)
+        try:
+            while not self.state.is_terminal:
+                self.step()
+        except KeyboardInterrupt:
+            self._set_state(ErroredState("interrupted by the user"))
+        except Exception as e:  # noqa: BLE001 - the summary must be written whatever happened
+            log.exception("driver error")
+            self._set_state(ErroredState(f"driver error: {type(e).__name__}: {e}"))
+        finally:
+            if self.group is not None:
+                self.group.shutdown()
+                self.group = None
+            self._write_summary()
+        return self.summary or {}
+
+    def step(self) -> tuple[State, State]:
+        """Run one iteration of the current state's handler."""
+        prev = self.state
+        handlers = {
+            StateKind.SCHEDULING: self._schedule,
+            StateKind.RUNNING: self._run,
+            StateKind.RECOVERING: self._recover,
+            StateKind.FINISHING: self._finish,
+        }
+        nxt = handlers[prev.kind](prev)
+        if nxt is not prev:
+            self._set_state(nxt)
+        return prev, nxt
+
+    def _set_state(self, new: State) -> None:
+        prev, self.state = self.state, new
+        detail = ""
+        if isinstance(new, ErroredState):
+            detail = f": {new.error}"
+        elif isinstance(new, RecoveringState):
+            detail = f": {new.failure.message}"
+        log.info("state %s -> %s%s", prev.name, new.name, detail)
+        self._fire("after_state_change", prev.name, new.name, self.acct.now())
+
+    def _fire(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            try:
+                getattr(cb, hook)(*args)
+            except Exception:  # noqa: BLE001 - a broken hook never stops training
+                log.exception("callback %s.%s failed", type(cb).__name__, hook)
+
+    # ---- SCHEDULING --------------------------------------------------------------
+    def _decide_world_size(self) -> int | str:
+        """Ranks for the next group, or why there is no room (after the schedule timeout)."""
+        deadline = time.monotonic() + self.cfg.scaling.schedule_timeout_s
+        best, reason = 0, ""
+        settle = time.monotonic() + 2.0  # resources of a group just torn down come back
+        while True:
+            decision = self.scaling_policy.decide(ray.available_resources())
+            if isinstance(decision, ResizeDecision):
+                best = decision.num_workers
+                if best == self.cfg.scaling.max_workers or time.monotonic() > settle:
+                    return best
+            else:
+                reason = decision.reason
+            if time.monotonic() > deadline:
+                return best or reason
+            time.sleep(0.1)
+
+    def _schedule(self, state: SchedulingState) -> State:
+        n = self._decide_world_size()
+        if isinstance(n, str):
+            return ErroredState(f"no room to schedule the job: {n}")
+        restore = self.store.latest()
+        restore_step = restore.step if restore else 0
+        active = [f for i, f in enumerate(self.cfg.fault.inject) if i not in self.fired]
+        self.group = self.worker_group_cls(self.cfg, self.recipe)
+        try:
+            info = self.group.start(n, state.attempt, restore, active)
+        except GroupStartError as e:
+            return RecoveringState(Failure(kind=e.kind, rank=e.rank, step=restore_step + 1,
+                                           message=str(e), time_s=self.acct.now()))
+        if self.acct.order is None:
+            self.acct.order = SampleOrder(info["num_samples"], self.cfg.train.global_batch,
+                                          self.cfg.train.seed)
+        self.acct.group_started(n)
+        source = f"checkpoint step {restore_step}" if restore else "scratch"
+        for ev in self.acct.events:
+            if ev.world_size_after is None:
+                self.acct.rolled_back(ev, restore_step, n, source)
+        self._reset_group_progress(restore_step)
+        log.info("attempt %d: %d ranks ready, from %s (setup %.1f s)", state.attempt, n, source,
+                 info.get("setup_s", 0.0))
+        if self.done_step >= self.cfg.train.max_steps:
+            return FinishingState()
+        return RunningState()
+
+    def _reset_group_progress(self, restore_step: int) -> None:
+        self.next_step = restore_step + 1
+        self.done_step = restore_step
+        self.rank_step = {r: restore_step for r in range(self.group.world_size)}
+        self.partial.clear()
+        self.save_acks.clear()
+        self.last_progress = time.monotonic()
+        self.last_completion = time.time()
+
+    # ---- RUNNING -----------------------------------------------------------------
+    def _should_save(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return step == self.cfg.train.max_steps or (every > 0 and step % every == 0)
+
+    def _run(self, state: RunningState) -> State:
+        max_steps = self.cfg.train.max_steps
+        while self.next_step <= max_steps and self.next_step - self.done_step <= _STEPS_IN_FLIGHT:
+            self.group.submit_step(self.next_step)
+            if self._should_save(self.next_step):
+                self.group.submit_save(self.next_step, self.store.path_for(self.next_step))
+            self.next_step += 1
+        result = self.group.poll(timeout=_POLL_S)
+        self._absorb(result)
+        if result.errors:
+            return RecoveringState(self._failure_from(result.errors))
+        if self.done_step >= max_steps:
+            return FinishingState()
+        if time.monotonic() - self.last_progress > self.cfg.fault.hang_timeout_s:
+            return RecoveringState(Failure(
+                kind="hang", rank=None, step=self.done_step + 1, time_s=self.acct.now(),
+                message=f"no step finished for {self.cfg.fault.hang_timeout_s:.0f} s "
+                        "(fault.hang_timeout_s)"))
+        return state
+
+    def _absorb(self, result: PollResult) -> None:
+        for r in result.steps:
+            self.partial[r["step"]].append(r)
+            self.rank_step[r["rank"]] = r["step"]
+            self.last_progress = time.monotonic()
+            self._ack_saves(r["rank"], r.get("saved", []))
+        for rank, steps in result.saved:
+            self._ack_saves(rank, steps)
+        while len(self.partial.get(self.done_step + 1, ())) == self.group.world_size:
+            self._complete_step(self.done_step + 1)
+
+    def _complete_step(self, step: int) -> None:
+        results = sorted(self.partial.pop(step), key=lambda r: r["rank"])
+        now = time.time()
+        dur = max(1e-9, now - self.last_completion)
+        self.last_completion = now
+        self.done_step = step
+        replayed, resolved = self.acct.step_done(step, dur, [(r["epoch"], r["ids"]) for r in results])
+        samples = sum(r["samples"] for r in results)
+        t = self.cfg.train
+        sps = t.global_batch / dur
+        after_first = self.acct.now() - (self.acct.first_step_s or 0.0)
+        metrics = {
+            "loss": sum(r["loss_sum"] for r in results) / max(1, samples),
+            "lr": results[0]["lr"],
+            "grad_norm": results[0]["grad_norm"],
+            "step_time_s": dur,
+            "compute_s": max(r["compute_s"] for r in results),
+            "samples_per_s": sps,
+            "tokens_per_s": sps * self.recipe.tokens_per_sample(),
+            "world_size": float(len(results)),
+            "data_wait_frac": max(r["data_s"] for r in results) / dur,
+            "goodput": min(1.0, self.acct.productive_s() / after_first) if after_first > 0 else 1.0,
+            "failures": float(self.failures),
+        }
+        self._fire("after_step", StepReport(step=step, metrics=metrics, time_s=self.acct.now(),
+                                            replayed=replayed))
+        for ev in resolved:
+            log.info("recovered from %s at step %d: resumed %.2f s after detection, %s lost steps",
+                     ev.kind, ev.step, ev.resumed_s - ev.detected_s, ev.lost_steps)
+            self._fire("after_recovery", ev)
+
+    def _ack_saves(self, rank: int, steps: list[int]) -> None:
+        for s in steps:
+            self.save_acks[s].add(rank)
+            if len(self.save_acks[s]) == self.group.world_size and s > self.committed_step:
+                path = self.store.commit(s, self.group.world_size)
+                self.committed_step = s
+                del self.save_acks[s]
+                log.info("checkpoint step %d committed", s)
+                self._fire("after_checkpoint", s, path)
+
+    def _failure_from(self, errors: list[WorkerError]) -> Failure:
+        """The root cause among the errors: a dead rank, then an injected fault, then the rest."""
+        priority = {"worker_died": 0, "injected": 1, "exception": 2}
+        e = min(errors, key=lambda e: (priority.get(e.kind, 3), e.step))
+        # A raising call names its step; a dead rank was in the step after its last result.
+        step = e.step if e.kind != "worker_died" else self.rank_step.get(e.rank, self.done_step) + 1
+        kind = {"worker_died": "worker_died", "injected": "exception"}.get(e.kind, "exception")
+        for i, f in enumerate(self.cfg.fault.inject):
+            wanted = "kill" if e.kind == "worker_died" else "exception"
+            if i not in self.fired and f.rank == e.rank and f.step == step and f.kind == wanted:
+                self.fired.add(i)
+                kind = f.kind
+        return Failure(kind=kind, rank=e.rank, step=step, time_s=self.acct.now(),
+                       message=f"rank {e.rank} at step {step}: {e.message}")
+
+    # ---- RECOVERING --------------------------------------------------------------
+    def _recover(self, state: RecoveringState) -> State:
+        f = state.failure
+        self.failures += 1
+        event = FailureEvent(kind=f.kind, step=f.step, rank=f.rank, detected_s=f.time_s,
+                             message=f.message)
+        self.acct.failure(event)
+        self._fire("after_failure", event)
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
+        decision = self.failure_policy.decide(f, self.failures)
+        if decision is FailureDecision.RAISE:
+            budget = self.cfg.fault.max_failures
+            why = (f"{f.message} (fault.max_failures={budget} exhausted)" if f.retryable
+                   else f.message)
+            return ErroredState(why)
+        self.attempt += 1
+        return SchedulingState(attempt=self.attempt)
+
+    # ---- FINISHING ---------------------------------------------------------------
+    def _finish(self, state: FinishingState) -> State:
+        for rank, steps in self.group.finish_saves():
+            self._ack_saves(rank, steps)
+        self.digest = self.group.state_digest()
+        self.group.close()
+        self.group = None
+        return FinishedState()
+
+    # ---- the end -----------------------------------------------------------------
+    def _write_summary(self) -> None:
+        ok = self.state.kind is StateKind.FINISHED
+        error = self.state.error if isinstance(self.state, ErroredState) else None
+        summary = self.acct.summary(
+            status="succeeded" if ok else "failed",
+            final_step=self.acct.last_step,
+            run_id=None,
+            digest=self.digest,
+            error=error,
+        )
+        summary["committed_step"] = self.committed_step
+        self._fire("before_summary", summary)
+        path = join_uri(self.cfg.job_dir, "summary.json")
+        try:
+            write_json_atomic(path, summary)
+        except OSError as e:
+            log.error("could not write %s: %s", path, e)
+        self.summary = summary
+        self._fire("after_job", summary, path)
+
+    @property
+    def latest_checkpoint(self) -> CommittedCheckpoint | None:
+        return self.store.latest()

@@ -1,0 +1,233 @@
+"""The group of Ray actors that hosts the ranks: placement, rendezvous, calls, polling.
+
+The driver talks to the group only through this class, so unit tests swap in a fake
+(``Driver.worker_group_cls``) and drive the state machine one iteration at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raypod.checkpoint import CommittedCheckpoint
+from raypod.config import FaultInjection, JobConfig
+from raypod.driver.scaling import worker_bundle
+from raypod.recipe import Recipe
+from raypod.worker.actor import remote_worker_class
+
+log = logging.getLogger("raypod.driver")
+
+# After the first error, wait this long for related ones, so that a dead rank is blamed
+# rather than the peer whose collective broke because of it.
+_ERROR_GRACE_S = 0.25
+
+
+@dataclass
+class WorkerError:
+    """An error raised by one rank's call."""
+
+    rank: int
+    step: int
+    kind: str
+    """``worker_died``, ``exception`` (the rank's code raised) or ``injected``."""
+    message: str
+
+
+@dataclass
+class PollResult:
+    """What arrived from the ranks since the last poll."""
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    """Per-rank ``train_step`` results."""
+    saved: list[tuple[int, list[int]]] = field(default_factory=list)
+    """``(rank, [steps whose save finished])``."""
+    errors: list[WorkerError] = field(default_factory=list)
+
+
+class GroupStartError(RuntimeError):
+    """The group could not be placed or set up."""
+
+    def __init__(self, message: str, kind: str = "setup_failed", rank: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.rank = rank
+
+
+def _describe(e: BaseException) -> tuple[str, str]:
+    """``(kind, one line)`` for an exception from a rank call."""
+    if isinstance(e, RayActorError):
+        return "worker_died", "the worker process died"
+    if isinstance(e, RayTaskError):
+        cause = e.cause if e.cause is not None else e
+        kind = "injected" if type(cause).__name__ == "InjectedFault" else "exception"
+        return kind, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+    return "exception", f"{type(e).__name__}: {e}"
+
+
+class WorkerGroup:
+    """One placement group and one actor per rank.
+
+    Args:
+        config: the job config.
+        recipe: the recipe instance every rank receives.
+    """
+
+    def __init__(self, config: JobConfig, recipe: Recipe) -> None:
+        self.cfg = config
+        self.recipe = recipe
+        self.bundle = worker_bundle(config.scaling)
+        self.actors: list[Any] = []
+        self.pg = None
+        self.world_size = 0
+        self.nodes: list[str] = []
+        self._pending: dict[Any, tuple[int, str, int]] = {}
+
+    # ---- lifecycle ---------------------------------------------------------------
+    def start(self, world_size: int, attempt: int, restore: CommittedCheckpoint | None,
+              injections: list[FaultInjection]) -> dict[str, Any]:
+        """Place ``world_size`` ranks, rendezvous, build, and restore ``restore``.
+
+        Raises:
+            GroupStartError: placement timed out or a rank failed to set up.
+        """
+        timeout = self.cfg.scaling.schedule_timeout_s
+        self.pg = placement_group([dict(self.bundle)] * world_size,
+                                  strategy=self.cfg.scaling.placement_strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=timeout)
+        except GetTimeoutError:
+            raise GroupStartError(f"could not place {world_size} ranks of {self.bundle} within "
+                                  f"{timeout:.0f} s (scaling.schedule_timeout_s)",
+                                  kind="scheduling") from None
+        cls = remote_worker_class()
+        extra = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")}
+        self.actors = [
+            cls.options(
+                num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0),
+                resources=extra or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=i),
+                name=None,
+            ).remote(int(self.bundle.get("CPU", 1)) or 1)
+            for i in range(world_size)
+        ]
+        self.world_size = world_size
+        try:
+            infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
+            # Ranks on one node are contiguous (HSDP shards within a node).
+            order = sorted(range(world_size), key=lambda i: (infos[i]["node_id"] != infos[0]["node_id"],
+                                                           infos[i]["node_id"], i))
+            self.actors = [self.actors[i] for i in order]
+            self.nodes = [infos[i]["node_id"] for i in order]
+            port = ray.get(self.actors[0].free_port.remote(), timeout=timeout)
+            init_method = f"tcp://{infos[order[0]]['ip']}:{port}"
+            restore_arg = (restore.path, restore.step) if restore else None
+            refs = [a.setup.remote(self.cfg, self.recipe, r, world_size, init_method, injections,
+                                   attempt, restore_arg) for r, a in enumerate(self.actors)]
+            results = self._get_all(refs, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
+        except GroupStartError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any setup failure is reported as one
+            kind, msg = _describe(e)
+            raise GroupStartError(f"a rank failed to start: {msg}", kind=kind) from None
+        return {"num_samples": results[0]["num_samples"],
+                "setup_s": max(r["setup_s"] for r in results)}
+
+    def _get_all(self, refs: list[Any], timeout: float) -> list[Any]:
+        """Get every ref, failing fast on the first error instead of waiting on the rest."""
+        left = {r: i for i, r in enumerate(refs)}
+        out: list[Any] = [None] * len(refs)
+        deadline = time.monotonic() + timeout
+        while left:
+            ready, _ = ray.wait(list(left), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise GroupStartError(f"ranks did not finish setting up within {timeout:.0f} s")
+            for r in ready:
+                try:
+                    out[left.pop(r)] = ray.get(r)
+                except Exception as e:  # noqa: BLE001
+                    kind, msg = _describe(e)
+                    raise GroupStartError(f"rank {refs.index(r)} failed to start: {msg}",
+                                          kind=kind, rank=refs.index(r)) from None
+        return out
+
+    def shutdown(self) -> None:
+        """Kill every actor (hung ones too) and free the placement group."""
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001
+                pass
+        self.actors, self.pg, self.world_size = [], None, 0
+        self._pending.clear()
+
+    def close(self) -> None:
+        """Leave the process group cleanly (end of a successful job), then shut down."""
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=60)
+        except Exception as e:  # noqa: BLE001
+            log.warning("closing the worker group: %s", e)
+        self.shutdown()
+
+    # ---- calls -------------------------------------------------------------------
+    def submit_step(self, step: int) -> None:
+        for rank, a in enumerate(self.actors):
+            self._pending[a.train_step.remote(step)] = (rank, "step", step)
+
+    def submit_save(self, step: int, path: str) -> None:
+        for rank, a in enumerate(self.actors):
+            self._pending[a.save.remote(step, path)] = (rank, "save", step)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def poll(self, timeout: float) -> PollResult:
+        """Collect whatever finished within ``timeout`` seconds."""
+        out = PollResult()
+        if not self._pending:
+            return out
+        ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+        self._collect(ready, out)
+        if out.errors:  # give a dead rank's own error the chance to arrive
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
+                                timeout=_ERROR_GRACE_S)
+            self._collect(ready, out)
+        return out
+
+    def _collect(self, ready: list[Any], out: PollResult) -> None:
+        for ref in ready:
+            rank, what, step = self._pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except Exception as e:  # noqa: BLE001
+                kind, msg = _describe(e)
+                out.errors.append(WorkerError(rank=rank, step=step, kind=kind, message=msg))
+                continue
+            if what == "step":
+                out.steps.append(value)
+            elif value:
+                out.saved.append((rank, value))
+
+    def finish_saves(self) -> list[tuple[int, list[int]]]:
+        """Wait for every rank's saves in flight."""
+        done = ray.get([a.finish_saves.remote() for a in self.actors], timeout=600)
+        return list(enumerate(done))
+
+    def state_digest(self) -> str | None:
+        """World-size-independent digest of the model and optimizer (a collective)."""
+        return ray.get([a.state_digest.remote() for a in self.actors], timeout=600)[0]

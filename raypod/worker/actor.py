@@ -1,0 +1,78 @@
+"""The Ray actor that hosts one rank: a thin remote shell around :class:`Trainer`.
+
+The actor process imports torch as soon as it starts, so actors created early are
+warm by the time the driver hands them a rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import ray
+
+log = logging.getLogger("raypod.worker")
+
+
+class TrainWorker:
+    """One rank of the job, in its own process (see :func:`remote_worker_class`)."""
+
+    def __init__(self, num_threads: int) -> None:
+        import torch  # the expensive import happens while the driver does other work
+
+        torch.set_num_threads(max(1, num_threads))
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        self.trainer = None
+
+    def node_info(self) -> dict[str, Any]:
+        """Where this actor runs."""
+        ctx = ray.get_runtime_context()
+        return {
+            "node_id": ctx.get_node_id(),
+            "ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_ids": ray.get_gpu_ids(),
+        }
+
+    def free_port(self) -> int:
+        """A free TCP port on this node, for the rendezvous."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+
+    def setup(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
+              injections: list, attempt: int, restore: tuple[str, int] | None) -> dict[str, Any]:
+        """Join the process group, build the model shard, restore state when asked."""
+        from raypod.worker.trainer import Trainer
+
+        t0 = time.perf_counter()
+        self.trainer = Trainer(config, recipe, rank, world_size, init_method, injections, attempt)
+        if restore is not None:
+            self.trainer.load(*restore)
+        return {"rank": rank, "setup_s": time.perf_counter() - t0,
+                "num_samples": len(self.trainer.data)}
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        return self.trainer.train_step(step)
+
+    def save(self, step: int, path: str) -> list[int]:
+        return self.trainer.save(step, path)
+
+    def finish_saves(self) -> list[int]:
+        return self.trainer.finish_saves()
+
+    def state_digest(self) -> str | None:
+        return self.trainer.state_digest()
+
+    def close(self) -> None:
+        if self.trainer is not None:
+            self.trainer.close()
+
+
+def remote_worker_class() -> Any:
+    """``TrainWorker`` as a Ray actor class (made lazily so importing raypod stays cheap)."""
+    return ray.remote(max_restarts=0, max_task_retries=0)(TrainWorker)

@@ -1,0 +1,65 @@
+"""Apply the configured parallelism: FSDP2 per block, HSDP on a 2-D mesh, or DDP."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from raypod.config import ParallelConfig
+
+
+def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
+    """bf16 on GPU for ``auto``/``bf16``; fp32 on CPU unless ``bf16`` is asked for."""
+    if cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_mesh(cfg: ParallelConfig, world_size: int, device: torch.device) -> DeviceMesh:
+    """1-D mesh for fsdp/ddp; ``(replicate, shard)`` for hsdp."""
+    if cfg.strategy == "hsdp":
+        replicas = cfg.replicas if world_size % cfg.replicas == 0 else 1
+        return init_device_mesh(device.type, (replicas, world_size // replicas),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+
+
+def parallelize(model: nn.Module, units: list[nn.Module], cfg: ParallelConfig, mesh: DeviceMesh,
+                device: torch.device) -> nn.Module:
+    """Shard or replicate ``model`` (already on ``device``) over ``mesh``."""
+    dtype = param_dtype(cfg, device)
+    if cfg.strategy in ("fsdp", "hsdp"):
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, process_group=mesh.get_group())
+
+
+@contextlib.contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip gradient communication on micro-batches before the last one."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif isinstance(model, DistributedDataParallel) and not enabled:
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def autocast(cfg: ParallelConfig, model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
+    """DDP gets bf16 through autocast (FSDP2 casts through its policy)."""
+    dtype = param_dtype(cfg, device)
+    if isinstance(model, DistributedDataParallel) and dtype != torch.float32:
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
