@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raypod",
         description="Resilient PyTorch training on any Ray cluster: a driver keeps a sharded "
                     "job training through worker, node and hang failures and logs to one MLflow run.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the driver's decisions")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_run = sub.add_parser("run", help="run a job on the Ray cluster at RAY_ADDRESS, or on a local Ray",
                            description="Run a job to the end. Connects to RAY_ADDRESS when set, else "
@@ -75,8 +76,9 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``raypod`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("raypod").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         if args.command == "run":
             return _run(args)

@@ -230,7 +230,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {path}: the value '{text}' is not valid YAML ({e.problem})")
+        raise ConfigError(f"--set {path}: the value '{text}' is not valid YAML ({e.problem})") from None
     node = raw
     for i, k in enumerate(keys[:-1]):
         nxt = node.get(k)
@@ -271,7 +271,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}".split("\n")[0])
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}".split("\n")[0]) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -298,7 +298,7 @@ def import_target(target: str) -> Any:
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's recipe
-        raise ConfigError(f"recipe.target '{target}' cannot be imported: {type(e).__name__}: {e}")
+        raise ConfigError(f"recipe.target '{target}' cannot be imported: {type(e).__name__}: {e}") from None
     try:
         return getattr(module, attr)
     except AttributeError:

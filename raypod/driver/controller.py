@@ -57,6 +57,7 @@ class Driver:
     """
 
     worker_group_cls: type = WorkerGroup
+    available_resources = staticmethod(ray.available_resources)
 
     def __init__(self, config: JobConfig, callbacks: list[Callback] | None = None,
                  recipe: Recipe | None = None) -> None:
@@ -149,7 +150,7 @@ class Driver:
         best, reason = 0, ""
         settle = time.monotonic() + 2.0  # resources of a group just torn down come back
         while True:
-            decision = self.scaling_policy.decide(ray.available_resources())
+            decision = self.scaling_policy.decide(self.available_resources())
             if isinstance(decision, ResizeDecision):
                 best = decision.num_workers
                 if best == self.cfg.scaling.max_workers or time.monotonic() > settle:

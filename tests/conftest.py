@@ -1,0 +1,83 @@
+"""Shared fixtures: one real Ray cluster per test session, started with ``ray start --head``.
+
+The cluster has a dashboard (for ``ray job submit``) and token authentication on, as a
+user's cluster would. It is stopped by killing the processes of its own session
+folder, never by ``ray stop`` (which would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+# Ray reads this when it is first imported; the session cluster has token auth on.
+os.environ["RAY_AUTH_MODE"] = "token"
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_tree_matching(pattern: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        subprocess.run(["pkill", f"-{int(sig)}", "-f", pattern], check=False)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode != 0:
+                return
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray head with 4 logical CPUs, a dashboard and token auth; yields its addresses."""
+    temp_dir = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+               RAY_USAGE_STATS_ENABLED="0")
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                       capture_output=True)
+    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+           "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
+           "--include-dashboard=true", "--disable-usage-stats"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        _kill_tree_matching(temp_dir)
+        pytest.fail(f"ray start failed: {out.stderr[-2000:]}")
+    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}",
+            "env": env, "temp_dir": temp_dir}
+    try:
+        yield info
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        _kill_tree_matching(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_connected(ray_cluster):
+    """This test process connected to the session's cluster as a driver."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray_cluster["address"]
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster["address"], log_to_driver=False)
+    yield ray_cluster

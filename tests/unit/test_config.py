@@ -1,0 +1,98 @@
+"""Config loading, overrides and the one-sentence errors for bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raypod.cli import main
+from raypod.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
+
+
+def test_shipped_configs_load():
+    for name in ("tiny", "small", "350m"):
+        cfg = load_config(REPO / "jobs" / "configs" / f"{name}.yaml")
+        assert cfg.train.max_steps > 0
+    assert load_config(TINY).scaling.max_workers == 2
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(TINY, ["train.max_steps=7", "checkpoint.storage=/tmp/x",
+                             "fault.inject=[{step: 3, rank: 1, kind: kill}]", "mlflow.tracking_uri=null"])
+    assert cfg.train.max_steps == 7
+    assert cfg.job_dir == "/tmp/x/tiny-gpt"
+    assert cfg.fault.inject[0].kind == "kill" and cfg.fault.inject[0].step == 3
+    assert cfg.flat()["train.max_steps"] == 7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["train.max_stepz=5"], "config key 'train.max_stepz' is not known"),
+        (["bogus.key=1"], "config key 'bogus' is not known"),
+        (["train.max_steps=ten"], "config key 'train.max_steps'"),
+        (["scaling.min_workers=3"], "scaling.min_workers (3) is larger than scaling.max_workers (2)"),
+        (["recipe.target=nowhere.module:Thing"], "recipe.target 'nowhere.module:Thing' cannot be imported"),
+        (["recipe.target=raypod.config:JobConfig"], "is not a raypod.Recipe subclass"),
+        (["recipe.args.n_layerz=3"], "recipe.args do not fit GPTRecipe"),
+        (["fault.inject=[{step: 3, rank: 5, kind: kill}]"], "fault.inject[0].rank (5)"),
+        (["fault.inject=[{step: 3, rank: 1, kind: explode}]"], "fault.inject[0].kind"),
+        (["train.max_steps"], "is not of the form key.path=value"),
+    ],
+)
+def test_bad_config_is_one_sentence(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    msg = str(e.value)
+    assert needle in msg
+    assert "\n" not in msg
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["train.lr=fast"], "train.lr"),
+        (["scaling.min_workers=3"], "scaling.min_workers"),
+        (["recipe.target=nowhere:Thing"], "recipe.target"),
+    ],
+)
+def test_cli_refuses_bad_config_before_anything_starts(tmp_path, capsys, overrides, needle):
+    storage = tmp_path / "store"
+    args = ["run", str(TINY), f"--set=checkpoint.storage={storage}"] + [f"--set={o}" for o in overrides]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raypod: error:") and needle in err[0]
+    assert not storage.exists()  # nothing half-written
+
+
+def test_cli_refuses_missing_data(tmp_path, capsys):
+    storage = tmp_path / "store"
+    args = ["run", str(TINY), f"--set=checkpoint.storage={storage}",
+            f"--set=data.path={tmp_path}/missing.parquet", "--set=recipe.args.prepare_corpus=false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "data.path" in err and "does not exist" in err
+    assert not storage.exists()
+
+
+def test_cli_check_prints_resolved_config(capsys):
+    assert main(["check", str(TINY), "--set=train.max_steps=9"]) == 0
+    assert "max_steps: 9" in capsys.readouterr().out
+
+
+def test_help_describes_every_command(capsys):
+    for argv in (["--help"], ["run", "--help"], ["check", "--help"], ["bench", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "RAY_ADDRESS" in out and "startup" in out
