@@ -25,7 +25,11 @@ class JobFailed(RuntimeError):
 
 
 def connect_ray() -> None:
-    """Connect to ``RAY_ADDRESS`` (or the cluster a ``ray job submit`` runs in), or start Ray."""
+    """Connect to ``RAY_ADDRESS`` (set by ``ray job submit`` too), else start a private local Ray.
+
+    Without ``RAY_ADDRESS`` this never attaches to some other cluster that happens to
+    run on the machine: ``address="local"`` always starts a new one.
+    """
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -34,7 +38,7 @@ def connect_ray() -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(include_dashboard=False, **kwargs)
+        ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 def default_callbacks(config: JobConfig, progress: bool = True) -> list[Callback]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from raypod import faults
 from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
 from raypod.checkpoint import CheckpointStore, CommittedCheckpoint
 from raypod.checkpoint.fs import write_json_atomic
@@ -93,6 +94,7 @@ class Driver:
         latest = self.store.latest()
         self.acct = JobAccounting(self.start_time, latest.step if latest else 0)
         self.committed_step = latest.step if latest else 0
+        self.fired = set(faults.fired(self.cfg.job_dir))
         info = JobInfo(config=self.cfg, job_dir=self.cfg.job_dir, start_time=self.start_time,
                        start_step=self.acct.start_step)
         self._fire("before_job", info)
@@ -167,7 +169,7 @@ class Driver:
             return ErroredState(f"no room to schedule the job: {n}")
         restore = self.store.latest()
         restore_step = restore.step if restore else 0
-        active = [f for i, f in enumerate(self.cfg.fault.inject) if i not in self.fired]
+        active = faults.pending(self.cfg, self.fired)
         self.group = self.worker_group_cls(self.cfg, self.recipe)
         try:
             info = self.group.start(n, state.attempt, restore, active)
@@ -282,11 +284,12 @@ class Driver:
         # A raising call names its step; a dead rank was in the step after its last result.
         step = e.step if e.kind != "worker_died" else self.rank_step.get(e.rank, self.done_step) + 1
         kind = {"worker_died": "worker_died", "injected": "exception"}.get(e.kind, "exception")
-        for i, f in enumerate(self.cfg.fault.inject):
-            wanted = "kill" if e.kind == "worker_died" else "exception"
-            if i not in self.fired and f.rank == e.rank and f.step == step and f.kind == wanted:
+        # An injected fault says exactly where it fired (its result may never have arrived).
+        for i, marker in faults.fired(self.cfg.job_dir).items():
+            if i not in self.fired:
                 self.fired.add(i)
-                kind = f.kind
+                if marker["rank"] == e.rank:
+                    kind, step = marker["kind"], marker["step"]
         return Failure(kind=kind, rank=e.rank, step=step, time_s=self.acct.now(),
                        message=f"rank {e.rank} at step {step}: {e.message}")
 

@@ -91,7 +91,7 @@ class WorkerGroup:
 
     # ---- lifecycle ---------------------------------------------------------------
     def start(self, world_size: int, attempt: int, restore: CommittedCheckpoint | None,
-              injections: list[FaultInjection]) -> dict[str, Any]:
+              injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
         """Place ``world_size`` ranks, rendezvous, build, and restore ``restore``.
 
         Raises:

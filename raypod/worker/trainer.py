@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+from raypod import faults
 from raypod.checkpoint import dcp as ckpt
 from raypod.config import FaultInjection, JobConfig, TrainConfig
 from raypod.data.order import SampleOrder
@@ -62,15 +63,15 @@ class Trainer:
         recipe: the user's recipe instance.
         rank, world_size: this rank's place in the group.
         init_method: ``tcp://host:port`` of the rendezvous.
-        injections: faults still to fire (each fires once per job).
+        injections: ``(index, fault)`` still to fire (each fires once per job).
         attempt: which group this is (for log lines).
     """
 
     def __init__(self, config: JobConfig, recipe: Recipe, rank: int, world_size: int,
-                 init_method: str, injections: list[FaultInjection], attempt: int) -> None:
+                 init_method: str, injections: list[tuple[int, FaultInjection]], attempt: int) -> None:
         self.cfg, self.recipe = config, recipe
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
-        self.injections = [f for f in injections if f.rank == rank]
+        self.injections = [(i, f) for i, f in injections if f.rank == rank]
         use_gpu = config.scaling.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         if use_gpu:
@@ -98,8 +99,9 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------
     def _fire_faults(self, step: int) -> None:
-        for f in self.injections:
+        for i, f in self.injections:
             if f.step == step:
+                faults.record_fired(self.cfg.job_dir, i, f, self.attempt)
                 log.warning("[rank %d attempt %d] injecting %s at step %d", self.rank,
                             self.attempt, f.kind, step)
                 if f.kind == "kill":

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from raypod import faults
 from raypod.config import JobConfig
 from raypod.data.order import SampleOrder
 from raypod.driver.controller import Driver
@@ -51,6 +52,9 @@ class FakeGroup:
             fail = FakeGroup.plan.get("fail_at")
             if what == "step" and fail and fail[0] == step and fail[1] > 0:
                 FakeGroup.plan["fail_at"] = (fail[0], fail[1] - 1)
+                for i, f in faults.pending(self.cfg, faults.fired(self.cfg.job_dir)):
+                    if f.step == step and f.rank == 1:  # what a real rank does as it fires
+                        faults.record_fired(self.cfg.job_dir, i, f, attempt=0)
                 out.errors.append(WorkerError(rank=1, step=step, kind="worker_died", message="died"))
                 break
             if what == "step":
@@ -139,6 +143,7 @@ def test_injected_kill_is_named_and_fires_once(driver_factory):
     _drive(d)
     assert d.acct.events[0].kind == "kill"
     assert d.fired == {0}
+    assert len(d.acct.events) == 1  # did not fire again on the replay of step 6
 
 
 def test_budget_exhausted_errors_and_writes_summary(driver_factory, tmp_path):
