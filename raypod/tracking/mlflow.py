@@ -6,19 +6,26 @@ happens in one background thread fed by a queue, so no hook ever waits for the
 tracking store (``after_job`` excepted: it flushes and joins with a timeout). Metrics
 are batched (``log_batch``), each ``(metric, step)`` pair is logged at most once even
 when steps are replayed after a failure, secrets in the config are redacted before
-they become params, and an unreachable tracking server only produces warnings while
-the points wait in memory and sends are retried with backoff.
+they become params. A tracking store that is down or unreachable never stops
+training and loses no point: what cannot be sent goes to an on-disk spool
+(:mod:`raypod.tracking.spool`) and is sent when the store is back, by this driver or
+the next submission of the job. MLflow's own system metrics (``system/*``) are logged
+beside raypod's. Failures, recoveries and resizes become ``raypod.event.<n>.*`` tags
+and rows of the ``events_table.json`` table; the end of the job logs ``config.yaml``,
+``summary.json``, ``events.json``, ``timeline.png`` and, when the driver left one,
+the final model as a plain torch state dict (``model/state_dict.pt``).
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
+import csv
 import json
 import logging
 import os
 import queue
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
+from raypod.tracking.spool import FINISH_FILE, Spool, spool_dir
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -39,6 +47,10 @@ RUN_ID_FILE = "mlflow_run_id"
 JOB_NAME_TAG = "raypod.job_name"
 """Tag that keys a run to its job name."""
 REDACTED = "***REDACTED***"
+EVENTS_TABLE = "events_table.json"
+"""Run artifact (an MLflow table) with one row per failure, recovery and resize."""
+FINAL_MODEL_FILE = "final_model.pt"
+"""A plain torch state dict the driver may leave in the job folder; logged as ``model/state_dict.pt``."""
 
 _MAX_PARAM_VAL = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_TAG_VAL = 5000  # below MLflow 3's 8000, which older servers do not accept
@@ -57,6 +69,9 @@ _SECRET_VALUE_RE = re.compile(
     re.IGNORECASE,
 )
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
+_EVENT_TAG_RE = re.compile(r"^raypod\.event\.(\d+)\.(\w+)$")
+_EVENT_COLUMNS = ("kind", "step", "rank", "detected_s", "resumed_s", "lost_steps",
+                  "world_size_before", "world_size_after", "restored_from", "cause", "message")
 _SUCCESS = {"succeeded", "success", "successful", "completed", "complete", "finished", "done", "ok"}
 _KILLED = {"killed", "cancelled", "canceled", "interrupted", "stopped"}
 
@@ -197,56 +212,96 @@ class _StepSet:
 # ---- the callback ------------------------------------------------------------------
 
 
+class _Deadline(Exception):
+    """The shutdown deadline passed in the middle of sending."""
+
+
 class MLflowCallback(Callback):
-    """Logs a raypod job to MLflow: params, per-step metrics, events, artifacts.
+    """Logs a raypod job to MLflow: params, per-step metrics, system metrics, events, artifacts.
 
     All MLflow work runs in one daemon thread; the hooks only enqueue. Use
-    :meth:`wait_run_id` to learn the run id (e.g. for ``summary.json``).
+    :meth:`wait_run_id` to learn the run id (e.g. for ``summary.json``). When the store
+    fails, what is unsent goes to the job's spool on local disk (:mod:`raypod.tracking.spool`)
+    and is sent when the store answers again, by this driver or the job's next one.
+
+    For an ``http(s)`` tracking URI the callback sets ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``
+    and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` in the driver's environment unless they are set
+    already: its own retry loop replaces MLflow's (about 4 minutes per call by default),
+    so a dead server costs seconds before points go to disk.
 
     Args:
-        flush_interval_s: Seconds between metric batches.
+        flush_interval_s: Seconds between metric batches (and between spills while the
+            store is down).
         max_batch: Metric points per ``log_batch`` call (MLflow allows 1000).
-        max_pending: Points kept in memory while the store is unreachable; the
-            oldest are dropped beyond this.
-        join_timeout_s: How long ``after_job`` / :meth:`close` wait for the last
-            sends before giving up.
+        max_pending: Points kept in memory before they are spilled to the spool even
+            while the store works.
+        join_timeout_s: How long ``after_job`` / :meth:`close` wait for the last sends;
+            what is not sent by then stays in the spool.
         max_backoff_s: Longest wait between retries when the store fails.
+        system_metrics: Log MLflow's system metrics (``system/*``: CPU, memory, disk,
+            network, GPU) of the driver's node; needs ``psutil``. Off as well when
+            ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``.
+        system_metrics_interval_s: Seconds between system-metric samples
+            (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins).
+        http_retries: MLflow's own retries per HTTP call (see above).
+        http_timeout_s: Seconds an HTTP call to the tracking server may take.
     """
 
     def __init__(self, flush_interval_s: float = 1.0, max_batch: int = 500,
-                 max_pending: int = 1_000_000, join_timeout_s: float = 30.0,
-                 max_backoff_s: float = 30.0) -> None:
+                 max_pending: int = 100_000, join_timeout_s: float = 30.0,
+                 max_backoff_s: float = 30.0, system_metrics: bool = True,
+                 system_metrics_interval_s: float = 10.0, http_retries: int = 0,
+                 http_timeout_s: int = 15) -> None:
         self.flush_interval_s = flush_interval_s
-        self.max_batch = max(1, min(max_batch, 1000))
-        self.max_pending = max_pending
+        self.max_batch = max(1, min(max_batch, 900))  # + one step's metrics stays <= 1000
+        self.max_pending = max(1, max_pending)
         self.join_timeout_s = join_timeout_s
         self.max_backoff_s = max_backoff_s
+        self.system_metrics = system_metrics
+        self.system_metrics_interval_s = system_metrics_interval_s
+        self.http_retries = http_retries
+        self.http_timeout_s = http_timeout_s
 
         # Driver-side state (touched by the hooks only).
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._job: JobInfo | None = None
+        self._uid = ""
         self._enabled = False
         self._closed = False
-        self._events: list[FailureEvent] = []
+        self._failures: list[FailureEvent] = []
         self._timeline: list[tuple[float, int, float | None, float | None]] = []
 
         # Thread-side state.
         self._run_ready = threading.Event()
         self._run_id: str | None = None
+        self._stored_run_id: str | None = None
         self._client: MlflowClient | None = None
         self._tracking_uri: str | None = None
+        self._spool: Spool | None = None
+        self._spool_dirty = False  # segments or finish folders may be waiting in the spool
+        self._spool_warned = False
         self._pending: collections.deque[tuple[str, float, int, int]] = collections.deque()
-        self._dropped = 0
         self._accepted: dict[str, _StepSet] = {}
         self._prior_steps = _StepSet()
         self._params: dict[str, str] = {}
         self._params_done = False
         self._pending_tags: dict[str, str] = {}
-        self._finish: tuple[dict[str, Any], str, list[dict[str, Any]], Any] | None = None
+        self._events: dict[str, dict[str, Any]] = {}  # event id -> fields, in order
+        self._dirty: dict[str, set[str]] = {}  # event id -> fields not sent yet
+        self._event_index: dict[str, int] = {}  # event id -> N of its raypod.event.N.* tags
+        self._next_event_index = 0
+        self._counts = {"failures": 0, "resizes": 0}
+        self._last_ws: float | None = None
+        self._prior_ws: float | None = None
+        self._first_ws: tuple[int, float, float] | None = None
+        self._finish: tuple[dict[str, Any], str, list[tuple[float, int, float | None, float | None]]] | None = None
+        self._finish_dir: Path | None = None
         self._finish_done = False
-        self._artifacts_done = False
+        self._table_done = False
+        self._monitor: Any = None
         self._stop = False
+        self._staged = False
         self._deadline: float | None = None
         self._failing = False
 
@@ -255,6 +310,11 @@ class MLflowCallback(Callback):
     def run_id(self) -> str | None:
         """The run id once the run is set up (None before, or when it never was)."""
         return self._run_id
+
+    @property
+    def spool_path(self) -> Path | None:
+        """The job's spool folder (None before ``before_job`` or with tracking off)."""
+        return self._spool.root if self._spool is not None else None
 
     def wait_run_id(self, timeout: float | None = None) -> str | None:
         """Wait until the MLflow run is set up.
@@ -290,10 +350,14 @@ class MLflowCallback(Callback):
         if not cfg.mlflow.enabled:
             return
         self._job = job
+        self._uid = f"{int(job.start_time * 1000):d}-{os.getpid()}"
         self._enabled = True
-        params = params_from_config(cfg)
         uri = resolve_tracking_uri(cfg, job.job_dir)
-        self._queue.put(("setup", uri, params))
+        if uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.http_retries))
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.http_timeout_s))
+        self._spool = Spool(spool_dir(job.job_dir, cfg.name))
+        self._queue.put(("setup", uri, params_from_config(cfg)))
         self._thread = threading.Thread(target=self._main, name="raypod-mlflow", daemon=True)
         self._thread.start()
 
@@ -311,37 +375,31 @@ class MLflowCallback(Callback):
         self._timeline.append((report.time_s, report.step, _num(m.get("loss")),
                                _num(m.get("samples_per_s"))))
         ts_ms = int((self._job.start_time + report.time_s) * 1000)
-        self._queue.put(("metrics", report.step, dict(m), ts_ms))
+        self._queue.put(("metrics", report.step, dict(m), ts_ms, report.time_s))
 
     def after_failure(self, event: FailureEvent) -> None:
-        """Record the failure as ``raypod.event.<n>.*`` tags and an events row."""
+        """Record the failure as ``raypod.event.<n>.*`` tags and a row of the events table."""
         if not self._enabled:
             return
-        n = len(self._events)
-        self._events.append(event)
-        tags = {
-            f"raypod.event.{n}.kind": event.kind,
-            f"raypod.event.{n}.step": str(event.step),
-            f"raypod.event.{n}.rank": str(event.rank),
-            f"raypod.event.{n}.detected_s": f"{event.detected_s:.3f}",
-            "raypod.failures": str(len(self._events)),
-        }
+        n = len(self._failures)
+        self._failures.append(event)
+        fields: dict[str, Any] = {"kind": event.kind, "step": event.step, "rank": event.rank,
+                                  "detected_s": round(event.detected_s, 3)}
         if event.message:
-            tags[f"raypod.event.{n}.message"] = event.message[:500]
-        self._queue.put(("tags", tags))
+            fields["message"] = event.message[:500]
+        self._queue.put(("event", f"{self._uid}-{n}", fields))
 
     def after_recovery(self, event: FailureEvent) -> None:
-        """Add the recovery's ``resumed_s``, ``lost_steps``, ... to the event's tags."""
+        """Add the recovery's ``resumed_s``, ``lost_steps``, ... to the event's tags and row."""
         if not self._enabled:
             return
-        n = self._event_index(event)
-        tags: dict[str, str] = {}
+        n = self._failure_index(event)
+        fields: dict[str, Any] = {}
         for name in ("resumed_s", "lost_steps", "world_size_after", "restored_from"):
             value = getattr(event, name)
             if value is not None:
-                tags[f"raypod.event.{n}.{name}"] = (
-                    f"{value:.3f}" if isinstance(value, float) else str(value))
-        self._queue.put(("tags", tags))
+                fields[name] = round(value, 3) if isinstance(value, float) else value
+        self._queue.put(("event", f"{self._uid}-{n}", fields))
 
     def after_checkpoint(self, step: int, path: str) -> None:
         """Tag the last committed checkpoint."""
@@ -351,31 +409,30 @@ class MLflowCallback(Callback):
                                   "raypod.last_checkpoint": path}))
 
     def before_summary(self, summary: dict[str, Any]) -> None:
-        """Put the run id into ``summary.json`` (waits briefly if the run is still being set up)."""
+        """Put the run id into ``summary.json`` (waits briefly if the run is still being set up;
+        with the store down, the id kept in the job folder)."""
         if self._enabled:
-            summary["mlflow_run_id"] = self.wait_run_id(timeout=60)
+            summary["mlflow_run_id"] = self.wait_run_id(timeout=10) or self._stored_run_id
 
     def after_job(self, summary: dict[str, Any], summary_path: str) -> None:
         """Log the artifacts, end the run, flush and join the thread (bounded wait)."""
         if not self._enabled or self._closed or self._job is None:
             return
-        rows = [e.to_summary() for e in self._events]
-        self._queue.put(("finish", dict(summary), summary_path, rows,
-                         list(self._timeline)))
+        self._queue.put(("finish", dict(summary), summary_path, list(self._timeline)))
         self._closed = True
         self._shutdown(self.join_timeout_s)
 
     # ---- driver-side helpers -------------------------------------------------------
-    def _event_index(self, event: FailureEvent) -> int:
-        for i, e in enumerate(self._events):
+    def _failure_index(self, event: FailureEvent) -> int:
+        for i, e in enumerate(self._failures):
             if e is event:
                 return i
-        for i, e in enumerate(self._events):
+        for i, e in enumerate(self._failures):
             if (e.kind, e.step, e.detected_s) == (event.kind, event.step, event.detected_s):
-                self._events[i] = event
+                self._failures[i] = event
                 return i
-        self._events.append(event)
-        return len(self._events) - 1
+        self._failures.append(event)
+        return len(self._failures) - 1
 
     def _shutdown(self, timeout: float) -> None:
         if self._thread is None:
@@ -383,16 +440,22 @@ class MLflowCallback(Callback):
         self._queue.put(("stop", time.monotonic() + max(0.0, timeout - 0.5)))
         self._thread.join(timeout)
         if self._thread.is_alive():
-            logger.warning("MLflow tracking did not finish within %.0f s; giving up on it",
-                           timeout)
+            logger.warning("MLflow tracking did not finish within %.0f s; what is unsent stays in %s",
+                           timeout, self.spool_path)
 
     # ---- the thread ----------------------------------------------------------------
     def _main(self) -> None:
         try:
+            self._load_spool()
             self._loop()
         except BaseException:  # never let tracking hurt the driver
             logger.exception("MLflow tracking thread crashed; tracking stops")
+            try:
+                self._spill()
+            except Exception:  # noqa: BLE001
+                pass
         finally:
+            self._stop_monitor(5.0)
             self._run_ready.set()
 
     def _loop(self) -> None:
@@ -403,6 +466,8 @@ class MLflowCallback(Callback):
             now = time.monotonic()
             if now < next_try:
                 wait = next_try - now
+                if self._memory_backlog():
+                    wait = min(wait, max(0.0, next_flush - now))
             elif self._pending:
                 wait = max(0.0, next_flush - now)
             else:
@@ -417,37 +482,56 @@ class MLflowCallback(Callback):
             except queue.Empty:
                 pass
             now = time.monotonic()
+            if self._stop and not self._staged:
+                # The job is over: everything goes to disk first, then is sent from there,
+                # so whatever does not make it before the deadline is already safe.
+                self._spill()
+                self._stage_finish()
+                self._staged = True
+            elif self._memory_backlog() and (
+                    len(self._pending) >= self.max_pending
+                    or (self._failing and now >= next_flush)):
+                self._spill()
+                next_flush = now + self.flush_interval_s
             if self._stop and self._deadline is not None and now >= self._deadline:
                 self._give_up()
                 return
-            due = (self._run_id is None or not self._params_done or bool(self._pending_tags)
+            due = (self._run_id is None or not self._params_done or self._spool_dirty
+                   or bool(self._pending_tags) or bool(self._dirty)
                    or len(self._pending) >= self.max_batch
                    or (bool(self._pending) and now >= next_flush)
-                   or (self._finish is not None and not self._finish_done)
-                   or (self._stop and bool(self._pending)))
+                   or (self._finish is not None and not self._finish_done))
             if due and now >= next_try:
                 try:
                     self._sync()
+                except _Deadline:
+                    continue
                 except Exception as e:  # noqa: BLE001 - the store failed: retry later
                     self._on_failure(e, backoff)
                     next_try = time.monotonic() + backoff
                     backoff = min(backoff * 2, self.max_backoff_s)
                 else:
                     if self._failing:
-                        logger.warning("MLflow tracking store reachable again (%s)",
-                                       self._tracking_uri)
+                        logger.warning("MLflow tracking store reachable again (%s); spooled "
+                                       "points sent", self._tracking_uri)
                         self._failing = False
+                        self._start_monitor()  # MLflow's monitor stops when the store fails
                     backoff = 1.0
                     next_flush = time.monotonic() + self.flush_interval_s
-            if self._finish_done or (self._stop and self._finish is None
-                                     and self._run_id is not None and not self._pending
-                                     and not self._pending_tags and self._params_done):
+            if self._finish_done or (self._stop and self._finish is None and self._all_sent()):
                 return
+
+    def _memory_backlog(self) -> bool:
+        return bool(self._pending or self._pending_tags or self._dirty)
+
+    def _all_sent(self) -> bool:
+        return (self._run_id is not None and self._params_done and not self._spool_dirty
+                and not self._memory_backlog())
 
     def _absorb(self, op: tuple[Any, ...]) -> None:
         kind = op[0]
         if kind == "metrics":
-            _, step, metrics, ts_ms = op
+            _, step, metrics, ts_ms, time_s = op
             for key, value in metrics.items():
                 v = _num(value)
                 if v is None:
@@ -457,16 +541,14 @@ class MLflowCallback(Callback):
                 if step in seen:
                     continue  # a replayed step: its first value was kept
                 seen.add(step)
-                if len(self._pending) >= self.max_pending:
-                    self._pending.popleft()
-                    self._dropped += 1
-                    if self._dropped == 1:
-                        logger.warning("MLflow tracking: more than %d points waiting; "
-                                       "dropping the oldest", self.max_pending)
                 self._pending.append((key, v, ts_ms, step))
+                if key == "world_size":
+                    self._check_resize(step, v, time_s)
         elif kind == "tags":
             for k, v in op[1].items():
                 self._pending_tags[_clean_key(k)] = str(v)[:_MAX_TAG_VAL]
+        elif kind == "event":
+            self._merge_event(op[1], op[2], dirty=True)
         elif kind == "setup":
             self._tracking_uri, self._params = op[1], op[2]
         elif kind == "finish":
@@ -475,27 +557,171 @@ class MLflowCallback(Callback):
             self._stop = True
             self._deadline = op[1] if self._deadline is None else min(self._deadline, op[1])
 
+    def _merge_event(self, event_id: str, fields: dict[str, Any], dirty: bool) -> None:
+        self._events.setdefault(event_id, {}).update(fields)
+        if dirty:
+            self._dirty.setdefault(event_id, set()).update(fields)
+
+    def _check_resize(self, step: int, ws: float, time_s: float) -> None:
+        """A step whose world size differs from the last one is a resize event."""
+        before = self._last_ws
+        self._last_ws = ws
+        if before is None:
+            self._first_ws = (step, ws, time_s)
+            if self._prior_ws is None:
+                return
+            before, cause = self._prior_ws, "resubmission"
+        elif ws == before:
+            return
+        else:
+            unresolved = any(e.get("kind") != "resize" and e.get("resumed_s") is None
+                             for e in self._events.values())
+            cause = "failure" if unresolved else "scaling"
+        self._merge_event(f"{self._uid}-r{step}", {
+            "kind": "resize", "step": step, "detected_s": round(time_s, 3),
+            "world_size_before": int(before), "world_size_after": int(ws), "cause": cause,
+        }, dirty=True)
+
     def _on_failure(self, exc: Exception, backoff: float) -> None:
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        if getattr(exc, "error_code", "") in ("INVALID_STATE", "RESOURCE_DOES_NOT_EXIST") \
+                and self._run_id is not None:
+            logger.warning("MLflow run %s is gone or not active (%s); setting the run up again",
+                           self._run_id, msg)
+            self._reset_run()
         if not self._failing:
             logger.warning("MLflow tracking store %s failed (%s); training goes on, points "
-                           "are kept in memory and sends retried", self._tracking_uri, msg)
+                           "are kept in %s and sent when it is back", self._tracking_uri, msg,
+                           self.spool_path)
             self._failing = True
         else:
             logger.debug("MLflow send failed again (%s); retry in %.0f s", msg, backoff)
+        self._spill()
+
+    def _reset_run(self) -> None:
+        self._stop_monitor(2.0)
+        self._run_id = None
+        self._params = params_from_config(self._job.config) if self._job else {}
+        self._params_done = False
+        self._event_index.clear()
+        self._next_event_index = 0
+        self._dirty = {eid: set(fields) for eid, fields in self._events.items()}
 
     def _give_up(self) -> None:
-        lost = len(self._pending)
-        if lost or self._run_id is None or (self._finish is not None and not self._finish_done):
-            logger.warning("MLflow tracking gave up at shutdown: %s%d metric points not logged",
-                           "the run was never set up; " if self._run_id is None else "", lost)
+        self._spill()
+        waiting = self._spool_points()
+        if waiting or self._run_id is None or (self._finish is not None and not self._finish_done):
+            logger.warning(
+                "MLflow tracking store %s still unreachable at the end: %s%d metric points%s kept "
+                "in %s; they are sent when job '%s' runs again", self._tracking_uri,
+                "the run was never set up; " if self._run_id is None else "", waiting,
+                " and the run's end" if self._finish is not None and not self._finish_done else "",
+                self.spool_path, self._job.config.name if self._job else "?")
+
+    # ---- the spool (thread only) -------------------------------------------------------
+    def _load_spool(self) -> None:
+        """Register what earlier drivers spooled: its steps count as logged, its events as known."""
+        assert self._job is not None and self._spool is not None
+        self._stored_run_id = self._read_run_id(self._job.job_dir)
+        segments = self._spool.segments()
+        for seg in segments:
+            records = Spool.read(seg)
+            for key, _, _, step in Spool.points(records):
+                self._accepted.setdefault(key, _StepSet()).add(step)
+            for rec in records:
+                ev = rec.get("e")
+                if isinstance(ev, dict) and ev.get("id"):
+                    self._merge_event(str(ev["id"]), {k: v for k, v in ev.items() if k != "id"},
+                                      dirty=False)
+        finishes = self._spool.finishes()
+        self._spool_dirty = bool(segments or finishes)
+        if self._spool_dirty:
+            logger.info("MLflow spool %s holds %d segments and %d job ends from earlier drivers; "
+                        "sending them", self._spool.root, len(segments), len(finishes))
+
+    def _spill(self) -> None:
+        """Move everything unsent from memory into a new spool segment."""
+        if self._spool is None or not self._memory_backlog():
+            return
+        records: list[dict[str, Any]] = []
+        points = list(self._pending)
+        for i in range(0, len(points), 1000):
+            records.append({"m": [list(p) for p in points[i:i + 1000]]})
+        if self._pending_tags:
+            records.append({"t": dict(self._pending_tags)})
+        for eid, fields in self._dirty.items():
+            ev = self._events.get(eid, {})
+            records.append({"e": {"id": eid, "kind": ev.get("kind"),
+                                  **{f: ev.get(f) for f in fields}}})
+        try:
+            self._spool.write(records)
+        except OSError as e:
+            if not self._spool_warned:
+                logger.warning("cannot write the MLflow spool %s (%s); unsent points stay in memory",
+                               self._spool.root, e)
+                self._spool_warned = True
+            while len(self._pending) > self.max_pending:  # memory is the last resort: bound it
+                self._pending.popleft()
+            return
+        self._pending.clear()
+        self._pending_tags.clear()
+        self._dirty.clear()
+        self._spool_dirty = True
+
+    def _spool_points(self) -> int:
+        if self._spool is None:
+            return 0
+        return sum(sum(len(r.get("m", ())) for r in Spool.read(s)) for s in self._spool.segments())
+
+    def _check_deadline(self) -> None:
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            raise _Deadline
+
+    def _drain_spool(self) -> None:
+        """Send the spool's segments oldest first, deleting each once it is all in the store."""
+        from mlflow.exceptions import MlflowException
+
+        assert self._spool is not None
+        for seg in self._spool.segments():
+            self._check_deadline()
+            records = Spool.read(seg)
+            try:
+                tags: dict[str, str] = {}
+                for rec in records:
+                    if isinstance(rec.get("t"), dict):
+                        tags.update({str(k): str(v) for k, v in rec["t"].items()})
+                    ev = rec.get("e")
+                    if isinstance(ev, dict) and ev.get("id"):
+                        self._merge_event(str(ev["id"]), {k: v for k, v in ev.items() if k != "id"},
+                                          dirty=True)
+                # Tags queued in memory since are newer than the spooled ones.
+                self._log_tags({k: v for k, v in tags.items() if k not in self._pending_tags})
+                self._send_event_tags()
+                self._log_points(list(Spool.points(records)))
+            except MlflowException as e:
+                if getattr(e, "error_code", "") != "INVALID_PARAMETER_VALUE":
+                    raise
+                self._spool.quarantine(seg, str(e).splitlines()[0][:200] if str(e) else "")
+                continue
+            Spool.remove(seg)
+        for fin in self._spool.finishes():
+            if fin == self._finish_dir:
+                continue  # this driver's own end: _do_finish logs it
+            self._check_deadline()
+            self._log_artifact_dir(fin)
+            Spool.remove(fin)
+        self._spool_dirty = bool(self._spool.segments()) or any(
+            f != self._finish_dir for f in self._spool.finishes())
 
     # ---- MLflow calls (thread only) ------------------------------------------------
     def _sync(self) -> None:
         if self._run_id is None:
             self._setup()
+            self._start_monitor()
         if not self._params_done:
             self._log_params()
+        if self._spool_dirty:
+            self._drain_spool()
         self._send_tags()
         self._send_metrics()
         if self._finish is not None and not self._finish_done:
@@ -553,6 +779,15 @@ class MLflowCallback(Callback):
             if key is not None:
                 for m in client.get_metric_history(run_id, key):
                     self._prior_steps.add(m.step)
+            self._index_prior_events(run.data.tags)
+            ws = run.data.metrics.get("world_size")
+            if ws is not None and self._prior_ws is None:
+                self._prior_ws = float(ws)
+                if self._first_ws is not None and self._first_ws[1] != self._prior_ws:
+                    step, first, time_s = self._first_ws  # steps came before the run was set up
+                    last, self._last_ws = self._last_ws, None
+                    self._check_resize(step, first, time_s)
+                    self._last_ws = last
         # Params: only new ones; a changed value cannot be overwritten, so tag it.
         for k, v in list(self._params.items()):
             if k in existing:
@@ -560,8 +795,26 @@ class MLflowCallback(Callback):
                     self._pending_tags[_clean_key(f"raypod.param_changed.{k}")] = v[:_MAX_TAG_VAL]
                 del self._params[k]
         self._run_id = run.info.run_id
-        self._write_run_id(job.job_dir, self._run_id)
+        if self._run_id != stored_id:
+            self._write_run_id(job.job_dir, self._run_id)
+        self._stored_run_id = self._run_id
         self._run_ready.set()
+
+    def _index_prior_events(self, tags: dict[str, str]) -> None:
+        """Continue the run's ``raypod.event.N`` numbering; reuse N for events sent before."""
+        kinds: dict[int, str] = {}
+        for key, value in tags.items():
+            m = _EVENT_TAG_RE.match(key)
+            if m is None:
+                continue
+            n = int(m.group(1))
+            self._next_event_index = max(self._next_event_index, n + 1)
+            if m.group(2) == "id":
+                self._event_index[value] = n
+            elif m.group(2) == "kind":
+                kinds[n] = value
+        self._counts["resizes"] = sum(1 for k in kinds.values() if k == "resize")
+        self._counts["failures"] = len(kinds) - self._counts["resizes"]
 
     def _experiment_id(self, client: MlflowClient, name: str) -> str:
         exp = client.get_experiment_by_name(name)
@@ -637,60 +890,228 @@ class MLflowCallback(Callback):
                     raise
                 self._pending_tags[_clean_key(f"raypod.param_changed.{k}")] = v[:_MAX_TAG_VAL]
 
-    def _send_tags(self) -> None:
+    def _log_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         assert self._client is not None and self._run_id is not None
-        while self._pending_tags:
-            chunk = dict(itertools.islice(self._pending_tags.items(), _PARAMS_TAGS_PER_BATCH))
-            self._client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in chunk.items()],
-                                   synchronous=True)
-            for k, v in chunk.items():
-                if self._pending_tags.get(k) == v:  # not updated meanwhile
-                    del self._pending_tags[k]
+        items = [(_clean_key(k), str(v)[:_MAX_TAG_VAL]) for k, v in tags.items()]
+        for i in range(0, len(items), _PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(
+                self._run_id, tags=[RunTag(k, v) for k, v in items[i:i + _PARAMS_TAGS_PER_BATCH]],
+                synchronous=True)
 
-    def _send_metrics(self) -> None:
+    def _send_tags(self) -> None:
+        if self._pending_tags:
+            self._log_tags(self._pending_tags)
+            self._pending_tags.clear()
+        self._send_event_tags()
+
+    def _send_event_tags(self) -> None:
+        """``raypod.event.<N>.<field>`` for every event field not sent yet, N continuing the run's."""
+        if not self._dirty:
+            return
+        tags: dict[str, str] = {}
+        for eid, fields in self._dirty.items():
+            ev = self._events[eid]
+            n = self._event_index.get(eid)
+            if n is None:
+                n = self._event_index[eid] = self._next_event_index
+                self._next_event_index += 1
+                self._counts["resizes" if ev.get("kind") == "resize" else "failures"] += 1
+                fields = set(ev)  # a new index: send every field
+                tags[f"raypod.event.{n}.id"] = eid
+            for f in fields:
+                if ev.get(f) is not None:
+                    tags[f"raypod.event.{n}.{f}"] = _fmt(ev[f])
+        tags["raypod.failures"] = str(self._counts["failures"])
+        tags["raypod.resizes"] = str(self._counts["resizes"])
+        self._log_tags(tags)
+        self._dirty.clear()
+
+    def _log_points(self, points: list[tuple[str, float, int, int]]) -> None:
+        """Send points in batches that never split a step (so a step is in the store whole)."""
         from mlflow.entities import Metric
 
         assert self._client is not None and self._run_id is not None
-        while self._pending:
-            chunk = list(itertools.islice(self._pending, self.max_batch))
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in chunk
-                       if step not in self._prior_steps]
-            if metrics:
-                self._client.log_batch(self._run_id, metrics=metrics, synchronous=True)
-            for _ in chunk:
-                self._pending.popleft()
+        batch: list[Metric] = []
+        for i, (k, v, ts, step) in enumerate(points):
+            if step in self._prior_steps:
+                continue
+            batch.append(Metric(k, v, ts, step))
+            last_of_step = i + 1 == len(points) or points[i + 1][3] != step
+            if last_of_step and len(batch) >= self.max_batch:
+                self._check_deadline()
+                self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+                batch = []
+        if batch:
+            self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+
+    def _send_metrics(self) -> None:
+        if self._pending:
+            self._log_points(list(self._pending))
+            self._pending.clear()
+
+    # ---- system metrics ------------------------------------------------------------
+    def _start_monitor(self) -> None:
+        if not self.system_metrics or self._run_id is None:
+            return
+        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0"):
+            return
+        mon = self._monitor
+        if mon is not None and getattr(mon, "_process", None) is not None and mon._process.is_alive():
+            return
+        try:
+            import psutil  # noqa: F401 - MLflow's system metrics need it
+        except ImportError:
+            logger.warning("MLflow system metrics are off: psutil is not installed (pip install psutil)")
+            self.system_metrics = False
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self._run_id, sampling_interval=self.system_metrics_interval_s,
+                resume_logging=True, tracking_uri=self._tracking_uri)
+            self._monitor.start()
+        except Exception as e:  # noqa: BLE001 - system metrics are a bonus
+            logger.warning("cannot start MLflow system metrics: %s", e)
+            self._monitor = None
+
+    def _stop_monitor(self, timeout: float) -> None:
+        mon, self._monitor = self._monitor, None
+        if mon is None:
+            return
+        stopper = threading.Thread(target=mon.finish, name="raypod-mlflow-sysmetrics-stop",
+                                   daemon=True)
+        stopper.start()
+        stopper.join(timeout)
+
+    # ---- the end -------------------------------------------------------------------
+    def _stage_finish(self) -> None:
+        """Write this driver's end (artifacts, final status) into the spool."""
+        if self._finish is None or self._finish_dir is not None or self._spool is None:
+            return
+        summary, summary_path, timeline = self._finish
+        final = self._spool.finish_dir(self._uid)
+        tmp = final.with_name(final.name + ".tmp")
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / "artifacts").mkdir(parents=True)
+            self._write_artifacts(tmp / "artifacts", summary, summary_path, timeline)
+            (tmp / FINISH_FILE).write_text(json.dumps({"uid": self._uid,
+                                                       "status": _run_status(summary)}))
+            os.replace(tmp, final)
+        except OSError as e:
+            logger.warning("cannot stage the run's artifacts in %s: %s", final, e)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        self._finish_dir = final
 
     def _do_finish(self) -> None:
-        assert self._client is not None and self._run_id is not None and self._job is not None
-        summary, summary_path, rows, timeline = self._finish  # type: ignore[misc]
-        if not self._artifacts_done:
+        assert self._client is not None and self._run_id is not None and self._finish is not None
+        summary, summary_path, timeline = self._finish
+        self._stage_finish()
+        self._check_deadline()
+        if self._finish_dir is not None and self._finish_dir.exists():
+            self._log_artifact_dir(self._finish_dir)
+        elif self._finish_dir is None:  # the spool is not writable: stage in a temp folder
             with tempfile.TemporaryDirectory(prefix="raypod-mlflow-") as tmp:
-                self._write_artifacts(Path(tmp), summary, summary_path, rows, timeline)
-                self._client.log_artifacts(self._run_id, tmp)
-            self._artifacts_done = True
+                (Path(tmp) / "artifacts").mkdir()
+                self._write_artifacts(Path(tmp) / "artifacts", summary, summary_path, timeline)
+                self._log_artifact_dir(Path(tmp))
+        if not self._table_done:
+            self._check_deadline()
+            self._log_events_table()
+            self._table_done = True
+        self._stop_monitor(5.0)
         self._client.set_terminated(self._run_id, status=_run_status(summary))
+        if self._finish_dir is not None:
+            Spool.remove(self._finish_dir)
         self._finish_done = True
 
-    def _write_artifacts(self, tmp: Path, summary: dict[str, Any], summary_path: str,
-                         rows: list[dict[str, Any]],
+    def _log_artifact_dir(self, folder: Path) -> None:
+        assert self._client is not None and self._run_id is not None
+        arts = folder / "artifacts"
+        if arts.is_dir() and any(arts.iterdir()):
+            self._client.log_artifacts(self._run_id, str(arts))
+
+    def _log_events_table(self) -> None:
+        """Every event this driver knows as rows of the run's ``events_table.json`` (appended)."""
+        assert self._client is not None and self._run_id is not None
+        if not self._events:
+            return
+        rows = [{"event": self._event_index.get(eid), "id": eid,
+                 **{c: ev.get(c) for c in _EVENT_COLUMNS}} for eid, ev in self._events.items()]
+        data = {col: [r.get(col) for r in rows] for col in ("event", "id", *_EVENT_COLUMNS)}
+        try:
+            self._client.log_table(self._run_id, data=data, artifact_file=EVENTS_TABLE)
+        except ImportError as e:  # pandas missing: a plain CSV says the same
+            logger.debug("log_table needs pandas (%s); logging events.csv instead", e)
+            with tempfile.TemporaryDirectory(prefix="raypod-mlflow-") as tmp:
+                path = Path(tmp) / "events.csv"
+                with open(path, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(data))
+                    w.writeheader()
+                    w.writerows(rows)
+                self._client.log_artifact(self._run_id, str(path))
+
+    def _write_artifacts(self, out: Path, summary: dict[str, Any], summary_path: str,
                          timeline: list[tuple[float, int, float | None, float | None]]) -> None:
         import yaml
 
         assert self._job is not None
         cfg = self._job.config
-        (tmp / "config.yaml").write_text(
+        rows = [{"id": eid, **ev} for eid, ev in self._events.items()]
+        (out / "config.yaml").write_text(
             yaml.safe_dump(redact("", cfg.model_dump(mode="json")), sort_keys=False))
-        (tmp / "summary.json").write_bytes(_read_summary(summary, summary_path))
-        (tmp / "events.json").write_text(json.dumps(rows, indent=2, default=str))
+        (out / "summary.json").write_bytes(_read_summary(summary, summary_path))
+        (out / "events.json").write_text(json.dumps(rows, indent=2, default=str))
         try:
-            _plot_timeline(tmp / "timeline.png", cfg.name, timeline, rows)
+            _plot_timeline(out / "timeline.png", cfg.name, timeline, rows)
         except Exception as e:  # noqa: BLE001 - a plot is not worth losing the run's end
             logger.warning("cannot draw timeline.png: %s", e)
+        _stage_final_model(self._job, out / "model")
 
 
 # ---- artifact helpers ----------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _stage_final_model(job: JobInfo, dest: Path) -> None:
+    """Put ``<job_dir>/final_model.pt`` (if this driver wrote it) at ``dest/state_dict.pt``."""
+    import fsspec
+
+    src = f"{job.job_dir.rstrip('/')}/{FINAL_MODEL_FILE}"
+    try:
+        fs, path = fsspec.core.url_to_fs(src)
+        if not fs.exists(path):
+            return
+        mtime = fs.modified(path).timestamp() if hasattr(fs, "modified") else None
+    except NotImplementedError:
+        mtime = None
+    except Exception as e:  # noqa: BLE001 - the model is optional
+        logger.warning("cannot look at %s: %s", src, e)
+        return
+    if mtime is not None and mtime < job.start_time - 5:
+        logger.info("%s is older than this job's start; not logging it", src)
+        return
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / "state_dict.pt"
+    try:
+        if "://" not in src or src.startswith("file://"):
+            try:
+                os.link(path, target)  # the spool sits in the job folder: no copy
+            except OSError:
+                shutil.copy2(path, target)
+        else:
+            fs.get(path, str(target))
+    except Exception as e:  # noqa: BLE001
+        logger.warning("cannot stage %s for MLflow: %s", src, e)
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def _num(value: Any) -> float | None:
@@ -729,13 +1150,17 @@ def _plot_timeline(path: Path, title: str,
             ax.plot(xs, ys, ".-", markersize=3, linewidth=1)
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-        for i, row in enumerate(rows):
-            if row.get("detected_s") is not None:
-                ax.axvline(row["detected_s"], color="tab:red", linestyle="--", linewidth=1,
-                           label=f"failure ({row.get('kind')})" if i == 0 else None)
-            if row.get("resumed_s") is not None:
-                ax.axvline(row["resumed_s"], color="tab:green", linestyle=":", linewidth=1,
-                           label="recovered" if i == 0 else None)
+        labelled: set[str] = set()
+        for row in rows:
+            marks = ([("resize", row.get("detected_s"), "tab:purple", "-.")]
+                     if row.get("kind") == "resize" else
+                     [("failure", row.get("detected_s"), "tab:red", "--"),
+                      ("recovered", row.get("resumed_s"), "tab:green", ":")])
+            for label, x, color, style in marks:
+                if isinstance(x, int | float):
+                    ax.axvline(x, color=color, linestyle=style, linewidth=1,
+                               label=None if label in labelled else label)
+                    labelled.add(label)
     if rows:
         ax_loss.legend(loc="upper right", fontsize=8)
     ax_tput.set_xlabel("wall time since job start (s)")
