@@ -56,7 +56,9 @@ class FailureEvent:
     lost_steps: int | None = None
     world_size_after: int | None = None
     restored_from: str | None = None
-    """``checkpoint`` (persistent, with step) or ``scratch``."""
+    """``checkpoint step N`` (persistent), ``memory step N`` (in-memory snapshot) or ``scratch``."""
+    last_step_s: float | None = None
+    """Seconds since job start when the last step before the failure completed."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_summary(self) -> dict[str, Any]:
@@ -69,6 +71,7 @@ class FailureEvent:
             "lost_steps": self.lost_steps,
             "world_size_after": self.world_size_after,
             "restored_from": self.restored_from,
+            "last_step_s": None if self.last_step_s is None else round(self.last_step_s, 3),
             "message": self.message[:500],
         }
 

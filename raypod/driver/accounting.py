@@ -34,6 +34,8 @@ class JobAccounting:
         self.ids: dict[int, list[tuple[int, np.ndarray]]] = {}
         """Kept steps -> ``(epoch, ids)`` per rank."""
         self.first_step_s: float | None = None
+        self.last_step_s: float | None = None
+        """Seconds since start when the latest step completed."""
         self.last_step = start_step
         self.completed_ever = start_step
         self.order: SampleOrder | None = None
@@ -58,14 +60,16 @@ class JobAccounting:
         self.ids[step] = ids
         self.last_step = step
         self.completed_ever = max(self.completed_ever, step)
+        self.last_step_s = self.now()
         if self.first_step_s is None:
-            self.first_step_s = self.now()
+            self.first_step_s = self.last_step_s
         resolved = [ev for ev in self.events if ev.resumed_s is None]
         for ev in resolved:
             ev.resumed_s = self.now()
         return replay, resolved
 
     def failure(self, event: FailureEvent) -> None:
+        event.last_step_s = self.last_step_s
         self.events.append(event)
 
     def rolled_back(self, event: FailureEvent, to_step: int, world_size: int, source: str) -> None:
