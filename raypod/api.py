@@ -24,7 +24,7 @@ class JobFailed(RuntimeError):
         self.summary = summary
 
 
-def connect_ray() -> None:
+def connect_ray(config: JobConfig | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` (set by ``ray job submit`` too), else start a private local Ray.
 
     Without ``RAY_ADDRESS`` this never attaches to some other cluster that happens to
@@ -38,7 +38,13 @@ def connect_ray() -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        # Logical CPUs for every rank and spare, even on a small laptop.
+        need = 0
+        if config is not None:
+            s = config.scaling
+            need = int((s.max_workers + s.spares) * s.resources_per_worker.get("CPU", 1.0) + 0.999)
+        ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need),
+                 **kwargs)
 
 
 def default_callbacks(config: JobConfig, progress: bool = True) -> list[Callback]:
@@ -69,7 +75,7 @@ def run(config: JobConfig, callbacks: list[Callback] | None = None, progress: bo
         raise
     except Exception as e:  # noqa: BLE001 - a recipe's data step failing is the user's input
         raise ConfigError(f"preparing data.path '{config.data.path}' failed: {type(e).__name__}: {e}") from None
-    connect_ray()
+    connect_ray(config)
     cbs = default_callbacks(config, progress) if callbacks is None else callbacks
     summary = Driver(config, callbacks=cbs, recipe=recipe).run()
     if summary.get("status") != "succeeded":

@@ -301,9 +301,6 @@ class Driver:
                              message=f.message)
         self.acct.failure(event)
         self._fire("after_failure", event)
-        if self.group is not None:
-            self.group.shutdown()
-            self.group = None
         decision = self.failure_policy.decide(f, self.failures)
         if decision is FailureDecision.RAISE:
             budget = self.cfg.fault.max_failures
@@ -311,7 +308,63 @@ class Driver:
                    else f.message)
             return ErroredState(why)
         self.attempt += 1
+        if self.group is not None and self.group.world_size and self._recover_in_memory(f, event):
+            return RunningState()
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
         return SchedulingState(attempt=self.attempt)
+
+    def _recover_in_memory(self, f: Failure, event: FailureEvent) -> bool:
+        """Keep the surviving processes, replace lost ranks, restore from in-memory copies.
+
+        Returns False (and the caller restarts from the persistent checkpoint) when a
+        lost rank's replica went with it, or the recovery itself fails.
+        """
+        if not self.cfg.checkpoint.memory_every_steps:
+            return False
+        group = self.group
+        # The failed rank goes (a rank whose step raised holds its peers in a collective
+        # until its process ends); the others finish or fail their calls in flight.
+        culprit = {f.rank} if f.rank is not None and f.kind != "hang" else set()
+        group.kill(culprit)
+        lost = group.drain(timeout=min(5.0, self.cfg.fault.pg_timeout_s)) | culprit
+        alive = [r for r in range(group.world_size) if r not in lost]
+        try:
+            reports = group.memory_reports(alive) if alive else {}
+        except Exception as e:  # noqa: BLE001 - a survivor that cannot answer is lost too
+            log.warning("in-memory recovery: a survivor did not answer (%s)", e)
+            return False
+        steps: set[int] | None = None
+        for r in alive:
+            own = set(reports[r]["own"])
+            steps = own if steps is None else steps & own
+        for d in sorted(lost):
+            holder = group.peer_to[d] if group.peer_to else None
+            if holder is None or holder in lost:
+                event.message += f"; rank {d}'s in-memory replica was lost with it"
+                log.warning("rank %d and the holder of its replica are both lost: using the "
+                            "persistent checkpoint", d)
+                return False
+            held = set(reports[holder]["replicas"].get(d, []))
+            steps = held if steps is None else steps & held
+        if not steps:
+            log.warning("no step is held in memory by every rank: using the persistent checkpoint")
+            return False
+        restore_step = max(steps)
+        try:
+            info = group.recover_in_place(lost, restore_step, self.attempt,
+                                          faults.pending(self.cfg, self.fired))
+        except GroupStartError as e:
+            log.warning("in-memory recovery failed (%s): using the persistent checkpoint", e)
+            return False
+        self.acct.group_started(group.world_size)
+        self.acct.rolled_back(event, restore_step, group.world_size, f"memory step {restore_step}")
+        self._reset_group_progress(restore_step)
+        log.info("attempt %d: recovered in place from memory step %d in %.2f s (replaced %s, "
+                 "%d bytes from peers)", self.attempt, restore_step, info["recover_s"],
+                 info["replaced"], info["received_bytes"])
+        return True
 
     # ---- FINISHING ---------------------------------------------------------------
     def _finish(self, state: FinishingState) -> State:

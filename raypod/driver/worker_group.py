@@ -71,6 +71,21 @@ def _describe(e: BaseException) -> tuple[str, str]:
     return "exception", f"{type(e).__name__}: {e}"
 
 
+def peer_ring(nodes: list[str]) -> list[int | None]:
+    """Who holds each rank's replica: the rank ``k`` places on, ``k`` = most ranks on a node.
+
+    With ranks contiguous per node and two or more nodes, that is always a rank on
+    another node, so a whole node can go; on one node it is the next rank. A single
+    rank has no peer.
+    """
+    n = len(nodes)
+    if n < 2:
+        return [None] * n
+    per_node = max(nodes.count(x) for x in set(nodes))
+    k = per_node if len(set(nodes)) > 1 and per_node < n else 1
+    return [(r + k) % n for r in range(n)]
+
+
 class WorkerGroup:
     """One placement group and one actor per rank.
 
@@ -84,12 +99,48 @@ class WorkerGroup:
         self.recipe = recipe
         self.bundle = worker_bundle(config.scaling)
         self.actors: list[Any] = []
+        self.placement: list[tuple[Any, int]] = []
+        """Per rank: (placement group, bundle index) its actor occupies."""
+        self.spares: list[tuple[Any, tuple[Any, int]]] = []
+        """Warm actors ready to take a rank, with their placement."""
         self.pg = None
+        self.spare_pg = None
         self.world_size = 0
         self.nodes: list[str] = []
+        self.peer_to: list[int | None] = []
         self._pending: dict[Any, tuple[int, str, int]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------
+    def _new_actor(self, pg: Any, index: int) -> Any:
+        extra = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")}
+        return remote_worker_class().options(
+            num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0),
+            resources=extra or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
+        ).remote(int(self.bundle.get("CPU", 1)) or 1)
+
+    def _place_spares(self) -> None:
+        """Reserve and warm ``scaling.spares`` actors, if the cluster has room right now."""
+        n = self.cfg.scaling.spares
+        if n <= 0:
+            return
+        self.spare_pg = placement_group([dict(self.bundle)] * n, strategy="PACK")
+        try:
+            ray.get(self.spare_pg.ready(), timeout=2.0)
+        except GetTimeoutError:
+            log.warning("no room for %d spare worker(s) of %s; recovering with new actors instead",
+                        n, self.bundle)
+            remove_placement_group(self.spare_pg)
+            self.spare_pg = None
+            return
+        for i in range(n):
+            self._add_spare(self.spare_pg, i)
+
+    def _add_spare(self, pg: Any, index: int) -> None:
+        actor = self._new_actor(pg, index)
+        actor.warm.remote(self.cfg, self.recipe)  # loads data in the background
+        self.spares.append((actor, (pg, index)))
+
     def start(self, world_size: int, attempt: int, restore: CommittedCheckpoint | None,
               injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
         """Place ``world_size`` ranks, rendezvous, build, and restore ``restore``.
@@ -106,31 +157,24 @@ class WorkerGroup:
             raise GroupStartError(f"could not place {world_size} ranks of {self.bundle} within "
                                   f"{timeout:.0f} s (scaling.schedule_timeout_s)",
                                   kind="scheduling") from None
-        cls = remote_worker_class()
-        extra = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")}
-        self.actors = [
-            cls.options(
-                num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0),
-                resources=extra or None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.pg, placement_group_bundle_index=i),
-                name=None,
-            ).remote(int(self.bundle.get("CPU", 1)) or 1)
-            for i in range(world_size)
-        ]
+        self.actors = [self._new_actor(self.pg, i) for i in range(world_size)]
+        self.placement = [(self.pg, i) for i in range(world_size)]
         self.world_size = world_size
+        self._place_spares()
         try:
             infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
             # Ranks on one node are contiguous (HSDP shards within a node).
             order = sorted(range(world_size), key=lambda i: (infos[i]["node_id"] != infos[0]["node_id"],
                                                            infos[i]["node_id"], i))
             self.actors = [self.actors[i] for i in order]
+            self.placement = [self.placement[i] for i in order]
             self.nodes = [infos[i]["node_id"] for i in order]
-            port = ray.get(self.actors[0].free_port.remote(), timeout=timeout)
-            init_method = f"tcp://{infos[order[0]]['ip']}:{port}"
+            self.peer_to = peer_ring(self.nodes)
+            init_method = self._rendezvous(infos[order[0]]["ip"], timeout)
             restore_arg = (restore.path, restore.step) if restore else None
             refs = [a.setup.remote(self.cfg, self.recipe, r, world_size, init_method, injections,
-                                   attempt, restore_arg) for r, a in enumerate(self.actors)]
+                                   attempt, restore_arg, self._peers(r))
+                    for r, a in enumerate(self.actors)]
             results = self._get_all(refs, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
         except GroupStartError:
             raise
@@ -139,6 +183,95 @@ class WorkerGroup:
             raise GroupStartError(f"a rank failed to start: {msg}", kind=kind) from None
         return {"num_samples": results[0]["num_samples"],
                 "setup_s": max(r["setup_s"] for r in results)}
+
+    def _rendezvous(self, ip: str, timeout: float) -> str:
+        port = ray.get(self.actors[0].free_port.remote(), timeout=timeout)
+        return f"tcp://{ip}:{port}"
+
+    def _peers(self, rank: int) -> tuple[int | None, int | None]:
+        """(rank this one replicates to, rank that replicates to this one)."""
+        to = self.peer_to[rank] if self.peer_to else None
+        frm = self.peer_to.index(rank) if to is not None else None
+        return to, frm
+
+    # ---- in-place recovery -------------------------------------------------------
+    def drain(self, timeout: float) -> set[int]:
+        """After a failure: let every call in flight finish or fail; return the lost ranks.
+
+        A rank is lost when its actor died, or when its call is still running after
+        ``timeout`` (hung, even though its peers' collectives broke).
+        """
+        lost: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
+                                timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            out = PollResult()
+            self._collect(ready, out)
+            lost |= {e.rank for e in out.errors if e.kind == "worker_died"}
+        lost |= {rank for rank, _, _ in self._pending.values()}
+        self._pending.clear()
+        return lost
+
+    def kill(self, ranks: set[int]) -> None:
+        """End the processes of ``ranks`` now (their slots are refilled by recover_in_place)."""
+        for r in ranks:
+            try:
+                ray.kill(self.actors[r], no_restart=True)
+            except Exception:  # noqa: BLE001 - usually already dead
+                pass
+
+    def memory_reports(self, ranks: list[int], timeout: float = 5.0) -> dict[int, dict[str, Any]]:
+        """What each live rank holds in memory right now (own snapshots, replicas)."""
+        refs = [self.actors[r].memory_report.remote() for r in ranks]
+        return dict(zip(ranks, ray.get(refs, timeout=timeout), strict=True))
+
+    def recover_in_place(self, lost: set[int], restore_step: int, attempt: int,
+                         injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
+        """Replace ``lost`` ranks (spares first), re-form the group, restore from memory.
+
+        Survivors keep their processes; replacements get their shard from the peer
+        that holds its replica. Nothing is read from storage.
+
+        Raises:
+            GroupStartError: a replacement or the new rendezvous failed.
+        """
+        t0 = time.perf_counter()
+        moves = []
+        self.kill(lost)
+        for d in sorted(lost):
+            freed = self.placement[d]
+            if self.spares:
+                actor, placement = self.spares.pop(0)
+            else:
+                actor, placement = self._new_actor(*freed), freed
+                freed = None
+            self.actors[d], self.placement[d] = actor, placement
+            moves.append((self.peer_to[d], d, d))
+            if freed is not None:
+                self._add_spare(*freed)  # the lost rank's slot becomes the next spare
+        timeout = self.cfg.scaling.schedule_timeout_s
+        try:
+            infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
+            self.nodes = [i["node_id"] for i in infos]
+            init_method = self._rendezvous(infos[0]["ip"], timeout)
+            old_peers = self.peer_to
+            self.peer_to = peer_ring(self.nodes)
+            refs = [a.reconfigure.remote(self.cfg, self.recipe, r, self.world_size, init_method,
+                                         injections, attempt, self._peers(r), restore_step, moves)
+                    for r, a in enumerate(self.actors)]
+            results = self._get_all(refs, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
+        except GroupStartError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            kind, msg = _describe(e)
+            raise GroupStartError(f"in-place recovery failed: {msg}", kind=kind) from None
+        del old_peers
+        return {"recover_s": time.perf_counter() - t0,
+                "received_bytes": sum(r["received_bytes"] for r in results),
+                "replaced": sorted(lost), "spares_left": len(self.spares)}
 
     def _get_all(self, refs: list[Any], timeout: float) -> list[Any]:
         """Get every ref, failing fast on the first error instead of waiting on the rest."""
@@ -159,18 +292,19 @@ class WorkerGroup:
         return out
 
     def shutdown(self) -> None:
-        """Kill every actor (hung ones too) and free the placement group."""
-        for a in self.actors:
+        """Kill every actor (hung ones too, and spares) and free the placement groups."""
+        for a in self.actors + [sp for sp, _ in self.spares]:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-            except Exception:  # noqa: BLE001
-                pass
-        self.actors, self.pg, self.world_size = [], None, 0
+        for pg in (self.pg, self.spare_pg):
+            if pg is not None:
+                try:
+                    remove_placement_group(pg)
+                except Exception:  # noqa: BLE001
+                    pass
+        self.actors, self.spares, self.pg, self.spare_pg, self.world_size = [], [], None, None, 0
         self._pending.clear()
 
     def close(self) -> None:

@@ -44,17 +44,41 @@ class TrainWorker:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def setup(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
-              injections: list, attempt: int, restore: tuple[str, int] | None) -> dict[str, Any]:
-        """Join the process group, build the model shard, restore state when asked."""
+    def warm(self, config: Any, recipe: Any) -> dict[str, Any]:
+        """Get ready to take a rank (a spare): load the data, so that joining is quick."""
         from raypod.worker.trainer import Trainer
 
         t0 = time.perf_counter()
-        self.trainer = Trainer(config, recipe, rank, world_size, init_method, injections, attempt)
+        if self.trainer is None:
+            self.trainer = Trainer(config, recipe)
+        return {"warm_s": time.perf_counter() - t0}
+
+    def setup(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
+              injections: list, attempt: int, restore: tuple[str, int] | None,
+              peers: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
+        """Join the process group, build the model shard, restore a checkpoint when asked."""
+        t0 = time.perf_counter()
+        self.warm(config, recipe)
+        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers)
         if restore is not None:
             self.trainer.load(*restore)
         return {"rank": rank, "setup_s": time.perf_counter() - t0,
                 "num_samples": len(self.trainer.data)}
+
+    def reconfigure(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
+                    injections: list, attempt: int, peers: tuple[int | None, int | None],
+                    restore_step: int, moves: list[tuple[int, int, int]]) -> dict[str, Any]:
+        """Leave the broken group, join the new one and restore ``restore_step`` from memory."""
+        t0 = time.perf_counter()
+        self.warm(config, recipe)
+        self.trainer.leave()
+        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers)
+        received = self.trainer.restore_memory(restore_step, moves)
+        return {"rank": rank, "reconfigure_s": time.perf_counter() - t0, "received_bytes": received}
+
+    def memory_report(self) -> dict[str, Any]:
+        """Steps of the snapshots this rank holds, its own and its peers' replicas."""
+        return self.trainer.snapshots.report() if self.trainer else {"own": [], "replicas": {}}
 
     def train_step(self, step: int) -> dict[str, Any]:
         return self.trainer.train_step(step)

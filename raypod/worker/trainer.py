@@ -26,7 +26,9 @@ from raypod.checkpoint import dcp as ckpt
 from raypod.config import FaultInjection, JobConfig, TrainConfig
 from raypod.data.order import SampleOrder
 from raypod.recipe import RankContext, Recipe
+from raypod.worker import snapshot
 from raypod.worker.parallel import autocast, build_mesh, grad_sync, parallelize
+from raypod.worker.snapshot import PeerReplicator, SnapshotStore
 
 log = logging.getLogger("raypod.worker")
 
@@ -58,44 +60,72 @@ def micro_batches(ids: np.ndarray, per_rank_max: int, micro: int) -> list[np.nda
 class Trainer:
     """One rank of a job.
 
+    The process outlives process groups: :meth:`join` builds the model shard for a
+    group, :meth:`leave` drops it, and the data, the device and the in-memory
+    snapshots stay, so a recovery re-forms the group without a new process.
+
     Args:
         config: the job config.
         recipe: the user's recipe instance.
-        rank, world_size: this rank's place in the group.
-        init_method: ``tcp://host:port`` of the rendezvous.
-        injections: ``(index, fault)`` still to fire (each fires once per job).
         attempt: which group this is (for log lines).
     """
 
-    def __init__(self, config: JobConfig, recipe: Recipe, rank: int, world_size: int,
-                 init_method: str, injections: list[tuple[int, FaultInjection]], attempt: int) -> None:
-        self.cfg, self.recipe = config, recipe
-        self.rank, self.world_size, self.attempt = rank, world_size, attempt
-        self.injections = [(i, f) for i, f in injections if f.rank == rank]
+    def __init__(self, config: JobConfig, recipe: Recipe, attempt: int = 0) -> None:
+        self.cfg, self.recipe, self.attempt = config, recipe, attempt
         use_gpu = config.scaling.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         if use_gpu:
             torch.cuda.set_device(self.device)
-        backend = "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
-        timeout = timedelta(seconds=config.fault.pg_timeout_s)
-        dist.init_process_group(backend, init_method=init_method, rank=rank,
-                                world_size=world_size, timeout=timeout)
-        # Checkpoint writes coordinate on their own gloo group so they never interleave
-        # with the training collectives.
-        self.ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
-        self.mesh = build_mesh(config.parallel, world_size, self.device)
-        ctx = RankContext(rank=rank, world_size=world_size, device=self.device, config=config)
-        torch.manual_seed(config.train.seed)
-        model = recipe.build_model(ctx).to(self.device)
-        self.model = parallelize(model, recipe.shard_units(model), config.parallel, self.mesh,
-                                 self.device)
-        self.optimizer = recipe.build_optimizer(self.model, ctx)
+        self.rank, self.world_size = -1, 0
+        self.injections: list[tuple[int, FaultInjection]] = []
+        ctx = RankContext(rank=0, world_size=1, device=self.device, config=config)
         self.data = recipe.build_data(ctx)
         t = config.train
         self.order = SampleOrder(len(self.data), t.global_batch, t.seed)
-        self.per_rank_max = math.ceil(t.global_batch / world_size)
         self.pending_saves: dict[int, Future] = {}
         self.step = 0
+        self.model = self.optimizer = None
+        self.snapshots = SnapshotStore(keep=3)
+        self.replicator: PeerReplicator | None = None
+        self.broken = False
+
+    def join(self, rank: int, world_size: int, init_method: str,
+             injections: list[tuple[int, FaultInjection]], attempt: int,
+             peer_to: int | None = None, peer_from: int | None = None) -> None:
+        """Join a process group as ``rank`` of ``world_size`` and build the model shard."""
+        self.rank, self.world_size, self.attempt = rank, world_size, attempt
+        self.injections = [(i, f) for i, f in injections if f.rank == rank]
+        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=self.cfg.fault.pg_timeout_s)
+        dist.init_process_group(backend, init_method=init_method, rank=rank,
+                                world_size=world_size, timeout=timeout)
+        # Checkpoint writes and replica exchange run on their own gloo groups so they
+        # never interleave with the training collectives.
+        self.ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
+        replica_group = dist.new_group(backend="gloo", timeout=timeout)
+        self.mesh = build_mesh(self.cfg.parallel, world_size, self.device)
+        ctx = RankContext(rank=rank, world_size=world_size, device=self.device, config=self.cfg)
+        torch.manual_seed(self.cfg.train.seed)
+        model = self.recipe.build_model(ctx).to(self.device)
+        self.model = parallelize(model, self.recipe.shard_units(model), self.cfg.parallel, self.mesh,
+                                 self.device)
+        self.optimizer = self.recipe.build_optimizer(self.model, ctx)
+        self.per_rank_max = math.ceil(self.cfg.train.global_batch / world_size)
+        self.broken = False
+        self.replicator = PeerReplicator(replica_group, peer_to, peer_from)
+
+    def leave(self) -> None:
+        """Drop the process group and the model shard (snapshots and replicas stay)."""
+        if self.replicator is not None:
+            self.replicator.close()
+            self.replicator = None
+        self.pending_saves.clear()
+        self.model = self.optimizer = None
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # noqa: BLE001 - a broken group is why we leave
+                log.info("[rank %d] leaving a broken process group: %s", self.rank, e)
 
     # ---- training ----------------------------------------------------------------
     def _fire_faults(self, step: int) -> None:
@@ -109,7 +139,35 @@ class Trainer:
                 raise InjectedFault(f"injected exception at step {step} on rank {self.rank}")
 
     def train_step(self, step: int) -> dict[str, Any]:
-        """Run optimizer step ``step`` (1-based) and return this rank's figures."""
+        """Run optimizer step ``step`` (1-based) and return this rank's figures.
+
+        If the step raises, the driver replaces this rank (its peers are blocked in a
+        collective with it, and only its process going away releases them at once).
+        Once a step failed, the steps queued after it fail at once: run against the
+        peers' next collectives they would mix two steps' gradients.
+        """
+        if self.broken:
+            raise RuntimeError(f"rank {self.rank} stopped after a failed step; waiting for recovery")
+        try:
+            out = self._train_step(step)
+        except BaseException:
+            self.broken = True
+            raise
+        out.update(self._snapshot(step))
+        return out
+
+    def _snapshot(self, step: int) -> dict[str, Any]:
+        every = self.cfg.checkpoint.memory_every_steps
+        if not every or step % every:
+            return {"snapshot_s": 0.0, "memory": self.snapshots.report()}
+        t0 = time.perf_counter()
+        snap = snapshot.take(self.model, self.optimizer)
+        self.snapshots.add_own(step, snap)
+        waited = self.replicator.submit(step, snap, self.snapshots) if self.replicator else 0.0
+        return {"snapshot_s": time.perf_counter() - t0, "replica_wait_s": waited,
+                "memory": self.snapshots.report()}
+
+    def _train_step(self, step: int) -> dict[str, Any]:
         self._fire_faults(step)
         t0 = time.perf_counter()
         t = self.cfg.train
@@ -188,6 +246,48 @@ class Trainer:
         """Restore model and optimizer from a committed checkpoint."""
         ckpt.load(self.model, self.optimizer, path)
         self.step = step
+
+    # ---- in-memory recovery ------------------------------------------------------
+    def restore_memory(self, step: int, moves: list[tuple[int, int, int]]) -> int:
+        """Restore the state after ``step`` from memory, in a group just joined.
+
+        Args:
+            step: the step every rank restores to.
+            moves: ``(holder, target, source)``: rank ``holder`` sends the replica it
+                holds of old rank ``source`` to the new rank ``target`` (a replacement).
+
+        Returns:
+            The bytes this rank received from a peer.
+        """
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+        _init_optim_state(self.optimizer)
+        received = 0
+        targets = {t for _, t, _ in moves}
+        for holder, target, source in moves:
+            if self.rank == holder:
+                buf = self.snapshots.replicas[source][step]
+                dist.send(torch.tensor([buf.numel()], dtype=torch.int64), dst=target)
+                dist.send(buf, dst=target)
+            elif self.rank == target:
+                n = torch.zeros(1, dtype=torch.int64)
+                dist.recv(n, src=holder)
+                buf = torch.empty(int(n.item()), dtype=torch.uint8)
+                dist.recv(buf, src=holder)
+                received += buf.numel()
+                like = snapshot.state_tensors(self.model, self.optimizer)
+                snap = snapshot.from_bytes(buf, like)
+                snapshot.restore(self.model, self.optimizer, snap)
+                self.snapshots.add_own(step, snap)
+        if self.rank not in targets:
+            if step not in self.snapshots.own:
+                raise RuntimeError(f"rank {self.rank} has no snapshot of step {step}")
+            snapshot.restore(self.model, self.optimizer, self.snapshots.own[step])
+        for s in [s for s in self.snapshots.own if s > step]:
+            del self.snapshots.own[s]  # steps after the restore point are being redone
+        self.snapshots.clear_replicas()
+        self.step = step
+        return received
 
     # ---- inspection --------------------------------------------------------------
     def state_digest(self) -> str | None:

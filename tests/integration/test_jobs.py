@@ -61,7 +61,8 @@ def test_tiny_fsdp_trains_and_loss_falls(baseline):
     assert ("finishing", "finished") in rec.states
 
 
-def test_killed_worker_is_survived(ray_connected, baseline, tmp_path):
+def test_killed_worker_recovers_in_place(ray_connected, baseline, tmp_path):
+    """A dead rank is replaced by the warm spare; its shard comes from its peer's memory."""
     cfg = tiny(tmp_path, "fault.inject=[{step: 12, rank: 1, kind: kill}]")
     summary = run(cfg, callbacks=[ProgressPrinter(live=False)])
     on_disk = json.loads((tmp_path / "it" / "summary.json").read_text())
@@ -70,16 +71,46 @@ def test_killed_worker_is_survived(ray_connected, baseline, tmp_path):
     assert summary["failures"] == 1 and summary["world_sizes"] == [2, 2]
     ev = summary["events"][0]
     assert ev["kind"] == "kill" and ev["step"] == 12 and ev["rank"] == 1
-    assert ev["lost_steps"] == 1  # step 11 was done after the step-10 checkpoint
-    assert ev["world_size_after"] == 2 and ev["restored_from"] == "checkpoint step 10"
-    assert 0 < ev["detected_s"] < ev["resumed_s"] < summary["wall_s"]
+    assert ev["restored_from"] in ("memory step 11", "memory step 10")  # not from storage
+    assert ev["lost_steps"] <= 1 and ev["world_size_after"] == 2
+    assert 0 < ev["last_step_s"] <= ev["detected_s"] < ev["resumed_s"] < summary["wall_s"]
     assert 0 < summary["goodput"] <= 1 and 0 < summary["productive_s"] < summary["wall_s"]
     assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
-    # Replaying from the checkpoint gives bit-identical state to the run without faults.
+    # Restoring from peers' memory gives bit-identical state to the run without faults.
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 
 
-def test_raising_step_recovers_and_budget_fails_cleanly(ray_connected, tmp_path):
+def test_raising_step_recovers_in_place(ray_connected, baseline, tmp_path):
+    cfg = tiny(tmp_path, "fault.inject=[{step: 7, rank: 0, kind: exception}]")
+    summary = run(cfg, callbacks=[])
+    ev = summary["events"][0]
+    assert ev["kind"] == "exception" and ev["step"] == 7 and ev["restored_from"].startswith("memory")
+    assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
+
+
+def test_rank_and_replica_holder_lost_falls_back_to_checkpoint(ray_connected, baseline, tmp_path):
+    """Both ranks die at once: no in-memory copy survives, so the last persistent one is used."""
+    cfg = tiny(tmp_path, "fault.inject=[{step: 12, rank: 0, kind: kill}, {step: 12, rank: 1, kind: kill}]")
+    summary = run(cfg, callbacks=[])
+    assert summary["status"] == "succeeded" and summary["final_step"] == 20
+    ev = summary["events"][0]
+    assert ev["restored_from"] == "checkpoint step 10" and ev["lost_steps"] == 1
+    assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
+    assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
+
+
+def test_restart_from_checkpoint_without_memory_snapshots(ray_connected, baseline, tmp_path):
+    """With in-memory snapshots off, a kill restarts every rank from the persistent checkpoint."""
+    cfg = tiny(tmp_path, "checkpoint.memory_every_steps=0", "scaling.spares=0",
+               "fault.inject=[{step: 12, rank: 1, kind: kill}]")
+    summary = run(cfg, callbacks=[])
+    ev = summary["events"][0]
+    assert ev["kind"] == "kill" and ev["restored_from"] == "checkpoint step 10" and ev["lost_steps"] == 1
+    assert summary["world_sizes"] == [2, 2] and summary["final_step"] == 20
+    assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
+
+
+def test_failure_budget_fails_cleanly(ray_connected, tmp_path):
     cfg = tiny(tmp_path, "train.max_steps=8", "fault.max_failures=0",
                "fault.inject=[{step: 3, rank: 0, kind: exception}]")
     with pytest.raises(JobFailed, match="fault.max_failures=0 exhausted") as e:

@@ -70,6 +70,19 @@ class FakeGroup:
         self.queue.clear()
         return out
 
+    peer_to: list[int] = []
+
+    def kill(self, ranks):
+        pass
+
+    def drain(self, timeout):
+        self.queue.clear()
+        return set()
+
+    def memory_reports(self, ranks):
+        # No in-memory copies: every recovery here takes the persistent-checkpoint path.
+        return {r: {"own": [], "replicas": {}} for r in ranks}
+
     def finish_saves(self):
         return []
 
