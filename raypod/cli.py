@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -67,8 +68,10 @@ def _run(args: argparse.Namespace) -> int:
 
     if cfg.mlflow.enabled:
         uri = resolve_tracking_uri(cfg, cfg.job_dir)
+        exe = Path(sys.executable).parent / "mlflow"
+        mlflow_cmd = str(exe) if exe.exists() else "mlflow"
         print(f"raypod | MLflow run {summary.get('mlflow_run_id')} in {uri}\n"
-              f"raypod | open it with: mlflow ui --backend-store-uri {uri} --port 5000  "
+              f"raypod | open it with: {mlflow_cmd} ui --backend-store-uri {uri} --port 5000  "
               f"(then http://127.0.0.1:5000)")
     return 0
 
