@@ -69,6 +69,8 @@ _SECRET_VALUE_RE = re.compile(
     re.IGNORECASE,
 )
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
+_EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+_MODEL_TRAINING = "custom_model_development"  # MLflow 3's UI shows runs and charts, not GenAI views
 _EVENT_TAG_RE = re.compile(r"^raypod\.event\.(\d+)\.(\w+)$")
 _EVENT_COLUMNS = ("kind", "step", "rank", "detected_s", "resumed_s", "lost_steps",
                   "world_size_before", "world_size_after", "restored_from", "cause", "message")
@@ -823,7 +825,8 @@ class MLflowCallback(Callback):
             location = ((db_dir / "mlartifacts" / _clean_key(name).replace("/", "_")).as_uri()
                         if db_dir is not None else None)
             try:
-                return client.create_experiment(name, artifact_location=location)
+                return client.create_experiment(name, artifact_location=location,
+                                                tags={_EXPERIMENT_KIND_TAG: _MODEL_TRAINING})
             except Exception as e:
                 if not _is_already_exists(e):
                     raise
@@ -832,6 +835,8 @@ class MLflowCallback(Callback):
                     raise
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if _EXPERIMENT_KIND_TAG not in exp.tags:  # the UI then opens on runs and charts
+            client.set_experiment_tag(exp.experiment_id, _EXPERIMENT_KIND_TAG, _MODEL_TRAINING)
         return exp.experiment_id
 
     @staticmethod

@@ -1,0 +1,262 @@
+"""raypod's MLflow tracking against a real ``mlflow server`` (SQLite backend, on loopback).
+
+A module fixture starts the server as a subprocess in its own process group and always
+stops it. Whole raypod jobs on the session's real Ray cluster log into it: an injected
+kill still gives one run with one point per step, and a resubmission with more steps
+continues that run. Then the server is stopped mid-run and started again on the same
+port and database, and no point is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raypod.callbacks import FailureEvent, JobInfo, StepReport
+from raypod.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "jobs" / "configs" / "tiny.yaml"
+MLFLOW = Path(sys.executable).parent / "mlflow"
+EXPERIMENT = "raypod-it"
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store and a local artifact root.
+
+    Args:
+        root: Folder for ``db.sqlite``, ``artifacts/`` and ``server.log``.
+        port: Port to listen on (kept across :meth:`stop` / :meth:`start`).
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+        cmd = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{self.root}/db.sqlite",
+               "--default-artifact-root", str(self.root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                     start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"mlflow server not healthy after {timeout:.0f} s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the server and every process it started (its own process group)."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group id is the server's pid
+        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and self._alive(pgid):
+                time.sleep(0.1)
+            if not self._alive(pgid):
+                break
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def _alive(self, pgid: int) -> bool:
+        """Whether any process of the group still runs (zombies do not count)."""
+        assert self.proc is not None
+        self.proc.poll()  # reap the leader once it exited
+        out = subprocess.run(["ps", "-e", "-o", "pgid=,stat="], capture_output=True, text=True)
+        return any(line.split()[0] == str(pgid) and not line.split()[1].startswith("Z")
+                   for line in out.stdout.splitlines() if len(line.split()) == 2)
+
+    def log_tail(self) -> str:
+        try:
+            return (self.root / "server.log").read_text()[-3000:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` for this module; always stopped at teardown."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    with pytest.MonkeyPatch.context() as mp:
+        # What the callback would set for an http URI; set here so it is undone afterwards.
+        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def _client(server: MlflowServer):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=server.uri)
+
+
+def _steps(client: Any, run_id: str, key: str = "loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _tiny(storage: Path, server: MlflowServer, *overrides: str):
+    base = [f"checkpoint.storage={storage}", "name=mlflow-it", "train.max_steps=16",
+            "checkpoint.every_steps=5", "fault.hang_timeout_s=60",
+            f"mlflow.tracking_uri={server.uri}", f"mlflow.experiment={EXPERIMENT}"]
+    return load_config(TINY, base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def killed_job(ray_connected, mlflow_server, tmp_path_factory):
+    """The tiny GPT for 16 steps with rank 1 killed at step 8, logged to the server."""
+    from raypod.api import run
+    from raypod.tracking import MLflowCallback
+
+    storage = tmp_path_factory.mktemp("mlflow-job")
+    cfg = _tiny(storage, mlflow_server, "fault.inject=[{step: 8, rank: 1, kind: kill}]")
+    cb = MLflowCallback(flush_interval_s=0.25, system_metrics_interval_s=1.0)
+    summary = run(cfg, callbacks=[cb], progress=False)
+    return storage, summary, cb
+
+
+def test_killed_job_logs_one_run_with_one_point_per_step(mlflow_server, killed_job):
+    storage, summary, cb = killed_job
+    client = _client(mlflow_server)
+    assert summary["status"] == "succeeded" and summary["failures"] == 1
+    run_id = summary["mlflow_run_id"]
+    assert run_id and run_id == cb.run_id
+    assert (storage / "mlflow-it" / "mlflow_run_id").read_text().strip() == run_id
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [run_id]
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    # Steps after the step-5 checkpoint were replayed after the kill: still one point each.
+    for key in ("loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "tokens_per_s",
+                "world_size", "data_wait_frac", "goodput"):
+        assert _steps(client, run_id, key) == list(range(1, 17)), key
+    tags = run.data.tags
+    assert tags["raypod.event.0.kind"] == "kill"
+    assert tags["raypod.event.0.step"] == "8" and tags["raypod.event.0.rank"] == "1"
+    assert float(tags["raypod.event.0.resumed_s"]) > float(tags["raypod.event.0.detected_s"])
+    assert tags["raypod.event.0.restored_from"] == "checkpoint step 5"
+    assert tags["raypod.failures"] == "1" and tags["raypod.state"] == "finished"
+    assert run.data.params["train.max_steps"] == "16"
+
+    artifacts = {f.path for f in client.list_artifacts(run_id)}
+    assert {"config.yaml", "summary.json", "events.json", "timeline.png",
+            "events_table.json"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(run_id, "events_table.json",
+                                                      str(storage))).read_text())
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    assert [r["kind"] for r in rows] == ["kill"] and rows[0]["lost_steps"] == summary["events"][0]["lost_steps"]
+    assert any(k.startswith("system/") for k in run.data.metrics), "MLflow system metrics"
+    assert not list((storage / "mlflow-it" / "mlflow_spool").glob("seg-*")), "nothing left unsent"
+
+
+def test_resubmission_with_more_steps_continues_the_same_run(mlflow_server, killed_job):
+    from raypod.api import run
+    from raypod.tracking import MLflowCallback
+
+    storage, first, _ = killed_job
+    cfg = _tiny(storage, mlflow_server, "train.max_steps=22")
+    cb = MLflowCallback(flush_interval_s=0.25, system_metrics=False)
+    summary = run(cfg, callbacks=[cb], progress=False)
+    assert summary["status"] == "succeeded" and summary["resumed_from_step"] == 16
+    assert summary["mlflow_run_id"] == first["mlflow_run_id"]
+
+    client = _client(mlflow_server)
+    run_id = first["mlflow_run_id"]
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    assert len(client.search_runs([exp.experiment_id])) == 1
+    assert _steps(client, run_id) == list(range(1, 23))
+    run_info = client.get_run(run_id)
+    assert run_info.info.status == "FINISHED"
+    tags = run_info.data.tags
+    assert tags["raypod.submissions"] == "2"
+    assert tags["raypod.param_changed.train.max_steps"] == "22"
+    assert tags["raypod.event.0.kind"] == "kill", "the first submission's events stay"
+
+
+def test_server_stopped_mid_run_loses_no_point(mlflow_server, tmp_path, monkeypatch):
+    """Synthetic steps through the callback while the server goes away and comes back."""
+    from raypod.tracking import MLflowCallback
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TINY, [f"checkpoint.storage={tmp_path}", "name=outage",
+                             f"mlflow.tracking_uri={mlflow_server.uri}",
+                             f"mlflow.experiment={EXPERIMENT}"])
+    start = time.time()
+    cb = MLflowCallback(flush_interval_s=0.1, max_backoff_s=1.0, system_metrics=False)
+    cb.before_job(JobInfo(config=cfg, job_dir=cfg.job_dir, start_time=start))
+    run_id = cb.wait_run_id(30)
+    assert run_id
+
+    def step(s: int) -> None:
+        t0 = time.perf_counter()
+        cb.after_step(StepReport(step=s, time_s=time.time() - start, metrics={
+            "loss": 5.0 - s * 0.01, "lr": 1e-3, "samples_per_s": 100.0, "world_size": 2.0}))
+        assert time.perf_counter() - t0 < 0.05, "after_step waited"
+        time.sleep(0.02)
+
+    for s in range(1, 31):
+        step(s)
+    time.sleep(0.5)
+    mlflow_server.stop()  # the server is gone mid-run
+    for s in range(31, 91):
+        step(s)
+    event = FailureEvent(kind="exception", step=60, rank=0, detected_s=time.time() - start)
+    cb.after_failure(event)
+    time.sleep(1.0)
+    spooled = list(cb.spool_path.glob("seg-*.jsonl"))
+    assert spooled, "points of the outage must be on disk"
+    mlflow_server.start()  # same port, same SQLite file
+    for s in range(91, 121):
+        step(s)
+    summary = {"status": "succeeded", "final_step": 120}
+    path = Path(cfg.job_dir) / "summary.json"
+    path.write_text(json.dumps(summary))
+    cb.after_job(summary, str(path))
+
+    client = _client(mlflow_server)
+    assert _steps(client, run_id) == list(range(1, 121))
+    assert _steps(client, run_id, "samples_per_s") == list(range(1, 121))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["raypod.event.0.kind"] == "exception"
+    assert not list(cb.spool_path.glob("seg-*")) and not list(cb.spool_path.glob("finish-*"))
