@@ -413,8 +413,12 @@ class MLflowCallback(Callback):
     def before_summary(self, summary: dict[str, Any]) -> None:
         """Put the run id into ``summary.json`` (waits briefly if the run is still being set up;
         with the store down, the id kept in the job folder)."""
-        if self._enabled:
-            summary["mlflow_run_id"] = self.wait_run_id(timeout=10) or self._stored_run_id
+        if not self._enabled:
+            return
+        deadline = time.monotonic() + 10
+        while not self._run_ready.wait(0.05) and not self._failing and time.monotonic() < deadline:
+            pass
+        summary["mlflow_run_id"] = self._run_id or self._stored_run_id
 
     def after_job(self, summary: dict[str, Any], summary_path: str) -> None:
         """Log the artifacts, end the run, flush and join the thread (bounded wait)."""

@@ -166,7 +166,7 @@ def test_killed_job_logs_one_run_with_one_point_per_step(mlflow_server, killed_j
 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    # Steps after the step-5 checkpoint were replayed after the kill: still one point each.
+    # Steps after the restore point were replayed after the kill: still one point each.
     for key in ("loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "tokens_per_s",
                 "world_size", "data_wait_frac", "goodput"):
         assert _steps(client, run_id, key) == list(range(1, 17)), key
@@ -174,7 +174,9 @@ def test_killed_job_logs_one_run_with_one_point_per_step(mlflow_server, killed_j
     assert tags["raypod.event.0.kind"] == "kill"
     assert tags["raypod.event.0.step"] == "8" and tags["raypod.event.0.rank"] == "1"
     assert float(tags["raypod.event.0.resumed_s"]) > float(tags["raypod.event.0.detected_s"])
-    assert tags["raypod.event.0.restored_from"] == "checkpoint step 5"
+    ev = summary["events"][0]
+    assert tags["raypod.event.0.restored_from"] == ev["restored_from"]
+    assert tags["raypod.event.0.lost_steps"] == str(ev["lost_steps"])
     assert tags["raypod.failures"] == "1" and tags["raypod.state"] == "finished"
     assert run.data.params["train.max_steps"] == "16"
 
