@@ -1,0 +1,163 @@
+"""The recovery benchmark's work, shared by both MLP anchors so it is literally the same code.
+
+It mirrors what a raypod rank does for ``jobs/configs/mlp.yaml``
+(:class:`raypod.worker.trainer.Trainer` with :class:`raypod.recipes.mlp.MLPRecipe`):
+the same 4-block MLP (built by the recipe's own classes after
+``torch.manual_seed(seed)``), FSDP2 ``fully_shard`` per block and then the root on a
+1-D CPU mesh in fp32, plain AdamW at a constant lr 1e-3, the same seeded sample order
+(global batch 32, rank ``r`` takes ids ``r::2``, one micro-batch of 16), loss = mean
+of the squared output, and the global gradient norm raypod computes every step
+(``grad_clip: 0`` → no clipping). Only process-group setup and checkpointing differ:
+the launcher (torchrun or Ray Train) has already initialised gloo, and each anchor
+saves ``torch.distributed.checkpoint`` (DCP) shards every 10 steps its own way.
+
+The fault and the record are the same for both anchors:
+
+* rank 1 calls ``os._exit(1)`` right after completing step ``kill_after`` (25), once
+  per run: it first creates ``marker`` exclusively, so a restarted group never fires;
+* rank 0 appends ``step,unix_time,attempt`` to the step log after each completed
+  step (after ``optimizer.step()``), so the harness reads the recovery gap and the
+  replayed steps from it (:func:`raypod.bench.recovery.read_step_log`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from raypod.data.order import SampleOrder
+from raypod.recipes.mlp import MLP, GaussianSamples, mlp_loss
+
+
+@dataclass(frozen=True)
+class MLPJob:
+    """``jobs/configs/mlp.yaml``, as the anchors need it."""
+
+    n_blocks: int = 4
+    dim: int = 512
+    hidden: int = 2048
+    num_samples: int = 32768
+    global_batch: int = 32
+    micro_batch: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    max_steps: int = 60
+    checkpoint_every: int = 10
+    kill_after: int = 25
+
+
+class AppState(Stateful):
+    """Model + optimizer as one DCP item (the pattern of torch's and Ray Train's FSDP2 guides)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        msd, osd = get_state_dict(self.model, self.optimizer)
+        return {"model": msd, "optim": osd}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict=state_dict["optim"])
+
+
+class MLPRun:
+    """One rank's model shard, optimizer and data (the gloo process group must exist)."""
+
+    def __init__(self, job: MLPJob = MLPJob()) -> None:
+        self.job = job
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        mesh = init_device_mesh("cpu", (self.world_size,), mesh_dim_names=("dp",))
+        torch.manual_seed(job.seed)
+        model = MLP(job.n_blocks, job.dim, job.hidden)
+        mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        self.model: nn.Module = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr)
+        self.data = GaussianSamples(job.num_samples, job.dim, job.seed)
+        self.order = SampleOrder(len(self.data), job.global_batch, job.seed)
+        self.per_rank_max = math.ceil(job.global_batch / self.world_size)
+
+    def step(self, step: int) -> float:
+        """Optimizer step ``step`` (1-based); returns this rank's mean loss."""
+        job = self.job
+        ids = SampleOrder.rank_share(self.order.ids(step), self.rank, self.world_size)
+        n_micro = max(1, math.ceil(self.per_rank_max / job.micro_batch))
+        micros = [ids[i * job.micro_batch:(i + 1) * job.micro_batch] for i in range(n_micro)]
+        scale = self.world_size / job.global_batch
+        loss_sum, seen = 0.0, 0
+        for i, chunk in enumerate(micros):
+            weight = float(len(chunk))
+            if len(chunk) == 0:
+                chunk, weight = self.order.ids(step)[:1], 0.0
+            self.model.set_requires_gradient_sync(i == len(micros) - 1)
+            loss = mlp_loss(self.model, self.data.get_batch(chunk.tolist()), torch.device("cpu"))
+            (loss * (weight * scale)).backward()
+            loss_sum += float(loss.detach()) * weight
+            seen += int(weight)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / max(1, seen)
+
+    # ---- checkpoints (collective: every rank calls them) ---------------------------------
+    def save(self, path: str) -> None:
+        """DCP-save this rank's shards of model and optimizer under ``path``."""
+        dcp.save({"app": AppState(self.model, self.optimizer)}, checkpoint_id=path)
+
+    def load(self, path: str) -> None:
+        """Restore model and optimizer from a DCP checkpoint at ``path``."""
+        dcp.load({"app": AppState(self.model, self.optimizer)}, checkpoint_id=path)
+
+
+class StepLog:
+    """Rank 0's record of completed steps: ``step,unix_time,attempt`` lines (other ranks: no-op)."""
+
+    def __init__(self, path: str, rank: int, attempt: int) -> None:
+        self.path, self.rank, self.attempt = path, rank, attempt
+
+    def completed(self, step: int) -> None:
+        if self.rank != 0:
+            return
+        t = time.time()
+        with open(self.path, "a") as f:
+            f.write(f"{step},{t:.6f},{self.attempt}\n")
+            f.flush()
+
+
+def maybe_kill(step: int, rank: int, job: MLPJob, marker: str) -> None:
+    """Rank 1 exits hard right after step ``job.kill_after``, the first time only."""
+    if rank != 1 or step != job.kill_after:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, f"killed after step {step} at {time.time():.6f}\n".encode())
+    os.close(fd)
+    os._exit(1)
+
+
+def next_attempt(path: str) -> int:
+    """Count this start in ``path`` (rank 0 only) and return its 0-based number."""
+    with open(path, "a+") as f:
+        f.seek(0)
+        n = len(f.read().splitlines())
+        f.write(f"{time.time():.6f}\n")
+    return n

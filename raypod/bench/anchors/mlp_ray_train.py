@@ -1,0 +1,96 @@
+"""Recovery anchor: ``jobs/configs/mlp.yaml``'s MLP under a Ray Train V2 ``TorchTrainer``.
+
+    RAY_TRAIN_V2_ENABLED=1 python raypod/bench/anchors/mlp_ray_train.py \
+        --workdir DIR --storage DIR [--name NAME]
+
+Starts a private local Ray (``ray.init(address="local")``) and runs 2 CPU workers with
+``FailureConfig(max_failures=2)``. Every 10 steps each worker DCP-saves its shards
+to a temporary directory and reports it with
+``ray.train.report(metrics, checkpoint=Checkpoint.from_directory(dir))`` (Ray Train
+merges the workers' directories into one persistent checkpoint, as in its FSDP2
+guide); a restarted worker group resumes from ``ray.train.get_checkpoint()``.
+Rank 1 exits hard after step 25 the first time (``DIR/kill.marker``). Rank 0 appends
+``step,unix_time,attempt`` to ``DIR/steps.log`` after every completed step
+(``attempt`` counts the starts of rank 0 in ``DIR/attempts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    from raypod.bench.anchors.mlp_common import MLPJob, MLPRun, StepLog, maybe_kill, next_attempt
+
+    job = MLPJob(max_steps=config["steps"])
+    workdir = config["workdir"]
+    rank = ray.train.get_context().get_world_rank()
+    attempt = next_attempt(os.path.join(workdir, "attempts")) if rank == 0 else -1
+    run = MLPRun(job)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            run.load(ckpt_dir)
+            with open(os.path.join(ckpt_dir, "step.txt")) as f:
+                start = int(f.read())
+    log = StepLog(os.path.join(workdir, "steps.log"), rank, attempt)
+    for step in range(start + 1, job.max_steps + 1):
+        loss = run.step(step)
+        log.completed(step)
+        if step % job.checkpoint_every == 0 or step == job.max_steps:
+            with tempfile.TemporaryDirectory() as tmp:
+                run.save(tmp)
+                if rank == 0:
+                    with open(os.path.join(tmp, "step.txt"), "w") as f:
+                        f.write(str(step))
+                ray.train.report({"step": step, "loss": loss},
+                                 checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        maybe_kill(step, rank, job, os.path.join(workdir, "kill.marker"))
+    dist.barrier()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workdir", required=True, help="step log, attempt counter and kill marker")
+    p.add_argument("--storage", required=True, help="RunConfig.storage_path")
+    p.add_argument("--name", default="bench-recovery-ray-train")
+    p.add_argument("--steps", type=int, default=60)
+    args = p.parse_args()
+    if os.environ.get("RAY_TRAIN_V2_ENABLED") != "1":
+        print("mlp_ray_train.py: set RAY_TRAIN_V2_ENABLED=1", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    ray.init(address="local")  # a private local Ray, never some other cluster on the machine
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"steps": args.steps, "workdir": workdir},
+            scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+            run_config=RunConfig(storage_path=os.path.abspath(args.storage), name=args.name,
+                                 failure_config=FailureConfig(max_failures=2)),
+        )
+        result = trainer.fit()
+        if getattr(result, "error", None) is not None:
+            print(f"mlp_ray_train.py: training failed: {result.error}", file=sys.stderr)
+            return 1
+        print("mlp_ray_train.py: done")
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Recovery anchor: ``jobs/configs/mlp.yaml``'s MLP under ``torchrun --max-restarts``.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 --max-restarts 2 \
+        raypod/bench/anchors/mlp_torchrun.py --workdir DIR
+
+Every 10 steps all ranks DCP-save to ``DIR/ckpt/step_N`` and rank 0 then commits it
+by writing ``DIR/ckpt/latest``; a (re)started group resumes from the latest commit.
+Rank 1 exits hard after step 25 the first time (``DIR/kill.marker``); torchrun's
+agent then stops the group and starts a new one. Rank 0 appends
+``step,unix_time,attempt`` to ``DIR/steps.log`` after every completed step
+(``attempt`` = ``TORCHELASTIC_RESTART_COUNT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch.distributed as dist
+
+from raypod.bench.anchors.mlp_common import MLPJob, MLPRun, StepLog, maybe_kill
+
+
+def _latest(ckpt: str) -> int:
+    try:
+        with open(os.path.join(ckpt, "latest")) as f:
+            return int(f.read().strip())
+    except FileNotFoundError:
+        return 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workdir", required=True, help="step log, kill marker and checkpoints")
+    p.add_argument("--steps", type=int, default=MLPJob.max_steps)
+    args = p.parse_args()
+    job = MLPJob(max_steps=args.steps)
+    workdir = os.path.abspath(args.workdir)
+    ckpt = os.path.join(workdir, "ckpt")
+    os.makedirs(ckpt, exist_ok=True)
+    dist.init_process_group("gloo")
+    try:
+        rank = dist.get_rank()
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        run = MLPRun(job)
+        start = _latest(ckpt)
+        if start:
+            run.load(os.path.join(ckpt, f"step_{start}"))
+        log = StepLog(os.path.join(workdir, "steps.log"), rank, attempt)
+        for step in range(start + 1, job.max_steps + 1):
+            run.step(step)
+            log.completed(step)
+            if step % job.checkpoint_every == 0 or step == job.max_steps:
+                run.save(os.path.join(ckpt, f"step_{step}"))
+                if rank == 0:  # dcp.save returned on rank 0: every shard and .metadata are written
+                    tmp = os.path.join(ckpt, "latest.tmp")
+                    with open(tmp, "w") as f:
+                        f.write(str(step))
+                    os.replace(tmp, os.path.join(ckpt, "latest"))
+            maybe_kill(step, rank, job, os.path.join(workdir, "kill.marker"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

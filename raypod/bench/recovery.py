@@ -1,0 +1,574 @@
+"""The ``recovery`` suite: one worker killed mid-run, raypod beside Ray Train V2 and torchrun.
+
+Every system trains ``jobs/configs/mlp.yaml``'s workload (issue 5): a 4-block MLP
+(512→2048→GELU→512), FSDP2 per block + root on gloo, 2 CPU ranks, global batch 32 of
+random normal inputs, loss = mean squared output, AdamW lr 1e-3, 60 steps,
+persistent checkpoints every 10 steps. Rank 1 dies (``os._exit``) once, right after
+step 25 completed, i.e. at the start of step 26:
+
+* ``raypod``: ``python -m raypod.cli run jobs/configs/mlp.yaml --quiet --set
+  checkpoint.storage=<tmp> --set name=rec-<i> --set 'fault.inject=[{step: 26, rank: 1,
+  kind: kill}]'`` (an injected kill fires when the rank *starts* that step).
+* ``ray_train_v2``: :mod:`raypod.bench.anchors.mlp_ray_train` (``TorchTrainer``,
+  ``FailureConfig(max_failures=2)``, DCP shards reported with ``ray.train.report``).
+* ``torchrun``: :mod:`raypod.bench.anchors.mlp_torchrun` under ``python -m
+  torch.distributed.run --standalone --nproc-per-node 2 --max-restarts 2`` (DCP).
+
+Definitions, applied identically to the three systems:
+
+* **gap** (recovery gap): wall seconds from the completion of the last step completed
+  before the kill (step 25) to the completion of the first step completed after it,
+  whichever step number that is. raypod: ``events[0].resumed_s -
+  events[0].last_step_s`` of ``summary.json`` (both on the driver's clock, when the
+  driver held every rank's result of the step). Anchors: from rank 0's step log
+  (``step,unix_time,attempt``, written right after ``optimizer.step()``): the time of
+  the first line of the next attempt minus the time of the last line of the killed one.
+* **replayed** (steps replayed): the number of step numbers whose work the failure
+  threw away and that had to be run again = (step numbers completed before the kill
+  and completed again after it) + 1 for the interrupted step (step 26, started by the
+  surviving rank but never completed). raypod: ``events[0].lost_steps + 1``
+  (``lost_steps`` = steps completed before the failure that the restore rolled back).
+  Anchors: the number of step numbers that appear more than once in the step log,
+  + 1. A restore from the checkpoint of step 20 replays 21..26 = 6; a restore of the
+  state after step 25 replays only step 26 = 1.
+* **recovered**: the run exited 0 and its last completed step is 60 (raypod:
+  ``status == "succeeded"`` and ``final_step == 60``), after the kill fired.
+
+torchrun as shipped shares its rendezvous ``TCPStore`` with the workers' process groups
+(torch 2.13), and a restarted group can read the dead group's gloo addresses from it:
+``connectFullMesh`` then fails or hangs ("Connection refused" to the old port; see
+pytorch/pytorch#135712). That is what a torchrun user gets, so it is measured as is;
+``torchrun_fresh_store=True`` (``--torchrun-fresh-store``) sets torch's own workaround,
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, to measure torchrun's recovery without it.
+
+Trials run interleaved (raypod, ray_train_v2, torchrun, raypod, ...), each as a cold
+subprocess with a timeout, its own ``RAY_TMPDIR`` (so a ``ray.init()`` never joins a
+cluster that some other program recorded) and an environment tag; after each trial
+every tagged process is waited for (and killed by pid if it lingers) and the harness
+waits for ``pgrep -f raylet`` to come back empty before the next one.
+
+    python -m raypod.bench.recovery --trials 3 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("raypod", "ray_train_v2", "torchrun")
+LABELS = {
+    "raypod": "raypod",
+    "ray_train_v2": "Ray Train V2 TorchTrainer",
+    "torchrun": "torchrun --max-restarts 2",
+}
+MAX_STEPS = 60
+KILL_AFTER = 25
+"""Rank 1 dies right after completing this step (raypod: ``inject`` at step 26)."""
+REPO = Path(__file__).resolve().parents[2]
+TAG_VAR = "RAYPOD_BENCH_TRIAL"
+TRIAL_TIMEOUT_S = 300.0
+DRAIN_TIMEOUT_S = 60.0
+QUIET_TIMEOUT_S = 60.0
+
+COMMANDS = {
+    "raypod": "python -m raypod.cli run jobs/configs/mlp.yaml --quiet --set checkpoint.storage=<tmp> "
+              f"--set name=rec-<i> --set 'fault.inject=[{{step: {KILL_AFTER + 1}, rank: 1, kind: kill}}]'",
+    "ray_train_v2": "RAY_TRAIN_V2_ENABLED=1 python raypod/bench/anchors/mlp_ray_train.py "
+                    "--workdir <tmp>/work --storage <tmp>/storage --name rec-ray-train-<i>",
+    "torchrun": "python -m torch.distributed.run --standalone --nproc-per-node 2 --max-restarts 2 "
+                "raypod/bench/anchors/mlp_torchrun.py --workdir <tmp>/work",
+}
+
+
+def _log(msg: str) -> None:
+    print(f"bench recovery | {msg}", file=sys.stderr, flush=True)
+
+
+# ---- figures -----------------------------------------------------------------------
+def read_step_log(path: str | os.PathLike) -> list[tuple[int, float, int]]:
+    """``(step, unix_time, attempt)`` per line of an anchor's step log, in file order."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            step, t, attempt = line.split(",")
+            rows.append((int(step), float(t), int(attempt)))
+    return rows
+
+
+def anchor_figures(rows: list[tuple[int, float, int]], exit_code: int | None) -> dict[str, Any]:
+    """Gap, steps replayed and recovered, from an anchor's step log (see the module doc)."""
+    if not rows:
+        raise RuntimeError("the step log is empty")
+    first_attempt = rows[0][2]
+    before = [r for r in rows if r[2] == first_attempt]
+    after = [r for r in rows if r[2] != first_attempt]
+    final_step = max(r[0] for r in rows)
+    out: dict[str, Any] = {
+        "last_step_before": before[-1][0],
+        "first_step_after": after[0][0] if after else None,
+        "restored_from": f"checkpoint step {after[0][0] - 1}" if after else None,
+        "attempts": len({r[2] for r in rows}),
+        "final_step": final_step,
+        "gap_s": round(after[0][1] - before[-1][1], 3) if after else None,
+        "replayed": (sum(1 for c in Counter(r[0] for r in rows).values() if c > 1) + 1) if after else None,
+        "recovered": bool(after) and exit_code == 0 and final_step == MAX_STEPS,
+    }
+    if not after:
+        out["why"] = f"no step completed after the kill (last step {before[-1][0]})"
+    return out
+
+
+def raypod_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """Gap, steps replayed and recovered, from raypod's ``summary.json`` (see the module doc)."""
+    events = summary.get("events") or []
+    ok = summary.get("status") == "succeeded" and summary.get("final_step") == MAX_STEPS
+    out: dict[str, Any] = {"final_step": summary.get("final_step"), "status": summary.get("status"),
+                           "failures": summary.get("failures"), "gap_s": None, "replayed": None,
+                           "recovered": False}
+    if not events:
+        out["why"] = "summary.json has no failure event (the kill did not fire)"
+        return out
+    ev = events[0]
+    out.update(event_step=ev.get("step"), restored_from=ev.get("restored_from"),
+               lost_steps=ev.get("lost_steps"))
+    if ev.get("resumed_s") is not None and ev.get("last_step_s") is not None:
+        out["gap_s"] = round(ev["resumed_s"] - ev["last_step_s"], 3)
+        out["detect_s"] = round(ev["detected_s"] - ev["last_step_s"], 3)
+    if ev.get("lost_steps") is not None:
+        out["replayed"] = int(ev["lost_steps"]) + 1
+    out["recovered"] = ok and out["gap_s"] is not None
+    if not ok:
+        out["why"] = f"status {summary.get('status')}, final step {summary.get('final_step')}: " \
+                     f"{(summary.get('error') or '')[:300]}"
+    return out
+
+
+# ---- processes ---------------------------------------------------------------------
+def _tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries ``TAG_VAR=tag`` (everything a trial started)."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    me = os.getpid()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _raylets() -> list[int]:
+    """``pgrep -f raylet``: Ray node processes of any cluster on this machine."""
+    r = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split()]
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _dump_stacks(tag: str, log_path: Path) -> str | None:
+    """``py-spy dump`` the trial's processes into ``log_path``; returns a worker's innermost frame."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        return None
+    where = None
+    with open(log_path, "w") as log:
+        for pid in _tagged_pids(tag):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if not any(k in cmdline for k in ("anchors/mlp_", "raypod.cli", "ray::")):
+                continue
+            try:
+                r = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True,
+                                   text=True, timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            log.write(f"\n==== py-spy dump of pid {pid} ({cmdline.strip()[:200]}) at timeout ====\n")
+            log.write(r.stdout + r.stderr)
+            frames = [ln.strip() for ln in r.stdout.splitlines() if ln.startswith("    ")]
+            worker = "ray::" in cmdline or ("mlp_torchrun" in cmdline and "distributed.run" not in cmdline)
+            if where is None and frames and worker:
+                where = frames[0]
+    return where
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End the trial's process group (it was started in its own session)."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_no_raylets(timeout_s: float = QUIET_TIMEOUT_S) -> list[int]:
+    """Wait until ``pgrep -f raylet`` is empty; returns what is left at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    left = _raylets()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _raylets()
+    if left:
+        _log(f"raylet processes of another program still up after {timeout_s:.0f}s "
+             f"(pids {left}); going on (timings may be contended)")
+    return left
+
+
+def _drain(tag: str) -> dict[str, Any]:
+    """Wait for every process of the trial to exit (killing stragglers by pid), then for no raylet."""
+    t0 = time.monotonic()
+    killed: list[int] = []
+    while True:
+        left = _tagged_pids(tag)
+        if not left:
+            break
+        waited = time.monotonic() - t0
+        if waited > DRAIN_TIMEOUT_S + 10:
+            raise RuntimeError(f"trial processes {left} survive SIGKILL")
+        if waited > DRAIN_TIMEOUT_S:
+            _signal(left, signal.SIGKILL)
+            killed.extend(p for p in left if p not in killed)
+        elif waited > DRAIN_TIMEOUT_S / 2:
+            _signal(left, signal.SIGTERM)
+        time.sleep(0.25)
+    drain_s = time.monotonic() - t0
+    return {"drain_s": round(drain_s, 2), "killed_stragglers": killed,
+            "other_raylets_after": _wait_no_raylets()}
+
+
+# ---- one trial ---------------------------------------------------------------------
+def _command(system: str, i: int, tmp: Path, torchrun_fresh_store: bool = False
+             ) -> tuple[list[str], dict[str, str]]:
+    py = sys.executable
+    extra: dict[str, str] = {}
+    if system == "raypod":
+        cmd = [py, "-m", "raypod.cli", "run", "jobs/configs/mlp.yaml", "--quiet",
+               "--set", f"checkpoint.storage={tmp / 'storage'}", "--set", f"name=rec-{i}",
+               "--set", f"fault.inject=[{{step: {KILL_AFTER + 1}, rank: 1, kind: kill}}]"]
+    elif system == "ray_train_v2":
+        cmd = [py, str(REPO / "raypod/bench/anchors/mlp_ray_train.py"), "--workdir", str(tmp / "work"),
+               "--storage", str(tmp / "storage"), "--name", f"rec-ray-train-{i}",
+               "--steps", str(MAX_STEPS)]
+        extra["RAY_TRAIN_V2_ENABLED"] = "1"
+    elif system == "torchrun":
+        cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", "2", str(REPO / "raypod/bench/anchors/mlp_torchrun.py"),
+               "--workdir", str(tmp / "work"), "--steps", str(MAX_STEPS)]
+        if torchrun_fresh_store:
+            extra["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    else:
+        raise ValueError(f"unknown system '{system}'")
+    return cmd, extra
+
+
+_ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (\S.*)")
+
+
+def _cause(path: Path) -> str | None:
+    """The last ``SomeError: message`` line of a trial's log (its likely cause), shortened."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    found = None
+    for line in text.splitlines():
+        m = _ERROR_LINE.search(line)
+        if m and m.group(1) != "ChildFailedError":
+            found = f"{m.group(1)}: {m.group(2).strip()}"
+    return found[:240] if found else None
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def run_trial(system: str, i: int, logs: Path, torchrun_fresh_store: bool = False) -> dict[str, Any]:
+    """Run ``system`` once with the kill; returns its gap, replayed steps and recovered flag."""
+    tag = uuid.uuid4().hex[:12]
+    tmp = Path(tempfile.mkdtemp(prefix="rpr-", dir="/tmp"))  # short: Ray socket paths
+    (tmp / "storage").mkdir()
+    (tmp / "work").mkdir()
+    log_path = logs / f"{system}-{i}.log"
+    cmd, extra = _command(system, i, tmp, torchrun_fresh_store)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_TRAIN_V2_ENABLED",
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
+    env.update(extra, RAY_TMPDIR=str(tmp), PYTHONUNBUFFERED="1", **{TAG_VAR: tag})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    rec: dict[str, Any] = {"system": system, "trial": i, "gap_s": None, "replayed": None,
+                           "recovered": False}
+    with open(log_path, "wb") as log:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=TRIAL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            rc = None
+        rec["process_s"] = round(time.time() - t0, 2)
+        if rc is None:
+            log.flush()
+            rec["stuck_in"] = _dump_stacks(tag, logs / f"{system}-{i}.stacks.txt")
+        _kill_group(proc)
+    rec["exit_code"] = rc
+    try:
+        if system == "raypod":
+            summary = json.loads((tmp / "storage" / f"rec-{i}" / "summary.json").read_text())
+            rec.update(raypod_figures(summary))
+        else:
+            rec.update(anchor_figures(read_step_log(tmp / "work" / "steps.log"), rc))
+        if rc is None:
+            rec["recovered"] = False
+            rec["why"] = f"timed out after {TRIAL_TIMEOUT_S:.0f}s" + (
+                f", a worker stuck in {rec['stuck_in']}" if rec.get("stuck_in") else "")
+        elif rc != 0:
+            rec["recovered"] = False
+            rec["why"] = f"exit code {rc}" + (f": {rec['why']}" if rec.get("why") else "")
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        rec["recovered"] = False
+        rec["why"] = f"{type(e).__name__}: {e}" + (f" (timed out after {TRIAL_TIMEOUT_S:.0f}s)"
+                                                   if rc is None else "")
+    if not rec["recovered"]:
+        rec["cause"] = _cause(log_path)
+        rec["log_tail"] = _tail(log_path)
+    rec["log"] = str(log_path)
+    rec.update(_drain(tag))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rec
+
+
+# ---- the suite ---------------------------------------------------------------------
+def _warm_page_cache() -> None:
+    """Import every system's stack once, untimed, so the first trial does not pay a cold disk."""
+    code = ("import torch, torch.distributed.run, torch.distributed.fsdp, torch.distributed.checkpoint, "
+            "ray, ray.train.torch, raypod.api, raypod.worker.trainer, raypod.bench.anchors.mlp_common")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False, timeout=300)
+
+
+def _versions() -> dict[str, str]:
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
+
+
+def _median(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 3) if xs else None
+
+
+def _summarise(by_system: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    medians: dict[str, dict[str, Any]] = {}
+    for s, recs in by_system.items():
+        medians[s] = {
+            "gap_s": _median([r["gap_s"] for r in recs if r["recovered"] and r["gap_s"] is not None]),
+            "replayed": _median([r["replayed"] for r in recs if r["recovered"] and r["replayed"] is not None]),
+            "recovered": f"{sum(1 for r in recs if r['recovered'])}/{len(recs)}",
+        }
+    ratios = {}
+    for s in SYSTEMS[1:]:
+        a, b = medians["raypod"]["gap_s"], medians[s]["gap_s"]
+        ratios[f"raypod/{s}"] = round(a / b, 3) if a is not None and b else None
+    return {"median": medians, "ratios": ratios}
+
+
+def _fmt(x: Any, digits: int | None = None) -> str:
+    if x is None:
+        return "—"
+    if digits is not None:
+        return f"{x:.{digits}f}"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _rows(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for s in SYSTEMS:
+        for r in result["trials"][s]:
+            rows.append([LABELS[s], str(r["trial"]), _fmt(r["gap_s"], 2), _fmt(r["replayed"]),
+                         "yes" if r["recovered"] else f"NO ({r.get('why', '?')[:80]})",
+                         _fmt(r.get("restored_from"))])
+    for s in SYSTEMS:
+        m = result["median"][s]
+        ratio = result["ratios"].get(f"raypod/{s}")
+        rows.append([f"**{LABELS[s]}**", "median", _fmt(m["gap_s"], 2), _fmt(m["replayed"]), m["recovered"],
+                     "gap ratio 1.00" if s == "raypod" else f"gap ratio raypod/this {_fmt(ratio, 2)}"])
+    return rows
+
+
+HEADER = ["system", "trial", "gap (s)", "steps replayed", "recovered", "restored from / ratio"]
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|---|---|---:|---:|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
+    return "\n".join(lines)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(markdown_table(result))
+        return
+    table = Table(title=f"recovery: rank 1 killed after step {KILL_AFTER} (mlp.yaml, 2 CPU ranks, "
+                        "checkpoint every 10 steps)")
+    for k, h in enumerate(HEADER):
+        table.add_column(h, justify="right" if k in (2, 3) else "left")
+    for r in _rows(result):
+        table.add_row(*[c.replace("**", "") for c in r])
+    Console(width=160).print(table)
+
+
+def run_recovery_bench(trials: int = 3, out: str | os.PathLike | None = "benchmarks/results",
+                       torchrun_fresh_store: bool = False) -> dict[str, Any]:
+    """Run the suite: ``trials`` interleaved trials per system; write JSON and Markdown to ``out``.
+
+    ``torchrun_fresh_store`` runs torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+    (see the module doc); off by default, so torchrun is measured as shipped.
+    """
+    if trials < 1:
+        raise ValueError("trials must be at least 1")
+    _warm_page_cache()
+    logs = Path(tempfile.mkdtemp(prefix="raypod-bench-recovery-"))
+    _log(f"{trials} trial(s) per system, interleaved; subprocess logs in {logs}")
+    stray = _wait_no_raylets()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load_before = os.getloadavg()
+    by_system: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+    order = []
+    for i in range(1, trials + 1):
+        for s in SYSTEMS:
+            rec = run_trial(s, i, logs, torchrun_fresh_store)
+            by_system[s].append(rec)
+            order.append(f"{s}-{i}")
+            what = (f"gap {rec['gap_s']:.2f}s, {rec['replayed']} steps replayed, recovered"
+                    if rec["recovered"] else f"NOT RECOVERED ({rec.get('why')}; cause: {rec.get('cause')})")
+            _log(f"trial {i} {s:>12}: {what} (process ran {rec['process_s']:.1f}s, "
+                 f"drained in {rec['drain_s']:.1f}s)")
+    result: dict[str, Any] = {
+        "suite": "recovery",
+        "definitions": {
+            "gap_s": f"seconds from the completion of the last step before the kill (step {KILL_AFTER}) "
+                     "to the completion of the first step after it (raypod: summary events[0] "
+                     "resumed_s - last_step_s on the driver; anchors: rank 0's step log, right after "
+                     "optimizer.step())",
+            "replayed": "step numbers completed before the kill and again after it, + 1 for the "
+                        "interrupted step (raypod: events[0].lost_steps + 1; anchors: step numbers "
+                        "logged more than once + 1)",
+            "recovered": f"exit 0 and last step {MAX_STEPS} (raypod: status succeeded, final_step "
+                         f"{MAX_STEPS})",
+        },
+        "date": started.isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **_versions(),
+                    "loadavg_before": [round(x, 2) for x in load_before],
+                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                    "other_raylets_at_start": stray},
+        "command": f"run_recovery_bench(trials={trials}, torchrun_fresh_store={torchrun_fresh_store})",
+        "torchrun_env": {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if torchrun_fresh_store else {},
+        "system_commands": COMMANDS,
+        "workload": "jobs/configs/mlp.yaml: 4 x [Linear(512->2048), GELU, Linear(2048->512)], FSDP2 "
+                    "per block + root, gloo, 2 CPU ranks, global batch 32 (16 per rank) of random "
+                    "normal inputs, loss mean(out^2), AdamW lr 1e-3, 60 steps, persistent checkpoint "
+                    f"every 10 steps, rank 1 killed (os._exit) once right after step {KILL_AFTER}",
+        "trials_per_system": trials,
+        "order": order,
+        "trials": by_system,
+        **_summarise(by_system),
+    }
+    print_table(result)
+    if out is not None:
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "recovery.json").write_text(json.dumps(result, indent=2) + "\n")
+        m = result["machine"]
+        md = [
+            "# recovery: a worker killed mid-run",
+            "",
+            f"Date: {result['date']}. Machine: {m['platform']}, {m['nproc']} CPUs, Python "
+            f"{m['python']}, torch {m['torch']}, Ray {m['ray']}; load average "
+            f"{m['loadavg_before'][0]} before, {m['loadavg_after'][0]} after.",
+            f"Command: `{result['command']}` (`python -m raypod.bench.recovery --trials {trials}"
+            f"{' --torchrun-fresh-store' if torchrun_fresh_store else ''}`). "
+            f"Trials interleaved in the order {', '.join(SYSTEMS)}, ...; each a cold subprocess.",
+            "",
+            f"Workload: {result['workload']}.",
+            "",
+            markdown_table(result),
+            "",
+            f"- **gap**: {result['definitions']['gap_s']}.",
+            f"- **steps replayed**: {result['definitions']['replayed']}.",
+            f"- **recovered**: {result['definitions']['recovered']}.",
+            "- torchrun ran " + ("with `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (a fresh rendezvous "
+                                 "store per restart)" if torchrun_fresh_store else
+                                 "as shipped (its rendezvous store shared with the workers; a restart "
+                                 "can read the dead group's gloo addresses, pytorch/pytorch#135712)") + ".",
+            "- Medians are over recovered trials; the ratio is raypod's median gap over the "
+            "system's (below 1: raypod recovers faster).",
+            "",
+            *(["Trials that did not recover:", ""] + [
+                f"- {LABELS[r['system']]} trial {r['trial']}: {r.get('why')}"
+                + (f"; cause: `{r['cause']}`" if r.get("cause") else "")
+                + (f"; stuck in `{r['stuck_in']}`" if r.get("stuck_in") else "")
+                for s in SYSTEMS for r in result["trials"][s] if not r["recovered"]] + [""]
+              if any(not r["recovered"] for s in SYSTEMS for r in result["trials"][s]) else []),
+            "Commands:",
+            "",
+            *[f"- {LABELS[s]}: `{c}`" for s, c in COMMANDS.items()],
+            "",
+        ]
+        (out_dir / "recovery.md").write_text("\n".join(md))
+        _log(f"wrote {out_dir / 'recovery.json'} and {out_dir / 'recovery.md'}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="raypod vs Ray Train V2 vs torchrun: recovery from a killed worker")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--torchrun-fresh-store", action="store_true",
+                   help="run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see the module doc)")
+    args = p.parse_args(argv)
+    result = run_recovery_bench(trials=args.trials, out=args.out,
+                                torchrun_fresh_store=args.torchrun_fresh_store)
+    print(json.dumps({"median": result["median"], "ratios": result["ratios"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
