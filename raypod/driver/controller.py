@@ -362,8 +362,9 @@ class Driver:
         self.acct.rolled_back(event, restore_step, group.world_size, f"memory step {restore_step}")
         self._reset_group_progress(restore_step)
         log.info("attempt %d: recovered in place from memory step %d in %.2f s (replaced %s, "
-                 "%d bytes from peers)", self.attempt, restore_step, info["recover_s"],
-                 info["replaced"], info["received_bytes"])
+                 "%d bytes from peers; slowest rank %s)", self.attempt, restore_step,
+                 info["recover_s"], info["replaced"], info["received_bytes"],
+                 {k: round(v, 3) for k, v in info["slowest_rank_phases_s"].items()})
         return True
 
     # ---- FINISHING ---------------------------------------------------------------

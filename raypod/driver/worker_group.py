@@ -269,7 +269,8 @@ class WorkerGroup:
             kind, msg = _describe(e)
             raise GroupStartError(f"in-place recovery failed: {msg}", kind=kind) from None
         del old_peers
-        return {"recover_s": time.perf_counter() - t0,
+        slowest = max(results, key=lambda r: r["reconfigure_s"])
+        return {"recover_s": time.perf_counter() - t0, "slowest_rank_phases_s": slowest["phases_s"],
                 "received_bytes": sum(r["received_bytes"] for r in results),
                 "replaced": sorted(lost), "spares_left": len(self.spares)}
 

@@ -69,12 +69,16 @@ class TrainWorker:
                     injections: list, attempt: int, peers: tuple[int | None, int | None],
                     restore_step: int, moves: list[tuple[int, int, int]]) -> dict[str, Any]:
         """Leave the broken group, join the new one and restore ``restore_step`` from memory."""
-        t0 = time.perf_counter()
+        t = [time.perf_counter()]
         self.warm(config, recipe)
         self.trainer.leave()
+        t.append(time.perf_counter())
         self.trainer.join(rank, world_size, init_method, injections, attempt, *peers)
+        t.append(time.perf_counter())
         received = self.trainer.restore_memory(restore_step, moves)
-        return {"rank": rank, "reconfigure_s": time.perf_counter() - t0, "received_bytes": received}
+        t.append(time.perf_counter())
+        return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
+                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2]}}
 
     def memory_report(self) -> dict[str, Any]:
         """Steps of the snapshots this rank holds, its own and its peers' replicas."""

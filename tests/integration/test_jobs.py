@@ -144,20 +144,38 @@ def test_other_strategies(ray_connected, tmp_path, strategy):
     assert summary["status"] == "succeeded" and summary["final_step"] == 6
 
 
+def _ray_job(ray_cluster, verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", verb, "--address", ray_cluster["dashboard"],
+           *args]
+    return subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=timeout)
+
+
 def test_ray_job_submit(ray_cluster, tmp_path):
     """What a user does: ``ray job submit`` of the shipped script, token auth on."""
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit",
-           "--address", ray_cluster["dashboard"], "--working-dir", str(REPO), "--",
-           "python", "jobs/pretrain_gpt.py", "--config", "jobs/configs/tiny.yaml",
-           "--set", "train.max_steps=10", "--set", f"checkpoint.storage={tmp_path}",
-           "--set", "name=submitted", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    entry = ["python", "jobs/pretrain_gpt.py", "--config", "jobs/configs/tiny.yaml",
+             "--set", "train.max_steps=10", "--set", f"checkpoint.storage={tmp_path}",
+             "--set", "name=submitted", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    job_id = f"raypod-test-{int(time.time())}"
     for _ in range(30):  # the dashboard's job agent may still be starting
-        out = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
+        out = _ray_job(ray_cluster, "submit", "--no-wait", "--submission-id", job_id,
+                       "--working-dir", str(REPO), "--", *entry)
         if "No available agent" not in out.stderr:
             break
         time.sleep(2)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "succeeded" in out.stdout
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    deadline, status = time.time() + 240, ""
+    while time.time() < deadline:
+        out = _ray_job(ray_cluster, "status", job_id)
+        status = (out.stdout + out.stderr).lower()  # the CLI logs the status to stderr
+        if any(f"{s}" in status for s in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(2)
+    out = _ray_job(ray_cluster, "logs", job_id)
+    logs = out.stdout + out.stderr
+    if "succeeded" not in status:
+        _ray_job(ray_cluster, "stop", job_id)
+    assert "succeeded" in status, f"status: {status[-500:]}\nlogs:\n{logs[-4000:]}"
+    assert "job submitted succeeded" in logs
     summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["final_step"] == 10
     assert summary["mlflow_run_id"]
