@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || { test -z "$(TORCH_SPEC)" || $(PY) -m pip install -q "$(TORCH_SPEC)"; }
 	$(PY) -m pip install -q -e ".[test]"
+	@# The MLflow UI browser test drives Debian's Chromium (never a downloaded browser).
+	command -v chromium >/dev/null || { command -v apt-get >/dev/null && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+		echo "chromium not installed: the browser test will be skipped"; }
 	touch $(STAMP)
 
 demo: setup

@@ -371,7 +371,8 @@ class Driver:
     def _finish(self, state: FinishingState) -> State:
         for rank, steps in self.group.finish_saves():
             self._ack_saves(rank, steps)
-        self.digest = self.group.state_digest()
+        # The consolidated model goes beside the checkpoints; MLflow logs it as an artifact.
+        self.digest = self.group.state_digest(join_uri(self.cfg.job_dir, "final_model.pt"))
         self.group.close()
         self.group = None
         return FinishedState()

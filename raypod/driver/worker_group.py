@@ -363,6 +363,6 @@ class WorkerGroup:
         done = ray.get([a.finish_saves.remote() for a in self.actors], timeout=600)
         return list(enumerate(done))
 
-    def state_digest(self) -> str | None:
+    def state_digest(self, export_path: str | None = None) -> str | None:
         """World-size-independent digest of the model and optimizer (a collective)."""
-        return ray.get([a.state_digest.remote() for a in self.actors], timeout=600)[0]
+        return ray.get([a.state_digest.remote(export_path) for a in self.actors], timeout=600)[0]

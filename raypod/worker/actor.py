@@ -93,8 +93,8 @@ class TrainWorker:
     def finish_saves(self) -> list[int]:
         return self.trainer.finish_saves()
 
-    def state_digest(self) -> str | None:
-        return self.trainer.state_digest()
+    def state_digest(self, export_path: str | None = None) -> str | None:
+        return self.trainer.state_digest(export_path)
 
     def close(self) -> None:
         if self.trainer is not None:

@@ -33,6 +33,21 @@ from raypod.worker.snapshot import PeerReplicator, SnapshotStore
 log = logging.getLogger("raypod.worker")
 
 
+def export_model(state_dict: dict[str, Any], path: str) -> None:
+    """Write a consolidated state dict so that it appears whole or not at all."""
+    import io
+
+    from raypod.checkpoint.fs import get_fs
+
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    fs, p = get_fs(path)
+    tmp = f"{p}.tmp-{os.getpid()}"
+    fs.makedirs(os.path.dirname(p), exist_ok=True)
+    fs.pipe_file(tmp, buf.getvalue())
+    fs.mv(tmp, p)
+
+
 class InjectedFault(RuntimeError):
     """Raised by an injected ``exception`` fault."""
 
@@ -290,12 +305,18 @@ class Trainer:
         return received
 
     # ---- inspection --------------------------------------------------------------
-    def state_digest(self) -> str | None:
-        """SHA-256 of the full model and optimizer state (rank 0), independent of world size."""
+    def state_digest(self, export_path: str | None = None) -> str | None:
+        """SHA-256 of the full model and optimizer state (rank 0), independent of world size.
+
+        With ``export_path``, rank 0 also writes the consolidated model state dict there
+        (plain ``torch.save``; loads without raypod).
+        """
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
         if self.rank != 0:
             return None
+        if export_path:
+            export_model(msd, export_path)
         h = hashlib.sha256()
 
         def feed(key: str, value: Any) -> None:
