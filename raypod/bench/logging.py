@@ -286,3 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def run(trials: int = 3, out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
+    """Entry point for ``raypod bench logging`` (``trials`` sets the length: 200 steps each)."""
+    return run_logging_bench(steps=200 * max(1, trials), out=out)

@@ -557,6 +557,11 @@ def run_recovery_bench(trials: int = 3, out: str | os.PathLike | None = "benchma
     return result
 
 
+def run(trials: int = 3, out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
+    """Entry point for ``raypod bench recovery``."""
+    return run_recovery_bench(trials=trials, out=out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="raypod vs Ray Train V2 vs torchrun: recovery from a killed worker")
     p.add_argument("--trials", type=int, default=3)

@@ -1,0 +1,41 @@
+"""Benchmarks that run raypod side by side with anchors in one invocation.
+
+Each suite reports absolute figures for raypod and for the systems it is compared
+with, measured in the same run on the same machine, plus the ratios between them.
+
+    raypod bench startup --trials 3      # launch to first step vs Ray Train V2 and torchrun
+    raypod bench recovery --trials 3     # a worker killed: gap and replayed steps vs the same
+    raypod bench logging                 # MLflow logging overhead vs logging off
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+SUITES: dict[str, str] = {
+    "startup": "raypod.bench.startup",
+    "recovery": "raypod.bench.recovery",
+    "logging": "raypod.bench.logging",
+}
+"""Suite name -> module with ``run(trials=..., out=...) -> dict``."""
+
+
+def run_suite(suite: str, trials: int = 3, out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
+    """Run benchmark ``suite``, print its table, write ``<out>/<suite>.json`` and ``.md``.
+
+    Args:
+        suite: one of :data:`SUITES`.
+        trials: trials per system.
+        out: folder for the results (``None``: write nothing).
+
+    Returns:
+        The results (what the JSON file holds).
+
+    Raises:
+        ValueError: ``suite`` is not a known suite.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"unknown benchmark suite '{suite}' (known: {', '.join(SUITES)})")
+    return importlib.import_module(SUITES[suite]).run(trials=trials, out=out)

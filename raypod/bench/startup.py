@@ -1,0 +1,423 @@
+"""The ``startup`` suite: launch to first optimizer step, raypod beside its anchors.
+
+Every system trains ``jobs/configs/tiny.yaml``'s model (GPT 2x128, seq 128, byte
+vocabulary, global batch 16, micro batch 8, 2 CPU ranks, FSDP2 per block + root on
+gloo, AdamW) and is launched cold, as a subprocess of this harness:
+
+* ``raypod``: ``python -m raypod.cli run jobs/configs/tiny.yaml ...`` (raypod starts a
+  local Ray itself). First step: ``summary.json`` ``started_at + first_step_s``, the
+  moment the driver holds step 1's results from every rank.
+* ``ray_train_v2``: :mod:`raypod.bench.anchors.ray_train_v2`, a Ray Train V2
+  ``TorchTrainer`` on a local ``ray.init()``. First step: rank 0's ``time.time()``
+  right after step 1's ``optimizer.step()``.
+* ``torchrun``: :mod:`raypod.bench.anchors.torchrun_gpt` under
+  ``python -m torch.distributed.run --standalone --nproc-per-node 2``. Same mark.
+
+A trial's figure is that absolute first-step time minus ``time.time()`` taken just
+before ``subprocess.Popen``. Trials run interleaved (raypod, ray_train_v2, torchrun,
+raypod, ...). Each trial gets a private ``RAY_TMPDIR`` (so ``ray.init()`` starts a new
+local cluster and never joins one that another program recorded in
+``/tmp/ray/ray_current_cluster``) and an environment tag; after it, every process
+carrying the tag is waited for (and killed by pid if it lingers), and the harness
+waits for ``pgrep -f raylet`` to come back empty before the next trial. Before each
+launch it also waits (bounded) for the CPUs to be mostly idle and records how busy
+they were, since on a shared 2-core machine other programs skew startup times.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("raypod", "ray_train_v2", "torchrun")
+LABELS = {
+    "raypod": "raypod",
+    "ray_train_v2": "Ray Train V2",
+    "torchrun": "torchrun",
+}
+STEPS = 3
+CORPUS = "~/.cache/raypod/data/stdlib_corpus.parquet"
+REPO = Path(__file__).resolve().parents[2]
+TAG_VAR = "RAYPOD_BENCH_TRIAL"
+TRIAL_TIMEOUT_S = 300.0
+DRAIN_TIMEOUT_S = 60.0
+QUIET_TIMEOUT_S = 30.0
+IDLE_BUSY_MAX = 0.25
+
+COMMANDS = {
+    "raypod": "python -m raypod.cli run jobs/configs/tiny.yaml --set train.max_steps=3 "
+              "--set checkpoint.storage=<tmp> --set name=bench-startup-<i> --quiet",
+    "ray_train_v2": "RAY_TRAIN_V2_ENABLED=1 python raypod/bench/anchors/ray_train_v2.py "
+                    "--mark <file> --storage <tmp> --name bench-startup-ray-train-<i>",
+    "torchrun": "python -m torch.distributed.run --standalone --nproc-per-node 2 "
+                "raypod/bench/anchors/torchrun_gpt.py --mark <file>",
+}
+
+
+def _log(msg: str) -> None:
+    print(f"bench startup | {msg}", file=sys.stderr, flush=True)
+
+
+# ---- processes ---------------------------------------------------------------------
+def _tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries ``TAG_VAR=tag`` (everything a trial started)."""
+    needle = f"{TAG_VAR}={tag}".encode()
+    me = os.getpid()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _raylets() -> list[int]:
+    """``pgrep -f raylet``: Ray node processes of any cluster on this machine."""
+    r = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
+    return [int(x) for x in r.stdout.split()]
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End the trial's process group (it was started in its own session)."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _drain(tag: str) -> dict[str, Any]:
+    """Wait for every process of the trial to exit, killing stragglers by pid.
+
+    Then wait (bounded) for ``pgrep -f raylet`` to be empty, so the next trial starts
+    with no Ray cluster up, ours or anyone's.
+    """
+    t0 = time.monotonic()
+    killed: list[int] = []
+    while True:
+        left = _tagged_pids(tag)
+        if not left:
+            break
+        waited = time.monotonic() - t0
+        if waited > DRAIN_TIMEOUT_S + 10:
+            raise RuntimeError(f"trial processes {left} survive SIGKILL")
+        if waited > DRAIN_TIMEOUT_S:
+            _signal(left, signal.SIGKILL)
+            killed.extend(p for p in left if p not in killed)
+        elif waited > DRAIN_TIMEOUT_S / 2:
+            _signal(left, signal.SIGTERM)
+        time.sleep(0.25)
+    drain_s = time.monotonic() - t0
+    foreign = _wait_no_raylets()
+    return {"drain_s": round(drain_s, 2), "killed_stragglers": killed, "other_raylets_after": foreign}
+
+
+def _wait_no_raylets(timeout_s: float = QUIET_TIMEOUT_S) -> list[int]:
+    """Wait until ``pgrep -f raylet`` is empty; returns what is left at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    left = _raylets()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _raylets()
+    if left:
+        _log(f"raylet processes of another program still up after {timeout_s:.0f}s "
+             f"(pids {left}); going on (timings may be contended)")
+    return left
+
+
+def _cpu_busy(sample_s: float = 1.0) -> float:
+    """Fraction of the machine's CPU time that was busy over ``sample_s`` (from /proc/stat)."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v), idle
+
+    t1, i1 = read()
+    time.sleep(sample_s)
+    t2, i2 = read()
+    return 0.0 if t2 == t1 else 1.0 - (i2 - i1) / (t2 - t1)
+
+
+def _wait_idle(timeout_s: float = QUIET_TIMEOUT_S, busy_max: float = IDLE_BUSY_MAX) -> float:
+    """Wait (bounded) until the CPUs are mostly idle, so other programs skew less.
+
+    Returns the busy fraction of the last one-second sample.
+    """
+    deadline = time.monotonic() + timeout_s
+    busy = _cpu_busy()
+    while busy > busy_max and time.monotonic() < deadline:
+        busy = _cpu_busy()
+    if busy > busy_max:
+        _log(f"CPUs still {busy:.0%} busy with other programs after {timeout_s:.0f}s; going on "
+             f"(timings may be contended)")
+    return busy
+
+
+# ---- one trial ---------------------------------------------------------------------
+def _command(system: str, i: int, storage: Path, mark: Path) -> tuple[list[str], dict[str, str]]:
+    py = sys.executable
+    extra: dict[str, str] = {}
+    if system == "raypod":
+        cmd = [py, "-m", "raypod.cli", "run", "jobs/configs/tiny.yaml",
+               "--set", f"train.max_steps={STEPS}", "--set", f"checkpoint.storage={storage}",
+               "--set", f"name=bench-startup-{i}", "--quiet"]
+    elif system == "ray_train_v2":
+        cmd = [py, str(REPO / "raypod/bench/anchors/ray_train_v2.py"), "--mark", str(mark),
+               "--storage", str(storage), "--name", f"bench-startup-ray-train-{i}",
+               "--steps", str(STEPS)]
+        extra["RAY_TRAIN_V2_ENABLED"] = "1"
+    elif system == "torchrun":
+        cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(REPO / "raypod/bench/anchors/torchrun_gpt.py"), "--mark", str(mark),
+               "--steps", str(STEPS)]
+    else:
+        raise ValueError(f"unknown system '{system}'")
+    return cmd, extra
+
+
+def _first_step_time(system: str, i: int, storage: Path, mark: Path) -> float:
+    if system == "raypod":
+        summary = json.loads((storage / f"bench-startup-{i}" / "summary.json").read_text())
+        if summary.get("first_step_s") is None:
+            raise RuntimeError(f"raypod summary has no first_step_s (status {summary.get('status')})")
+        return float(summary["started_at"]) + float(summary["first_step_s"])
+    return float(mark.read_text())
+
+
+def _tail(path: Path, n: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def run_trial(system: str, i: int, logs: Path) -> dict[str, Any]:
+    """Launch ``system`` cold once; returns seconds from launch to first step and details."""
+    tag = uuid.uuid4().hex[:12]
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rpb-", dir="/tmp"))  # short: Ray socket paths
+    storage = ray_tmp / "storage"
+    storage.mkdir()
+    mark = ray_tmp / "first_step"
+    log_path = logs / f"{system}-{i}.log"
+    cmd, extra = _command(system, i, storage, mark)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_TRAIN_V2_ENABLED")}
+    env.update(extra, RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1", **{TAG_VAR: tag})
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    rec: dict[str, Any] = {"system": system, "trial": i, "seconds": None}
+    rec["cpu_busy_before"] = round(_wait_idle(), 2)
+    with open(log_path, "wb") as log:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=TRIAL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            rc = None
+        exit_s = time.time() - t0
+        _kill_group(proc)
+    rec["exit_code"] = rc
+    rec["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
+    rec["process_s"] = round(exit_s, 2)
+    try:
+        if rc is None:
+            raise RuntimeError(f"timed out after {TRIAL_TIMEOUT_S:.0f}s")
+        if rc != 0:
+            raise RuntimeError(f"exit code {rc}")
+        first = _first_step_time(system, i, storage, mark)
+        rec["seconds"] = round(first - t0, 3)
+        if system == "raypod":  # where it went: up to the Driver object, then to step 1
+            summary = json.loads((storage / f"bench-startup-{i}" / "summary.json").read_text())
+            rec["launch_to_driver_s"] = round(float(summary["started_at"]) - t0, 3)
+            rec["driver_to_first_step_s"] = round(float(summary["first_step_s"]), 3)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        rec["error"] = f"{type(e).__name__}: {e}"
+        rec["log_tail"] = _tail(log_path)
+    rec.update(_drain(tag))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    return rec
+
+
+# ---- the suite ---------------------------------------------------------------------
+def _ensure_corpus() -> None:
+    path = os.path.expanduser(CORPUS)
+    if not os.path.exists(path):
+        from raypod.data.corpus import build_stdlib_corpus
+
+        _log(f"building the corpus at {path} (untimed)")
+        build_stdlib_corpus(CORPUS)
+
+
+def _warm_page_cache() -> None:
+    """Import every system's stack once, untimed, so the first trial does not pay a cold disk."""
+    code = ("import torch, torch.distributed.run, torch.distributed.fsdp, ray, ray.train.torch, "
+            "mlflow, raypod.api, raypod.worker.trainer, raypod.bench.anchors.common")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False, timeout=300)
+
+
+def _versions() -> dict[str, str]:
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
+
+
+def _fmt(x: float | None) -> str:
+    return "failed" if x is None else f"{x:.2f}"
+
+
+def _rows(result: dict[str, Any]) -> list[list[str]]:
+    n = result["trials_per_system"]
+    rows = []
+    for s in SYSTEMS:
+        per = [_fmt(t["seconds"]) for t in result["trials"][s]]
+        per += [""] * (n - len(per))
+        med = result["median_s"][s]
+        ratio = "1.00" if s == "raypod" else (
+            "n/a" if result["ratios"].get(f"raypod/{s}") is None else f"{result['ratios'][f'raypod/{s}']:.2f}")
+        rows.append([LABELS[s], *per, _fmt(med), ratio])
+    return rows
+
+
+def _header(n: int) -> list[str]:
+    return ["system", *[f"trial {k + 1} (s)" for k in range(n)], "median (s)", "raypod / system"]
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    head = _header(result["trials_per_system"])
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
+    return "\n".join(lines)
+
+
+def _contention_line(result: dict[str, Any]) -> str:
+    busy = [t["cpu_busy_before"] for ts in result["trials"].values() for t in ts]
+    load = [t["loadavg_1m_after"] for ts in result["trials"].values() for t in ts]
+    return (f"Other programs on the machine: CPUs {min(busy):.0%}-{max(busy):.0%} busy in the second "
+            f"before each launch; 1-minute load average {min(load):.1f}-{max(load):.1f} after the trials "
+            f"({result['machine']['nproc']} CPUs).")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(markdown_table(result))
+        return
+    table = Table(title="startup: launch to first optimizer step (tiny.yaml, 2 CPU ranks)")
+    for k, h in enumerate(_header(result["trials_per_system"])):
+        table.add_column(h, justify="left" if k == 0 else "right")
+    for r in _rows(result):
+        table.add_row(*r)
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+def run(trials: int = 3, out: str | os.PathLike = "benchmarks/results") -> dict[str, Any]:
+    """Run the suite: ``trials`` interleaved trials per system; write JSON and Markdown to ``out``."""
+    if trials < 1:
+        raise ValueError("trials must be at least 1")
+    _ensure_corpus()
+    _warm_page_cache()
+    logs = Path(tempfile.mkdtemp(prefix="raypod-bench-startup-"))
+    _log(f"{trials} trial(s) per system, interleaved; subprocess logs in {logs}")
+    stray = _wait_no_raylets()
+    started = _dt.datetime.now(_dt.timezone.utc)
+    load_before = os.getloadavg()
+    by_system: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
+    order = []
+    for i in range(1, trials + 1):
+        for s in SYSTEMS:
+            rec = run_trial(s, i, logs)
+            by_system[s].append(rec)
+            order.append(f"{s}-{i}")
+            what = f"{rec['seconds']:.2f}s" if rec["seconds"] is not None else f"FAILED ({rec['error']})"
+            _log(f"trial {i} {s:>12}: {what} to first step (process ran {rec['process_s']:.1f}s, "
+                 f"drained in {rec['drain_s']:.1f}s)")
+    medians: dict[str, float | None] = {}
+    for s in SYSTEMS:
+        ok = [t["seconds"] for t in by_system[s] if t["seconds"] is not None]
+        medians[s] = round(statistics.median(ok), 3) if ok else None
+    ratios = {}
+    for s in SYSTEMS[1:]:
+        a, b = medians["raypod"], medians[s]
+        ratios[f"raypod/{s}"] = round(a / b, 3) if a is not None and b else None
+    result: dict[str, Any] = {
+        "suite": "startup",
+        "metric": "seconds from time.time() just before subprocess.Popen to the first optimizer "
+                  "step (raypod: summary started_at + first_step_s, all ranks' step-1 results at "
+                  "the driver; anchors: rank 0 right after optimizer.step())",
+        "date": started.isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **_versions(),
+                    "loadavg_before": [round(x, 2) for x in load_before],
+                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+                    "other_raylets_at_start": stray},
+        "command": "raypod bench startup --trials " + str(trials),
+        "system_commands": COMMANDS,
+        "workload": "jobs/configs/tiny.yaml model: GPT n_layer 2, n_head 4, n_embd 128, seq_len 128, "
+                    "vocab 256; global batch 16, micro batch 8; 2 ranks; FSDP2 per block + root; "
+                    f"gloo; AdamW lr 3e-3; {STEPS} steps",
+        "trials_per_system": trials,
+        "order": order,
+        "trials": by_system,
+        "median_s": medians,
+        "ratios": ratios,
+    }
+    print_table(result)
+    if out is not None:
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "startup.json").write_text(json.dumps(result, indent=2) + "\n")
+        md = [
+            "# startup: launch to first optimizer step",
+            "",
+            f"Date: {result['date']}. Machine: {result['machine']['platform']}, "
+            f"{result['machine']['nproc']} CPUs, Python {result['machine']['python']}, "
+            f"torch {result['machine']['torch']}, Ray {result['machine']['ray']}.",
+            f"Command: `{result['command']}`. Trials interleaved in the order "
+            f"{', '.join(SYSTEMS)}, ...; each launched cold as a subprocess.",
+            "",
+            markdown_table(result),
+            "",
+            _contention_line(result),
+            "",
+            "Seconds from just before `subprocess.Popen` to the first optimizer step; "
+            "the ratio is raypod's median over the system's median (below 1: raypod is faster).",
+            "",
+        ]
+        (out_dir / "startup.md").write_text("\n".join(md))
+        _log(f"wrote {out_dir / 'startup.json'} and {out_dir / 'startup.md'}")
+    return result
