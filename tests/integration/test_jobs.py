@@ -94,7 +94,9 @@ def test_rank_and_replica_holder_lost_falls_back_to_checkpoint(ray_connected, ba
     summary = run(cfg, callbacks=[])
     assert summary["status"] == "succeeded" and summary["final_step"] == 20
     ev = summary["events"][0]
-    assert ev["restored_from"] == "checkpoint step 10" and ev["lost_steps"] == 1
+    # The step-10 save may still be in flight (async) when step 12 fails; then step 5 is used.
+    assert ev["restored_from"] in ("checkpoint step 10", "checkpoint step 5")
+    assert ev["lost_steps"] == 11 - int(ev["restored_from"].split()[-1])
     assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 
@@ -105,7 +107,8 @@ def test_restart_from_checkpoint_without_memory_snapshots(ray_connected, baselin
                "fault.inject=[{step: 12, rank: 1, kind: kill}]")
     summary = run(cfg, callbacks=[])
     ev = summary["events"][0]
-    assert ev["kind"] == "kill" and ev["restored_from"] == "checkpoint step 10" and ev["lost_steps"] == 1
+    assert ev["kind"] == "kill" and ev["restored_from"] in ("checkpoint step 10", "checkpoint step 5")
+    assert ev["lost_steps"] == 11 - int(ev["restored_from"].split()[-1])
     assert summary["world_sizes"] == [2, 2] and summary["final_step"] == 20
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 

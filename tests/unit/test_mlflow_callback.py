@@ -244,7 +244,13 @@ def test_events_table_resizes_system_metrics_and_final_model(
         if s == 5:
             ev.resumed_s, ev.lost_steps, ev.world_size_after = 6.0, 0, 1
             cb.after_recovery(ev)
-    time.sleep(1.0)  # a few system-metric samples
+    # Wait for the first system-metric samples (slow to come on a loaded machine).
+    run_id = cb.wait_run_id(timeout=60)
+    probe = MlflowClient(cfg.mlflow.tracking_uri)
+    deadline = time.time() + 45
+    while time.time() < deadline and not any(
+            k.startswith("system/") for k in probe.get_run(run_id).data.metrics):
+        time.sleep(0.5)
     model = torch.nn.Linear(4, 2)
     Path(cfg.job_dir).mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), Path(cfg.job_dir) / "final_model.pt")
