@@ -59,7 +59,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -69,6 +68,16 @@ import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from raypod.bench.trials import (
+    TAG_VAR,
+    drain,
+    kill_group,
+    tagged_pids,
+    tail,
+    versions,
+    wait_no_raylets,
+)
 
 SYSTEMS = ("raypod", "ray_train_v2", "torchrun")
 LABELS = {
@@ -80,9 +89,7 @@ MAX_STEPS = 60
 KILL_AFTER = 25
 """Rank 1 dies right after completing this step (raypod: ``inject`` at step 26)."""
 REPO = Path(__file__).resolve().parents[2]
-TAG_VAR = "RAYPOD_BENCH_TRIAL"
 TRIAL_TIMEOUT_S = 300.0
-DRAIN_TIMEOUT_S = 60.0
 QUIET_TIMEOUT_S = 60.0
 
 COMMANDS = {
@@ -159,37 +166,6 @@ def raypod_figures(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- processes ---------------------------------------------------------------------
-def _tagged_pids(tag: str) -> list[int]:
-    """Processes whose environment carries ``TAG_VAR=tag`` (everything a trial started)."""
-    needle = f"{TAG_VAR}={tag}".encode()
-    me = os.getpid()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
-def _raylets() -> list[int]:
-    """``pgrep -f raylet``: Ray node processes of any cluster on this machine."""
-    r = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
-    return [int(x) for x in r.stdout.split()]
-
-
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 def _dump_stacks(tag: str, log_path: Path) -> str | None:
     """``py-spy dump`` the trial's processes into ``log_path``; returns a worker's innermost frame."""
     spy = Path(sys.executable).parent / "py-spy"
@@ -197,7 +173,7 @@ def _dump_stacks(tag: str, log_path: Path) -> str | None:
         return None
     where = None
     with open(log_path, "w") as log:
-        for pid in _tagged_pids(tag):
+        for pid in tagged_pids(tag):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -217,55 +193,6 @@ def _dump_stacks(tag: str, log_path: Path) -> str | None:
             if where is None and frames and worker:
                 where = frames[0]
     return where
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """End the trial's process group (it was started in its own session)."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wait_no_raylets(timeout_s: float = QUIET_TIMEOUT_S) -> list[int]:
-    """Wait until ``pgrep -f raylet`` is empty; returns what is left at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    left = _raylets()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
-        left = _raylets()
-    if left:
-        _log(f"raylet processes of another program still up after {timeout_s:.0f}s "
-             f"(pids {left}); going on (timings may be contended)")
-    return left
-
-
-def _drain(tag: str) -> dict[str, Any]:
-    """Wait for every process of the trial to exit (killing stragglers by pid), then for no raylet."""
-    t0 = time.monotonic()
-    killed: list[int] = []
-    while True:
-        left = _tagged_pids(tag)
-        if not left:
-            break
-        waited = time.monotonic() - t0
-        if waited > DRAIN_TIMEOUT_S + 10:
-            raise RuntimeError(f"trial processes {left} survive SIGKILL")
-        if waited > DRAIN_TIMEOUT_S:
-            _signal(left, signal.SIGKILL)
-            killed.extend(p for p in left if p not in killed)
-        elif waited > DRAIN_TIMEOUT_S / 2:
-            _signal(left, signal.SIGTERM)
-        time.sleep(0.25)
-    drain_s = time.monotonic() - t0
-    return {"drain_s": round(drain_s, 2), "killed_stragglers": killed,
-            "other_raylets_after": _wait_no_raylets()}
 
 
 # ---- one trial ---------------------------------------------------------------------
@@ -310,13 +237,6 @@ def _cause(path: Path) -> str | None:
     return found[:240] if found else None
 
 
-def _tail(path: Path, n: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
 def run_trial(system: str, i: int, logs: Path, torchrun_fresh_store: bool = False) -> dict[str, Any]:
     """Run ``system`` once with the kill; returns its gap, replayed steps and recovered flag."""
     tag = uuid.uuid4().hex[:12]
@@ -344,7 +264,7 @@ def run_trial(system: str, i: int, logs: Path, torchrun_fresh_store: bool = Fals
         if rc is None:
             log.flush()
             rec["stuck_in"] = _dump_stacks(tag, logs / f"{system}-{i}.stacks.txt")
-        _kill_group(proc)
+        kill_group(proc)
     rec["exit_code"] = rc
     try:
         if system == "raypod":
@@ -365,9 +285,9 @@ def run_trial(system: str, i: int, logs: Path, torchrun_fresh_store: bool = Fals
                                                    if rc is None else "")
     if not rec["recovered"]:
         rec["cause"] = _cause(log_path)
-        rec["log_tail"] = _tail(log_path)
+        rec["log_tail"] = tail(log_path)
     rec["log"] = str(log_path)
-    rec.update(_drain(tag))
+    rec.update(drain(tag, QUIET_TIMEOUT_S, _log))
     shutil.rmtree(tmp, ignore_errors=True)
     return rec
 
@@ -379,13 +299,6 @@ def _warm_page_cache() -> None:
             "ray, ray.train.torch, raypod.api, raypod.worker.trainer, raypod.bench.anchors.mlp_common")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=False, timeout=300)
-
-
-def _versions() -> dict[str, str]:
-    import ray
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
 
 
 def _median(xs: list[float]) -> float | None:
@@ -467,7 +380,7 @@ def run_recovery_bench(trials: int = 3, out: str | os.PathLike | None = "benchma
     _warm_page_cache()
     logs = Path(tempfile.mkdtemp(prefix="raypod-bench-recovery-"))
     _log(f"{trials} trial(s) per system, interleaved; subprocess logs in {logs}")
-    stray = _wait_no_raylets()
+    stray = wait_no_raylets(QUIET_TIMEOUT_S, _log)
     started = _dt.datetime.now(_dt.timezone.utc)
     load_before = os.getloadavg()
     by_system: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
@@ -495,7 +408,7 @@ def run_recovery_bench(trials: int = 3, out: str | os.PathLike | None = "benchma
                          f"{MAX_STEPS})",
         },
         "date": started.isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **_versions(),
+        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **versions(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                     "other_raylets_at_start": stray},

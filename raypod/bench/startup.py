@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,15 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from raypod.bench.trials import (
+    TAG_VAR,
+    drain,
+    kill_group,
+    tail,
+    versions,
+    wait_no_raylets,
+)
 
 SYSTEMS = ("raypod", "ray_train_v2", "torchrun")
 LABELS = {
@@ -50,9 +58,7 @@ LABELS = {
 STEPS = 3
 CORPUS = "~/.cache/raypod/data/stdlib_corpus.parquet"
 REPO = Path(__file__).resolve().parents[2]
-TAG_VAR = "RAYPOD_BENCH_TRIAL"
 TRIAL_TIMEOUT_S = 300.0
-DRAIN_TIMEOUT_S = 60.0
 QUIET_TIMEOUT_S = 30.0
 IDLE_BUSY_MAX = 0.25
 
@@ -70,91 +76,7 @@ def _log(msg: str) -> None:
     print(f"bench startup | {msg}", file=sys.stderr, flush=True)
 
 
-# ---- processes ---------------------------------------------------------------------
-def _tagged_pids(tag: str) -> list[int]:
-    """Processes whose environment carries ``TAG_VAR=tag`` (everything a trial started)."""
-    needle = f"{TAG_VAR}={tag}".encode()
-    me = os.getpid()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
-def _raylets() -> list[int]:
-    """``pgrep -f raylet``: Ray node processes of any cluster on this machine."""
-    r = subprocess.run(["pgrep", "-f", "raylet"], capture_output=True, text=True)
-    return [int(x) for x in r.stdout.split()]
-
-
-def _signal(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """End the trial's process group (it was started in its own session)."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _drain(tag: str) -> dict[str, Any]:
-    """Wait for every process of the trial to exit, killing stragglers by pid.
-
-    Then wait (bounded) for ``pgrep -f raylet`` to be empty, so the next trial starts
-    with no Ray cluster up, ours or anyone's.
-    """
-    t0 = time.monotonic()
-    killed: list[int] = []
-    while True:
-        left = _tagged_pids(tag)
-        if not left:
-            break
-        waited = time.monotonic() - t0
-        if waited > DRAIN_TIMEOUT_S + 10:
-            raise RuntimeError(f"trial processes {left} survive SIGKILL")
-        if waited > DRAIN_TIMEOUT_S:
-            _signal(left, signal.SIGKILL)
-            killed.extend(p for p in left if p not in killed)
-        elif waited > DRAIN_TIMEOUT_S / 2:
-            _signal(left, signal.SIGTERM)
-        time.sleep(0.25)
-    drain_s = time.monotonic() - t0
-    foreign = _wait_no_raylets()
-    return {"drain_s": round(drain_s, 2), "killed_stragglers": killed, "other_raylets_after": foreign}
-
-
-def _wait_no_raylets(timeout_s: float = QUIET_TIMEOUT_S) -> list[int]:
-    """Wait until ``pgrep -f raylet`` is empty; returns what is left at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    left = _raylets()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
-        left = _raylets()
-    if left:
-        _log(f"raylet processes of another program still up after {timeout_s:.0f}s "
-             f"(pids {left}); going on (timings may be contended)")
-    return left
-
-
+# ---- the machine --------------------------------------------------------------------
 def _cpu_busy(sample_s: float = 1.0) -> float:
     """Fraction of the machine's CPU time that was busy over ``sample_s`` (from /proc/stat)."""
     def read() -> tuple[int, int]:
@@ -215,13 +137,6 @@ def _first_step_time(system: str, i: int, storage: Path, mark: Path) -> float:
     return float(mark.read_text())
 
 
-def _tail(path: Path, n: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
 def run_trial(system: str, i: int, logs: Path) -> dict[str, Any]:
     """Launch ``system`` cold once; returns seconds from launch to first step and details."""
     tag = uuid.uuid4().hex[:12]
@@ -246,7 +161,7 @@ def run_trial(system: str, i: int, logs: Path) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             rc = None
         exit_s = time.time() - t0
-        _kill_group(proc)
+        kill_group(proc)
     rec["exit_code"] = rc
     rec["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     rec["process_s"] = round(exit_s, 2)
@@ -263,8 +178,8 @@ def run_trial(system: str, i: int, logs: Path) -> dict[str, Any]:
             rec["driver_to_first_step_s"] = round(float(summary["first_step_s"]), 3)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         rec["error"] = f"{type(e).__name__}: {e}"
-        rec["log_tail"] = _tail(log_path)
-    rec.update(_drain(tag))
+        rec["log_tail"] = tail(log_path)
+    rec.update(drain(tag, QUIET_TIMEOUT_S, _log))
     shutil.rmtree(ray_tmp, ignore_errors=True)
     return rec
 
@@ -285,13 +200,6 @@ def _warm_page_cache() -> None:
             "mlflow, raypod.api, raypod.worker.trainer, raypod.bench.anchors.common")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=False, timeout=300)
-
-
-def _versions() -> dict[str, str]:
-    import ray
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
 
 
 def _fmt(x: float | None) -> str:
@@ -354,7 +262,7 @@ def run(trials: int = 3, out: str | os.PathLike = "benchmarks/results") -> dict[
     _warm_page_cache()
     logs = Path(tempfile.mkdtemp(prefix="raypod-bench-startup-"))
     _log(f"{trials} trial(s) per system, interleaved; subprocess logs in {logs}")
-    stray = _wait_no_raylets()
+    stray = wait_no_raylets(QUIET_TIMEOUT_S, _log)
     started = _dt.datetime.now(_dt.timezone.utc)
     load_before = os.getloadavg()
     by_system: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
@@ -381,7 +289,7 @@ def run(trials: int = 3, out: str | os.PathLike = "benchmarks/results") -> dict[
                   "step (raypod: summary started_at + first_step_s, all ranks' step-1 results at "
                   "the driver; anchors: rank 0 right after optimizer.step())",
         "date": started.isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **_versions(),
+        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **versions(),
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                     "other_raylets_at_start": stray},
