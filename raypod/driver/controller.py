@@ -17,7 +17,7 @@ import ray
 
 from raypod import faults
 from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
-from raypod.checkpoint import CheckpointStore, CommittedCheckpoint
+from raypod.checkpoint import CheckpointStore
 from raypod.checkpoint.fs import write_json_atomic
 from raypod.config import JobConfig, import_target, join_uri
 from raypod.data.order import SampleOrder
@@ -397,7 +397,3 @@ class Driver:
             log.error("could not write %s: %s", path, e)
         self.summary = summary
         self._fire("after_job", summary, path)
-
-    @property
-    def latest_checkpoint(self) -> CommittedCheckpoint | None:
-        return self.store.latest()

@@ -257,7 +257,6 @@ class WorkerGroup:
             infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
             self.nodes = [i["node_id"] for i in infos]
             init_method = self._rendezvous(infos[0]["ip"], timeout)
-            old_peers = self.peer_to
             self.peer_to = peer_ring(self.nodes)
             refs = [a.reconfigure.remote(self.cfg, self.recipe, r, self.world_size, init_method,
                                          injections, attempt, self._peers(r), restore_step, moves)
@@ -268,7 +267,6 @@ class WorkerGroup:
         except Exception as e:  # noqa: BLE001
             kind, msg = _describe(e)
             raise GroupStartError(f"in-place recovery failed: {msg}", kind=kind) from None
-        del old_peers
         slowest = max(results, key=lambda r: r["reconfigure_s"])
         return {"recover_s": time.perf_counter() - t0, "slowest_rank_phases_s": slowest["phases_s"],
                 "received_bytes": sum(r["received_bytes"] for r in results),

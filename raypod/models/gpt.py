@@ -29,6 +29,13 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N (N without position embeddings) plus attention
+        (PaLM appendix B)."""
+        d = self.n_embd
+        n = self.vocab_size * d + self.n_layer * (12 * d * d + 4 * d) + 2 * d  # head tied
+        return 6 * n + 12 * self.n_layer * d * self.seq_len
+
 
 class Block(nn.Module):
     """Pre-norm transformer block: causal self-attention then an MLP."""
@@ -87,8 +94,3 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6N plus attention (PaLM appendix B)."""
-        c = self.cfg
-        n = self.num_params() - self.pos_emb.weight.numel()
-        return 6 * n + 12 * c.n_layer * c.n_embd * c.seq_len

@@ -56,4 +56,4 @@ class GPTRecipe(Recipe):
         return self.model_cfg.seq_len
 
     def flops_per_token(self, model: nn.Module) -> float:
-        return GPT(self.model_cfg).flops_per_token() if not isinstance(model, GPT) else model.flops_per_token()
+        return self.model_cfg.flops_per_token()
