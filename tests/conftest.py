@@ -47,6 +47,12 @@ def ray_cluster():
     """A local Ray head with 4 logical CPUs, a dashboard and token auth; yields its addresses."""
     temp_dir = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")
     port, dash = free_port(), free_port()
+    # Every port of its own, so that no other Ray on the machine (a user's, a benchmark's)
+    # keeps this cluster's dashboard agent, which serves job submission, from starting.
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}",
+                   f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}",
+                   f"--metrics-export-port={free_port()}"]
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
                RAY_USAGE_STATS_ENABLED="0")
     if not (Path.home() / ".ray" / "auth_token").exists():
@@ -54,7 +60,7 @@ def ray_cluster():
                        capture_output=True)
     cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
            "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
-           "--include-dashboard=true", "--disable-usage-stats"]
+           "--include-dashboard=true", "--disable-usage-stats", *agent_ports]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         _kill_tree_matching(temp_dir)
