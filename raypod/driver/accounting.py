@@ -47,9 +47,12 @@ class JobAccounting:
     def group_started(self, world_size: int) -> None:
         self.world_sizes.append(world_size)
 
-    def step_done(self, step: int, duration_s: float,
-                  ids: list[tuple[int, np.ndarray]]) -> tuple[bool, list[FailureEvent]]:
+    def step_done(self, step: int, duration_s: float, ids: list[tuple[int, np.ndarray]],
+                  resolve: bool = True) -> tuple[bool, list[FailureEvent]]:
         """Record a completed step.
+
+        ``resolve=False`` is for a step that finished before a failure but is only
+        counted during its recovery: it does not mark the failure as recovered.
 
         Returns:
             Whether the step number is a replay, and the failure events this step
@@ -63,7 +66,7 @@ class JobAccounting:
         self.last_step_s = self.now()
         if self.first_step_s is None:
             self.first_step_s = self.last_step_s
-        resolved = [ev for ev in self.events if ev.resumed_s is None]
+        resolved = [ev for ev in self.events if ev.resumed_s is None] if resolve else []
         for ev in resolved:
             ev.resumed_s = self.now()
         return replay, resolved

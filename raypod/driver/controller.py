@@ -84,9 +84,11 @@ class Driver:
         self.rank_step: dict[int, int] = {}
         self.partial: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self.save_acks: dict[int, set[int]] = defaultdict(set)
+        self.replica_acks: dict[int, set[int]] = defaultdict(set)
         self.last_progress = time.monotonic()
         self.last_completion = time.time()
         self.committed_step = 0
+        self.dead_ranks: set[int] = set()
 
     # ---- the loop ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -197,6 +199,8 @@ class Driver:
         self.rank_step = {r: restore_step for r in range(self.group.world_size)}
         self.partial.clear()
         self.save_acks.clear()
+        self.replica_acks.clear()
+        self.dead_ranks = set()
         self.last_progress = time.monotonic()
         self.last_completion = time.time()
 
@@ -209,12 +213,15 @@ class Driver:
         max_steps = self.cfg.train.max_steps
         while self.next_step <= max_steps and self.next_step - self.done_step <= _STEPS_IN_FLIGHT:
             self.group.submit_step(self.next_step)
+            if self._replicates(self.next_step):
+                self.group.submit_replica_wait(self.next_step)
             if self._should_save(self.next_step):
                 self.group.submit_save(self.next_step, self.store.path_for(self.next_step))
             self.next_step += 1
         result = self.group.poll(timeout=_POLL_S)
         self._absorb(result)
         if result.errors:
+            self.dead_ranks = {e.rank for e in result.errors if e.kind == "worker_died"}
             return RecoveringState(self._failure_from(result.errors))
         if self.done_step >= max_steps:
             return FinishingState()
@@ -225,6 +232,19 @@ class Driver:
                         "(fault.hang_timeout_s)"))
         return state
 
+    def _replicates(self, step: int) -> bool:
+        """Whether step ``step``'s snapshot is replicated to peers (then the step completes
+        only once every replica is in place, so losing any one rank never loses it)."""
+        every = self.cfg.checkpoint.memory_every_steps
+        peers = getattr(self.group, "peer_to", None) or []
+        return bool(every) and step % every == 0 and any(p is not None for p in peers)
+
+    def _step_ready(self, step: int) -> bool:
+        n = self.group.world_size
+        if len(self.partial.get(step, ())) != n:
+            return False
+        return not self._replicates(step) or len(self.replica_acks.get(step, ())) == n
+
     def _absorb(self, result: PollResult) -> None:
         for r in result.steps:
             self.partial[r["step"]].append(r)
@@ -233,16 +253,20 @@ class Driver:
             self._ack_saves(r["rank"], r.get("saved", []))
         for rank, steps in result.saved:
             self._ack_saves(rank, steps)
-        while len(self.partial.get(self.done_step + 1, ())) == self.group.world_size:
+        for rank, step, _ok in result.replicated:
+            self.replica_acks[step].add(rank)
+        while self._step_ready(self.done_step + 1):
+            self.replica_acks.pop(self.done_step + 1, None)
             self._complete_step(self.done_step + 1)
 
-    def _complete_step(self, step: int) -> None:
+    def _complete_step(self, step: int, resolve: bool = True) -> None:
         results = sorted(self.partial.pop(step), key=lambda r: r["rank"])
         now = time.time()
         dur = max(1e-9, now - self.last_completion)
         self.last_completion = now
         self.done_step = step
-        replayed, resolved = self.acct.step_done(step, dur, [(r["epoch"], r["ids"]) for r in results])
+        replayed, resolved = self.acct.step_done(step, dur, [(r["epoch"], r["ids"]) for r in results],
+                                                 resolve=resolve)
         samples = sum(r["samples"] for r in results)
         t = self.cfg.train
         sps = t.global_batch / dur
@@ -327,6 +351,7 @@ class Driver:
         # The failed rank goes (a rank whose step raised holds its peers in a collective
         # until its process ends); the others finish or fail their calls in flight.
         culprit = {f.rank} if f.rank is not None and f.kind != "hang" else set()
+        culprit |= self.dead_ranks  # every rank found dead, not only the one blamed
         group.kill(culprit)
         lost = group.drain(timeout=min(5.0, self.cfg.fault.pg_timeout_s)) | culprit
         alive = [r for r in range(group.world_size) if r not in lost]
@@ -351,13 +376,26 @@ class Driver:
         if not steps:
             log.warning("no step is held in memory by every rank: using the persistent checkpoint")
             return False
-        restore_step = max(steps)
+        # Steps every rank finished whose replicas were still on their way are complete
+        # too when the restore point includes them; later ones are redone.
+        finished = self.done_step
+        while len(self.partial.get(finished + 1, ())) == group.world_size:
+            finished += 1
+        usable = [s for s in steps if s <= finished]
+        if not usable:
+            log.warning("no finished step is held in memory by every rank: using the persistent "
+                        "checkpoint")
+            return False
+        restore_step = max(usable)
+        while self.done_step < restore_step:
+            self._complete_step(self.done_step + 1, resolve=False)
         try:
             info = group.recover_in_place(lost, restore_step, self.attempt,
                                           faults.pending(self.cfg, self.fired))
         except GroupStartError as e:
             log.warning("in-memory recovery failed (%s): using the persistent checkpoint", e)
             return False
+        self.dead_ranks = set()
         self.acct.group_started(group.world_size)
         self.acct.rolled_back(event, restore_step, group.world_size, f"memory step {restore_step}")
         self._reset_group_progress(restore_step)

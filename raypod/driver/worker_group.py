@@ -24,9 +24,14 @@ from raypod.worker.actor import remote_worker_class
 
 log = logging.getLogger("raypod.driver")
 
-# After the first error, wait this long for related ones, so that a dead rank is blamed
-# rather than the peer whose collective broke because of it.
-_ERROR_GRACE_S = 0.25
+# After the first error, every rank is pinged (on its actor's control thread, which
+# answers even inside a collective); a rank that does not answer within this time is
+# taken for dead, so that a dead rank (or a lost node) is blamed rather than the peer
+# whose collective broke because of it.
+_PING_TIMEOUT_S = 0.5
+# How long a rank may take to replicate a step's snapshot before the driver stops
+# waiting for it (the step still completes; its replica is just not there).
+_REPLICA_WAIT_S = 60.0
 
 
 @dataclass
@@ -49,6 +54,8 @@ class PollResult:
     saved: list[tuple[int, list[int]]] = field(default_factory=list)
     """``(rank, [steps whose save finished])``."""
     errors: list[WorkerError] = field(default_factory=list)
+    replicated: list[tuple[int, int, bool]] = field(default_factory=list)
+    """``(rank, step, ok)``: the rank's snapshot of ``step`` reached its replica holder."""
 
 
 class GroupStartError(RuntimeError):
@@ -215,6 +222,22 @@ class WorkerGroup:
         self._pending.clear()
         return lost
 
+    def unresponsive(self, actors: list[Any], timeout: float = _PING_TIMEOUT_S) -> set[int]:
+        """Indices of ``actors`` that do not answer a ping within ``timeout`` seconds.
+
+        The ping runs on the actor's control thread, so a live rank answers at once even
+        while its main thread is inside a collective; a dead process or a lost node does not.
+        """
+        refs = {a.ping.remote(): i for i, a in enumerate(actors)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        dead = {i for r, i in refs.items() if r not in ready}
+        for r in ready:
+            try:
+                ray.get(r)
+            except Exception:  # noqa: BLE001 - the actor is gone
+                dead.add(refs[r])
+        return dead
+
     def kill(self, ranks: set[int]) -> None:
         """End the processes of ``ranks`` now (their slots are refilled by recover_in_place)."""
         for r in ranks:
@@ -241,6 +264,15 @@ class WorkerGroup:
         t0 = time.perf_counter()
         moves = []
         self.kill(lost)
+        if self.spares:  # a spare on a lost node went with it
+            gone = self.unresponsive([a for a, _ in self.spares])
+            for i in sorted(gone, reverse=True):
+                actor, _ = self.spares.pop(i)
+                log.warning("spare worker %d does not answer (its node may be gone); not using it", i)
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
         for d in sorted(lost):
             freed = self.placement[d]
             if self.spares:
@@ -319,6 +351,11 @@ class WorkerGroup:
         for rank, a in enumerate(self.actors):
             self._pending[a.train_step.remote(step)] = (rank, "step", step)
 
+    def submit_replica_wait(self, step: int) -> None:
+        """Ask every rank to report when its snapshot of ``step`` is held by its peer."""
+        for rank, a in enumerate(self.actors):
+            self._pending[a.wait_replicated.remote(step, _REPLICA_WAIT_S)] = (rank, "replica", step)
+
     def submit_save(self, step: int, path: str) -> None:
         for rank, a in enumerate(self.actors):
             self._pending[a.save.remote(step, path)] = (rank, "save", step)
@@ -336,10 +373,17 @@ class WorkerGroup:
         if ready:
             ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
         self._collect(ready, out)
-        if out.errors:  # give a dead rank's own error the chance to arrive
-            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
-                                timeout=_ERROR_GRACE_S)
+        if out.errors:  # find the dead: the ranks that no longer answer
+            known = {e.rank for e in out.errors if e.kind == "worker_died"}
+            dead = self.unresponsive(self.actors) - known
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
             self._collect(ready, out)
+            known = {e.rank for e in out.errors if e.kind == "worker_died"}
+            for rank in sorted(dead - known):
+                step = min((st for r, what, st in self._pending.values() if r == rank and what == "step"),
+                           default=-1)
+                out.errors.append(WorkerError(rank=rank, step=step, kind="worker_died",
+                                              message="the worker does not answer (process or node lost)"))
         return out
 
     def _collect(self, ready: list[Any], out: PollResult) -> None:
@@ -353,6 +397,8 @@ class WorkerGroup:
                 continue
             if what == "step":
                 out.steps.append(value)
+            elif what == "replica":
+                out.replicated.append((rank, *value))
             elif value:
                 out.saved.append((rank, value))
 

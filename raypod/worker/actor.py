@@ -73,7 +73,7 @@ class TrainWorker:
         self.warm(config, recipe)
         self.trainer.leave()
         t.append(time.perf_counter())
-        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers)
+        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers, initialize=False)
         t.append(time.perf_counter())
         received = self.trainer.restore_memory(restore_step, moves)
         t.append(time.perf_counter())
@@ -86,6 +86,18 @@ class TrainWorker:
 
     def train_step(self, step: int) -> dict[str, Any]:
         return self.trainer.train_step(step)
+
+    # The control group runs on its own thread, so these answer while a step runs.
+    @ray.method(concurrency_group="control")
+    def ping(self) -> int:
+        """Liveness: answers at once, even while the rank is inside a collective."""
+        return os.getpid()
+
+    @ray.method(concurrency_group="control")
+    def wait_replicated(self, step: int, timeout: float) -> tuple[int, bool]:
+        """``(step, ok)`` once step ``step``'s snapshot reached this rank's replica holder."""
+        trainer = self.trainer
+        return step, (trainer.wait_replicated(step, timeout) if trainer is not None else False)
 
     def save(self, step: int, path: str) -> list[int]:
         return self.trainer.save(step, path)
@@ -103,4 +115,5 @@ class TrainWorker:
 
 def remote_worker_class() -> Any:
     """``TrainWorker`` as a Ray actor class (made lazily so importing raypod stays cheap)."""
-    return ray.remote(max_restarts=0, max_task_retries=0)(TrainWorker)
+    return ray.remote(max_restarts=0, max_task_retries=0,
+                      concurrency_groups={"control": 2})(TrainWorker)

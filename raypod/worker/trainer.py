@@ -106,8 +106,14 @@ class Trainer:
 
     def join(self, rank: int, world_size: int, init_method: str,
              injections: list[tuple[int, FaultInjection]], attempt: int,
-             peer_to: int | None = None, peer_from: int | None = None) -> None:
-        """Join a process group as ``rank`` of ``world_size`` and build the model shard."""
+             peer_to: int | None = None, peer_from: int | None = None,
+             initialize: bool = True) -> None:
+        """Join a process group as ``rank`` of ``world_size`` and build the model shard.
+
+        With ``initialize=False`` (the state is about to be restored from memory) the
+        model is built on the meta device, sharded, and only then given uninitialised
+        storage for this rank's shard: no full-size tensors, no random init.
+        """
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
         self.injections = [(i, f) for i, f in injections if f.rank == rank]
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
@@ -120,10 +126,20 @@ class Trainer:
         replica_group = dist.new_group(backend="gloo", timeout=timeout)
         self.mesh = build_mesh(self.cfg.parallel, world_size, self.device)
         ctx = RankContext(rank=rank, world_size=world_size, device=self.device, config=self.cfg)
-        torch.manual_seed(self.cfg.train.seed)
-        model = self.recipe.build_model(ctx).to(self.device)
+        model = None
+        if not initialize:
+            with torch.device("meta"):
+                model = self.recipe.build_model(ctx)
+            if next(model.buffers(), None) is not None:
+                model = None  # buffers are not part of snapshots: build them for real
+        if model is None:
+            initialize = True
+            torch.manual_seed(self.cfg.train.seed)
+            model = self.recipe.build_model(ctx).to(self.device)
         self.model = parallelize(model, self.recipe.shard_units(model), self.cfg.parallel, self.mesh,
                                  self.device)
+        if not initialize:
+            self.model.to_empty(device=self.device)
         self.optimizer = self.recipe.build_optimizer(self.model, ctx)
         self.per_rank_max = math.ceil(self.cfg.train.global_batch / world_size)
         self.broken = False
@@ -167,9 +183,18 @@ class Trainer:
             out = self._train_step(step)
         except BaseException:
             self.broken = True
+            if self.replicator is not None:
+                self.replicator.abort()
             raise
         out.update(self._snapshot(step))
         return out
+
+    def wait_replicated(self, step: int, timeout: float) -> bool:
+        """True once step ``step``'s snapshot is held by this rank's peer (or needs no peer)."""
+        rep = self.replicator
+        if rep is None or not rep.enabled or not self.cfg.checkpoint.memory_every_steps:
+            return True
+        return rep.wait_round(step, timeout)
 
     def _snapshot(self, step: int) -> dict[str, Any]:
         every = self.cfg.checkpoint.memory_every_steps
@@ -183,6 +208,8 @@ class Trainer:
                 "memory": self.snapshots.report()}
 
     def _train_step(self, step: int) -> dict[str, Any]:
+        if step != self.step + 1:
+            raise RuntimeError(f"rank {self.rank} got step {step} after step {self.step}")
         self._fire_faults(step)
         t0 = time.perf_counter()
         t = self.cfg.train
