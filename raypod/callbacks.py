@@ -60,6 +60,7 @@ class FailureEvent:
     last_step_s: float | None = None
     """Seconds since job start when the last step before the failure completed."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """More JSON fields for the summary row (``recovery_phases_s``: where a recovery's time went)."""
 
     def to_summary(self) -> dict[str, Any]:
         return {
@@ -73,6 +74,7 @@ class FailureEvent:
             "restored_from": self.restored_from,
             "last_step_s": None if self.last_step_s is None else round(self.last_step_s, 3),
             "message": self.message[:500],
+            **self.extra,
         }
 
 

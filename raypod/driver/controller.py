@@ -348,6 +348,7 @@ class Driver:
         if not self.cfg.checkpoint.memory_every_steps:
             return False
         group = self.group
+        marks = [("start", time.perf_counter())]
         # The failed rank goes (a rank whose step raised holds its peers in a collective
         # until its process ends); the others finish or fail their calls in flight.
         culprit = {f.rank} if f.rank is not None and f.kind != "hang" else set()
@@ -355,6 +356,7 @@ class Driver:
         group.kill(culprit)
         lost = group.drain(timeout=min(5.0, self.cfg.fault.pg_timeout_s)) | culprit
         alive = [r for r in range(group.world_size) if r not in lost]
+        marks.append(("drain", time.perf_counter()))
         try:
             reports = group.memory_reports(alive) if alive else {}
         except Exception as e:  # noqa: BLE001 - a survivor that cannot answer is lost too
@@ -365,13 +367,15 @@ class Driver:
             own = set(reports[r]["own"])
             steps = own if steps is None else steps & own
         for d in sorted(lost):
-            holder = group.peer_to[d] if group.peer_to else None
+            twins = getattr(group, "twins", None)
+            holder = twins[d] if twins else (group.peer_to[d] if group.peer_to else None)
             if holder is None or holder in lost:
                 event.message += f"; rank {d}'s in-memory replica was lost with it"
                 log.warning("rank %d and the holder of its replica are both lost: using the "
                             "persistent checkpoint", d)
                 return False
-            held = set(reports[holder]["replicas"].get(d, []))
+            # An HSDP twin's own snapshots are the lost rank's state; else the replica it holds.
+            held = set(reports[holder]["own"] if twins else reports[holder]["replicas"].get(d, []))
             steps = held if steps is None else steps & held
         if not steps:
             log.warning("no step is held in memory by every rank: using the persistent checkpoint")
@@ -389,6 +393,7 @@ class Driver:
         restore_step = max(usable)
         while self.done_step < restore_step:
             self._complete_step(self.done_step + 1, resolve=False)
+        marks.append(("plan", time.perf_counter()))
         try:
             info = group.recover_in_place(lost, restore_step, self.attempt,
                                           faults.pending(self.cfg, self.fired))
@@ -396,6 +401,11 @@ class Driver:
             log.warning("in-memory recovery failed (%s): using the persistent checkpoint", e)
             return False
         self.dead_ranks = set()
+        marks.append(("rebuild", time.perf_counter()))
+        phases = {name: round(t - marks[i][1], 3) for i, (name, t) in enumerate(marks[1:])}
+        phases.update({f"rebuild_{k}": round(v, 3) for k, v in info.get("driver_phases_s", {}).items()})
+        phases.update({f"rank_{k}": round(v, 3) for k, v in info["slowest_rank_phases_s"].items()})
+        event.extra["recovery_phases_s"] = phases
         self.acct.group_started(group.world_size)
         self.acct.rolled_back(event, restore_step, group.world_size, f"memory step {restore_step}")
         self._reset_group_progress(restore_step)

@@ -78,6 +78,19 @@ def _describe(e: BaseException) -> tuple[str, str]:
     return "exception", f"{type(e).__name__}: {e}"
 
 
+def hsdp_twins(strategy: str, replicas: int, world_size: int) -> list[int | None] | None:
+    """With HSDP, the rank of the next replica that holds the same shard as each rank.
+
+    HSDP replicas hold identical shards (same gradients, same update), so a lost rank's
+    state is already in its twin's own snapshot and nothing needs replicating. ``None``
+    when the job is not HSDP with two or more replicas (mesh as in ``build_mesh``).
+    """
+    if strategy != "hsdp" or replicas < 2 or world_size % replicas:
+        return None
+    shard = world_size // replicas
+    return [(r + shard) % world_size for r in range(world_size)]
+
+
 def peer_ring(nodes: list[str]) -> list[int | None]:
     """Who holds each rank's replica: the rank ``k`` places on, ``k`` = most ranks on a node.
 
@@ -115,6 +128,9 @@ class WorkerGroup:
         self.world_size = 0
         self.nodes: list[str] = []
         self.peer_to: list[int | None] = []
+        """Per rank: the rank its snapshots are replicated to (``None``: no replication)."""
+        self.twins: list[int | None] | None = None
+        """HSDP: per rank, the rank whose own snapshots equal it (see :func:`hsdp_twins`)."""
         self._pending: dict[Any, tuple[int, str, int]] = {}
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -176,7 +192,7 @@ class WorkerGroup:
             self.actors = [self.actors[i] for i in order]
             self.placement = [self.placement[i] for i in order]
             self.nodes = [infos[i]["node_id"] for i in order]
-            self.peer_to = peer_ring(self.nodes)
+            self._plan_peers()
             init_method = self._rendezvous(infos[order[0]]["ip"], timeout)
             restore_arg = (restore.path, restore.step) if restore else None
             refs = [a.setup.remote(self.cfg, self.recipe, r, world_size, init_method, injections,
@@ -194,6 +210,18 @@ class WorkerGroup:
     def _rendezvous(self, ip: str, timeout: float) -> str:
         port = ray.get(self.actors[0].free_port.remote(), timeout=timeout)
         return f"tcp://{ip}:{port}"
+
+    def _plan_peers(self) -> None:
+        """Where each rank's in-memory state survives its loss: an HSDP twin or a peer replica."""
+        p = self.cfg.parallel
+        self.twins = hsdp_twins(p.strategy, p.replicas, self.world_size)
+        self.peer_to = [None] * self.world_size if self.twins else peer_ring(self.nodes)
+
+    def holder_of(self, rank: int) -> int | None:
+        """The rank that can give ``rank``'s state back: its HSDP twin or its replica holder."""
+        if self.twins:
+            return self.twins[rank]
+        return self.peer_to[rank] if self.peer_to else None
 
     def _peers(self, rank: int) -> tuple[int | None, int | None]:
         """(rank this one replicates to, rank that replicates to this one)."""
@@ -281,15 +309,17 @@ class WorkerGroup:
                 actor, placement = self._new_actor(*freed), freed
                 freed = None
             self.actors[d], self.placement[d] = actor, placement
-            moves.append((self.peer_to[d], d, d))
+            moves.append((self.holder_of(d), d, d))
             if freed is not None:
                 self._add_spare(*freed)  # the lost rank's slot becomes the next spare
         timeout = self.cfg.scaling.schedule_timeout_s
+        t1 = time.perf_counter()
         try:
             infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
             self.nodes = [i["node_id"] for i in infos]
             init_method = self._rendezvous(infos[0]["ip"], timeout)
-            self.peer_to = peer_ring(self.nodes)
+            self._plan_peers()
+            t2 = time.perf_counter()
             refs = [a.reconfigure.remote(self.cfg, self.recipe, r, self.world_size, init_method,
                                          injections, attempt, self._peers(r), restore_step, moves)
                     for r, a in enumerate(self.actors)]
@@ -300,7 +330,9 @@ class WorkerGroup:
             kind, msg = _describe(e)
             raise GroupStartError(f"in-place recovery failed: {msg}", kind=kind) from None
         slowest = max(results, key=lambda r: r["reconfigure_s"])
-        return {"recover_s": time.perf_counter() - t0, "slowest_rank_phases_s": slowest["phases_s"],
+        t3 = time.perf_counter()
+        return {"recover_s": t3 - t0, "slowest_rank_phases_s": slowest["phases_s"],
+                "driver_phases_s": {"replace": t1 - t0, "locate": t2 - t1, "reconfigure": t3 - t2},
                 "received_bytes": sum(r["received_bytes"] for r in results),
                 "replaced": sorted(lost), "spares_left": len(self.spares)}
 
@@ -375,7 +407,8 @@ class WorkerGroup:
         self._collect(ready, out)
         if out.errors:  # find the dead: the ranks that no longer answer
             known = {e.rank for e in out.errors if e.kind == "worker_died"}
-            dead = self.unresponsive(self.actors) - known
+            others = [r for r in range(len(self.actors)) if r not in known]
+            dead = {others[i] for i in self.unresponsive([self.actors[r] for r in others])}
             ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
             self._collect(ready, out)
             known = {e.rank for e in out.errors if e.kind == "worker_died"}

@@ -308,7 +308,10 @@ class Trainer:
         targets = {t for _, t, _ in moves}
         for holder, target, source in moves:
             if self.rank == holder:
-                buf = self.snapshots.replicas[source][step]
+                # The replica held for ``source``, or (HSDP twin) this rank's identical own state.
+                buf = self.snapshots.replicas.get(source, {}).get(step)
+                if buf is None:
+                    buf = snapshot.to_bytes(self.snapshots.own[step])
                 dist.send(torch.tensor([buf.numel()], dtype=torch.int64), dst=target)
                 dist.send(buf, dst=target)
             elif self.rank == target:
