@@ -89,6 +89,11 @@ class Driver:
         self.last_completion = time.time()
         self.committed_step = 0
         self.dead_ranks: set[int] = set()
+        self.resizes: list[dict[str, Any]] = []
+        self.growing = False
+        self.ready: list[tuple[Any, Any]] = []
+        """Joiners that are warm and wait for the next step boundary."""
+        self.next_scale_check = 0.0
 
     # ---- the loop ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -173,6 +178,7 @@ class Driver:
         restore_step = restore.step if restore else 0
         active = faults.pending(self.cfg, self.fired)
         self.group = self.worker_group_cls(self.cfg, self.recipe)
+        self.ready, self.growing = [], False
         try:
             info = self.group.start(n, state.attempt, restore, active)
         except GroupStartError as e:
@@ -187,6 +193,7 @@ class Driver:
             if ev.world_size_after is None:
                 self.acct.rolled_back(ev, restore_step, n, source)
         self._reset_group_progress(restore_step)
+        self._request_capacity()
         log.info("attempt %d: %d ranks ready, from %s (setup %.1f s)", state.attempt, n, source,
                  info.get("setup_s", 0.0))
         if self.done_step >= self.cfg.train.max_steps:
@@ -209,9 +216,66 @@ class Driver:
         every = self.cfg.checkpoint.every_steps
         return step == self.cfg.train.max_steps or (every > 0 and step % every == 0)
 
+    def _request_capacity(self) -> None:
+        """Ask the Ray autoscaler for room for every rank up to ``max_workers`` (and spares)."""
+        s = self.cfg.scaling
+        if getattr(self.group, "world_size", 0) >= s.max_workers:
+            return
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            bundle = self.scaling_policy.bundle
+            request_resources(bundles=[dict(bundle)] * (s.max_workers + s.spares))
+        except Exception as e:  # noqa: BLE001 - a cluster without an autoscaler
+            log.info("could not ask the autoscaler for more nodes: %s", e)
+
+    def _wants_to_grow(self) -> bool:
+        """Start joiners when the cluster has room; True once one is warm (grow at a step boundary)."""
+        group = self.group
+        if not hasattr(group, "ready_joiners") or group.world_size >= self.cfg.scaling.max_workers:
+            return False
+        now = time.monotonic()
+        if now < self.next_scale_check:
+            return False
+        self.next_scale_check = now + 0.5
+        want = self.scaling_policy.joiners_wanted(group.world_size, len(group.joiners),
+                                                  self.available_resources())
+        for _ in range(want):
+            group.add_joiner()
+        self.ready += group.ready_joiners()
+        return bool(self.ready)
+
+    def _grow(self, state: RunningState) -> State:
+        """Add the warm joiners at this step boundary, resharding the state from live ranks."""
+        group = self.group
+        room = self.cfg.scaling.max_workers - group.world_size
+        added, extra = self.ready[:room], self.ready[room:]
+        self.ready, self.growing = [], False
+        for actor, _ in extra:
+            ray.kill(actor, no_restart=True)
+        step, before, t0 = self.done_step, group.world_size, self.acct.now()
+        try:
+            info = group.reshard(set(), added, step, self.attempt, faults.pending(self.cfg, self.fired))
+        except GroupStartError as e:
+            return RecoveringState(Failure(kind="resize_failed", rank=None, step=step + 1,
+                                           time_s=self.acct.now(), message=f"growing the job failed: {e}"))
+        self.acct.group_started(group.world_size)
+        self.resizes.append({"kind": "grow", "step": step, "from": before, "to": group.world_size,
+                             "at_s": round(t0, 3), "took_s": round(info["recover_s"], 3)})
+        self._reset_group_progress(step)
+        log.info("grew from %d to %d ranks after step %d in %.2f s (state resharded in memory)",
+                 before, group.world_size, step, info["recover_s"])
+        self._fire("after_state_change", "running", "running", self.acct.now())
+        return state
+
     def _run(self, state: RunningState) -> State:
         max_steps = self.cfg.train.max_steps
-        while self.next_step <= max_steps and self.next_step - self.done_step <= _STEPS_IN_FLIGHT:
+        if not self.growing and self.done_step < max_steps and self._wants_to_grow():
+            self.growing = True  # stop submitting; grow once the steps in flight are done
+        if self.growing and self.next_step - 1 == self.done_step:
+            return self._grow(state)
+        while (not self.growing and self.next_step <= max_steps
+               and self.next_step - self.done_step <= _STEPS_IN_FLIGHT):
             self.group.submit_step(self.next_step)
             if self._replicates(self.next_step):
                 self.group.submit_replica_wait(self.next_step)
@@ -394,9 +458,25 @@ class Driver:
         while self.done_step < restore_step:
             self._complete_step(self.done_step + 1, resolve=False)
         marks.append(("plan", time.perf_counter()))
+        before = group.world_size
+        spares = group.live_spares()
+        shrink = (self.scaling_policy.shrink_to(before, len(lost), spares)
+                  if spares < len(lost) else None)
         try:
-            info = group.recover_in_place(lost, restore_step, self.attempt,
-                                          faults.pending(self.cfg, self.fired))
+            if shrink is not None:
+                # Not enough warm spares: continue with fewer ranks now (state resharded in
+                # memory) and bring the lost slots back as joiners, added once they are warm.
+                added = [group.spares.pop(0) for _ in range(spares)]
+                info = group.reshard(lost, added, restore_step, self.attempt,
+                                     faults.pending(self.cfg, self.fired))
+                for slot in info["freed"][: self.cfg.scaling.max_workers - group.world_size]:
+                    group.add_joiner(slot)
+                self.resizes.append({"kind": "shrink", "step": restore_step, "from": before,
+                                     "to": group.world_size, "at_s": round(f.time_s, 3),
+                                     "took_s": round(info["recover_s"], 3)})
+            else:
+                info = group.recover_in_place(lost, restore_step, self.attempt,
+                                              faults.pending(self.cfg, self.fired))
         except GroupStartError as e:
             log.warning("in-memory recovery failed (%s): using the persistent checkpoint", e)
             return False
@@ -437,6 +517,7 @@ class Driver:
             error=error,
         )
         summary["committed_step"] = self.committed_step
+        summary["resizes"] = self.resizes
         self._fire("before_summary", summary)
         path = join_uri(self.cfg.job_dir, "summary.json")
         try:

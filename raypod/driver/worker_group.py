@@ -132,6 +132,10 @@ class WorkerGroup:
         self.twins: list[int | None] | None = None
         """HSDP: per rank, the rank whose own snapshots equal it (see :func:`hsdp_twins`)."""
         self._pending: dict[Any, tuple[int, str, int]] = {}
+        self.joiners: list[tuple[Any, tuple[Any, int], Any]] = []
+        """Actors starting in the background to join at a step boundary: (actor, placement, warm ref)."""
+        self.extra_pgs: list[Any] = []
+        """Single-bundle placement groups reserved for ranks added after the start."""
 
     # ---- lifecycle ---------------------------------------------------------------
     def _new_actor(self, pg: Any, index: int) -> Any:
@@ -292,15 +296,7 @@ class WorkerGroup:
         t0 = time.perf_counter()
         moves = []
         self.kill(lost)
-        if self.spares:  # a spare on a lost node went with it
-            gone = self.unresponsive([a for a, _ in self.spares])
-            for i in sorted(gone, reverse=True):
-                actor, _ = self.spares.pop(i)
-                log.warning("spare worker %d does not answer (its node may be gone); not using it", i)
-                try:
-                    ray.kill(actor, no_restart=True)
-                except Exception:  # noqa: BLE001
-                    pass
+        self.live_spares()  # a spare on a lost node went with it
         for d in sorted(lost):
             freed = self.placement[d]
             if self.spares:
@@ -336,6 +332,106 @@ class WorkerGroup:
                 "received_bytes": sum(r["received_bytes"] for r in results),
                 "replaced": sorted(lost), "spares_left": len(self.spares)}
 
+    # ---- resizing ------------------------------------------------------------------
+    def live_spares(self) -> int:
+        """Drop spares that no longer answer (their node is gone); returns how many are left."""
+        if self.spares:
+            for i in sorted(self.unresponsive([a for a, _ in self.spares]), reverse=True):
+                actor, _ = self.spares.pop(i)
+                log.warning("a spare worker does not answer (its node may be gone); not using it")
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+        return len(self.spares)
+
+    def add_joiner(self, placement: tuple[Any, int] | None = None) -> None:
+        """Start an actor in the background (in ``placement``, or in a new one-bundle
+        placement group) that joins the group at a step boundary once it is warm."""
+        if placement is None:
+            pg = placement_group([dict(self.bundle)], strategy="PACK")
+            self.extra_pgs.append(pg)
+            placement = (pg, 0)
+        actor = self._new_actor(*placement)
+        self.joiners.append((actor, placement, actor.warm.remote(self.cfg, self.recipe)))
+
+    def ready_joiners(self) -> list[tuple[Any, tuple[Any, int]]]:
+        """Joiners that are warm now (failed ones are dropped)."""
+        if not self.joiners:
+            return []
+        refs = [ref for _, _, ref in self.joiners]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        out, keep = [], []
+        for actor, placement, ref in self.joiners:
+            if ref not in ready:
+                keep.append((actor, placement, ref))
+                continue
+            try:
+                ray.get(ref)
+                out.append((actor, placement))
+            except Exception as e:  # noqa: BLE001 - a joiner that failed to start is dropped
+                log.warning("a joining worker failed to start: %s", _describe(e)[1])
+        self.joiners = keep
+        return out
+
+    def reshard(self, lost: set[int], added: list[tuple[Any, tuple[Any, int]]], restore_step: int,
+                attempt: int, injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
+        """Re-form the group at another size, resharding the state after ``restore_step`` in memory.
+
+        Survivors keep their processes, ``lost`` ranks go, ``added`` actors (warm spares or
+        joiners) come in after the survivors. Each old rank's state is cut into the new
+        ranks' pieces by the rank itself or, for a lost rank, by the holder of its replica,
+        and travels through the object store. Returns the freed placements in ``freed``.
+
+        Raises:
+            GroupStartError: a lost rank's state has no live copy, or a rank failed.
+        """
+        t0 = time.perf_counter()
+        old_world = self.world_size
+        exporter = {i: (i if i not in lost else self.holder_of(i)) for i in range(old_world)}
+        if any(e is None or e in lost for e in exporter.values()):
+            raise GroupStartError("a lost rank's in-memory state has no live copy")
+        by_exporter: dict[int, list[int]] = {}
+        for i, e in exporter.items():
+            by_exporter.setdefault(e, []).append(i)
+        survivors = [r for r in range(old_world) if r not in lost]
+        new_actors = [self.actors[r] for r in survivors] + [a for a, _ in added]
+        new_world = len(new_actors)
+        timeout = self.cfg.scaling.schedule_timeout_s
+        try:
+            refs = [self.actors[e].export_reshard.remote(restore_step, srcs, old_world, new_world)
+                    for e, srcs in by_exporter.items()]
+            exported: dict[int, list[Any]] = {}
+            for part in self._get_all(refs, timeout=max(timeout, self.cfg.fault.pg_timeout_s)):
+                exported.update(part)
+            t1 = time.perf_counter()
+            freed = [self.placement[r] for r in sorted(lost)]
+            self.kill(lost)
+            self.actors = new_actors
+            self.placement = [self.placement[r] for r in survivors] + [p for _, p in added]
+            self.world_size = new_world
+            infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
+            self.nodes = [i["node_id"] for i in infos]
+            self._plan_peers()
+            init_method = self._rendezvous(infos[0]["ip"], timeout)
+            t2 = time.perf_counter()
+            calls = [a.reshape.remote(self.cfg, self.recipe, j, new_world, init_method, injections, attempt,
+                                      self._peers(j), restore_step, old_world,
+                                      [exported[i][j] for i in range(old_world)])
+                     for j, a in enumerate(self.actors)]
+            results = self._get_all(calls, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
+        except GroupStartError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            kind, msg = _describe(e)
+            raise GroupStartError(f"resharding in memory failed: {msg}", kind=kind) from None
+        slowest = max(results, key=lambda r: r["reconfigure_s"])
+        t3 = time.perf_counter()
+        return {"recover_s": t3 - t0, "slowest_rank_phases_s": slowest["phases_s"],
+                "driver_phases_s": {"export": t1 - t0, "locate": t2 - t1, "reconfigure": t3 - t2},
+                "received_bytes": sum(r["received_bytes"] for r in results),
+                "replaced": sorted(lost), "freed": freed, "old_world": old_world, "new_world": new_world}
+
     def _get_all(self, refs: list[Any], timeout: float) -> list[Any]:
         """Get every ref, failing fast on the first error instead of waiting on the rest."""
         left = {r: i for i, r in enumerate(refs)}
@@ -356,18 +452,19 @@ class WorkerGroup:
 
     def shutdown(self) -> None:
         """Kill every actor (hung ones too, and spares) and free the placement groups."""
-        for a in self.actors + [sp for sp, _ in self.spares]:
+        for a in self.actors + [sp for sp, _ in self.spares] + [j for j, _, _ in self.joiners]:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
-        for pg in (self.pg, self.spare_pg):
+        for pg in (self.pg, self.spare_pg, *self.extra_pgs):
             if pg is not None:
                 try:
                     remove_placement_group(pg)
                 except Exception:  # noqa: BLE001
                     pass
         self.actors, self.spares, self.pg, self.spare_pg, self.world_size = [], [], None, None, 0
+        self.joiners, self.extra_pgs = [], []
         self._pending.clear()
 
     def close(self) -> None:

@@ -80,6 +80,39 @@ class TrainWorker:
         return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
                 "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2]}}
 
+    def export_reshard(self, step: int, sources: list[int], old_world: int,
+                       new_world: int) -> dict[int, list[Any]]:
+        """Put the pieces of ``sources``' state for each new rank in the object store.
+
+        Returns ``{source: [ObjectRef for new rank 0, 1, ...]}``; the new ranks fetch
+        them straight from this node's object store.
+        """
+        bufs = self.trainer.export_reshard(step, sources, old_world, new_world)
+        return {src: [ray.put(b.numpy()) for b in per_rank] for src, per_rank in bufs.items()}
+
+    def reshape(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
+                injections: list, attempt: int, peers: tuple[int | None, int | None],
+                restore_step: int, old_world: int, piece_refs: list[Any]) -> dict[str, Any]:
+        """Join a group of another size and assemble this rank's shard from the old ranks' pieces."""
+        import warnings
+
+        import torch
+
+        t = [time.perf_counter()]
+        self.warm(config, recipe)
+        self.trainer.leave()
+        t.append(time.perf_counter())
+        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers, initialize=False)
+        t.append(time.perf_counter())
+        arrays = ray.get(list(piece_refs))
+        with warnings.catch_warnings():  # object-store arrays are read-only; they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            bufs = [torch.from_numpy(a) for a in arrays]
+        received = self.trainer.restore_reshard(restore_step, old_world, bufs)
+        t.append(time.perf_counter())
+        return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
+                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2]}}
+
     def memory_report(self) -> dict[str, Any]:
         """Steps of the snapshots this rank holds, its own and its peers' replicas."""
         return self.trainer.snapshots.report() if self.trainer else {"own": [], "replicas": {}}

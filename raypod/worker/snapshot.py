@@ -61,6 +61,8 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, snap: list[torch
 
 def to_bytes(snap: list[torch.Tensor]) -> torch.Tensor:
     """One flat uint8 buffer (what travels to the peer)."""
+    if not snap:
+        return torch.empty(0, dtype=torch.uint8)
     return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in snap])
 
 

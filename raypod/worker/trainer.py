@@ -26,7 +26,7 @@ from raypod.checkpoint import dcp as ckpt
 from raypod.config import FaultInjection, JobConfig, TrainConfig
 from raypod.data.order import SampleOrder
 from raypod.recipe import RankContext, Recipe
-from raypod.worker import snapshot
+from raypod.worker import reshard, snapshot
 from raypod.worker.parallel import autocast, build_mesh, grad_sync, parallelize
 from raypod.worker.snapshot import PeerReplicator, SnapshotStore
 
@@ -333,6 +333,51 @@ class Trainer:
         self.snapshots.clear_replicas()
         self.step = step
         return received
+
+    # ---- in-memory resharding (resize) -------------------------------------------
+    def export_reshard(self, step: int, sources: list[int], old_world: int,
+                       new_world: int) -> dict[int, list[torch.Tensor]]:
+        """Cut the state after ``step`` of each old rank in ``sources`` into ``new_world`` pieces.
+
+        ``sources`` are this rank (its own snapshot) and lost ranks whose replica it holds.
+        Returns ``{source: [bytes for new rank 0, 1, ...]}``.
+        """
+        if step not in self.snapshots.own and self.step == step:
+            self.snapshots.add_own(step, snapshot.take(self.model, self.optimizer))
+        lay = reshard.layout(self.model, self.optimizer)
+        out = {}
+        for src in sources:
+            if src == self.rank:
+                snap = self.snapshots.own[step]
+            else:
+                like = [torch.empty(shape, dtype=lt.dtype, device="meta")
+                        for shape, lt in zip(reshard.local_shapes(lay, old_world, src), lay, strict=True)]
+                snap = snapshot.from_bytes(self.snapshots.replicas[src][step], like)
+            out[src] = [snapshot.to_bytes(p) for p in reshard.split(snap, lay, old_world, src, new_world)]
+        return out
+
+    def restore_reshard(self, step: int, old_world: int, bufs: list[torch.Tensor]) -> int:
+        """Restore the state after ``step`` from the pieces of every old rank (old rank order).
+
+        Returns the bytes received.
+        """
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+        _init_optim_state(self.optimizer)
+        lay = reshard.layout(self.model, self.optimizer)
+        pieces = []
+        for i, buf in enumerate(bufs):
+            shapes = reshard.piece_shapes(lay, old_world, i, self.world_size, self.rank)
+            dtypes = [lt.dtype for lt in lay if lt.rows is not None or i == 0]
+            like = [torch.empty(sh, dtype=dt, device="meta") for sh, dt in zip(shapes, dtypes, strict=True)]
+            pieces.append(snapshot.from_bytes(buf, like))
+        snap = reshard.assemble(pieces, lay, self.world_size, self.rank)
+        snapshot.restore(self.model, self.optimizer, snap)
+        self.snapshots.own.clear()  # earlier snapshots have the old group's layout
+        self.snapshots.add_own(step, snap)
+        self.snapshots.clear_replicas()
+        self.step = step
+        return sum(b.numel() for b in bufs)
 
     # ---- inspection --------------------------------------------------------------
     def state_digest(self, export_path: str | None = None) -> str | None:
