@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import logging
 import os
 import platform
 import statistics
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--after-step", type=int, default=25)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("raypod").setLevel(logging.INFO)
     if a.trial_out:
         summary = run_trial(a.config, a.overrides, a.after_step)
         Path(a.trial_out).write_text(json.dumps(summary, indent=2, default=str))

@@ -51,3 +51,23 @@ def test_node_removed_recovers_in_place_from_peer_memory(ray_connected, tmp_path
     reference = run(load_config(MLP, [f"checkpoint.storage={tmp_path / 'ref'}", "name=ref", *SETTINGS]),
                     callbacks=[])
     assert summary["final_state_sha256"] == reference["final_state_sha256"]
+
+
+@pytest.mark.timeout(600)
+def test_node_removed_without_replacement_shrinks_and_finishes(tmp_path):
+    """No spare and no room: the job goes on with the survivor, state resharded in memory."""
+    out = tmp_path / "summary.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "raypod.bench.node_loss", "--trial-out", str(out), "--after-step", "12"]
+    for s in [*SETTINGS, "scaling.spares=0", "scaling.min_workers=1"]:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert proc.returncode == 0, summary.get("error") or proc.stderr[-3000:]
+    assert summary["status"] == "succeeded" and summary["final_step"] == 24
+    [event] = summary["events"]
+    assert event["restored_from"].startswith("memory step") and event["world_size_after"] == 1
+    assert summary["resizes"][0]["kind"] == "shrink" and summary["world_sizes"][:2] == [2, 1]
+    assert summary["samples"]["duplicated"] == 0 and summary["samples"]["skipped"] == 0
+    assert summary["samples"]["consumed"] == 24 * 32
