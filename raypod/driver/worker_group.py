@@ -24,11 +24,11 @@ from raypod.worker.actor import remote_worker_class
 
 log = logging.getLogger("raypod.driver")
 
-# After the first error, every rank is pinged (on its actor's control thread, which
+# After the first error, every rank is pinged (on a thread of its actor's own, which
 # answers even inside a collective); a rank that does not answer within this time is
 # taken for dead, so that a dead rank (or a lost node) is blamed rather than the peer
 # whose collective broke because of it.
-_PING_TIMEOUT_S = 0.5
+_PING_TIMEOUT_S = 1.0
 # How long a rank may take to replicate a step's snapshot before the driver stops
 # waiting for it (the step still completes; its replica is just not there).
 _REPLICA_WAIT_S = 60.0
@@ -257,7 +257,7 @@ class WorkerGroup:
     def unresponsive(self, actors: list[Any], timeout: float = _PING_TIMEOUT_S) -> set[int]:
         """Indices of ``actors`` that do not answer a ping within ``timeout`` seconds.
 
-        The ping runs on the actor's control thread, so a live rank answers at once even
+        The ping runs on a thread of the actor's own, so a live rank answers at once even
         while its main thread is inside a collective; a dead process or a lost node does not.
         """
         refs = {a.ping.remote(): i for i, a in enumerate(actors)}
@@ -503,9 +503,12 @@ class WorkerGroup:
             ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
         self._collect(ready, out)
         if out.errors:  # find the dead: the ranks that no longer answer
-            known = {e.rank for e in out.errors if e.kind == "worker_died"}
-            others = [r for r in range(len(self.actors)) if r not in known]
+            # A rank whose call raised is alive (its process answered); ping the silent ones.
+            heard = {e.rank for e in out.errors} | {r["rank"] for r in out.steps}
+            others = [r for r in range(len(self.actors)) if r not in heard]
             dead = {others[i] for i in self.unresponsive([self.actors[r] for r in others])}
+            if dead:
+                log.info("ranks %s do not answer a ping within %.1f s", sorted(dead), _PING_TIMEOUT_S)
             ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
             self._collect(ready, out)
             known = {e.rank for e in out.errors if e.kind == "worker_died"}

@@ -120,13 +120,14 @@ class TrainWorker:
     def train_step(self, step: int) -> dict[str, Any]:
         return self.trainer.train_step(step)
 
-    # The control group runs on its own thread, so these answer while a step runs.
-    @ray.method(concurrency_group="control")
+    # These run on threads of their own, so they answer while a step runs. The ping has
+    # its own group so that replica waits (which may block) can never hold it up.
+    @ray.method(concurrency_group="ping")
     def ping(self) -> int:
         """Liveness: answers at once, even while the rank is inside a collective."""
         return os.getpid()
 
-    @ray.method(concurrency_group="control")
+    @ray.method(concurrency_group="replica")
     def wait_replicated(self, step: int, timeout: float) -> tuple[int, bool]:
         """``(step, ok)`` once step ``step``'s snapshot reached this rank's replica holder."""
         trainer = self.trainer
@@ -149,4 +150,4 @@ class TrainWorker:
 def remote_worker_class() -> Any:
     """``TrainWorker`` as a Ray actor class (made lazily so importing raypod stays cheap)."""
     return ray.remote(max_restarts=0, max_task_retries=0,
-                      concurrency_groups={"control": 2})(TrainWorker)
+                      concurrency_groups={"ping": 1, "replica": 4})(TrainWorker)
