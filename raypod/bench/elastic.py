@@ -7,7 +7,9 @@ the start, up to three) and runs ``jobs/configs/tiny.yaml`` with ``scaling.min_w
 autoscaler for room for three ranks, and grows at step boundaries as nodes come up
 and their actors are warm. Once it has run ``--steps-at-max`` steps at three ranks,
 the node of its last rank is terminated (raylet and every process on it); the job
-shrinks in place and goes on, growing again if the autoscaler replaces the node.
+shrinks in place and goes on, growing again if the autoscaler replaces the node. Until
+that happened, the harness slows the job's last 50 steps down (0.25 s each), so that a
+slow machine cannot end the job before the nodes arrive.
 
 Figures, on the driver's clock (seconds since the job started):
 
@@ -66,12 +68,20 @@ def run_trial(config: str | Path = TINY, overrides: list[str] | None = None,
     from raypod.driver.controller import Driver
     from raypod.progress import ProgressPrinter
 
+    log: dict[str, Any] = {}
+
     class StepLog(Callback):
-        def __init__(self) -> None:
+        """Records (step, time, world size); holds the job's last steps back until the node
+        was terminated, so that a slow machine cannot finish before the scenario happened."""
+
+        def __init__(self, hold_from: int) -> None:
             self.rows: list[tuple[int, float, int]] = []
+            self.hold_from = hold_from
 
         def after_step(self, report: StepReport) -> None:
             self.rows.append((report.step, report.time_s, int(report.metrics["world_size"])))
+            if report.step >= self.hold_from and "terminated" not in log:
+                time.sleep(0.25)
 
     storage = tempfile.mkdtemp(prefix="raypod-elastic-")
     cfg = load_config(config, [f"checkpoint.storage={storage}", "name=elastic", "mlflow.enabled=false",
@@ -82,9 +92,8 @@ def run_trial(config: str | Path = TINY, overrides: list[str] | None = None,
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_workers(1)
-        steps = StepLog()
+        steps = StepLog(hold_from=max(1, cfg.train.max_steps - 50))
         driver = Driver(cfg, callbacks=[steps, ProgressPrinter(live=False)])
-        log: dict[str, Any] = {}
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(driver, cluster, steps_at_max, log, stop), daemon=True)
         watcher.start()
