@@ -130,6 +130,8 @@ class FaultConfig(_Section):
     """Timeout of the torch process group's collectives (never torch's 30-minute default)."""
     inject: list[FaultInjection] = Field(default_factory=list)
     """Faults to inject, for demos, tests and chaos runs."""
+    max_node_failures: int = Field(default=2, ge=1)
+    """A node that lost ranks this many times is not used again by the job."""
 
 
 class MLflowConfig(_Section):

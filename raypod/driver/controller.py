@@ -90,6 +90,8 @@ class Driver:
         self.committed_step = 0
         self.dead_ranks: set[int] = set()
         self.resizes: list[dict[str, Any]] = []
+        self.node_failures: dict[str, int] = defaultdict(int)
+        self.excluded_nodes: set[str] = set()
         self.growing = False
         self.ready: list[tuple[Any, Any]] = []
         """Joiners that are warm and wait for the next step boundary."""
@@ -178,6 +180,7 @@ class Driver:
         restore_step = restore.step if restore else 0
         active = faults.pending(self.cfg, self.fired)
         self.group = self.worker_group_cls(self.cfg, self.recipe)
+        self.group.excluded_nodes = set(self.excluded_nodes)
         self.ready, self.growing = [], False
         try:
             info = self.group.start(n, state.attempt, restore, active)
@@ -389,6 +392,7 @@ class Driver:
                              message=f.message)
         self.acct.failure(event)
         self._fire("after_failure", event)
+        self._count_node_failures(f)
         decision = self.failure_policy.decide(f, self.failures)
         if decision is FailureDecision.RAISE:
             budget = self.cfg.fault.max_failures
@@ -402,6 +406,23 @@ class Driver:
             self.group.shutdown()
             self.group = None
         return SchedulingState(attempt=self.attempt)
+
+    def _count_node_failures(self, f: Failure) -> None:
+        """Blame the nodes of lost ranks; one that failed ``fault.max_node_failures`` times goes."""
+        nodes = getattr(self.group, "nodes", None) or []
+        lost = set(self.dead_ranks) | ({f.rank} if f.kind in ("worker_died", "kill") and f.rank is not None
+                                       else set())
+        for r in lost:
+            if r < len(nodes):
+                node = nodes[r]
+                self.node_failures[node] += 1
+                if (self.node_failures[node] >= self.cfg.fault.max_node_failures
+                        and node not in self.excluded_nodes):
+                    self.excluded_nodes.add(node)
+                    log.warning("node %s lost ranks %d times (fault.max_node_failures): the job no longer "
+                                "uses it", node, self.node_failures[node])
+        if self.group is not None and hasattr(self.group, "excluded_nodes"):
+            self.group.excluded_nodes = set(self.excluded_nodes)
 
     def _recover_in_memory(self, f: Failure, event: FailureEvent) -> bool:
         """Keep the surviving processes, replace lost ranks, restore from in-memory copies.
@@ -518,6 +539,7 @@ class Driver:
         )
         summary["committed_step"] = self.committed_step
         summary["resizes"] = self.resizes
+        summary["excluded_nodes"] = sorted(self.excluded_nodes)
         self._fire("before_summary", summary)
         path = join_uri(self.cfg.job_dir, "summary.json")
         try:

@@ -106,6 +106,13 @@ def peer_ring(nodes: list[str]) -> list[int | None]:
     return [(r + k) % n for r in range(n)]
 
 
+def avoid_nodes(excluded: set[str], bundles: int) -> list[dict[str, str]] | None:
+    """A placement-group label selector that keeps every bundle off the ``excluded`` nodes."""
+    if not excluded:
+        return None
+    return [{"ray.io/node-id": f"!in({','.join(sorted(excluded))})"}] * bundles
+
+
 class WorkerGroup:
     """One placement group and one actor per rank.
 
@@ -135,6 +142,8 @@ class WorkerGroup:
         self.joiners: list[tuple[Any, tuple[Any, int], Any]] = []
         """Actors starting in the background to join at a step boundary: (actor, placement, warm ref)."""
         self.extra_pgs: list[Any] = []
+        self.excluded_nodes: set[str] = set()
+        """Nodes this job no longer uses (they failed repeatedly); set by the driver."""
         """Single-bundle placement groups reserved for ranks added after the start."""
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -151,7 +160,8 @@ class WorkerGroup:
         n = self.cfg.scaling.spares
         if n <= 0:
             return
-        self.spare_pg = placement_group([dict(self.bundle)] * n, strategy="PACK")
+        self.spare_pg = placement_group([dict(self.bundle)] * n, strategy="PACK",
+                                        bundle_label_selector=avoid_nodes(self.excluded_nodes, n))
         try:
             ray.get(self.spare_pg.ready(), timeout=2.0)
         except GetTimeoutError:
@@ -177,7 +187,8 @@ class WorkerGroup:
         """
         timeout = self.cfg.scaling.schedule_timeout_s
         self.pg = placement_group([dict(self.bundle)] * world_size,
-                                  strategy=self.cfg.scaling.placement_strategy)
+                                  strategy=self.cfg.scaling.placement_strategy,
+                                  bundle_label_selector=avoid_nodes(self.excluded_nodes, world_size))
         try:
             ray.get(self.pg.ready(), timeout=timeout)
         except GetTimeoutError:
@@ -349,7 +360,8 @@ class WorkerGroup:
         """Start an actor in the background (in ``placement``, or in a new one-bundle
         placement group) that joins the group at a step boundary once it is warm."""
         if placement is None:
-            pg = placement_group([dict(self.bundle)], strategy="PACK")
+            pg = placement_group([dict(self.bundle)], strategy="PACK",
+                                 bundle_label_selector=avoid_nodes(self.excluded_nodes, 1))
             self.extra_pgs.append(pg)
             placement = (pg, 0)
         actor = self._new_actor(*placement)
