@@ -98,8 +98,23 @@ class FakeAutoscalingCluster:
             time.sleep(0.5)
 
     def terminate_node(self, node_id: str) -> None:
-        """End a worker node abruptly (its raylet and every process on it), as a spot VM goes."""
-        _kill_matching(f"node_id={node_id}")
+        """End a worker node abruptly, as a spot VM goes: its raylet and every process it
+        started (the actors on it) are killed at once."""
+        found = subprocess.run(["pgrep", "-f", f"node_id={node_id}"], capture_output=True, text=True)
+        raylets = [int(p) for p in found.stdout.split()]
+        victims = set(raylets)
+        frontier = list(raylets)
+        while frontier:  # the raylet's children, and theirs
+            kids = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True)
+            for pid in (int(p) for p in kids.stdout.split()):
+                if pid not in victims:
+                    victims.add(pid)
+                    frontier.append(pid)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop(self) -> None:
         if not self.temp_dir:
