@@ -96,6 +96,9 @@ class Callback:
     def after_recovery(self, event: FailureEvent) -> None:
         """After the first step following a failure completed (``resumed_s`` set)."""
 
+    def after_resize(self, resize: dict[str, Any]) -> None:
+        """After the world size changed in place (``kind`` grow or shrink, ``from``, ``to``, ``step``)."""
+
     def after_checkpoint(self, step: int, path: str) -> None:
         """After a persistent checkpoint was committed."""
 

@@ -268,7 +268,7 @@ class Driver:
         self._reset_group_progress(step)
         log.info("grew from %d to %d ranks after step %d in %.2f s (state resharded in memory)",
                  before, group.world_size, step, info["recover_s"])
-        self._fire("after_state_change", "running", "running", self.acct.now())
+        self._fire("after_resize", self.resizes[-1])
         return state
 
     def _run(self, state: RunningState) -> State:
@@ -495,6 +495,7 @@ class Driver:
                 self.resizes.append({"kind": "shrink", "step": restore_step, "from": before,
                                      "to": group.world_size, "at_s": round(f.time_s, 3),
                                      "took_s": round(info["recover_s"], 3)})
+                self._fire("after_resize", self.resizes[-1])
             else:
                 info = group.recover_in_place(lost, restore_step, self.attempt,
                                               faults.pending(self.cfg, self.fired))
