@@ -175,7 +175,7 @@ class WorkerGroup:
 
     def _add_spare(self, pg: Any, index: int) -> None:
         actor = self._new_actor(pg, index)
-        actor.warm.remote(self.cfg, self.recipe)  # loads data in the background
+        actor.warm.remote(self.cfg, self.recipe, True)  # data and a rehearsal step, in the background
         self.spares.append((actor, (pg, index)))
 
     def start(self, world_size: int, attempt: int, restore: CommittedCheckpoint | None,
@@ -223,7 +223,8 @@ class WorkerGroup:
                 "setup_s": max(r["setup_s"] for r in results)}
 
     def _rendezvous(self, ip: str, timeout: float) -> str:
-        port = ray.get(self.actors[0].free_port.remote(), timeout=timeout)
+        port = ray.get(self.actors[0].open_rendezvous.remote(len(self.actors), self.cfg.fault.pg_timeout_s),
+                       timeout=timeout)
         return f"tcp://{ip}:{port}"
 
     def _plan_peers(self) -> None:
@@ -365,7 +366,7 @@ class WorkerGroup:
             self.extra_pgs.append(pg)
             placement = (pg, 0)
         actor = self._new_actor(*placement)
-        self.joiners.append((actor, placement, actor.warm.remote(self.cfg, self.recipe)))
+        self.joiners.append((actor, placement, actor.warm.remote(self.cfg, self.recipe, True)))
 
     def ready_joiners(self) -> list[tuple[Any, tuple[Any, int]]]:
         """Joiners that are warm now (failed ones are dropped)."""

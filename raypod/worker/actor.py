@@ -38,20 +38,43 @@ class TrainWorker:
             "gpu_ids": ray.get_gpu_ids(),
         }
 
-    def free_port(self) -> int:
-        """A free TCP port on this node, for the rendezvous."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+    def open_rendezvous(self, world_size: int, timeout_s: float) -> int:
+        """Start the rendezvous store of a new group on this node (this actor becomes rank 0).
 
-    def warm(self, config: Any, recipe: Any) -> dict[str, Any]:
-        """Get ready to take a rank (a spare): load the data, so that joining is quick."""
+        The store listens before any rank tries to join, so no rank waits in the TCP
+        client's connect-retry back-off. Returns its port.
+        """
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        self._store = dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=timeout_s))
+        return self._store.port
+
+    def _store_for(self, init_method: str, world_size: int, timeout_s: float) -> Any:
+        """The master store this actor opened, or a client of the one at ``tcp://host:port``."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+        mine = getattr(self, "_store", None)
+        if mine is not None and mine.port == int(port):
+            return mine
+        return dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+
+    def warm(self, config: Any, recipe: Any, rehearse: bool = False) -> dict[str, Any]:
+        """Get ready to take a rank: load the data; a spare or joiner (``rehearse``) also
+        runs one step of the model on a group of its own, so that joining is quick."""
         from raypod.worker.trainer import Trainer
 
         t0 = time.perf_counter()
         if self.trainer is None:
             self.trainer = Trainer(config, recipe)
-        return {"warm_s": time.perf_counter() - t0}
+        rehearsal = self.trainer.rehearse() if rehearse else 0.0
+        return {"warm_s": time.perf_counter() - t0, "rehearsal_s": rehearsal,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def setup(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
               injections: list, attempt: int, restore: tuple[str, int] | None,
@@ -59,7 +82,8 @@ class TrainWorker:
         """Join the process group, build the model shard, restore a checkpoint when asked."""
         t0 = time.perf_counter()
         self.warm(config, recipe)
-        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers)
+        self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
+                          injections, attempt, *peers)
         if restore is not None:
             self.trainer.load(*restore)
         return {"rank": rank, "setup_s": time.perf_counter() - t0,
@@ -73,12 +97,14 @@ class TrainWorker:
         self.warm(config, recipe)
         self.trainer.leave()
         t.append(time.perf_counter())
-        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers, initialize=False)
+        self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
+                          injections, attempt, *peers, initialize=False)
         t.append(time.perf_counter())
         received = self.trainer.restore_memory(restore_step, moves)
         t.append(time.perf_counter())
         return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
-                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2]}}
+                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2],
+                             **{f"join_{k}": v for k, v in self.trainer.join_phases.items()}}}
 
     def export_reshard(self, step: int, sources: list[int], old_world: int,
                        new_world: int) -> dict[int, list[Any]]:
@@ -102,7 +128,8 @@ class TrainWorker:
         self.warm(config, recipe)
         self.trainer.leave()
         t.append(time.perf_counter())
-        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers, initialize=False)
+        self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
+                          injections, attempt, *peers, initialize=False)
         t.append(time.perf_counter())
         arrays = ray.get(list(piece_refs))
         with warnings.catch_warnings():  # object-store arrays are read-only; they are only read
@@ -111,7 +138,8 @@ class TrainWorker:
         received = self.trainer.restore_reshard(restore_step, old_world, bufs)
         t.append(time.perf_counter())
         return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
-                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2]}}
+                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2],
+                             **{f"join_{k}": v for k, v in self.trainer.join_phases.items()}}}
 
     def memory_report(self) -> dict[str, Any]:
         """Steps of the snapshots this rank holds, its own and its peers' replicas."""

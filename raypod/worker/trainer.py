@@ -103,8 +103,9 @@ class Trainer:
         self.snapshots = SnapshotStore(keep=3)
         self.replicator: PeerReplicator | None = None
         self.broken = False
+        self.join_phases: dict[str, float] = {}
 
-    def join(self, rank: int, world_size: int, init_method: str,
+    def join(self, rank: int, world_size: int, store: Any,
              injections: list[tuple[int, FaultInjection]], attempt: int,
              peer_to: int | None = None, peer_from: int | None = None,
              initialize: bool = True) -> None:
@@ -118,12 +119,14 @@ class Trainer:
         self.injections = [(i, f) for i, f in injections if f.rank == rank]
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=self.cfg.fault.pg_timeout_s)
-        dist.init_process_group(backend, init_method=init_method, rank=rank,
+        marks = [time.perf_counter()]
+        dist.init_process_group(backend, store=store, rank=rank,
                                 world_size=world_size, timeout=timeout)
         # Checkpoint writes and replica exchange run on their own gloo groups so they
         # never interleave with the training collectives.
         self.ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         replica_group = dist.new_group(backend="gloo", timeout=timeout)
+        marks.append(time.perf_counter())
         self.mesh = build_mesh(self.cfg.parallel, world_size, self.device)
         ctx = RankContext(rank=rank, world_size=world_size, device=self.device, config=self.cfg)
         model = None
@@ -141,9 +144,52 @@ class Trainer:
         if not initialize:
             self.model.to_empty(device=self.device)
         self.optimizer = self.recipe.build_optimizer(self.model, ctx)
+        marks.append(time.perf_counter())
+        self.join_phases = {"rendezvous": marks[1] - marks[0], "build": marks[2] - marks[1]}
         self.per_rank_max = math.ceil(self.cfg.train.global_batch / world_size)
         self.broken = False
         self.replicator = PeerReplicator(replica_group, peer_to, peer_from)
+
+    def rehearse(self, max_state_bytes: float = 4 * 2**30) -> float:
+        """Run one training step on a one-rank group of this process's own, then drop it.
+
+        A spare does this while it waits, so that when it takes a rank its first step does
+        not pay for the process's first FSDP2 wrap, DTensor dispatch, autograd and optimizer
+        kernels. The model is the recipe's own (built on the meta device, given storage after
+        sharding, never initialised: only the code paths matter). Skipped when the whole
+        model and optimizer state would take more than ``max_state_bytes``.
+
+        Returns:
+            Seconds spent (0 when skipped).
+        """
+        if dist.is_initialized():
+            return 0.0
+        t0 = time.perf_counter()
+        ctx = RankContext(rank=0, world_size=1, device=self.device, config=self.cfg)
+        with torch.device("meta"):
+            model = self.recipe.build_model(ctx)
+        state_bytes = sum(p.numel() * p.element_size() * 4 for p in model.parameters())
+        if state_bytes > max_state_bytes or next(model.buffers(), None) is not None:
+            return 0.0
+        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=self.cfg.fault.pg_timeout_s))
+        try:
+            mesh = build_mesh(self.cfg.parallel, 1, self.device)
+            model = parallelize(model, self.recipe.shard_units(model), self.cfg.parallel, mesh, self.device)
+            model.to_empty(device=self.device)
+            optimizer = self.recipe.build_optimizer(model, ctx)
+            batch = self.data.get_batch([0])
+            with autocast(self.cfg.parallel, model, self.device):
+                self.recipe.loss(model, batch, self.device).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            snapshot.take(model, optimizer)
+        except Exception as e:  # noqa: BLE001 - a rehearsal that fails only costs the warm-up
+            log.info("rehearsal step skipped: %s: %s", type(e).__name__, e)
+        finally:
+            dist.destroy_process_group()
+        return time.perf_counter() - t0
 
     def leave(self) -> None:
         """Drop the process group and the model shard (snapshots and replicas stay)."""
