@@ -60,9 +60,12 @@ class FailureEvent:
     last_step_s: float | None = None
     """Seconds since job start when the last step before the failure completed."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """Fields of this kind of event (``alert: true`` for an event that interrupted nothing,
+    a straggler's ``ratio``, ...); they go into ``summary.json`` beside the others."""
 
     def to_summary(self) -> dict[str, Any]:
         return {
+            **self.extra,
             "kind": self.kind,
             "step": self.step,
             "rank": self.rank,

@@ -272,6 +272,43 @@ class WorkerGroup:
                 "received_bytes": sum(r["received_bytes"] for r in results),
                 "replaced": sorted(lost), "spares_left": len(self.spares)}
 
+    # ---- health ------------------------------------------------------------------
+    def heartbeats(self, timeout: float) -> dict[int, dict[str, Any] | None]:
+        """Where each rank is (step, phase); ``None`` for a rank that did not answer in time."""
+        refs = {a.heartbeat.remote(): r for r, a in enumerate(self.actors)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        out: dict[int, dict[str, Any] | None] = dict.fromkeys(refs.values())
+        for ref in ready:
+            try:
+                out[refs[ref]] = ray.get(ref)
+            except Exception:  # noqa: BLE001 - a dead rank does not answer
+                pass
+        return out
+
+    def quiesce(self, timeout: float) -> PollResult:
+        """Let every call in flight finish (nothing new is submitted); return what arrived."""
+        out = PollResult()
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
+                                timeout=max(0.0, deadline - time.monotonic()))
+            self._collect(ready, out)
+        return out
+
+    def rollback(self, step: int, timeout: float) -> list[tuple[int, list[int]]]:
+        """Every rank goes back to its own in-memory snapshot of ``step`` (same group).
+
+        Returns:
+            ``(rank, [steps <= step whose saves finished])``.
+        """
+        done = ray.get([a.rollback.remote(step) for a in self.actors], timeout=timeout)
+        return list(enumerate(done))
+
+    def flush_replicas(self, timeout: float) -> dict[int, dict[str, Any]]:
+        """Finish every rank's replica exchange in flight; what each then holds in memory."""
+        refs = [a.flush_replicas.remote() for a in self.actors]
+        return dict(enumerate(ray.get(refs, timeout=timeout)))
+
     def _get_all(self, refs: list[Any], timeout: float) -> list[Any]:
         """Get every ref, failing fast on the first error instead of waiting on the rest."""
         left = {r: i for i, r in enumerate(refs)}
