@@ -62,6 +62,7 @@ class Driver:
 
     worker_group_cls: type = WorkerGroup
     available_resources = staticmethod(ray.available_resources)
+    alive_nodes = staticmethod(lambda: {n["NodeID"] for n in ray.nodes() if n.get("Alive")})
 
     def __init__(self, config: JobConfig, callbacks: list[Callback] | None = None,
                  recipe: Recipe | None = None) -> None:
@@ -100,6 +101,8 @@ class Driver:
         self.health_next: State | None = None
         """A state the health checks of the last results ask for (rolling back, handing over)."""
         self.next_health_check = 0.0
+        self.excluded_nodes: dict[str, str] = {}
+        """Nodes that failed a pre-flight check -> which check and why."""
 
     # ---- the loop ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -188,11 +191,15 @@ class Driver:
         restore_step = restore.step if restore else 0
         active = faults.pending(self.cfg, self.fired)
         self.group = self.worker_group_cls(self.cfg, self.recipe)
+        self.group.excluded_nodes = set(self.excluded_nodes)
         try:
             info = self.group.start(n, state.attempt, restore, active)
         except GroupStartError as e:
             return RecoveringState(Failure(kind=e.kind, rank=e.rank, step=restore_step + 1,
                                            message=str(e), time_s=self.acct.now()))
+        refused = self._preflight(info.get("doctor", []), restore_step)
+        if refused is not None:
+            return refused
         if self.acct.order is None:
             self.acct.order = SampleOrder(info["num_samples"], self.cfg.train.global_batch,
                                           self.cfg.train.seed)
@@ -207,6 +214,27 @@ class Driver:
         if self.done_step >= self.cfg.train.max_steps:
             return FinishingState()
         return RunningState()
+
+    def _preflight(self, reports: list[dict[str, Any]], restore_step: int) -> State | None:
+        """Exclude the nodes whose pre-flight checks failed; None when every rank passed."""
+        from raypod.doctor import failing_nodes
+
+        bad = failing_nodes(reports)
+        if not bad:
+            for d in reports[:1]:
+                log.info("pre-flight checks passed: %s", "; ".join(
+                    f"{c['name']}: {c['detail']}" for c in d["checks"]))
+            return None
+        self.excluded_nodes.update(bad)
+        why = "; ".join(f"node {node[:12]} fails check {reason}" for node, reason in bad.items())
+        self.group.shutdown()
+        self.group = None
+        if not self.alive_nodes() - set(self.excluded_nodes):
+            return ErroredState(f"pre-flight checks failed ({why}) and no other node is left to "
+                                "place the job on (see raypod doctor)")
+        log.warning("pre-flight: %s; placing the job without it", why)
+        return RecoveringState(Failure(kind="preflight", rank=None, step=restore_step + 1, message=why,
+                                       time_s=self.acct.now()))
 
     def _reset_group_progress(self, restore_step: int) -> None:
         self.next_step = restore_step + 1

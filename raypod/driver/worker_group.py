@@ -109,6 +109,8 @@ class WorkerGroup:
         self.nodes: list[str] = []
         self.peer_to: list[int | None] = []
         self._pending: dict[Any, tuple[int, str, int]] = {}
+        self.excluded_nodes: set[str] = set()
+        """Nodes the ranks must not be placed on (they failed a pre-flight check)."""
 
     # ---- lifecycle ---------------------------------------------------------------
     def _new_actor(self, pg: Any, index: int) -> Any:
@@ -149,8 +151,10 @@ class WorkerGroup:
             GroupStartError: placement timed out or a rank failed to set up.
         """
         timeout = self.cfg.scaling.schedule_timeout_s
+        avoid = {"ray.io/node-id": f"!in({','.join(sorted(self.excluded_nodes))})"}
         self.pg = placement_group([dict(self.bundle)] * world_size,
-                                  strategy=self.cfg.scaling.placement_strategy)
+                                  strategy=self.cfg.scaling.placement_strategy,
+                                  bundle_label_selector=[avoid] * world_size if self.excluded_nodes else None)
         try:
             ray.get(self.pg.ready(), timeout=timeout)
         except GetTimeoutError:
@@ -182,7 +186,8 @@ class WorkerGroup:
             kind, msg = _describe(e)
             raise GroupStartError(f"a rank failed to start: {msg}", kind=kind) from None
         return {"num_samples": results[0]["num_samples"],
-                "setup_s": max(r["setup_s"] for r in results)}
+                "setup_s": max(r["setup_s"] for r in results),
+                "doctor": [r["doctor"] for r in results if r.get("doctor")]}
 
     def _rendezvous(self, ip: str, timeout: float) -> str:
         port = ray.get(self.actors[0].free_port.remote(), timeout=timeout)

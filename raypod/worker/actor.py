@@ -89,10 +89,15 @@ class TrainWorker:
         t0 = time.perf_counter()
         self.warm(config, recipe)
         self.trainer.join(rank, world_size, init_method, injections, attempt, *peers)
+        doctor = None
+        if config.doctor.enabled:  # the pre-job health checks, in the group just joined
+            from raypod.doctor import rank_preflight
+
+            doctor = rank_preflight(config)
         if restore is not None:
             self.trainer.load(*restore)
         return {"rank": rank, "setup_s": time.perf_counter() - t0,
-                "num_samples": len(self.trainer.data)}
+                "num_samples": len(self.trainer.data), "doctor": doctor}
 
     def reconfigure(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
                     injections: list, attempt: int, peers: tuple[int | None, int | None],

@@ -150,14 +150,54 @@ def test_doctor_passes_on_a_healthy_cluster(ray_cluster, tmp_path):
     assert "MB/s" in out.stdout and "FAIL" not in out.stdout
 
 
-def test_doctor_names_the_failing_check(ray_cluster, tmp_path):
+@pytest.fixture
+def unwritable_storage(tmp_path):
+    """A storage path nobody can write: under a read-only folder, or (as root, who may write
+    there anyway) under a plain file."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)  # read-only
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
     try:
-        out = _doctor(ray_cluster, str(TINY), "--set", f"checkpoint.storage={locked / 'runs'}")
+        (locked / "probe").mkdir()
+    except PermissionError:
+        yield locked / "runs"
+    else:
+        (locked / "probe").rmdir()
+        plain = tmp_path / "plain-file"
+        plain.write_text("not a folder")
+        yield plain / "runs"
     finally:
         locked.chmod(stat.S_IRWXU)
+
+
+def test_doctor_names_the_failing_check(ray_cluster, unwritable_storage):
+    out = _doctor(ray_cluster, str(TINY), "--set", f"checkpoint.storage={unwritable_storage}")
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "storage" in out.stderr and "not writable" in out.stderr
-    assert "FAIL" in out.stdout
+    assert "fails check storage" in out.stderr and "is not writable" in out.stderr
+    assert "FAIL: storage" in out.stdout
+
+
+def test_unwritable_storage_is_refused_before_any_worker_starts(unwritable_storage):
+    from raypod.config import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint.storage: .* is not writable"):
+        run(tiny(unwritable_storage, "train.max_steps=4"), callbacks=[])
+
+
+def test_job_refuses_nodes_that_fail_their_preflight(ray_connected, tmp_path):
+    from raypod.api import JobFailed
+
+    cfg = tiny(tmp_path, "train.max_steps=4", "doctor.min_allreduce_mb_s=1000000000.0")
+    with pytest.raises(JobFailed, match="fails check allreduce: .* below doctor.min_allreduce_mb_s"
+                                        ".* no other node is left"):
+        run(cfg, callbacks=[])
+
+
+def test_preflight_runs_before_every_job_and_is_cheap(ray_connected, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="raypod.driver")
+    summary = run(tiny(tmp_path, "train.max_steps=2"), callbacks=[])
+    assert summary["status"] == "succeeded"
+    passed = [r.getMessage() for r in caplog.records if "pre-flight checks passed" in r.getMessage()]
+    assert passed and "storage: writable" in passed[0] and "MB/s bus (gloo" in passed[0]
