@@ -57,11 +57,11 @@ def test_hang_is_found_killed_and_recovered_in_place(ray_connected, baseline, tm
     # The normal in-place path (memory snapshot, spare), not a restart from storage.
     assert ev["restored_from"].startswith("memory step") and ev["lost_steps"] <= 1
     assert summary["world_sizes"] == [2, 2]
-    # Detected about hang_timeout_s after the last step finished (the hang began then);
-    # resumed as soon as the in-place recovery of a killed rank would (about 1 s on an idle
-    # machine; the bound leaves room for a loaded 2-core one).
+    # Detected about hang_timeout_s after the last step finished (the hang began then).
+    # Resumed as soon as the in-place recovery of a killed rank would: the same path, so
+    # the same time (the bound leaves room for a 2-core machine loaded many times over).
     assert 4.5 <= ev["detected_s"] - ev["last_step_s"] <= 7.0
-    assert 0 < ev["resumed_s"] - ev["detected_s"] <= 6.0
+    assert 0 < ev["resumed_s"] - ev["detected_s"] <= 10.0
     assert summary["final_state_sha256"] == baseline["final_state_sha256"]
 
 
@@ -110,7 +110,7 @@ def test_preempted_rank_hands_over_without_losing_a_step(ray_connected, baseline
 def test_slow_rank_is_reported_as_a_straggler(ray_connected, baseline, tmp_path):
     rec = Steps()
     cfg = tiny(tmp_path, "fault.straggler_steps=3",
-               "fault.inject=[{step: 4, rank: 0, kind: slow, delay_s: 0.6}]")
+               "fault.inject=[{step: 9, rank: 0, kind: slow, delay_s: 1.5}]")
     summary = run(cfg, callbacks=[rec])
     assert summary["status"] == "succeeded" and summary["failures"] == 0
     stragglers = [e for e in summary["events"] if e["kind"] == "straggler"]
@@ -118,17 +118,17 @@ def test_slow_rank_is_reported_as_a_straggler(ray_connected, baseline, tmp_path)
     assert len(stragglers) == 1
     ev = stragglers[0]
     assert ev["rank"] == 0 and ev["alert"] is True and ev["ratio"] > 2.0
-    assert 6 <= ev["step"] <= 9 and ev["lost_steps"] == 0
+    assert 11 <= ev["step"] <= 13 and ev["lost_steps"] == 0
     assert max(r.metrics["straggler_ratio"] for r in rec.steps) > 2.0
     assert summary["final_state_sha256"] == baseline["final_state_sha256"]  # only reported
 
 
 def test_slow_rank_is_replaced_when_configured(ray_connected, baseline, tmp_path):
     cfg = tiny(tmp_path, "fault.straggler_steps=3", "fault.replace_stragglers=true",
-               "fault.inject=[{step: 4, rank: 1, kind: slow, delay_s: 0.6}]")
+               "fault.inject=[{step: 9, rank: 1, kind: slow, delay_s: 1.5}]")
     summary = run(cfg, callbacks=[])
-    ev = summary["events"][0]
-    print("straggler replaced:", json.dumps(ev))
+    print("events:", json.dumps(summary["events"]))
+    [ev] = [e for e in summary["events"] if e["kind"] == "straggler"]  # throughput may alert too
     assert ev["kind"] == "straggler" and ev["rank"] == 1 and ev["lost_steps"] == 0
     assert ev["restored_from"].startswith("memory step")
     assert summary["world_sizes"] == [2, 2] and summary["final_step"] == 16
