@@ -315,7 +315,10 @@ class Driver:
         except Exception:  # noqa: BLE001 - an older Ray or a GCS hiccup: nothing known to drain
             return []
         ids = {k.hex() if isinstance(k, bytes) else str(k) for k in draining}
-        return [r for r, node in enumerate(nodes) if node in ids]
+        new = ids & set(nodes) - set(self.excluded_nodes)
+        for node in new:  # handled once; the next placements avoid it
+            self.excluded_nodes[node] = "drain: Ray is draining the node"
+        return [r for r, node in enumerate(nodes) if node in new]
 
     def _check_health(self, step: int, results: list[dict[str, Any]], metrics: dict[str, float]) -> None:
         """Straggler, throughput and preemption checks of a step every rank finished."""
