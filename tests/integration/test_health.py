@@ -65,6 +65,18 @@ def test_hang_is_found_killed_and_recovered_in_place(ray_connected, baseline, tm
     assert summary["final_state_sha256"] == baseline["final_state_sha256"]
 
 
+def test_collective_timeout_blames_the_hung_rank_not_the_one_that_raised(ray_connected, baseline, tmp_path):
+    cfg = tiny(tmp_path, "fault.pg_timeout_s=5", "fault.inject=[{step: 8, rank: 1, kind: hang}]")
+    summary = run(cfg, callbacks=[])
+    ev = summary["events"][0]
+    print("collective timeout event:", json.dumps(ev))
+    assert ev["kind"] == "hang" and ev["rank"] == 1 and ev["step"] == 8
+    assert "a collective timed out after 5 s (fault.pg_timeout_s): rank 1 stuck" in ev["message"]
+    assert ev["restored_from"].startswith("memory step") and summary["world_sizes"] == [2, 2]
+    assert 4.5 <= ev["detected_s"] - ev["last_step_s"] <= 9.0  # hang_timeout_s is 60 here
+    assert summary["final_state_sha256"] == baseline["final_state_sha256"]
+
+
 def test_nan_loss_rolls_back_and_skips_one_batch(ray_connected, baseline, tmp_path):
     rec = Steps()
     cfg = tiny(tmp_path, "fault.inject=[{step: 9, rank: 0, kind: nan}]")
