@@ -210,8 +210,12 @@ def run_doctor(config: Any, timeout_s: float = 120.0) -> list[dict[str, Any]]:
         raise RuntimeError("the Ray cluster has no alive node with CPUs")
     placed = [nodes[i % len(nodes)] for i in range(max(2, len(nodes)))]
     use_gpu = config.scaling.use_gpu
+    # No GPU is reserved (a busy node is still probed); with GPUs, Ray is asked not to hide
+    # the node's devices from the probe, so that it counts them all.
+    env = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}} if use_gpu else None
     cls = ray.remote(num_cpus=0, num_gpus=0, max_restarts=0)(DoctorProbe)
-    probes = [cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+    probes = [cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+                          runtime_env=env).remote()
               for n in placed]
     try:
         first = ray.get(probes[0].info.remote(), timeout=timeout_s)
