@@ -121,8 +121,9 @@ def allreduce_check(size_mb: float, min_mb_s: float, group: Any = None) -> Check
 
     try:
         n = dist.get_world_size(group)
-        backend = dist.get_backend(group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        nccl = "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available()
+        backend = "nccl" if nccl else "gloo"  # a "cpu:gloo,cuda:nccl" group: NCCL for CUDA tensors
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         x = torch.ones(max(1, int(size_mb * 2**20 / 4)), device=device)
         dist.all_reduce(x[:1024], group=group)  # warm the connections
         if device.type == "cuda":
