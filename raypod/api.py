@@ -75,6 +75,11 @@ def run(config: JobConfig, callbacks: list[Callback] | None = None, progress: bo
         raise
     except Exception as e:  # noqa: BLE001 - a recipe's data step failing is the user's input
         raise ConfigError(f"preparing data.path '{config.data.path}' failed: {type(e).__name__}: {e}") from None
+    from raypod.doctor import storage_check
+
+    storage = storage_check(config.job_dir)  # the driver writes there too; ms, before any worker
+    if not storage.ok:
+        raise ConfigError(f"checkpoint.storage: {storage.detail}")
     connect_ray(config)
     cbs = default_callbacks(config, progress) if callbacks is None else callbacks
     summary = Driver(config, callbacks=cbs, recipe=recipe).run()

@@ -60,10 +60,12 @@ class FailureEvent:
     last_step_s: float | None = None
     """Seconds since job start when the last step before the failure completed."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """More JSON fields for the summary row (``recovery_phases_s``: where a recovery's time went)."""
+    """More JSON fields for the summary row: ``recovery_phases_s`` (where a recovery's time
+    went), ``alert: true`` for an event that interrupted nothing, a straggler's ``ratio``, ..."""
 
     def to_summary(self) -> dict[str, Any]:
         return {
+            **self.extra,
             "kind": self.kind,
             "step": self.step,
             "rank": self.rank,

@@ -39,6 +39,8 @@ class JobAccounting:
         self.last_step = start_step
         self.completed_ever = start_step
         self.order: SampleOrder | None = None
+        self.bad_steps: set[int] = set()
+        """Steps whose batch was skipped on purpose (a NaN or spiking loss)."""
 
     def now(self) -> float:
         return time.time() - self.start_time
@@ -99,7 +101,10 @@ class JobAccounting:
             for step in self.ids:
                 epoch = self.order.epoch_of(step)
                 skipped += sum(1 for i in self.order.ids(step) if (epoch, int(i)) not in seen)
-        return {"consumed": consumed, "duplicated": duplicated, "skipped": skipped}
+        out = {"consumed": consumed, "duplicated": duplicated, "skipped": skipped}
+        if self.bad_steps and self.order is not None:  # not lost: left out on purpose
+            out["skipped_bad"] = sum(len(self.order.ids(s)) for s in self.bad_steps)
+        return out
 
     def productive_s(self) -> float:
         """Wall time of the kept steps after the first one (replayed work is not productive)."""
@@ -117,7 +122,7 @@ class JobAccounting:
             "final_step": final_step,
             "mlflow_run_id": run_id,
             "world_sizes": list(self.world_sizes),
-            "failures": len(self.events),
+            "failures": sum(1 for e in self.events if not e.extra.get("alert")),
             "events": [e.to_summary() for e in self.events],
             "goodput": round(goodput, 4),
             "wall_s": round(wall, 3),

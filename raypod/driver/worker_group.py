@@ -142,9 +142,9 @@ class WorkerGroup:
         self.joiners: list[tuple[Any, tuple[Any, int], Any]] = []
         """Actors starting in the background to join at a step boundary: (actor, placement, warm ref)."""
         self.extra_pgs: list[Any] = []
-        self.excluded_nodes: set[str] = set()
-        """Nodes this job no longer uses (they failed repeatedly); set by the driver."""
         """Single-bundle placement groups reserved for ranks added after the start."""
+        self.excluded_nodes: set[str] = set()
+        """Nodes the ranks must not be placed on (failed a pre-flight check, or lost ranks repeatedly)."""
 
     # ---- lifecycle ---------------------------------------------------------------
     def _new_actor(self, pg: Any, index: int) -> Any:
@@ -220,7 +220,8 @@ class WorkerGroup:
             kind, msg = _describe(e)
             raise GroupStartError(f"a rank failed to start: {msg}", kind=kind) from None
         return {"num_samples": results[0]["num_samples"],
-                "setup_s": max(r["setup_s"] for r in results)}
+                "setup_s": max(r["setup_s"] for r in results),
+                "doctor": [r["doctor"] for r in results if r.get("doctor")]}
 
     def _rendezvous(self, ip: str, timeout: float) -> str:
         port = ray.get(self.actors[0].open_rendezvous.remote(len(self.actors), self.cfg.fault.pg_timeout_s),
@@ -444,6 +445,43 @@ class WorkerGroup:
                 "driver_phases_s": {"export": t1 - t0, "locate": t2 - t1, "reconfigure": t3 - t2},
                 "received_bytes": sum(r["received_bytes"] for r in results),
                 "replaced": sorted(lost), "freed": freed, "old_world": old_world, "new_world": new_world}
+
+    # ---- health ------------------------------------------------------------------
+    def heartbeats(self, timeout: float) -> dict[int, dict[str, Any] | None]:
+        """Where each rank is (step, phase); ``None`` for a rank that did not answer in time."""
+        refs = {a.heartbeat.remote(): r for r, a in enumerate(self.actors)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        out: dict[int, dict[str, Any] | None] = dict.fromkeys(refs.values())
+        for ref in ready:
+            try:
+                out[refs[ref]] = ray.get(ref)
+            except Exception:  # noqa: BLE001 - a dead rank does not answer
+                pass
+        return out
+
+    def quiesce(self, timeout: float) -> PollResult:
+        """Let every call in flight finish (nothing new is submitted); return what arrived."""
+        out = PollResult()
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
+                                timeout=max(0.0, deadline - time.monotonic()))
+            self._collect(ready, out)
+        return out
+
+    def rollback(self, step: int, timeout: float) -> list[tuple[int, list[int]]]:
+        """Every rank goes back to its own in-memory snapshot of ``step`` (same group).
+
+        Returns:
+            ``(rank, [steps <= step whose saves finished])``.
+        """
+        done = ray.get([a.rollback.remote(step) for a in self.actors], timeout=timeout)
+        return list(enumerate(done))
+
+    def flush_replicas(self, timeout: float) -> dict[int, dict[str, Any]]:
+        """Finish every rank's replica exchange in flight; what each then holds in memory."""
+        refs = [a.flush_replicas.remote() for a in self.actors]
+        return dict(enumerate(ray.get(refs, timeout=timeout)))
 
     def _get_all(self, refs: list[Any], timeout: float) -> list[Any]:
         """Get every ref, failing fast on the first error instead of waiting on the rest."""

@@ -2,12 +2,19 @@
 
 The actor process imports torch as soon as it starts, so actors created early are
 warm by the time the driver hands them a rank.
+
+Health: :meth:`TrainWorker.heartbeat` runs in a concurrency group of its own, so the
+driver can ask a rank where it is while its training step runs (or hangs). SIGTERM
+(a preempted or drained node) does not end the process: the rank notes it, keeps
+training, and says so in its results and heartbeats; the driver then hands its work
+to a replacement with no lost steps and ends it. A second SIGTERM ends it at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from typing import Any
@@ -26,6 +33,28 @@ class TrainWorker:
         torch.set_num_threads(max(1, num_threads))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         self.trainer = None
+        self.preempted_at: float | None = None
+        self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.preempted_at is not None and callable(self._ray_sigterm):
+            self._ray_sigterm(signum, frame)  # the second one: leave now
+            return
+        self.preempted_at = time.time()
+        log.warning("[rank %s] SIGTERM: this rank hands its state over, then leaves "
+                    "(a second SIGTERM ends it at once)",
+                    self.trainer.rank if self.trainer else "-")
+
+    @ray.method(concurrency_group="health")
+    def heartbeat(self) -> dict[str, Any]:
+        """Where this rank is (answered even while a step runs or hangs)."""
+        from raypod.worker.trainer import PHASES
+
+        t = self.trainer
+        step, phase, since = t.where if t is not None else (0, len(PHASES) - 1, time.monotonic())
+        return {"rank": t.rank if t is not None else -1, "step": step, "phase": phase,
+                "phase_name": PHASES[phase], "in_phase_s": time.monotonic() - since,
+                "preempted": self.preempted_at is not None, "pid": os.getpid()}
 
     def node_info(self) -> dict[str, Any]:
         """Where this actor runs."""
@@ -84,10 +113,15 @@ class TrainWorker:
         self.warm(config, recipe)
         self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
                           injections, attempt, *peers)
+        doctor = None
+        if config.doctor.enabled:  # the pre-job health checks, in the group just joined
+            from raypod.doctor import rank_preflight
+
+            doctor = rank_preflight(config)
         if restore is not None:
             self.trainer.load(*restore)
         return {"rank": rank, "setup_s": time.perf_counter() - t0,
-                "num_samples": len(self.trainer.data)}
+                "num_samples": len(self.trainer.data), "doctor": doctor}
 
     def reconfigure(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
                     injections: list, attempt: int, peers: tuple[int | None, int | None],
@@ -146,7 +180,18 @@ class TrainWorker:
         return self.trainer.snapshots.report() if self.trainer else {"own": [], "replicas": {}}
 
     def train_step(self, step: int) -> dict[str, Any]:
-        return self.trainer.train_step(step)
+        out = self.trainer.train_step(step)
+        out["preempted"] = self.preempted_at is not None
+        return out
+
+    def rollback(self, step: int) -> list[int]:
+        """Back to this rank's snapshot of ``step`` (a bad loss); see ``Trainer.rollback``."""
+        return self.trainer.rollback(step)
+
+    def flush_replicas(self) -> dict[str, Any]:
+        """Finish the replica exchange in flight, then report what is held in memory."""
+        self.trainer.flush_replicas()
+        return self.trainer.snapshots.report()
 
     # These run on threads of their own, so they answer while a step runs. The ping has
     # its own group so that replica waits (which may block) can never hold it up.
@@ -178,4 +223,4 @@ class TrainWorker:
 def remote_worker_class() -> Any:
     """``TrainWorker`` as a Ray actor class (made lazily so importing raypod stays cheap)."""
     return ray.remote(max_restarts=0, max_task_retries=0,
-                      concurrency_groups={"ping": 1, "replica": 4})(TrainWorker)
+                      concurrency_groups={"ping": 1, "replica": 4, "health": 1})(TrainWorker)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import time
 from concurrent.futures import Future
 from datetime import timedelta
@@ -52,6 +53,11 @@ class InjectedFault(RuntimeError):
     """Raised by an injected ``exception`` fault."""
 
 
+# Where a rank is inside a step, in order: a rank that is stuck at a lower
+# ``(step, phase)`` than its peers is the one they are waiting for.
+PHASES = ("start", "sync", "forward_backward", "optimizer", "snapshot", "done")
+
+
 def lr_at(step: int, t: TrainConfig) -> float:
     """Linear warm-up then cosine decay to ``lr * min_lr_ratio``, by global step."""
     if t.warmup_steps and step <= t.warmup_steps:
@@ -84,6 +90,13 @@ class Trainer:
         recipe: the user's recipe instance.
         attempt: which group this is (for log lines).
     """
+
+    slow_s: float = 0.0
+    """Injected ``slow`` fault: seconds added to every step (stays with the process)."""
+    poison: bool = False
+    """Injected ``nan`` fault: this step's loss and gradients become NaN."""
+    where: tuple[int, int, float] = (0, len(PHASES) - 1, 0.0)
+    """``(step, index in PHASES, time.monotonic() on entering it)``: what heartbeats report."""
 
     def __init__(self, config: JobConfig, recipe: Recipe, attempt: int = 0) -> None:
         self.cfg, self.recipe, self.attempt = config, recipe, attempt
@@ -205,6 +218,9 @@ class Trainer:
                 log.info("[rank %d] leaving a broken process group: %s", self.rank, e)
 
     # ---- training ----------------------------------------------------------------
+    def _mark(self, step: int, phase: str) -> None:
+        self.where = (step, PHASES.index(phase), time.monotonic())
+
     def _fire_faults(self, step: int) -> None:
         for i, f in self.injections:
             if f.step == step:
@@ -213,7 +229,17 @@ class Trainer:
                             self.attempt, f.kind, step)
                 if f.kind == "kill":
                     os._exit(137)
-                raise InjectedFault(f"injected exception at step {step} on rank {self.rank}")
+                if f.kind == "hang":
+                    while True:  # no progress, as a rank stuck in a kernel or a deadlock
+                        time.sleep(1.0)
+                if f.kind == "slow":
+                    self.slow_s = f.delay_s
+                elif f.kind == "nan":
+                    self.poison = True
+                elif f.kind == "preempt":
+                    os.kill(os.getpid(), signal.SIGTERM)  # what the node's shutdown sends
+                else:
+                    raise InjectedFault(f"injected exception at step {step} on rank {self.rank}")
 
     def train_step(self, step: int) -> dict[str, Any]:
         """Run optimizer step ``step`` (1-based) and return this rank's figures.
@@ -225,6 +251,7 @@ class Trainer:
         """
         if self.broken:
             raise RuntimeError(f"rank {self.rank} stopped after a failed step; waiting for recovery")
+        self._mark(step, "start")
         try:
             out = self._train_step(step)
         except BaseException:
@@ -232,7 +259,9 @@ class Trainer:
             if self.replicator is not None:
                 self.replicator.abort()
             raise
+        self._mark(step, "snapshot")
         out.update(self._snapshot(step))
+        self._mark(step, "done")
         return out
 
     def wait_replicated(self, step: int, timeout: float) -> bool:
@@ -241,6 +270,14 @@ class Trainer:
         if rep is None or not rep.enabled or not self.cfg.checkpoint.memory_every_steps:
             return True
         return rep.wait_round(step, timeout)
+
+    def _wait_for_peers(self) -> float:
+        """Seconds spent waiting for the slowest rank to reach this step (straggler split)."""
+        if not self.cfg.fault.straggler_factor or self.world_size < 2:
+            return 0.0
+        t0 = time.perf_counter()
+        dist.all_reduce(torch.zeros(1))  # a CPU tensor: gloo, also beside NCCL
+        return time.perf_counter() - t0
 
     def _snapshot(self, step: int) -> dict[str, Any]:
         every = self.cfg.checkpoint.memory_every_steps
@@ -258,6 +295,11 @@ class Trainer:
             raise RuntimeError(f"rank {self.rank} got step {step} after step {self.step}")
         self._fire_faults(step)
         t0 = time.perf_counter()
+        if self.slow_s:
+            time.sleep(self.slow_s)
+        self._mark(step, "sync")
+        wait_s = self._wait_for_peers()
+        self._mark(step, "forward_backward")
         t = self.cfg.train
         ids = SampleOrder.rank_share(self.order.ids(step), self.rank, self.world_size)
         micros = micro_batches(ids, self.per_rank_max, t.micro_batch)
@@ -280,6 +322,13 @@ class Trainer:
                 loss = self.recipe.loss(self.model, batch, self.device)
                 (loss * (weight * scale)).backward()
             loss_sum += loss.detach() * weight
+        self._mark(step, "optimizer")
+        if self.poison:
+            self.poison = False
+            loss_sum = loss_sum * float("nan")
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(float("nan"))
         grad_norm = self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,6 +341,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
             "compute_s": time.perf_counter() - t0,
+            "wait_s": wait_s,
             "data_s": data_s,
             "epoch": self.order.epoch_of(step),
             "ids": ids.astype(np.int64),
@@ -424,6 +474,40 @@ class Trainer:
         self.snapshots.clear_replicas()
         self.step = step
         return sum(b.numel() for b in bufs)
+
+    def rollback(self, step: int) -> list[int]:
+        """Go back to this rank's own snapshot of ``step``, in the same group (a bad loss).
+
+        Every rank rolls back to the same step and no collective runs, so the group
+        stays as it is. Snapshots, replicas and checkpoint saves of later steps are
+        dropped (their state is being thrown away).
+
+        Returns:
+            The steps ``<= step`` whose saves finished meanwhile (still valid).
+        """
+        if step not in self.snapshots.own:
+            raise RuntimeError(f"rank {self.rank} has no snapshot of step {step}")
+        self.flush_replicas()
+        done = [s for s in self._reap_saves(wait=True) if s <= step]
+        snapshot.restore(self.model, self.optimizer, self.snapshots.own[step])
+        with self.snapshots.lock:
+            for s in [s for s in self.snapshots.own if s > step]:
+                del self.snapshots.own[s]
+            for held in self.snapshots.replicas.values():
+                for s in [s for s in held if s > step]:
+                    del held[s]
+        self.step, self.broken = step, False
+        self._mark(step, "done")
+        return done
+
+    def flush_replicas(self) -> None:
+        """Wait until the replica exchange in flight is done (the peers hold the latest step)."""
+        last = getattr(self.replicator, "_last", None) if self.replicator else None
+        if last is not None:
+            try:
+                last.result()
+            except Exception as e:  # noqa: BLE001 - a broken group shows up in training too
+                log.warning("[rank %d] replica exchange failed: %s", self.rank, e)
 
     # ---- inspection --------------------------------------------------------------
     def state_digest(self, export_path: str | None = None) -> str | None:
