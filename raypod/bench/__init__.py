@@ -6,6 +6,8 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench startup --trials 3      # launch to first step vs Ray Train V2 and torchrun
     raypod bench recovery --trials 3     # a worker killed: gap and replayed steps vs the same
     raypod bench logging                 # MLflow logging overhead vs logging off
+    raypod bench overhead --trials 3     # steady-state step time vs torchrun and a plain loop
+    raypod bench checkpoint --trials 3   # stall of a snapshot / persistent save vs Ray Train V2
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ SUITES: dict[str, str] = {
     "startup": "raypod.bench.startup",
     "recovery": "raypod.bench.recovery",
     "logging": "raypod.bench.logging",
+    "overhead": "raypod.bench.overhead",
+    "checkpoint": "raypod.bench.checkpoint",
 }
 """Suite name -> module with ``run(trials=..., out=...) -> dict``."""
 
