@@ -32,7 +32,7 @@ with its own ``RAY_TMPDIR`` and an environment tag; after each, every process it
 started is waited for (killed by pid if it lingers) and the harness waits for no
 raylet to be up (bounded), as in the other suites.
 
-    python -m raypod.bench.overhead --trials 3 --steps 100
+    python -m raypod.bench.overhead --trials 3 --steps 60
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ REPO = Path(__file__).resolve().parents[2]
 ANCHORS = REPO / "raypod" / "bench" / "anchors"
 TRIAL_TIMEOUT_S = 420.0
 QUIET_TIMEOUT_S = 30.0
-STEPS = 100
-WARMUP = 20
+STEPS = 60
+WARMUP = 15
 MLP_WORKLOAD = ("jobs/configs/mlp.yaml: 4 x [Linear(512->2048), GELU, Linear(2048->512)] (8.4 M params), "
                 "FSDP2 per block + root, gloo, 2 CPU ranks (1 torch thread each), global batch 32 "
                 "(16 per rank) of random normal inputs, loss mean(out^2), AdamW lr 1e-3")
@@ -224,6 +224,19 @@ def medians(by_system: dict[str, list[dict[str, Any]]], key: str) -> dict[str, f
     return out
 
 
+def paired_ratios(by_system: dict[str, list[dict[str, Any]]], base: str) -> dict[str, list[float | None]]:
+    """Per system, per trial round: its median step over ``base``'s in the same round.
+
+    Rounds run back to back, so a round's ratio compares systems under about the same
+    load from other programs; the median over trials mixes rounds run under different loads.
+    """
+    out: dict[str, list[float | None]] = {}
+    for s, recs in by_system.items():
+        out[s] = [ratio(a["median_ms"], b["median_ms"]) if a["ok"] and b["ok"] else None
+                  for a, b in zip(recs, by_system.get(base, []), strict=False)]
+    return out
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
@@ -279,7 +292,7 @@ def run_overhead_bench(trials: int = 3, steps: int = STEPS, warmup: int = WARMUP
         "machine": machine,
         "command": f"raypod bench overhead --trials {trials} (steps={steps}, warmup={warmup})",
         "workload": MLP_WORKLOAD,
-        "definition": f"step time: wall time between consecutive step completions over steps "
+        "definition": f"wall time between consecutive step completions over steps "
                       f"{warmup}..{steps} (median per trial, then median over trials); anchors: rank 0 "
                       "after optimizer.step(); raypod: the driver holding every rank's result",
         "systems": {s.name: {"label": s.label, "kind": s.kind, "args": list(s.args)} for s in chosen},
@@ -287,6 +300,7 @@ def run_overhead_bench(trials: int = 3, steps: int = STEPS, warmup: int = WARMUP
         "median_step_ms": med,
         "mean_step_ms": mean,
         "ratios_vs_torchrun": {s: ratio(v, tr) for s, v in med.items()},
+        "paired_ratios_vs_torchrun": paired_ratios(by_system, "torchrun"),
         "target": "raypod / torchrun <= 1.03",
         "breakdown_ms": {
             "snapshot_in_raypod": None if rp is None or rp0 is None else round(rp - rp0, 2),
@@ -332,6 +346,16 @@ def markdown(r: dict[str, Any]) -> str:
         f"Workload: {r['workload']}.",
         "",
         *table(r),
+        "",
+        "Per trial round, each system's median over torchrun's in the same round (the rounds ran "
+        "back to back, so these compare systems under about the same load; the load average before "
+        "each round's torchrun trial is given):",
+        "",
+        "| system | " + " | ".join(f"round {i + 1} (load {t['loadavg_before']})"
+                                  for i, t in enumerate(r["trials"].get("torchrun", []))) + " |",
+        "|---|" + "---:|" * len(r["trials"].get("torchrun", [])),
+        *[f"| {r['systems'][s]['label']} | " + " | ".join(_fmt(x, ".3f") for x in xs) + " |"
+          for s, xs in r.get("paired_ratios_vs_torchrun", {}).items()],
         "",
         f"- **step time**: {r['definition']}.",
         f"- Target: {r['target']}.",
