@@ -236,7 +236,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"Date: {r['date']}. Machine: {m['platform']}, {m['nproc']} CPUs; load average (1 min) "
         f"{m['loadavg_before'][0]} before, {m['loadavg_after'][0]} after.",
         f"Command: `raypod chaos {r['config']} --faults {r['faults_planned']} --seed {r['seed']} "
-        f"--spacing {r['spacing']}{(' ' + over) if over else ''}` ({r['max_steps']} steps, world size "
+        f"--spacing {r['spacing']} --steps {r['max_steps']}{(' ' + over) if over else ''}` (world size "
         f"{r['world_size']}, fault kinds {', '.join(r['kinds'])}).",
         "",
         "| | |",

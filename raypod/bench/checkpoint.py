@@ -16,9 +16,9 @@ without checkpoints and once with each kind of checkpoint it has:
   report is part of the stall: Ray Train V2's report is a synchronisation of every
   worker through its controller (a ``report(metrics)`` after every step made a step
   take about 2 s on the loaded 2-core machine, so the baseline does not report).
-* torchrun (:mod:`raypod.bench.anchors.mlp_steps`): ``torchrun_none`` and
-  ``torchrun_dcp`` (a blocking ``dcp.save`` every ``every`` steps), the floor of a
-  synchronous DCP save of this state with no framework around it.
+* torchrun (:mod:`raypod.bench.anchors.mlp_steps`, only with ``--systems``):
+  ``torchrun_none`` and ``torchrun_dcp`` (a blocking ``dcp.save`` every ``every``
+  steps), the floor of a synchronous DCP save of this state with no framework around it.
 
 Step intervals are measured as in the overhead suite (wall time between consecutive
 step completions after ``warmup``). A checkpoint's cost shows up as a spike in one or
@@ -29,7 +29,7 @@ trial against the same trial round's no-checkpoint run (the rounds are interleav
 then the median over trials. For the snapshot, taken after every step, that is the
 mean step time it adds.
 
-    python -m raypod.bench.checkpoint --trials 3 --steps 60 --every 10
+    python -m raypod.bench.checkpoint --trials 3 --steps 50 --every 10
 """
 
 from __future__ import annotations
@@ -50,8 +50,12 @@ from raypod.bench.overhead import (
 )
 
 EVERY = 10
-STEPS_CKPT = 60
+STEPS_CKPT = 50
 WARMUP_CKPT = 10
+QUIET_S = 5.0
+"""Seconds to wait for other programs' raylets to go after a trial (they rarely do on a shared box)."""
+DEFAULT_SYSTEMS = ["raypod_none", "raypod_snapshot", "raypod_persist", "ray_train_none", "ray_train_ckpt"]
+"""What ``raypod bench checkpoint`` runs; the torchrun pair is there with ``--systems``."""
 
 
 def systems(every: int) -> list[System]:
@@ -104,8 +108,9 @@ def run_checkpoint_bench(trials: int = 3, steps: int = STEPS_CKPT, warmup: int =
                          out: str | os.PathLike | None = "benchmarks/results",
                          only: list[str] | None = None) -> dict[str, Any]:
     """Measure the stall per checkpoint of raypod's and the anchors' checkpoints; print and write it."""
-    chosen = [s for s in systems(every) if only is None or s.name in only]
-    by_system, machine = run_interleaved(chosen, trials, steps, warmup, "checkpoint")
+    only = DEFAULT_SYSTEMS if only is None else only
+    chosen = [s for s in systems(every) if s.name in only]
+    by_system, machine = run_interleaved(chosen, trials, steps, warmup, "checkpoint", QUIET_S)
     st = stalls(by_system, every, warmup, steps)
     rt = (st.get("ray_train_ckpt") or {}).get("median_ms")
 

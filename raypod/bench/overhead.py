@@ -130,7 +130,8 @@ def intervals(times: dict[int, float], warmup: int, last: int) -> list[float]:
     return [times[k + 1] - times[k] for k in range(warmup, last)]
 
 
-def run_trial(system: System, i: int, logs: Path, steps: int, warmup: int) -> dict[str, Any]:
+def run_trial(system: System, i: int, logs: Path, steps: int, warmup: int,
+              quiet_timeout_s: float = QUIET_TIMEOUT_S) -> dict[str, Any]:
     """Run ``system`` once as a cold subprocess; returns its step-time figures."""
     tag = uuid.uuid4().hex[:12]
     tmp = Path(tempfile.mkdtemp(prefix="rpb-", dir="/tmp"))  # short: Ray socket paths
@@ -171,7 +172,7 @@ def run_trial(system: System, i: int, logs: Path, steps: int, warmup: int) -> di
         rec["why"] = f"{type(e).__name__}: {e}"
         rec["log_tail"] = tail(log_path)
     rec["log"] = str(log_path)
-    rec.update(drain(tag, QUIET_TIMEOUT_S, _log))
+    rec.update(drain(tag, quiet_timeout_s, _log))
     shutil.rmtree(tmp, ignore_errors=True)
     return rec
 
@@ -184,9 +185,14 @@ def warm_page_cache() -> None:
                    stderr=subprocess.DEVNULL, check=False, timeout=300)
 
 
-def run_interleaved(systems: list[System], trials: int, steps: int, warmup: int, suite: str
+def run_interleaved(systems: list[System], trials: int, steps: int, warmup: int, suite: str,
+                    quiet_timeout_s: float = QUIET_TIMEOUT_S
                     ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """Run every system ``trials`` times, interleaved; returns the trials and the machine record."""
+    """Run every system ``trials`` times, interleaved; returns the trials and the machine record.
+
+    After each trial the harness waits up to ``quiet_timeout_s`` for no raylet to be up
+    (other programs' clusters included).
+    """
     if trials < 1:
         raise ValueError("trials must be at least 1")
     if not 1 <= warmup < steps:
@@ -195,13 +201,13 @@ def run_interleaved(systems: list[System], trials: int, steps: int, warmup: int,
     logs = Path(tempfile.mkdtemp(prefix=f"raypod-bench-{suite}-"))
     _log(f"{suite}: {trials} trial(s) of {len(systems)} systems, interleaved, {steps} steps, "
          f"intervals after step {warmup}; subprocess logs in {logs}")
-    stray = wait_no_raylets(QUIET_TIMEOUT_S, _log)
+    stray = wait_no_raylets(quiet_timeout_s, _log)
     started = _dt.datetime.now(_dt.timezone.utc)
     load_before = os.getloadavg()
     by_system: dict[str, list[dict[str, Any]]] = {s.name: [] for s in systems}
     for i in range(1, trials + 1):
         for s in systems:
-            rec = run_trial(s, i, logs, steps, warmup)
+            rec = run_trial(s, i, logs, steps, warmup, quiet_timeout_s)
             by_system[s.name].append(rec)
             what = (f"median {rec['median_ms']:.1f} ms, mean {rec['mean_ms']:.1f} ms" if rec["ok"]
                     else f"FAILED ({rec.get('why')})")
