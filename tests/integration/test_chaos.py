@@ -19,7 +19,8 @@ def test_short_chaos_run_loses_nothing(ray_connected, tmp_path):
                        overrides=["checkpoint.every_steps=10", "fault.hang_timeout_s=60",
                                   "recipe.args={n_blocks: 2, dim: 64, hidden: 128, num_samples: 4096}"])
     assert report["faults_planned"] == 5 and report["faults_fired"] == 5
-    assert set(report["faults_planned_by_kind"]) == set(fault_kinds())  # every kind at least once
+    kinds = set(report["faults_planned_by_kind"])  # every kind once, as far as 5 faults go
+    assert kinds <= set(fault_kinds()) and len(kinds) == min(5, len(fault_kinds()))
     assert report["status"] == "succeeded" and report["final_step"] == 24
     assert report["failures_seen"] == 5 and report["recovered"] == 5 and report["all_recovered"]
     assert report["state_matches_reference"] is True
