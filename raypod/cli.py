@@ -4,6 +4,7 @@
     raypod check CONFIG [--set ...]                validate a config and print it resolved
     raypod doctor [CONFIG] [--set ...]             health-check every node of the Ray cluster
     raypod bench startup                           launch-to-first-step against the anchors
+    raypod chaos CONFIG [--faults 50 --seed 0]     seeded random faults, then a report of what was lost
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from raypod.bench import SUITES
 from raypod.config import ConfigError, load_config
 
 
@@ -58,13 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench = sub.add_parser("bench", help="run a benchmark suite side by side with its anchors",
                              description="Benchmarks print absolute figures and ratios against "
                                          "anchors run in the same invocation.")
-    p_bench.add_argument("suite", choices=["startup", "recovery", "logging", "node_loss"],
+    p_bench.add_argument("suite", choices=list(SUITES),
                          help="startup: launch to first step vs Ray Train V2 TorchTrainer and torchrun; "
                               "recovery: a worker killed after step 25 of the MLP workload, recovery gap "
-                              "and steps replayed vs the same; logging: MLflow overhead vs logging off; node_loss: a whole "
-                              "node of a multi-node cluster removed, in-place recovery gap")
+                              "and steps replayed vs the same; logging: MLflow overhead vs logging off; "
+                              "node_loss: a whole node of a multi-node cluster removed, in-place recovery "
+                              "gap; overhead: steady-state step time vs torchrun and a plain loop; "
+                              "checkpoint: the stall of an in-memory snapshot and of a persistent save "
+                              "vs Ray Train V2's report with a checkpoint")
     p_bench.add_argument("--trials", type=int, default=3, help="trials per system")
     p_bench.add_argument("--out", default="benchmarks/results", help="where to write the table")
+    p_chaos = sub.add_parser("chaos", help="a long run with seeded random faults, then a report",
+                             description="Run CONFIG with --faults seeded random faults of every kind "
+                                         "fault.inject supports (MLflow on), then the same job without "
+                                         "faults, and report faults injected and recovered, the final "
+                                         "state digest against the fault-free run, samples duplicated "
+                                         "and skipped, and MLflow points missing. Exit 0 when nothing "
+                                         "was lost.")
+    _add_config_args(p_chaos)
+    p_chaos.add_argument("--faults", type=int, default=50, help="faults to inject")
+    p_chaos.add_argument("--seed", type=int, default=0, help="seeds where, on which rank, which kind")
+    p_chaos.add_argument("--spacing", type=int, default=4, help="fewest steps between two faults")
+    p_chaos.add_argument("--steps", type=int, default=None,
+                         help="train.max_steps (default: the config's, raised to fit the faults)")
+    p_chaos.add_argument("--storage", default=None, help="checkpoint.storage (default: a temporary folder)")
+    p_chaos.add_argument("--out", default="benchmarks/results", help="where to write chaos.json/.md "
+                                                                     "('-': nowhere)")
+    p_chaos.add_argument("--progress", action="store_true", help="print the jobs' progress lines")
     return parser
 
 
@@ -128,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(run_suite(args.suite, trials=args.trials, out=args.out), indent=2))
             return 0
+        if args.command == "chaos":
+            from raypod.chaos import run_chaos
+
+            report = run_chaos(args.config, faults=args.faults, seed=args.seed, spacing=args.spacing,
+                               steps=args.steps, overrides=args.overrides, storage=args.storage,
+                               out=None if args.out == "-" else args.out, progress=args.progress)
+            return 0 if report["nothing_lost"] else 1
     except ConfigError as e:
         print(f"raypod: error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench recovery --trials 3     # a worker killed: gap and replayed steps vs the same
     raypod bench logging                 # MLflow logging overhead vs logging off
     raypod bench node_loss --trials 3    # a whole Ray node removed: in-place recovery gap
+    raypod bench overhead --trials 3     # steady-state step time vs torchrun and a plain loop
+    raypod bench checkpoint --trials 3   # stall of a snapshot / persistent save vs Ray Train V2
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ SUITES: dict[str, str] = {
     "recovery": "raypod.bench.recovery",
     "logging": "raypod.bench.logging",
     "node_loss": "raypod.bench.node_loss",
+    "overhead": "raypod.bench.overhead",
+    "checkpoint": "raypod.bench.checkpoint",
 }
 """Suite name -> module with ``run(trials=..., out=...) -> dict``."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -40,10 +41,57 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+class Snapshot(list):
+    """A snapshot's tensors, all views into one flat host buffer (``flat``, in :func:`to_bytes` layout).
+
+    The replica exchange sends ``flat`` as it is instead of concatenating the tensors
+    again, and when the snapshot is dropped its buffer goes back to a small pool that
+    the next :func:`take` reuses, so a step's snapshot neither allocates (and faults in)
+    fresh pages nor copies the shard twice.
+    """
+
+    flat: torch.Tensor
+
+
+_POOL: dict[int, list[torch.Tensor]] = {}
+_POOL_LOCK = threading.Lock()
+_POOL_MAX = 4
+"""Free buffers kept per size (a rank keeps 3 own snapshots; one more is being filled)."""
+
+
+def _give_back(flat: torch.Tensor) -> None:
+    with _POOL_LOCK:
+        free = _POOL.setdefault(flat.numel(), [])
+        if len(free) < _POOL_MAX:
+            free.append(flat)
+
+
+def _buffer(nbytes: int) -> torch.Tensor:
+    with _POOL_LOCK:
+        free = _POOL.get(nbytes)
+        if free:
+            return free.pop()
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 def take(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Copy the local shard to host memory."""
+    """Copy the local shard to host memory (one flat buffer, see :class:`Snapshot`)."""
+    src = [t.detach() for t in state_tensors(model, optimizer)]
+    sizes = [t.numel() * t.element_size() for t in src]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))] if src else []
+    if any(off % t.element_size() for off, t in zip(offsets, src, strict=True)):
+        with torch.no_grad():  # mixed dtypes that do not align: one tensor each
+            return [t.to("cpu", copy=True) for t in src]
+    flat = _buffer(sum(sizes))
+    snap = Snapshot()
     with torch.no_grad():
-        return [t.detach().to("cpu", copy=True) for t in state_tensors(model, optimizer)]
+        for t, off, n in zip(src, offsets, sizes, strict=True):
+            dst = flat[off:off + n].view(t.dtype).reshape(t.shape)
+            dst.copy_(t)
+            snap.append(dst)
+    snap.flat = flat
+    weakref.finalize(snap, _give_back, flat)
+    return snap
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, snap: list[torch.Tensor]) -> None:
@@ -153,7 +201,9 @@ class PeerReplicator:
             except Exception as e:  # noqa: BLE001 - a lost peer shows up in training too
                 log.warning("replica exchange failed: %s", e)
         waited = time.perf_counter() - t0
-        self._last = self._pool.submit(self._exchange, step, to_bytes(snap), store)
+        flat = getattr(snap, "flat", None)  # a Snapshot is sent as it is, no second copy
+        self._last = self._pool.submit(self._exchange, step, flat if flat is not None else to_bytes(snap),
+                                       store)
         with self._cv:
             self._rounds[step] = self._last
             for s in [s for s in self._rounds if s < step - 4]:
