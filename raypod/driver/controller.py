@@ -580,16 +580,19 @@ class Driver:
         nodes = getattr(self.group, "nodes", None) or []
         lost = set(self.dead_ranks) | ({f.rank} if f.kind in ("worker_died", "kill") and f.rank is not None
                                        else set())
-        for r in lost:
-            if r < len(nodes):
-                node = nodes[r]
-                self.node_failures[node] += 1
-                if (self.node_failures[node] >= self.cfg.fault.max_node_failures
-                        and node not in self.excluded_nodes):
-                    self.excluded_nodes[node] = (f"lost ranks {self.node_failures[node]} times "
-                                                 "(fault.max_node_failures)")
-                    log.warning("node %s lost ranks %d times (fault.max_node_failures): the job no longer "
-                                "uses it", node, self.node_failures[node])
+        for node in {nodes[r] for r in lost if r < len(nodes)}:  # once per failure, however many ranks
+            self.node_failures[node] += 1
+            if (self.node_failures[node] >= self.cfg.fault.max_node_failures
+                    and node not in self.excluded_nodes):
+                others = self.alive_nodes() - set(self.excluded_nodes) - {node}
+                if not others:
+                    log.warning("node %s lost ranks %d times, but it is the only node left: keeping it",
+                                node, self.node_failures[node])
+                    continue
+                self.excluded_nodes[node] = (f"lost ranks {self.node_failures[node]} times "
+                                             "(fault.max_node_failures)")
+                log.warning("node %s lost ranks %d times (fault.max_node_failures): the job no longer "
+                            "uses it", node, self.node_failures[node])
         if self.group is not None and hasattr(self.group, "excluded_nodes"):
             self.group.excluded_nodes = set(self.excluded_nodes)
 

@@ -21,6 +21,7 @@ def test_node_excluded_after_max_node_failures(tmp_path):
                                     "checkpoint": {"storage": str(tmp_path)},
                                     "fault": {"max_node_failures": 2}})
     driver = Driver(cfg, callbacks=[], recipe=Recipe())
+    driver.alive_nodes = lambda: {"n0", "n1"}
     driver.group = SimpleNamespace(nodes=["n0", "n1"], excluded_nodes=set())
     kill = Failure(kind="worker_died", rank=1, step=3, time_s=1.0, message="died")
     driver._count_node_failures(kill)
@@ -29,3 +30,18 @@ def test_node_excluded_after_max_node_failures(tmp_path):
     assert not driver.excluded_nodes  # a step that raised says nothing about its node
     driver._count_node_failures(kill)
     assert set(driver.excluded_nodes) == {"n1"} and driver.group.excluded_nodes == {"n1"}
+
+
+def test_the_last_node_is_never_excluded_and_a_failure_counts_once(tmp_path):
+    cfg = JobConfig.model_validate({"name": "x", "recipe": {"target": "raypod.recipe:Recipe"},
+                                    "checkpoint": {"storage": str(tmp_path)},
+                                    "fault": {"max_node_failures": 2}})
+    driver = Driver(cfg, callbacks=[], recipe=Recipe())
+    driver.alive_nodes = lambda: {"n0"}
+    driver.group = SimpleNamespace(nodes=["n0", "n0"], excluded_nodes=set())
+    driver.dead_ranks = {0, 1}  # both ranks of one node in one failure: one strike for the node
+    driver._count_node_failures(Failure(kind="worker_died", rank=0, step=3, time_s=1.0, message="died"))
+    assert driver.node_failures["n0"] == 1
+    driver._count_node_failures(Failure(kind="worker_died", rank=0, step=5, time_s=2.0, message="died"))
+    assert driver.node_failures["n0"] == 2 and not driver.excluded_nodes  # the only node stays
+
