@@ -121,12 +121,16 @@ class TokenWindows:
         import ray.data
 
         # Rows must come in step order; the rank's process runs only its own streams.
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         n = last - first + 1
-        ds = ray.data.range(n, override_num_blocks=max(1, min(n // STEPS_PER_TASK, 1000)))
+        blocks = max(1, min(-(-n // STEPS_PER_TASK), 1000))
+        ds = ray.data.range(n, override_num_blocks=blocks)
         return ds.map_batches(
             _assemble, batch_size=STEPS_PER_TASK, batch_format="numpy", num_cpus=DATA_TASK_CPUS,
-            compute=ray.data.TaskPoolStrategy(size=2),
+            compute=ray.data.TaskPoolStrategy(size=min(2, blocks)),
             fn_kwargs={"source": self, "first": first, "rank": rank, "world_size": world_size,
                        "order": (order.num_samples, order.global_batch, order.seed)})
 

@@ -358,6 +358,7 @@ class Trainer:
     def close(self) -> None:
         """Finish writes and leave the process group."""
         try:
+            log.info("[rank %d] data: %s", self.rank, self.feed.stats)
             self.feed.close()
             self._reap_saves(wait=True)
         finally:
