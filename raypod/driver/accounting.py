@@ -84,7 +84,12 @@ class JobAccounting:
 
     # ---- results -----------------------------------------------------------------
     def samples(self) -> dict[str, int]:
-        """Consumed, duplicated and skipped samples, from the ids the ranks reported."""
+        """Consumed, duplicated and skipped samples, from the ids the ranks reported.
+
+        Duplicated: an ``(epoch, id)`` consumed more than once. Skipped: an id that the
+        seeded order puts in a step this job ran (after its resume step) that no rank
+        reported consuming.
+        """
         seen: Counter[tuple[int, int]] = Counter()
         for per_rank in self.ids.values():
             for epoch, ids in per_rank:
@@ -92,8 +97,8 @@ class JobAccounting:
         consumed = sum(seen.values())
         duplicated = sum(c - 1 for c in seen.values() if c > 1)
         skipped = 0
-        if self.order is not None:
-            for step in self.ids:
+        if self.order is not None:  # every step this job ran, including any never reported
+            for step in range(self.start_step + 1, self.last_step + 1):
                 epoch = self.order.epoch_of(step)
                 skipped += sum(1 for i in self.order.ids(step) if (epoch, int(i)) not in seen)
         return {"consumed": consumed, "duplicated": duplicated, "skipped": skipped}
