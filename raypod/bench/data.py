@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {"tiny": 60, "small": 8}
 """Config name (``jobs/configs/<name>.yaml``) -> training steps timed."""
 STREAM_STEPS = 400
+FEED_STEPS = {"tiny": 60, "small": 40}
+"""Steps of the rank-like consumer of a :class:`StepFeed` (after the training run)."""
 
 
 def _loadavg() -> list[float]:
@@ -62,6 +64,30 @@ def _pipeline(recipe: Any, cfg: Any, world: int) -> dict[str, Any]:
     dt = time.perf_counter() - first
     return {"first_row_s": round(first - t0, 3), "rows": rows,
             "samples_per_s": round(samples / dt, 1), "steps_per_s": round(rows / dt, 1)}
+
+
+def _feed(recipe: Any, cfg: Any, world: int, step_s: float, steps: int) -> dict[str, Any]:
+    """A :class:`StepFeed` consumed like a rank that computes for ``step_s`` a step."""
+    from raypod.data.order import SampleOrder
+    from raypod.data.stream import StepFeed, TokenWindows
+
+    source = TokenWindows(recipe.corpus, recipe.model_cfg.seq_len)
+    order = SampleOrder(len(source), cfg.train.global_batch, cfg.train.seed)
+    feed = StepFeed(source, order, last_step=steps)
+    waits = []
+    try:
+        feed.seek(1, world, 1)
+        for step in range(1, steps + 1):
+            time.sleep(step_s)
+            t = time.perf_counter()
+            feed.take(step, 1, world)
+            waits.append(time.perf_counter() - t)
+    finally:
+        feed.close()
+    later = waits[10:]
+    return {"steps": steps, "step_s": round(step_s, 3), **feed.stats,
+            "wait_ms_mean_after_10": round(statistics.mean(later) * 1e3, 3),
+            "wait_ms_max_after_10": round(max(later) * 1e3, 3)}
 
 
 def bench_config(name: str, steps: int, root: Path) -> dict[str, Any]:
@@ -94,6 +120,8 @@ def bench_config(name: str, steps: int, root: Path) -> dict[str, Any]:
     rec = Recorder()
     summary = run(cfg, callbacks=[rec])
     later = [m for m in rec.metrics if m["step"] > 1]
+    step_s = statistics.median(m["step_time_s"] for m in later)
+    feed = _feed(recipe, cfg, world, min(step_s, 0.5), FEED_STEPS[name])
     waits = [m["data_wait_frac"] for m in later]
     consumed = statistics.median(m["samples_per_s"] for m in later) / world
     return {
@@ -110,6 +138,7 @@ def bench_config(name: str, steps: int, root: Path) -> dict[str, Any]:
         "train_samples_per_s_per_rank": round(consumed, 2),
         "step_time_s_median": round(statistics.median(m["step_time_s"] for m in later), 3),
         "headroom": round(pipe["samples_per_s"] / consumed, 1),
+        "feed": feed,
         "data_wait_frac": {"mean": round(statistics.mean(waits), 5), "median": round(statistics.median(waits), 5),
                            "max": round(max(waits), 5), "first_step": round(rec.metrics[0]["data_wait_frac"], 5)},
         "ledger": summary["samples"],
@@ -228,6 +257,12 @@ def markdown(r: dict[str, Any]) -> str:
             f"resumed: {after} (steady state before the failure: median {rec['steady_data_wait_ms_median']} ms); "
             f"ledger {rec['ledger']}.",
         ]
+    lines += ["", "| config | rank-like consumer: steps at | from the stream | assembled in the rank "
+              "(warm-up / late) | wait mean / max (steps 11+) |", "|---|---:|---:|---:|---:|"]
+    for x in r["rows"]:
+        f = x["feed"]
+        lines.append(f"| `{x['config']}` | {f['step_s']} s | {f['streamed']} | {f['local'] - f['late']} / "
+                     f"{f['late']} | {f['wait_ms_mean_after_10']} ms / {f['wait_ms_max_after_10']} ms |")
     lines += [
         "",
         "- Stream: one rank's Ray Data pipeline alone (ids of its share per step, windows cut from the "
@@ -236,6 +271,8 @@ def markdown(r: dict[str, Any]) -> str:
         "steps 2 onward (a new stream's first batches are assembled in the rank while Ray Data starts). "
         "Goal: under 2%.",
         "- Training samples/s: median over steps 2 onward, per rank.",
+        "- Rank-like consumer: a `StepFeed` (what a rank uses) taking one step every median step time of "
+        "the job (at most 0.5 s), counting where each batch came from.",
         "",
         "Command: `raypod bench data` (or `python -m raypod.bench.data`).",
         "",

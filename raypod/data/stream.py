@@ -16,8 +16,14 @@ size). :class:`StepFeed` hands the trainer those batches:
   beyond that memory restarts the stream; while a new stream warms up (Ray Data takes
   a second or more to start its first tasks) the rank assembles the batches itself
   from the memory-mapped token file, so a replacement rank's first step does not wait
-  for Ray Data. The same fallback covers a stream that stalls (no CPU left for data
-  tasks): training slows down instead of deadlocking, and a warning says why.
+  for Ray Data.
+- **Late rows**: a step waits for a live stream's row at most ``PATIENCE_FRAC`` of
+  the recent step interval (at least ``PATIENCE_MIN_S``), then the rank assembles
+  that batch itself (a memory copy of a few windows) and the stream's row for it is
+  skipped when it comes. So a stream that falls behind for a moment (a data task
+  queued behind other work) costs a step milliseconds, not the task's delay, and a
+  stream that cannot run at all (no CPU left for data tasks) never deadlocks
+  training; a warning says so.
 - **Map-style sources** (anything with ``__len__`` and ``get_batch(ids)``, such as
   the synthetic MLP data) are fetched in-process, as before.
 
@@ -46,8 +52,14 @@ log = logging.getLogger("raypod.data")
 
 STEPS_PER_TASK = 8
 """Steps one Ray Data task assembles (fewer tasks, same order)."""
+PATIENCE_FRAC = 0.01
+"""A live stream is waited for at most this fraction of the recent step interval ..."""
+PATIENCE_MIN_S = 0.005
+"""... or this many seconds, whichever is longer; then the rank assembles the batch itself."""
 LIVE_AHEAD = 2
 """Rows a new stream must hold ready before the rank stops serving itself and waits on it."""
+LATE_WARNING = 50
+"""Late steps in a row after which a warning is logged."""
 MAX_SKIP = 256
 """A running stream is kept when it is at most this many steps behind the step wanted
 (its rows up to there are skipped) rather than restarted."""
@@ -192,14 +204,17 @@ class StepFeed:
         last_step: the job's last step (streams end there).
         keep: batches of recent steps kept for rewinds.
         prefetch: rows the background thread holds ready.
-        stall_s: a stream that delivers nothing for this long is bypassed for the step.
     """
 
     def __init__(self, source: Any, order: SampleOrder, last_step: int, keep: int = 8,
-                 prefetch: int = 8, stall_s: float = 10.0) -> None:
+                 prefetch: int = 8) -> None:
         self.source, self.order, self.last_step = source, order, last_step
         self.streamed = hasattr(source, "stream")
-        self.keep, self.prefetch, self.stall_s = keep, prefetch, stall_s
+        self.keep, self.prefetch = keep, prefetch
+        self.interval: float | None = None
+        """Moving average of the seconds between two :meth:`take` calls (the step interval)."""
+        self.last_take: float | None = None
+        self.late_in_a_row = 0
         self.key: tuple[int, int] | None = None
         self.recent: OrderedDict[int, tuple[np.ndarray, Any]] = OrderedDict()
         self.pump: _Pump | None = None
@@ -207,7 +222,7 @@ class StepFeed:
         """Step of the next row the stream will deliver."""
         self.live = False
         """Whether the stream has run ahead of training (until then the rank serves itself)."""
-        self.stats = {"streamed": 0, "local": 0, "recent": 0, "restarts": 0}
+        self.stats = {"streamed": 0, "local": 0, "late": 0, "recent": 0, "restarts": 0}
 
     # ---- positioning -------------------------------------------------------------
     def seek(self, rank: int, world_size: int, step: int) -> None:
@@ -256,26 +271,28 @@ class StepFeed:
         self.stats["local"] += 1
         return ids, self.source.get_batch(ids)
 
+    def _patience(self) -> float:
+        return max(PATIENCE_MIN_S, PATIENCE_FRAC * (self.interval or 0.0))
+
     def _from_stream(self, step: int) -> tuple[np.ndarray, Any] | None:
         """The stream's row for ``step``; ``None`` when the rank should serve itself.
 
         Until the stream has run ahead of training (``LIVE_AHEAD`` rows ready) it is
-        never waited for; after that the rank waits up to ``stall_s`` for a row.
+        never waited for; after that, for at most :meth:`_patience`.
         """
-        wait = self.live
-        deadline = time.monotonic() + self.stall_s
+        deadline = time.monotonic() + (self._patience() if self.live else 0.0)
         while True:
+            left = deadline - time.monotonic()
             try:
-                item = self.pump.queue.get(timeout=0.05) if wait else self.pump.queue.get_nowait()
+                item = self.pump.queue.get(timeout=left) if left > 0 else self.pump.queue.get_nowait()
             except queue.Empty:
-                if not wait:
-                    return None
-                if time.monotonic() > deadline:
-                    log.warning("data stream delivered nothing for %.0f s at step %d (no CPU for "
-                                "Ray Data tasks?); assembling batches in the rank", self.stall_s, step)
-                    self.live = False
-                    return None
-                continue
+                if self.live:
+                    self.stats["late"] += 1
+                    self.late_in_a_row += 1
+                    if self.late_in_a_row == LATE_WARNING:
+                        log.warning("data stream late for %d steps in a row at step %d (no CPU for Ray "
+                                    "Data tasks?); the rank assembles its batches meanwhile", LATE_WARNING, step)
+                return None
             if item is None or isinstance(item, BaseException):
                 log.warning("data stream ended before step %d: %r; restarting it", step, item)
                 self.pump = None
@@ -286,6 +303,7 @@ class StepFeed:
                 self.live = True  # the stream is ahead of training: wait for it from now on
             if row_step == step:
                 self.stats["streamed"] += 1
+                self.late_in_a_row = 0
                 return ids, self.source.to_batch(windows)
             if row_step > step:  # rows come in order, so this is a bug; never train on it
                 self._stop()
@@ -296,6 +314,11 @@ class StepFeed:
 
         The ids are those of the stream's row (or of the batch assembled here).
         """
+        now = time.monotonic()
+        if self.last_take is not None:
+            gap = now - self.last_take
+            self.interval = gap if self.interval is None else 0.8 * self.interval + 0.2 * gap
+        self.last_take = now
         if (rank, world_size) != self.key:
             self.seek(rank, world_size, step)
         if step in self.recent:
