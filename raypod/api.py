@@ -88,6 +88,11 @@ def run(config: JobConfig, callbacks: list[Callback] | None = None, progress: bo
     """
     recipe = build_recipe(config)
     _data_step(recipe.check_data, config)
+    from raypod.doctor import storage_check
+
+    storage = storage_check(config.job_dir)  # the driver writes there too; ms, before any worker
+    if not storage.ok:
+        raise ConfigError(f"checkpoint.storage: {storage.detail}")
     connect_ray(config)
     _data_step(recipe.prepare_data, config)
     cbs = default_callbacks(config, progress) if callbacks is None else callbacks

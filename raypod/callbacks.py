@@ -60,9 +60,12 @@ class FailureEvent:
     last_step_s: float | None = None
     """Seconds since job start when the last step before the failure completed."""
     extra: dict[str, Any] = field(default_factory=dict)
+    """More JSON fields for the summary row: ``recovery_phases_s`` (where a recovery's time
+    went), ``alert: true`` for an event that interrupted nothing, a straggler's ``ratio``, ..."""
 
     def to_summary(self) -> dict[str, Any]:
         return {
+            **self.extra,
             "kind": self.kind,
             "step": self.step,
             "rank": self.rank,
@@ -73,6 +76,7 @@ class FailureEvent:
             "restored_from": self.restored_from,
             "last_step_s": None if self.last_step_s is None else round(self.last_step_s, 3),
             "message": self.message[:500],
+            **self.extra,
         }
 
 
@@ -93,6 +97,9 @@ class Callback:
 
     def after_recovery(self, event: FailureEvent) -> None:
         """After the first step following a failure completed (``resumed_s`` set)."""
+
+    def after_resize(self, resize: dict[str, Any]) -> None:
+        """After the world size changed in place (``kind`` grow or shrink, ``from``, ``to``, ``step``)."""
 
     def after_checkpoint(self, step: int, path: str) -> None:
         """After a persistent checkpoint was committed."""

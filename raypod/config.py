@@ -112,11 +112,20 @@ class CheckpointConfig(_Section):
 
 
 class FaultInjection(_Section):
-    """One injected fault: fires once per job when ``rank`` starts ``step``."""
+    """One injected fault: fires once per job when ``rank`` starts ``step``.
+
+    ``kill``: the rank's process dies. ``exception``: the step raises. ``hang``: the
+    rank stops making progress (until it is killed). ``slow``: every step of the rank
+    takes ``delay_s`` longer from ``step`` on (a straggler). ``nan``: the step's loss
+    and gradients become NaN. ``preempt``: the rank's process receives SIGTERM, as a
+    preempted or drained node's would.
+    """
 
     step: int = Field(ge=1)
     rank: int = Field(ge=0)
-    kind: Literal["kill", "exception"]
+    kind: Literal["kill", "exception", "hang", "slow", "nan", "preempt"]
+    delay_s: float = Field(default=1.0, gt=0)
+    """``slow`` only: seconds added to each of the rank's steps."""
 
 
 class FaultConfig(_Section):
@@ -128,8 +137,39 @@ class FaultConfig(_Section):
     """A rank with no progress for this long is declared hung."""
     pg_timeout_s: float = Field(default=300.0, gt=0)
     """Timeout of the torch process group's collectives (never torch's 30-minute default)."""
+    heartbeat_s: float = Field(default=1.0, gt=0)
+    """How often the driver asks every rank where it is (step and phase) and checks
+    for draining nodes; a rank that does not answer within this is unresponsive."""
+    straggler_factor: float = Field(default=2.0, ge=0)
+    """A rank whose own compute time per step (step time minus time spent waiting for
+    the others) exceeds this many times the median of the other ranks' is slow (0: off)."""
+    straggler_steps: int = Field(default=5, ge=1)
+    """Consecutive slow steps before a rank is reported as a straggler."""
+    replace_stragglers: bool = False
+    """Replace a reported straggler (spare first) with no lost steps, instead of only reporting it."""
+    loss_spike_factor: float = Field(default=0.0, ge=0)
+    """A step whose loss exceeds this many times the running median of recent losses is
+    rolled back and its batch skipped, like a NaN loss (0: only NaN/inf losses)."""
+    max_bad_steps: int = Field(default=3, ge=0)
+    """Batches that may be skipped for a NaN, infinite or spiking loss before the job fails."""
+    throughput_alert_ratio: float = Field(default=0.25, ge=0, lt=1)
+    """Raise a ``throughput_collapse`` alert event when the median throughput of the last
+    few steps falls below this fraction of the job's running median (0: off)."""
     inject: list[FaultInjection] = Field(default_factory=list)
     """Faults to inject, for demos, tests and chaos runs."""
+    max_node_failures: int = Field(default=2, ge=1)
+    """A node that lost ranks this many times is not used again by the job."""
+
+
+class DoctorConfig(_Section):
+    """Pre-flight health checks (``raypod doctor``, and before every job)."""
+
+    enabled: bool = True
+    """Check every rank's node when a group is placed; a failing node is excluded."""
+    allreduce_mb: float = Field(default=4.0, gt=0)
+    """Size of the all-reduce that measures the group's bandwidth."""
+    min_allreduce_mb_s: float = Field(default=0.0, ge=0)
+    """Fail the all-reduce check below this bus bandwidth in MB/s (0: only measure it)."""
 
 
 class MLflowConfig(_Section):
@@ -155,6 +195,7 @@ class JobConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
+    doctor: DoctorConfig = Field(default_factory=DoctorConfig)
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
 
     @model_validator(mode="after")
@@ -170,6 +211,10 @@ class JobConfig(_Section):
                 f"parallel.replicas ({self.parallel.replicas}) must divide "
                 f"scaling.min_workers ({s.min_workers}) for hsdp"
             )
+        for key in ("straggler_factor", "loss_spike_factor"):
+            value = getattr(self.fault, key)
+            if 0 < value <= 1:
+                raise ValueError(f"fault.{key} ({value}) must be 0 (off) or larger than 1")
         for i, f in enumerate(self.fault.inject):
             if f.rank >= s.max_workers:
                 raise ValueError(

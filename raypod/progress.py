@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
 
@@ -96,6 +96,11 @@ class ProgressPrinter(Callback):
         who = f"rank {event.rank}" if event.rank is not None else "the group"
         self._emit(f"raypod | {event.detected_s:7.2f}s | FAILURE {event.kind} on {who} at step "
                    f"{event.step}: {event.message}")
+
+    def after_resize(self, resize: dict[str, Any]) -> None:
+        self._emit(f"raypod | {resize['at_s']:7.2f}s | {resize['kind']} from {resize['from']} to "
+                   f"{resize['to']} ranks after step {resize['step']} ({resize['took_s']:.2f} s, state "
+                   "resharded in memory)")
 
     def after_recovery(self, event: FailureEvent) -> None:
         self._emit(f"raypod | {event.resumed_s:7.2f}s | recovered from {event.kind}: training "

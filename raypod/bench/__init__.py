@@ -6,6 +6,7 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench startup --trials 3      # launch to first step vs Ray Train V2 and torchrun
     raypod bench recovery --trials 3     # a worker killed: gap and replayed steps vs the same
     raypod bench logging                 # MLflow logging overhead vs logging off
+    raypod bench node_loss --trials 3    # a whole Ray node removed: in-place recovery gap
     raypod bench data                    # Ray Data stream vs training consumption, data_wait_frac
 """
 
@@ -19,6 +20,7 @@ SUITES: dict[str, str] = {
     "startup": "raypod.bench.startup",
     "recovery": "raypod.bench.recovery",
     "logging": "raypod.bench.logging",
+    "node_loss": "raypod.bench.node_loss",
     "data": "raypod.bench.data",
 }
 """Suite name -> module with ``run(trials=..., out=...) -> dict``."""

@@ -39,6 +39,8 @@ class JobAccounting:
         self.last_step = start_step
         self.completed_ever = start_step
         self.order: SampleOrder | None = None
+        self.bad_steps: set[int] = set()
+        """Steps whose batch was skipped on purpose (a NaN or spiking loss)."""
 
     def now(self) -> float:
         return time.time() - self.start_time
@@ -47,9 +49,12 @@ class JobAccounting:
     def group_started(self, world_size: int) -> None:
         self.world_sizes.append(world_size)
 
-    def step_done(self, step: int, duration_s: float,
-                  ids: list[tuple[int, np.ndarray]]) -> tuple[bool, list[FailureEvent]]:
+    def step_done(self, step: int, duration_s: float, ids: list[tuple[int, np.ndarray]],
+                  resolve: bool = True) -> tuple[bool, list[FailureEvent]]:
         """Record a completed step.
+
+        ``resolve=False`` is for a step that finished before a failure but is only
+        counted during its recovery: it does not mark the failure as recovered.
 
         Returns:
             Whether the step number is a replay, and the failure events this step
@@ -63,7 +68,7 @@ class JobAccounting:
         self.last_step_s = self.now()
         if self.first_step_s is None:
             self.first_step_s = self.last_step_s
-        resolved = [ev for ev in self.events if ev.resumed_s is None]
+        resolved = [ev for ev in self.events if ev.resumed_s is None] if resolve else []
         for ev in resolved:
             ev.resumed_s = self.now()
         return replay, resolved
@@ -88,7 +93,7 @@ class JobAccounting:
 
         Duplicated: an ``(epoch, id)`` consumed more than once. Skipped: an id that the
         seeded order puts in a step this job ran (after its resume step) that no rank
-        reported consuming.
+        reported consuming; a batch left out on purpose (a bad loss) is ``skipped_bad``.
         """
         seen: Counter[tuple[int, int]] = Counter()
         for per_rank in self.ids.values():
@@ -99,9 +104,14 @@ class JobAccounting:
         skipped = 0
         if self.order is not None:  # every step this job ran, including any never reported
             for step in range(self.start_step + 1, self.last_step + 1):
+                if step in self.bad_steps:
+                    continue  # counted in skipped_bad
                 epoch = self.order.epoch_of(step)
                 skipped += sum(1 for i in self.order.ids(step) if (epoch, int(i)) not in seen)
-        return {"consumed": consumed, "duplicated": duplicated, "skipped": skipped}
+        out = {"consumed": consumed, "duplicated": duplicated, "skipped": skipped}
+        if self.bad_steps and self.order is not None:  # not lost: left out on purpose
+            out["skipped_bad"] = sum(len(self.order.ids(s)) for s in self.bad_steps)
+        return out
 
     def productive_s(self) -> float:
         """Wall time of the kept steps after the first one (replayed work is not productive)."""
@@ -119,7 +129,7 @@ class JobAccounting:
             "final_step": final_step,
             "mlflow_run_id": run_id,
             "world_sizes": list(self.world_sizes),
-            "failures": len(self.events),
+            "failures": sum(1 for e in self.events if not e.extra.get("alert")),
             "events": [e.to_summary() for e in self.events],
             "goodput": round(goodput, 4),
             "wall_s": round(wall, 3),

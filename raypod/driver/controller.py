@@ -18,17 +18,20 @@ import ray
 from raypod import faults
 from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
 from raypod.checkpoint import CheckpointStore
-from raypod.checkpoint.fs import write_json_atomic
+from raypod.checkpoint.fs import read_json, write_json_atomic
 from raypod.config import JobConfig, import_target, join_uri
 from raypod.data.order import SampleOrder
 from raypod.driver.accounting import JobAccounting
 from raypod.driver.failures import Failure, FailureDecision, FailurePolicy
+from raypod.driver.health import LossRule, StragglerTracker, ThroughputWatch, hung_rank
 from raypod.driver.scaling import ResizeDecision, ScalingPolicy
 from raypod.driver.state import (
     ErroredState,
     FinishedState,
     FinishingState,
+    HandingOverState,
     RecoveringState,
+    RollingBackState,
     RunningState,
     SchedulingState,
     State,
@@ -59,6 +62,7 @@ class Driver:
 
     worker_group_cls: type = WorkerGroup
     available_resources = staticmethod(ray.available_resources)
+    alive_nodes = staticmethod(lambda: {n["NodeID"] for n in ray.nodes() if n.get("Alive")})
 
     def __init__(self, config: JobConfig, callbacks: list[Callback] | None = None,
                  recipe: Recipe | None = None) -> None:
@@ -84,9 +88,29 @@ class Driver:
         self.rank_step: dict[int, int] = {}
         self.partial: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self.save_acks: dict[int, set[int]] = defaultdict(set)
+        self.replica_acks: dict[int, set[int]] = defaultdict(set)
         self.last_progress = time.monotonic()
         self.last_completion = time.time()
         self.committed_step = 0
+        self.dead_ranks: set[int] = set()
+        self.resizes: list[dict[str, Any]] = []
+        self.node_failures: dict[str, int] = defaultdict(int)
+        self.growing = False
+        self.ready: list[tuple[Any, Any]] = []
+        """Joiners that are warm and wait for the next step boundary."""
+        self.next_scale_check = 0.0
+        # Health.
+        f = config.fault
+        self.loss_rule = LossRule(f.loss_spike_factor)
+        self.stragglers = StragglerTracker(f.straggler_factor, f.straggler_steps)
+        self.throughput = ThroughputWatch(f.throughput_alert_ratio)
+        self.bad_steps: set[int] = set()
+        """Steps whose batch was skipped for a bad loss: never trained, never submitted again."""
+        self.health_next: State | None = None
+        """A state the health checks of the last results ask for (rolling back, handing over)."""
+        self.next_health_check = 0.0
+        self.excluded_nodes: dict[str, str] = {}
+        """Nodes that failed a pre-flight check -> which check and why."""
 
     # ---- the loop ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -95,6 +119,8 @@ class Driver:
         self.acct = JobAccounting(self.start_time, latest.step if latest else 0)
         self.committed_step = latest.step if latest else 0
         self.fired = set(faults.fired(self.cfg.job_dir))
+        self.bad_steps = set((read_json(self._bad_steps_path) or {}).get("steps", []))
+        self.acct.bad_steps = self.bad_steps
         info = JobInfo(config=self.cfg, job_dir=self.cfg.job_dir, start_time=self.start_time,
                        start_step=self.acct.start_step)
         self._fire("before_job", info)
@@ -121,6 +147,8 @@ class Driver:
             StateKind.SCHEDULING: self._schedule,
             StateKind.RUNNING: self._run,
             StateKind.RECOVERING: self._recover,
+            StateKind.ROLLING_BACK: self._roll_back,
+            StateKind.HANDING_OVER: self._hand_over,
             StateKind.FINISHING: self._finish,
         }
         nxt = handlers[prev.kind](prev)
@@ -171,11 +199,16 @@ class Driver:
         restore_step = restore.step if restore else 0
         active = faults.pending(self.cfg, self.fired)
         self.group = self.worker_group_cls(self.cfg, self.recipe)
+        self.group.excluded_nodes = set(self.excluded_nodes)
+        self.ready, self.growing = [], False
         try:
             info = self.group.start(n, state.attempt, restore, active)
         except GroupStartError as e:
             return RecoveringState(Failure(kind=e.kind, rank=e.rank, step=restore_step + 1,
                                            message=str(e), time_s=self.acct.now()))
+        refused = self._preflight(info.get("doctor", []), restore_step)
+        if refused is not None:
+            return refused
         if self.acct.order is None:
             self.acct.order = SampleOrder(info["num_samples"], self.cfg.train.global_batch,
                                           self.cfg.train.seed)
@@ -185,11 +218,33 @@ class Driver:
             if ev.world_size_after is None:
                 self.acct.rolled_back(ev, restore_step, n, source)
         self._reset_group_progress(restore_step)
+        self._request_capacity()
         log.info("attempt %d: %d ranks ready, from %s (setup %.1f s)", state.attempt, n, source,
                  info.get("setup_s", 0.0))
         if self.done_step >= self.cfg.train.max_steps:
             return FinishingState()
         return RunningState()
+
+    def _preflight(self, reports: list[dict[str, Any]], restore_step: int) -> State | None:
+        """Exclude the nodes whose pre-flight checks failed; None when every rank passed."""
+        from raypod.doctor import failing_nodes
+
+        bad = failing_nodes(reports)
+        if not bad:
+            for d in reports[:1]:
+                log.info("pre-flight checks passed: %s", "; ".join(
+                    f"{c['name']}: {c['detail']}" for c in d["checks"]))
+            return None
+        self.excluded_nodes.update(bad)
+        why = "; ".join(f"node {node[:12]} fails check {reason}" for node, reason in bad.items())
+        self.group.shutdown()
+        self.group = None
+        if not self.alive_nodes() - set(self.excluded_nodes):
+            return ErroredState(f"pre-flight checks failed ({why}) and no other node is left to "
+                                "place the job on (see raypod doctor)")
+        log.warning("pre-flight: %s; placing the job without it", why)
+        return RecoveringState(Failure(kind="preflight", rank=None, step=restore_step + 1, message=why,
+                                       time_s=self.acct.now()))
 
     def _reset_group_progress(self, restore_step: int) -> None:
         self.next_step = restore_step + 1
@@ -197,33 +252,196 @@ class Driver:
         self.rank_step = {r: restore_step for r in range(self.group.world_size)}
         self.partial.clear()
         self.save_acks.clear()
+        self.replica_acks.clear()
+        self.dead_ranks = set()
         self.last_progress = time.monotonic()
         self.last_completion = time.time()
+        self.health_next = None
+        self.stragglers.reset()
 
     # ---- RUNNING -----------------------------------------------------------------
     def _should_save(self, step: int) -> bool:
         every = self.cfg.checkpoint.every_steps
         return step == self.cfg.train.max_steps or (every > 0 and step % every == 0)
 
+    def _request_capacity(self) -> None:
+        """Ask the Ray autoscaler for room for every rank up to ``max_workers`` (and spares)."""
+        s = self.cfg.scaling
+        if getattr(self.group, "world_size", 0) >= s.max_workers:
+            return
+        try:
+            from ray.autoscaler.sdk import request_resources
+
+            bundle = self.scaling_policy.bundle
+            request_resources(bundles=[dict(bundle)] * (s.max_workers + s.spares))
+        except Exception as e:  # noqa: BLE001 - a cluster without an autoscaler
+            log.info("could not ask the autoscaler for more nodes: %s", e)
+
+    def _wants_to_grow(self) -> bool:
+        """Start joiners when the cluster has room; True once one is warm (grow at a step boundary)."""
+        group = self.group
+        if not hasattr(group, "ready_joiners") or group.world_size >= self.cfg.scaling.max_workers:
+            return False
+        now = time.monotonic()
+        if now < self.next_scale_check:
+            return False
+        self.next_scale_check = now + 0.5
+        want = self.scaling_policy.joiners_wanted(group.world_size, len(group.joiners),
+                                                  self.available_resources())
+        for _ in range(want):
+            group.add_joiner()
+        self.ready += group.ready_joiners()
+        return bool(self.ready)
+
+    def _grow(self, state: RunningState) -> State:
+        """Add the warm joiners at this step boundary, resharding the state from live ranks."""
+        group = self.group
+        room = self.cfg.scaling.max_workers - group.world_size
+        added, extra = self.ready[:room], self.ready[room:]
+        self.ready, self.growing = [], False
+        for actor, _ in extra:
+            ray.kill(actor, no_restart=True)
+        step, before, t0 = self.done_step, group.world_size, self.acct.now()
+        try:
+            info = group.reshard(set(), added, step, self.attempt, faults.pending(self.cfg, self.fired))
+        except GroupStartError as e:
+            return RecoveringState(Failure(kind="resize_failed", rank=None, step=step + 1,
+                                           time_s=self.acct.now(), message=f"growing the job failed: {e}"))
+        self.acct.group_started(group.world_size)
+        self.resizes.append({"kind": "grow", "step": step, "from": before, "to": group.world_size,
+                             "at_s": round(t0, 3), "took_s": round(info["recover_s"], 3)})
+        self._reset_group_progress(step)
+        log.info("grew from %d to %d ranks after step %d in %.2f s (state resharded in memory)",
+                 before, group.world_size, step, info["recover_s"])
+        self._fire("after_resize", self.resizes[-1])
+        return state
+
     def _run(self, state: RunningState) -> State:
         max_steps = self.cfg.train.max_steps
-        while self.next_step <= max_steps and self.next_step - self.done_step <= _STEPS_IN_FLIGHT:
-            self.group.submit_step(self.next_step)
-            if self._should_save(self.next_step):
-                self.group.submit_save(self.next_step, self.store.path_for(self.next_step))
+        if not self.growing and self.done_step < max_steps and self._wants_to_grow():
+            self.growing = True  # stop submitting; grow once the steps in flight are done
+        if self.growing and self.next_step - 1 == self.done_step:
+            return self._grow(state)
+        while (not self.growing and self.next_step <= max_steps
+               and self.next_step - self.done_step <= _STEPS_IN_FLIGHT):
+            if self.next_step not in self.bad_steps:  # a skipped batch is never trained
+                self.group.submit_step(self.next_step)
+                if self._replicates(self.next_step):
+                    self.group.submit_replica_wait(self.next_step)
+                if self._should_save(self.next_step):
+                    self.group.submit_save(self.next_step, self.store.path_for(self.next_step))
             self.next_step += 1
         result = self.group.poll(timeout=_POLL_S)
         self._absorb(result)
         if result.errors:
+            self.dead_ranks = {e.rank for e in result.errors if e.kind == "worker_died"}
             return RecoveringState(self._failure_from(result.errors))
+        if self.health_next is not None:
+            nxt, self.health_next = self.health_next, None
+            return nxt
         if self.done_step >= max_steps:
             return FinishingState()
         if time.monotonic() - self.last_progress > self.cfg.fault.hang_timeout_s:
-            return RecoveringState(Failure(
-                kind="hang", rank=None, step=self.done_step + 1, time_s=self.acct.now(),
-                message=f"no step finished for {self.cfg.fault.hang_timeout_s:.0f} s "
-                        "(fault.hang_timeout_s)"))
+            return RecoveringState(self._hang_failure())
+        if time.monotonic() >= self.next_health_check:
+            self.next_health_check = time.monotonic() + self.cfg.fault.heartbeat_s
+            draining = self._draining_ranks()
+            if draining:
+                return HandingOverState(ranks=tuple(draining), reason="drain", step=self.done_step + 1,
+                                        time_s=self.acct.now(),
+                                        message=f"the node of rank(s) {draining} is draining")
         return state
+
+    def _replicates(self, step: int) -> bool:
+        """Whether step ``step``'s snapshot is replicated to peers (then the step completes
+        only once every replica is in place, so losing any one rank never loses it)."""
+        every = self.cfg.checkpoint.memory_every_steps
+        peers = getattr(self.group, "peer_to", None) or []
+        return bool(every) and step % every == 0 and any(p is not None for p in peers)
+
+    def _step_ready(self, step: int) -> bool:
+        n = self.group.world_size
+        if len(self.partial.get(step, ())) != n:
+            return False
+        return not self._replicates(step) or len(self.replica_acks.get(step, ())) == n
+
+    # ---- health ------------------------------------------------------------------
+    @property
+    def _bad_steps_path(self) -> str:
+        return join_uri(self.cfg.job_dir, "bad_steps.json")
+
+    def _refresh_fired(self) -> dict[int, dict[str, Any]]:
+        """Markers of injected faults that fired since the driver last looked."""
+        new = {i: m for i, m in faults.fired(self.cfg.job_dir).items() if i not in self.fired}
+        self.fired |= set(new)
+        return new
+
+    def _hang_failure(self) -> Failure:
+        """No step finished for ``fault.hang_timeout_s``: find the rank the others wait for."""
+        timeout = self.cfg.fault.hang_timeout_s
+        rank, why = None, "heartbeats are not available"
+        if hasattr(self.group, "heartbeats"):
+            rank, why = hung_rank(self.group.heartbeats(timeout=self.cfg.fault.heartbeat_s))
+        step = self.done_step + 1
+        for marker in self._refresh_fired().values():
+            if marker["kind"] == "hang" and (rank is None or marker["rank"] == rank):
+                rank, step = marker["rank"], marker["step"]
+        who = f"rank {rank} {why}" if rank is not None else f"no single rank to blame ({why})"
+        return Failure(kind="hang", rank=rank, step=step, time_s=self.acct.now(),
+                       message=f"no step finished for {timeout:g} s (fault.hang_timeout_s): {who}")
+
+    def _draining_ranks(self) -> list[int]:
+        """Ranks on nodes that Ray is draining (preemption, autoscaler scale-down)."""
+        nodes = getattr(self.group, "nodes", None)
+        if not nodes:
+            return []
+        try:
+            draining = ray._private.worker.global_worker.gcs_client.get_draining_nodes()
+        except Exception:  # noqa: BLE001 - an older Ray or a GCS hiccup: nothing known to drain
+            return []
+        ids = {k.hex() if isinstance(k, bytes) else str(k) for k in draining}
+        new = ids & set(nodes) - set(self.excluded_nodes)
+        for node in new:  # handled once; the next placements avoid it
+            self.excluded_nodes[node] = "drain: Ray is draining the node"
+        return [r for r, node in enumerate(nodes) if node in new]
+
+    def _check_health(self, step: int, results: list[dict[str, Any]], metrics: dict[str, float]) -> None:
+        """Straggler, throughput and preemption checks of a step every rank finished."""
+        own = {r["rank"]: max(0.0, r["compute_s"] - r.get("wait_s", 0.0)) for r in results}
+        worst, slow = self.stragglers.update(own)
+        metrics["straggler_ratio"] = worst
+        metrics["wait_s"] = max(r.get("wait_s", 0.0) for r in results)
+        for rank, ratio in slow:
+            msg = (f"rank {rank} computes {ratio:.1f}x the other ranks' median for "
+                   f"{self.cfg.fault.straggler_steps} steps (fault.straggler_factor="
+                   f"{self.cfg.fault.straggler_factor:g})")
+            if self.cfg.fault.replace_stragglers and self.health_next is None:
+                self.health_next = HandingOverState(ranks=(rank,), reason="straggler", step=step + 1,
+                                                    time_s=self.acct.now(), message=msg)
+            else:
+                self._alert("straggler", step, rank, msg, ratio=round(ratio, 3))
+        collapse = self.throughput.update(metrics["samples_per_s"])
+        if collapse is not None:
+            self._alert("throughput_collapse", step, None,
+                        f"throughput fell to {collapse:.2f}x its running median "
+                        f"(fault.throughput_alert_ratio={self.cfg.fault.throughput_alert_ratio:g})",
+                        ratio=round(collapse, 3))
+        preempted = sorted(r["rank"] for r in results if r.get("preempted"))
+        if preempted and self.health_next is None:
+            self.health_next = HandingOverState(ranks=tuple(preempted), reason="preempt", step=step + 1,
+                                                time_s=self.acct.now(),
+                                                message=f"rank(s) {preempted} received SIGTERM")
+
+    def _alert(self, kind: str, step: int, rank: int | None, message: str, **extra: Any) -> None:
+        """An event that interrupts nothing: reported at once, resolved at once."""
+        now = self.acct.now()
+        ev = FailureEvent(kind=kind, step=step, rank=rank, detected_s=now, message=message,
+                          resumed_s=now, lost_steps=0, world_size_after=self.group.world_size,
+                          extra={"alert": True, **extra})
+        self.acct.failure(ev)
+        log.warning("alert at step %d: %s", step, message)
+        self._fire("after_failure", ev)
+        self._fire("after_recovery", ev)
 
     def _absorb(self, result: PollResult) -> None:
         for r in result.steps:
@@ -233,22 +451,37 @@ class Driver:
             self._ack_saves(r["rank"], r.get("saved", []))
         for rank, steps in result.saved:
             self._ack_saves(rank, steps)
-        while len(self.partial.get(self.done_step + 1, ())) == self.group.world_size:
-            self._complete_step(self.done_step + 1)
+        for rank, step, _ok in result.replicated:
+            self.replica_acks[step].add(rank)
+        while self.health_next is None or not isinstance(self.health_next, RollingBackState):
+            nxt = self.done_step + 1
+            if nxt in self.bad_steps and nxt <= self.cfg.train.max_steps:
+                self.done_step = nxt  # skipped on purpose
+            elif self._step_ready(nxt):
+                self.replica_acks.pop(nxt, None)
+                self._complete_step(nxt)
+            else:
+                break
 
-    def _complete_step(self, step: int) -> None:
+    def _complete_step(self, step: int, resolve: bool = True) -> None:
         results = sorted(self.partial.pop(step), key=lambda r: r["rank"])
+        samples = sum(r["samples"] for r in results)
+        loss = sum(r["loss_sum"] for r in results) / max(1, samples)
+        bad = self.loss_rule.check(loss)
+        if bad is not None:  # the step does not count: roll back and skip its batch
+            self.health_next = RollingBackState(step=step, reason=bad, loss=loss, time_s=self.acct.now())
+            return
         now = time.time()
         dur = max(1e-9, now - self.last_completion)
         self.last_completion = now
         self.done_step = step
-        replayed, resolved = self.acct.step_done(step, dur, [(r["epoch"], r["ids"]) for r in results])
-        samples = sum(r["samples"] for r in results)
+        replayed, resolved = self.acct.step_done(step, dur, [(r["epoch"], r["ids"]) for r in results],
+                                                 resolve=resolve)
         t = self.cfg.train
         sps = t.global_batch / dur
         after_first = self.acct.now() - (self.acct.first_step_s or 0.0)
         metrics = {
-            "loss": sum(r["loss_sum"] for r in results) / max(1, samples),
+            "loss": loss,
             "lr": results[0]["lr"],
             "grad_norm": results[0]["grad_norm"],
             "step_time_s": dur,
@@ -260,6 +493,8 @@ class Driver:
             "goodput": min(1.0, self.acct.productive_s() / after_first) if after_first > 0 else 1.0,
             "failures": float(self.failures),
         }
+        self._check_health(step, results, metrics)
+        self._commit_saved()  # a save of this step may have been held back until it counted
         self._fire("after_step", StepReport(step=step, metrics=metrics, time_s=self.acct.now(),
                                             replayed=replayed))
         for ev in resolved:
@@ -268,8 +503,19 @@ class Driver:
             self._fire("after_recovery", ev)
 
     def _ack_saves(self, rank: int, steps: list[int]) -> None:
+        """Note finished saves; commit a step all ranks saved, once the step itself counted.
+
+        A step is committed only after the driver saw every rank finish it with a good
+        loss, so a checkpoint of a step that is then rolled back is never committed.
+        """
         for s in steps:
             self.save_acks[s].add(rank)
+        self._commit_saved()
+
+    def _commit_saved(self) -> None:
+        for s in sorted(self.save_acks):
+            if s > self.done_step:
+                break
             if len(self.save_acks[s]) == self.group.world_size and s > self.committed_step:
                 path = self.store.commit(s, self.group.world_size)
                 self.committed_step = s
@@ -281,6 +527,19 @@ class Driver:
         """The root cause among the errors: a dead rank, then an injected fault, then the rest."""
         priority = {"worker_died": 0, "injected": 1, "exception": 2}
         e = min(errors, key=lambda e: (priority.get(e.kind, 3), e.step))
+        timed_out = [x for x in errors if x.kind == "exception" and "timed out" in x.message.lower()]
+        if e.kind == "exception" and timed_out and hasattr(self.group, "heartbeats"):
+            # A collective timed out (fault.pg_timeout_s): blame the rank the others waited
+            # for, which is usually not one of those whose call raised.
+            rank, why = hung_rank(self.group.heartbeats(timeout=self.cfg.fault.heartbeat_s))
+            if rank is not None and rank not in {x.rank for x in errors}:
+                step = self.rank_step.get(rank, self.done_step) + 1
+                for marker in self._refresh_fired().values():
+                    if marker["rank"] == rank:
+                        step = marker["step"]
+                return Failure(kind="hang", rank=rank, step=step, time_s=self.acct.now(),
+                               message=f"a collective timed out after {self.cfg.fault.pg_timeout_s:g} s "
+                                       f"(fault.pg_timeout_s): rank {rank} {why}")
         # A raising call names its step; a dead rank was in the step after its last result.
         step = e.step if e.kind != "worker_died" else self.rank_step.get(e.rank, self.done_step) + 1
         kind = {"worker_died": "worker_died", "injected": "exception"}.get(e.kind, "exception")
@@ -301,6 +560,7 @@ class Driver:
                              message=f.message)
         self.acct.failure(event)
         self._fire("after_failure", event)
+        self._count_node_failures(f)
         decision = self.failure_policy.decide(f, self.failures)
         if decision is FailureDecision.RAISE:
             budget = self.cfg.fault.max_failures
@@ -315,6 +575,24 @@ class Driver:
             self.group = None
         return SchedulingState(attempt=self.attempt)
 
+    def _count_node_failures(self, f: Failure) -> None:
+        """Blame the nodes of lost ranks; one that failed ``fault.max_node_failures`` times goes."""
+        nodes = getattr(self.group, "nodes", None) or []
+        lost = set(self.dead_ranks) | ({f.rank} if f.kind in ("worker_died", "kill") and f.rank is not None
+                                       else set())
+        for r in lost:
+            if r < len(nodes):
+                node = nodes[r]
+                self.node_failures[node] += 1
+                if (self.node_failures[node] >= self.cfg.fault.max_node_failures
+                        and node not in self.excluded_nodes):
+                    self.excluded_nodes[node] = (f"lost ranks {self.node_failures[node]} times "
+                                                 "(fault.max_node_failures)")
+                    log.warning("node %s lost ranks %d times (fault.max_node_failures): the job no longer "
+                                "uses it", node, self.node_failures[node])
+        if self.group is not None and hasattr(self.group, "excluded_nodes"):
+            self.group.excluded_nodes = set(self.excluded_nodes)
+
     def _recover_in_memory(self, f: Failure, event: FailureEvent) -> bool:
         """Keep the surviving processes, replace lost ranks, restore from in-memory copies.
 
@@ -324,12 +602,15 @@ class Driver:
         if not self.cfg.checkpoint.memory_every_steps:
             return False
         group = self.group
+        marks = [("start", time.perf_counter())]
         # The failed rank goes (a rank whose step raised holds its peers in a collective
         # until its process ends); the others finish or fail their calls in flight.
-        culprit = {f.rank} if f.rank is not None and f.kind != "hang" else set()
+        culprit = {f.rank} if f.rank is not None else set()
+        culprit |= self.dead_ranks  # every rank found dead, not only the one blamed
         group.kill(culprit)
         lost = group.drain(timeout=min(5.0, self.cfg.fault.pg_timeout_s)) | culprit
         alive = [r for r in range(group.world_size) if r not in lost]
+        marks.append(("drain", time.perf_counter()))
         try:
             reports = group.memory_reports(alive) if alive else {}
         except Exception as e:  # noqa: BLE001 - a survivor that cannot answer is lost too
@@ -340,24 +621,62 @@ class Driver:
             own = set(reports[r]["own"])
             steps = own if steps is None else steps & own
         for d in sorted(lost):
-            holder = group.peer_to[d] if group.peer_to else None
+            twins = getattr(group, "twins", None)
+            holder = twins[d] if twins else (group.peer_to[d] if group.peer_to else None)
             if holder is None or holder in lost:
                 event.message += f"; rank {d}'s in-memory replica was lost with it"
                 log.warning("rank %d and the holder of its replica are both lost: using the "
                             "persistent checkpoint", d)
                 return False
-            held = set(reports[holder]["replicas"].get(d, []))
+            # An HSDP twin's own snapshots are the lost rank's state; else the replica it holds.
+            held = set(reports[holder]["own"] if twins else reports[holder]["replicas"].get(d, []))
             steps = held if steps is None else steps & held
         if not steps:
             log.warning("no step is held in memory by every rank: using the persistent checkpoint")
             return False
-        restore_step = max(steps)
+        # Steps every rank finished whose replicas were still on their way are complete
+        # too when the restore point includes them; later ones are redone.
+        finished = self.done_step
+        while len(self.partial.get(finished + 1, ())) == group.world_size:
+            finished += 1
+        usable = [s for s in steps if s <= finished]
+        if not usable:
+            log.warning("no finished step is held in memory by every rank: using the persistent "
+                        "checkpoint")
+            return False
+        restore_step = max(usable)
+        while self.done_step < restore_step:
+            self._complete_step(self.done_step + 1, resolve=False)
+        marks.append(("plan", time.perf_counter()))
+        before = group.world_size
+        spares = group.live_spares()
+        shrink = (self.scaling_policy.shrink_to(before, len(lost), spares)
+                  if spares < len(lost) else None)
         try:
-            info = group.recover_in_place(lost, restore_step, self.attempt,
-                                          faults.pending(self.cfg, self.fired))
+            if shrink is not None:
+                # Not enough warm spares: continue with fewer ranks now (state resharded in
+                # memory) and bring the lost slots back as joiners, added once they are warm.
+                added = [group.spares.pop(0) for _ in range(spares)]
+                info = group.reshard(lost, added, restore_step, self.attempt,
+                                     faults.pending(self.cfg, self.fired))
+                for slot in info["freed"][: self.cfg.scaling.max_workers - group.world_size]:
+                    group.add_joiner(slot)
+                self.resizes.append({"kind": "shrink", "step": restore_step, "from": before,
+                                     "to": group.world_size, "at_s": round(f.time_s, 3),
+                                     "took_s": round(info["recover_s"], 3)})
+                self._fire("after_resize", self.resizes[-1])
+            else:
+                info = group.recover_in_place(lost, restore_step, self.attempt,
+                                              faults.pending(self.cfg, self.fired))
         except GroupStartError as e:
             log.warning("in-memory recovery failed (%s): using the persistent checkpoint", e)
             return False
+        self.dead_ranks = set()
+        marks.append(("rebuild", time.perf_counter()))
+        phases = {name: round(t - marks[i][1], 3) for i, (name, t) in enumerate(marks[1:])}
+        phases.update({f"rebuild_{k}": round(v, 3) for k, v in info.get("driver_phases_s", {}).items()})
+        phases.update({f"rank_{k}": round(v, 3) for k, v in info["slowest_rank_phases_s"].items()})
+        event.extra["recovery_phases_s"] = phases
         self.acct.group_started(group.world_size)
         self.acct.rolled_back(event, restore_step, group.world_size, f"memory step {restore_step}")
         self._reset_group_progress(restore_step)
@@ -366,6 +685,127 @@ class Driver:
                  info["recover_s"], info["replaced"], info["received_bytes"],
                  {k: round(v, 3) for k, v in info["slowest_rank_phases_s"].items()})
         return True
+
+    # ---- ROLLING_BACK ------------------------------------------------------------
+    def _roll_back(self, state: RollingBackState) -> State:
+        """A bad loss at ``state.step``: back to the last snapshot before it, skip its batch.
+
+        Nothing is lost or replaced: the calls in flight finish (their work is thrown
+        away), every rank restores its own snapshot in the group it is in, and the
+        step's samples go to the ledger's ``skipped_bad``.
+        """
+        f = self.cfg.fault
+        what = "NaN or infinite" if state.reason == "nan" else f"above {f.loss_spike_factor:g}x the running median"
+        event = FailureEvent(kind=state.reason, step=state.step, rank=None, detected_s=state.time_s,
+                             message=f"loss {state.loss:.4g} at step {state.step} is {what}: "
+                                     f"rolled back and its batch skipped")
+        for marker in self._refresh_fired().values():  # an injected nan names its rank
+            if marker["kind"] == "nan" and marker["step"] == state.step:
+                event.kind, event.rank = "nan", marker["rank"]
+        self.acct.failure(event)
+        self._fire("after_failure", event)
+        self.bad_steps.add(state.step)
+        try:
+            write_json_atomic(self._bad_steps_path, {"steps": sorted(self.bad_steps)})
+        except OSError as e:
+            log.warning("could not record the skipped steps: %s", e)
+        if len(self.bad_steps) > f.max_bad_steps:
+            return ErroredState(f"{event.message}; {len(self.bad_steps)} batches skipped "
+                                f"(fault.max_bad_steps={f.max_bad_steps} exhausted)")
+        group = self.group
+        result = group.quiesce(timeout=f.hang_timeout_s)
+        finished = result.saved + [(r["rank"], r.get("saved", [])) for r in result.steps]
+        for rank, steps in finished:
+            self._ack_saves(rank, [s for s in steps if s < state.step])
+        if result.errors or group.in_flight:
+            errors = result.errors or [WorkerError(rank=-1, step=state.step, kind="exception",
+                                                   message="calls did not finish")]
+            return RecoveringState(self._failure_from(errors))
+        reports = group.memory_reports(list(range(group.world_size)))
+        held = set.intersection(*(set(r["own"]) for r in reports.values()))
+        good = [s for s in held if s < state.step]
+        if not good:
+            log.warning("no snapshot before step %d in memory: using the persistent checkpoint", state.step)
+            self.attempt += 1
+            group.shutdown()
+            self.group = None
+            return SchedulingState(attempt=self.attempt)
+        to = max(good)
+        for rank, steps in group.rollback(to, timeout=f.hang_timeout_s):
+            self._ack_saves(rank, steps)
+        for s in [s for s in self.save_acks if s > to]:
+            del self.save_acks[s]
+        self.acct.rolled_back(event, to, group.world_size, f"memory step {to}")
+        self.next_step, self.done_step = to + 1, to
+        self.rank_step = dict.fromkeys(range(group.world_size), to)
+        self.partial.clear()
+        self.last_progress, self.last_completion = time.monotonic(), time.time()
+        log.warning("step %d: %s", state.step, event.message)
+        return RunningState()
+
+    # ---- HANDING_OVER ------------------------------------------------------------
+    def _hand_over(self, state: HandingOverState) -> State:
+        """Ranks that must go but still work hand over: no step is lost.
+
+        The steps in flight finish and count, every rank's replica exchange completes
+        (so the peers hold the leaving ranks' latest shards), then the leaving ranks
+        are replaced in place (spares first) from that step.
+        """
+        event = FailureEvent(kind=state.reason, step=state.step, rank=state.ranks[0],
+                             detected_s=state.time_s, message=state.message)
+        self._refresh_fired()
+        if state.reason == "straggler":  # a replaced straggler counts against the budget
+            self.failures += 1
+            if self.failure_policy.decide(Failure(state.reason, state.ranks[0], state.step, state.message,
+                                                  state.time_s), self.failures) is FailureDecision.RAISE:
+                return ErroredState(f"{state.message} (fault.max_failures={self.cfg.fault.max_failures} "
+                                    "exhausted)")
+        group, lost = self.group, set(state.ranks)
+        self.health_next = None
+        result = group.quiesce(timeout=self.cfg.fault.hang_timeout_s)
+        self._absorb(result)  # these steps count (the event is recorded after them)
+        self.health_next = None  # the leaving ranks are replaced now; later checks start afresh
+        self.acct.failure(event)
+        self._fire("after_failure", event)
+        restore_step = None
+        if not result.errors and not group.in_flight:
+            try:
+                reports = group.flush_replicas(timeout=self.cfg.fault.hang_timeout_s)
+                steps = set.intersection(*(set(reports[r]["own"]) for r in reports if r not in lost))
+                for d in lost:
+                    holder = group.peer_to[d] if group.peer_to else None
+                    if holder is None or holder in lost:
+                        steps = set()
+                        break
+                    steps &= set(reports[holder]["replicas"].get(d, []))
+                steps = {s for s in steps if s <= self.done_step}
+                restore_step = max(steps) if steps else None
+            except Exception as e:  # noqa: BLE001 - fall back to the ordinary recovery
+                log.warning("hand-over: %s", e)
+        if restore_step is None:
+            f = Failure(kind=state.reason, rank=state.ranks[0], step=state.step, time_s=state.time_s,
+                        message=state.message)
+            self.attempt += 1
+            if self._recover_in_memory(f, event):
+                return RunningState()
+            group.shutdown()
+            self.group = None
+            return SchedulingState(attempt=self.attempt)
+        self.attempt += 1
+        try:
+            info = group.recover_in_place(lost, restore_step, self.attempt,
+                                          faults.pending(self.cfg, self.fired))
+        except GroupStartError as e:
+            log.warning("hand-over failed (%s): using the persistent checkpoint", e)
+            group.shutdown()
+            self.group = None
+            return SchedulingState(attempt=self.attempt)
+        self.acct.group_started(group.world_size)
+        self.acct.rolled_back(event, restore_step, group.world_size, f"memory step {restore_step}")
+        self._reset_group_progress(restore_step)
+        log.info("attempt %d: rank(s) %s handed over at step %d (%s) in %.2f s", self.attempt,
+                 sorted(lost), restore_step, state.reason, info["recover_s"])
+        return RunningState()
 
     # ---- FINISHING ---------------------------------------------------------------
     def _finish(self, state: FinishingState) -> State:
@@ -389,6 +829,8 @@ class Driver:
             error=error,
         )
         summary["committed_step"] = self.committed_step
+        summary["resizes"] = self.resizes
+        summary["excluded_nodes"] = dict(self.excluded_nodes)
         self._fire("before_summary", summary)
         path = join_uri(self.cfg.job_dir, "summary.json")
         try:

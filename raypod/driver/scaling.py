@@ -51,3 +51,21 @@ class ScalingPolicy:
                 f"scaling.min_workers is {self.cfg.min_workers}"
             )
         return ResizeDecision(n)
+
+    # ---- elastic decisions while running ----------------------------------------------
+    def shrink_to(self, world_size: int, lost: int, spares: int) -> int | None:
+        """The world size to continue at in place when ``lost`` ranks go and only ``spares``
+        warm actors can replace them; ``None`` when the job must not shrink (below
+        ``min_workers``, or HSDP, whose 2-D mesh resizes through the persistent checkpoint)."""
+        n = world_size - lost + spares
+        if self.replicas > 1 or n < self.cfg.min_workers or n < 1:
+            return None
+        return n
+
+    def joiners_wanted(self, world_size: int, joining: int, available: dict[str, float]) -> int:
+        """How many new actors to start now so the job can grow towards ``max_workers``."""
+        if self.replicas > 1:
+            return 0
+        room = self.cfg.max_workers - world_size - joining
+        return max(0, min(room, self.fits(available)))
+

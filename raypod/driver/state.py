@@ -1,8 +1,9 @@
 """The driver's states. Each is a small value; the driver sets them in one place.
 
     SCHEDULING ──▶ RUNNING ──▶ FINISHING ──▶ FINISHED
-        ▲             │
-        └─ RECOVERING ◀┘  (failure, within the budget)
+        ▲             │ ▲
+        └─ RECOVERING ◀┘ ├── ROLLING_BACK  (NaN or spiking loss: back one snapshot, skip the batch)
+                      │  └── HANDING_OVER  (preempted, draining or straggling rank: replaced, no lost step)
                       └──▶ ERRORED        (budget spent, or unrecoverable)
 """
 
@@ -21,6 +22,8 @@ class StateKind(enum.Enum):
     SCHEDULING = "scheduling"
     RUNNING = "running"
     RECOVERING = "recovering"
+    ROLLING_BACK = "rolling_back"
+    HANDING_OVER = "handing_over"
     FINISHING = "finishing"
     FINISHED = "finished"
     ERRORED = "errored"
@@ -62,6 +65,31 @@ class RecoveringState(State):
 
     kind: ClassVar[StateKind] = StateKind.RECOVERING
     failure: Failure
+
+
+@dataclass(frozen=True)
+class RollingBackState(State):
+    """Step ``step`` had a bad loss (``reason``: ``nan`` or ``loss_spike``): every rank goes
+    back to its last in-memory snapshot before it and the step's batch is skipped."""
+
+    kind: ClassVar[StateKind] = StateKind.ROLLING_BACK
+    step: int
+    reason: str
+    loss: float
+    time_s: float
+
+
+@dataclass(frozen=True)
+class HandingOverState(State):
+    """``ranks`` must leave (``reason``: ``preempt``, ``drain`` or ``straggler``) but still
+    work: let the steps in flight finish, make their replicas current, replace them."""
+
+    kind: ClassVar[StateKind] = StateKind.HANDING_OVER
+    ranks: tuple[int, ...]
+    reason: str
+    step: int
+    time_s: float
+    message: str = ""
 
 
 @dataclass(frozen=True)

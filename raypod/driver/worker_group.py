@@ -24,9 +24,14 @@ from raypod.worker.actor import remote_worker_class
 
 log = logging.getLogger("raypod.driver")
 
-# After the first error, wait this long for related ones, so that a dead rank is blamed
-# rather than the peer whose collective broke because of it.
-_ERROR_GRACE_S = 0.25
+# After the first error, every rank is pinged (on a thread of its actor's own, which
+# answers even inside a collective); a rank that does not answer within this time is
+# taken for dead, so that a dead rank (or a lost node) is blamed rather than the peer
+# whose collective broke because of it.
+_PING_TIMEOUT_S = 1.0
+# How long a rank may take to replicate a step's snapshot before the driver stops
+# waiting for it (the step still completes; its replica is just not there).
+_REPLICA_WAIT_S = 60.0
 
 
 @dataclass
@@ -49,6 +54,8 @@ class PollResult:
     saved: list[tuple[int, list[int]]] = field(default_factory=list)
     """``(rank, [steps whose save finished])``."""
     errors: list[WorkerError] = field(default_factory=list)
+    replicated: list[tuple[int, int, bool]] = field(default_factory=list)
+    """``(rank, step, ok)``: the rank's snapshot of ``step`` reached its replica holder."""
 
 
 class GroupStartError(RuntimeError):
@@ -71,6 +78,19 @@ def _describe(e: BaseException) -> tuple[str, str]:
     return "exception", f"{type(e).__name__}: {e}"
 
 
+def hsdp_twins(strategy: str, replicas: int, world_size: int) -> list[int | None] | None:
+    """With HSDP, the rank of the next replica that holds the same shard as each rank.
+
+    HSDP replicas hold identical shards (same gradients, same update), so a lost rank's
+    state is already in its twin's own snapshot and nothing needs replicating. ``None``
+    when the job is not HSDP with two or more replicas (mesh as in ``build_mesh``).
+    """
+    if strategy != "hsdp" or replicas < 2 or world_size % replicas:
+        return None
+    shard = world_size // replicas
+    return [(r + shard) % world_size for r in range(world_size)]
+
+
 def peer_ring(nodes: list[str]) -> list[int | None]:
     """Who holds each rank's replica: the rank ``k`` places on, ``k`` = most ranks on a node.
 
@@ -84,6 +104,13 @@ def peer_ring(nodes: list[str]) -> list[int | None]:
     per_node = max(nodes.count(x) for x in set(nodes))
     k = per_node if len(set(nodes)) > 1 and per_node < n else 1
     return [(r + k) % n for r in range(n)]
+
+
+def avoid_nodes(excluded: set[str], bundles: int) -> list[dict[str, str]] | None:
+    """A placement-group label selector that keeps every bundle off the ``excluded`` nodes."""
+    if not excluded:
+        return None
+    return [{"ray.io/node-id": f"!in({','.join(sorted(excluded))})"}] * bundles
 
 
 class WorkerGroup:
@@ -108,7 +135,16 @@ class WorkerGroup:
         self.world_size = 0
         self.nodes: list[str] = []
         self.peer_to: list[int | None] = []
+        """Per rank: the rank its snapshots are replicated to (``None``: no replication)."""
+        self.twins: list[int | None] | None = None
+        """HSDP: per rank, the rank whose own snapshots equal it (see :func:`hsdp_twins`)."""
         self._pending: dict[Any, tuple[int, str, int]] = {}
+        self.joiners: list[tuple[Any, tuple[Any, int], Any]] = []
+        """Actors starting in the background to join at a step boundary: (actor, placement, warm ref)."""
+        self.extra_pgs: list[Any] = []
+        """Single-bundle placement groups reserved for ranks added after the start."""
+        self.excluded_nodes: set[str] = set()
+        """Nodes the ranks must not be placed on (failed a pre-flight check, or lost ranks repeatedly)."""
 
     # ---- lifecycle ---------------------------------------------------------------
     def _new_actor(self, pg: Any, index: int) -> Any:
@@ -124,7 +160,8 @@ class WorkerGroup:
         n = self.cfg.scaling.spares
         if n <= 0:
             return
-        self.spare_pg = placement_group([dict(self.bundle)] * n, strategy="PACK")
+        self.spare_pg = placement_group([dict(self.bundle)] * n, strategy="PACK",
+                                        bundle_label_selector=avoid_nodes(self.excluded_nodes, n))
         try:
             ray.get(self.spare_pg.ready(), timeout=2.0)
         except GetTimeoutError:
@@ -138,7 +175,7 @@ class WorkerGroup:
 
     def _add_spare(self, pg: Any, index: int) -> None:
         actor = self._new_actor(pg, index)
-        actor.warm.remote(self.cfg, self.recipe)  # loads data in the background
+        actor.warm.remote(self.cfg, self.recipe, True)  # data and a rehearsal step, in the background
         self.spares.append((actor, (pg, index)))
 
     def start(self, world_size: int, attempt: int, restore: CommittedCheckpoint | None,
@@ -150,7 +187,8 @@ class WorkerGroup:
         """
         timeout = self.cfg.scaling.schedule_timeout_s
         self.pg = placement_group([dict(self.bundle)] * world_size,
-                                  strategy=self.cfg.scaling.placement_strategy)
+                                  strategy=self.cfg.scaling.placement_strategy,
+                                  bundle_label_selector=avoid_nodes(self.excluded_nodes, world_size))
         try:
             ray.get(self.pg.ready(), timeout=timeout)
         except GetTimeoutError:
@@ -169,7 +207,7 @@ class WorkerGroup:
             self.actors = [self.actors[i] for i in order]
             self.placement = [self.placement[i] for i in order]
             self.nodes = [infos[i]["node_id"] for i in order]
-            self.peer_to = peer_ring(self.nodes)
+            self._plan_peers()
             init_method = self._rendezvous(infos[order[0]]["ip"], timeout)
             restore_arg = (restore.path, restore.step) if restore else None
             refs = [a.setup.remote(self.cfg, self.recipe, r, world_size, init_method, injections,
@@ -182,11 +220,25 @@ class WorkerGroup:
             kind, msg = _describe(e)
             raise GroupStartError(f"a rank failed to start: {msg}", kind=kind) from None
         return {"num_samples": results[0]["num_samples"],
-                "setup_s": max(r["setup_s"] for r in results)}
+                "setup_s": max(r["setup_s"] for r in results),
+                "doctor": [r["doctor"] for r in results if r.get("doctor")]}
 
     def _rendezvous(self, ip: str, timeout: float) -> str:
-        port = ray.get(self.actors[0].free_port.remote(), timeout=timeout)
+        port = ray.get(self.actors[0].open_rendezvous.remote(len(self.actors), self.cfg.fault.pg_timeout_s),
+                       timeout=timeout)
         return f"tcp://{ip}:{port}"
+
+    def _plan_peers(self) -> None:
+        """Where each rank's in-memory state survives its loss: an HSDP twin or a peer replica."""
+        p = self.cfg.parallel
+        self.twins = hsdp_twins(p.strategy, p.replicas, self.world_size)
+        self.peer_to = [None] * self.world_size if self.twins else peer_ring(self.nodes)
+
+    def holder_of(self, rank: int) -> int | None:
+        """The rank that can give ``rank``'s state back: its HSDP twin or its replica holder."""
+        if self.twins:
+            return self.twins[rank]
+        return self.peer_to[rank] if self.peer_to else None
 
     def _peers(self, rank: int) -> tuple[int | None, int | None]:
         """(rank this one replicates to, rank that replicates to this one)."""
@@ -215,6 +267,22 @@ class WorkerGroup:
         self._pending.clear()
         return lost
 
+    def unresponsive(self, actors: list[Any], timeout: float = _PING_TIMEOUT_S) -> set[int]:
+        """Indices of ``actors`` that do not answer a ping within ``timeout`` seconds.
+
+        The ping runs on a thread of the actor's own, so a live rank answers at once even
+        while its main thread is inside a collective; a dead process or a lost node does not.
+        """
+        refs = {a.ping.remote(): i for i, a in enumerate(actors)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        dead = {i for r, i in refs.items() if r not in ready}
+        for r in ready:
+            try:
+                ray.get(r)
+            except Exception:  # noqa: BLE001 - the actor is gone
+                dead.add(refs[r])
+        return dead
+
     def kill(self, ranks: set[int]) -> None:
         """End the processes of ``ranks`` now (their slots are refilled by recover_in_place)."""
         for r in ranks:
@@ -241,6 +309,7 @@ class WorkerGroup:
         t0 = time.perf_counter()
         moves = []
         self.kill(lost)
+        self.live_spares()  # a spare on a lost node went with it
         for d in sorted(lost):
             freed = self.placement[d]
             if self.spares:
@@ -249,15 +318,17 @@ class WorkerGroup:
                 actor, placement = self._new_actor(*freed), freed
                 freed = None
             self.actors[d], self.placement[d] = actor, placement
-            moves.append((self.peer_to[d], d, d))
+            moves.append((self.holder_of(d), d, d))
             if freed is not None:
                 self._add_spare(*freed)  # the lost rank's slot becomes the next spare
         timeout = self.cfg.scaling.schedule_timeout_s
+        t1 = time.perf_counter()
         try:
             infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
             self.nodes = [i["node_id"] for i in infos]
             init_method = self._rendezvous(infos[0]["ip"], timeout)
-            self.peer_to = peer_ring(self.nodes)
+            self._plan_peers()
+            t2 = time.perf_counter()
             refs = [a.reconfigure.remote(self.cfg, self.recipe, r, self.world_size, init_method,
                                          injections, attempt, self._peers(r), restore_step, moves)
                     for r, a in enumerate(self.actors)]
@@ -268,9 +339,149 @@ class WorkerGroup:
             kind, msg = _describe(e)
             raise GroupStartError(f"in-place recovery failed: {msg}", kind=kind) from None
         slowest = max(results, key=lambda r: r["reconfigure_s"])
-        return {"recover_s": time.perf_counter() - t0, "slowest_rank_phases_s": slowest["phases_s"],
+        t3 = time.perf_counter()
+        return {"recover_s": t3 - t0, "slowest_rank_phases_s": slowest["phases_s"],
+                "driver_phases_s": {"replace": t1 - t0, "locate": t2 - t1, "reconfigure": t3 - t2},
                 "received_bytes": sum(r["received_bytes"] for r in results),
                 "replaced": sorted(lost), "spares_left": len(self.spares)}
+
+    # ---- resizing ------------------------------------------------------------------
+    def live_spares(self) -> int:
+        """Drop spares that no longer answer (their node is gone); returns how many are left."""
+        if self.spares:
+            for i in sorted(self.unresponsive([a for a, _ in self.spares]), reverse=True):
+                actor, _ = self.spares.pop(i)
+                log.warning("a spare worker does not answer (its node may be gone); not using it")
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001
+                    pass
+        return len(self.spares)
+
+    def add_joiner(self, placement: tuple[Any, int] | None = None) -> None:
+        """Start an actor in the background (in ``placement``, or in a new one-bundle
+        placement group) that joins the group at a step boundary once it is warm."""
+        if placement is None:
+            pg = placement_group([dict(self.bundle)], strategy="PACK",
+                                 bundle_label_selector=avoid_nodes(self.excluded_nodes, 1))
+            self.extra_pgs.append(pg)
+            placement = (pg, 0)
+        actor = self._new_actor(*placement)
+        self.joiners.append((actor, placement, actor.warm.remote(self.cfg, self.recipe, True)))
+
+    def ready_joiners(self) -> list[tuple[Any, tuple[Any, int]]]:
+        """Joiners that are warm now (failed ones are dropped)."""
+        if not self.joiners:
+            return []
+        refs = [ref for _, _, ref in self.joiners]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        out, keep = [], []
+        for actor, placement, ref in self.joiners:
+            if ref not in ready:
+                keep.append((actor, placement, ref))
+                continue
+            try:
+                ray.get(ref)
+                out.append((actor, placement))
+            except Exception as e:  # noqa: BLE001 - a joiner that failed to start is dropped
+                log.warning("a joining worker failed to start: %s", _describe(e)[1])
+        self.joiners = keep
+        return out
+
+    def reshard(self, lost: set[int], added: list[tuple[Any, tuple[Any, int]]], restore_step: int,
+                attempt: int, injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
+        """Re-form the group at another size, resharding the state after ``restore_step`` in memory.
+
+        Survivors keep their processes, ``lost`` ranks go, ``added`` actors (warm spares or
+        joiners) come in after the survivors. Each old rank's state is cut into the new
+        ranks' pieces by the rank itself or, for a lost rank, by the holder of its replica,
+        and travels through the object store. Returns the freed placements in ``freed``.
+
+        Raises:
+            GroupStartError: a lost rank's state has no live copy, or a rank failed.
+        """
+        t0 = time.perf_counter()
+        old_world = self.world_size
+        exporter = {i: (i if i not in lost else self.holder_of(i)) for i in range(old_world)}
+        if any(e is None or e in lost for e in exporter.values()):
+            raise GroupStartError("a lost rank's in-memory state has no live copy")
+        by_exporter: dict[int, list[int]] = {}
+        for i, e in exporter.items():
+            by_exporter.setdefault(e, []).append(i)
+        survivors = [r for r in range(old_world) if r not in lost]
+        new_actors = [self.actors[r] for r in survivors] + [a for a, _ in added]
+        new_world = len(new_actors)
+        timeout = self.cfg.scaling.schedule_timeout_s
+        try:
+            refs = [self.actors[e].export_reshard.remote(restore_step, srcs, old_world, new_world)
+                    for e, srcs in by_exporter.items()]
+            exported: dict[int, list[Any]] = {}
+            for part in self._get_all(refs, timeout=max(timeout, self.cfg.fault.pg_timeout_s)):
+                exported.update(part)
+            t1 = time.perf_counter()
+            freed = [self.placement[r] for r in sorted(lost)]
+            self.kill(lost)
+            self.actors = new_actors
+            self.placement = [self.placement[r] for r in survivors] + [p for _, p in added]
+            self.world_size = new_world
+            infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
+            self.nodes = [i["node_id"] for i in infos]
+            self._plan_peers()
+            init_method = self._rendezvous(infos[0]["ip"], timeout)
+            t2 = time.perf_counter()
+            calls = [a.reshape.remote(self.cfg, self.recipe, j, new_world, init_method, injections, attempt,
+                                      self._peers(j), restore_step, old_world,
+                                      [exported[i][j] for i in range(old_world)])
+                     for j, a in enumerate(self.actors)]
+            results = self._get_all(calls, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
+        except GroupStartError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            kind, msg = _describe(e)
+            raise GroupStartError(f"resharding in memory failed: {msg}", kind=kind) from None
+        slowest = max(results, key=lambda r: r["reconfigure_s"])
+        t3 = time.perf_counter()
+        return {"recover_s": t3 - t0, "slowest_rank_phases_s": slowest["phases_s"],
+                "driver_phases_s": {"export": t1 - t0, "locate": t2 - t1, "reconfigure": t3 - t2},
+                "received_bytes": sum(r["received_bytes"] for r in results),
+                "replaced": sorted(lost), "freed": freed, "old_world": old_world, "new_world": new_world}
+
+    # ---- health ------------------------------------------------------------------
+    def heartbeats(self, timeout: float) -> dict[int, dict[str, Any] | None]:
+        """Where each rank is (step, phase); ``None`` for a rank that did not answer in time."""
+        refs = {a.heartbeat.remote(): r for r, a in enumerate(self.actors)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        out: dict[int, dict[str, Any] | None] = dict.fromkeys(refs.values())
+        for ref in ready:
+            try:
+                out[refs[ref]] = ray.get(ref)
+            except Exception:  # noqa: BLE001 - a dead rank does not answer
+                pass
+        return out
+
+    def quiesce(self, timeout: float) -> PollResult:
+        """Let every call in flight finish (nothing new is submitted); return what arrived."""
+        out = PollResult()
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
+                                timeout=max(0.0, deadline - time.monotonic()))
+            self._collect(ready, out)
+        return out
+
+    def rollback(self, step: int, timeout: float) -> list[tuple[int, list[int]]]:
+        """Every rank goes back to its own in-memory snapshot of ``step`` (same group).
+
+        Returns:
+            ``(rank, [steps <= step whose saves finished])``.
+        """
+        done = ray.get([a.rollback.remote(step) for a in self.actors], timeout=timeout)
+        return list(enumerate(done))
+
+    def flush_replicas(self, timeout: float) -> dict[int, dict[str, Any]]:
+        """Finish every rank's replica exchange in flight; what each then holds in memory."""
+        refs = [a.flush_replicas.remote() for a in self.actors]
+        return dict(enumerate(ray.get(refs, timeout=timeout)))
 
     def _get_all(self, refs: list[Any], timeout: float) -> list[Any]:
         """Get every ref, failing fast on the first error instead of waiting on the rest."""
@@ -292,18 +503,19 @@ class WorkerGroup:
 
     def shutdown(self) -> None:
         """Kill every actor (hung ones too, and spares) and free the placement groups."""
-        for a in self.actors + [sp for sp, _ in self.spares]:
+        for a in self.actors + [sp for sp, _ in self.spares] + [j for j, _, _ in self.joiners]:
             try:
                 ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
-        for pg in (self.pg, self.spare_pg):
+        for pg in (self.pg, self.spare_pg, *self.extra_pgs):
             if pg is not None:
                 try:
                     remove_placement_group(pg)
                 except Exception:  # noqa: BLE001
                     pass
         self.actors, self.spares, self.pg, self.spare_pg, self.world_size = [], [], None, None, 0
+        self.joiners, self.extra_pgs = [], []
         self._pending.clear()
 
     def close(self) -> None:
@@ -318,6 +530,11 @@ class WorkerGroup:
     def submit_step(self, step: int) -> None:
         for rank, a in enumerate(self.actors):
             self._pending[a.train_step.remote(step)] = (rank, "step", step)
+
+    def submit_replica_wait(self, step: int) -> None:
+        """Ask every rank to report when its snapshot of ``step`` is held by its peer."""
+        for rank, a in enumerate(self.actors):
+            self._pending[a.wait_replicated.remote(step, _REPLICA_WAIT_S)] = (rank, "replica", step)
 
     def submit_save(self, step: int, path: str) -> None:
         for rank, a in enumerate(self.actors):
@@ -336,10 +553,21 @@ class WorkerGroup:
         if ready:
             ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
         self._collect(ready, out)
-        if out.errors:  # give a dead rank's own error the chance to arrive
-            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
-                                timeout=_ERROR_GRACE_S)
+        if out.errors:  # find the dead: the ranks that no longer answer
+            # A rank whose call raised is alive (its process answered); ping the silent ones.
+            heard = {e.rank for e in out.errors} | {r["rank"] for r in out.steps}
+            others = [r for r in range(len(self.actors)) if r not in heard]
+            dead = {others[i] for i in self.unresponsive([self.actors[r] for r in others])}
+            if dead:
+                log.info("ranks %s do not answer a ping within %.1f s", sorted(dead), _PING_TIMEOUT_S)
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
             self._collect(ready, out)
+            known = {e.rank for e in out.errors if e.kind == "worker_died"}
+            for rank in sorted(dead - known):
+                step = min((st for r, what, st in self._pending.values() if r == rank and what == "step"),
+                           default=-1)
+                out.errors.append(WorkerError(rank=rank, step=step, kind="worker_died",
+                                              message="the worker does not answer (process or node lost)"))
         return out
 
     def _collect(self, ready: list[Any], out: PollResult) -> None:
@@ -353,6 +581,8 @@ class WorkerGroup:
                 continue
             if what == "step":
                 out.steps.append(value)
+            elif what == "replica":
+                out.replicated.append((rank, *value))
             elif value:
                 out.saved.append((rank, value))
 

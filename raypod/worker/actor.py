@@ -2,12 +2,19 @@
 
 The actor process imports torch as soon as it starts, so actors created early are
 warm by the time the driver hands them a rank.
+
+Health: :meth:`TrainWorker.heartbeat` runs in a concurrency group of its own, so the
+driver can ask a rank where it is while its training step runs (or hangs). SIGTERM
+(a preempted or drained node) does not end the process: the rank notes it, keeps
+training, and says so in its results and heartbeats; the driver then hands its work
+to a replacement with no lost steps and ends it. A second SIGTERM ends it at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from typing import Any
@@ -26,6 +33,28 @@ class TrainWorker:
         torch.set_num_threads(max(1, num_threads))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         self.trainer = None
+        self.preempted_at: float | None = None
+        self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.preempted_at is not None and callable(self._ray_sigterm):
+            self._ray_sigterm(signum, frame)  # the second one: leave now
+            return
+        self.preempted_at = time.time()
+        log.warning("[rank %s] SIGTERM: this rank hands its state over, then leaves "
+                    "(a second SIGTERM ends it at once)",
+                    self.trainer.rank if self.trainer else "-")
+
+    @ray.method(concurrency_group="health")
+    def heartbeat(self) -> dict[str, Any]:
+        """Where this rank is (answered even while a step runs or hangs)."""
+        from raypod.worker.trainer import PHASES
+
+        t = self.trainer
+        step, phase, since = t.where if t is not None else (0, len(PHASES) - 1, time.monotonic())
+        return {"rank": t.rank if t is not None else -1, "step": step, "phase": phase,
+                "phase_name": PHASES[phase], "in_phase_s": time.monotonic() - since,
+                "preempted": self.preempted_at is not None, "pid": os.getpid()}
 
     def node_info(self) -> dict[str, Any]:
         """Where this actor runs."""
@@ -38,20 +67,43 @@ class TrainWorker:
             "gpu_ids": ray.get_gpu_ids(),
         }
 
-    def free_port(self) -> int:
-        """A free TCP port on this node, for the rendezvous."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+    def open_rendezvous(self, world_size: int, timeout_s: float) -> int:
+        """Start the rendezvous store of a new group on this node (this actor becomes rank 0).
 
-    def warm(self, config: Any, recipe: Any) -> dict[str, Any]:
-        """Get ready to take a rank (a spare): load the data, so that joining is quick."""
+        The store listens before any rank tries to join, so no rank waits in the TCP
+        client's connect-retry back-off. Returns its port.
+        """
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        self._store = dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, wait_for_workers=False,
+                                    timeout=timedelta(seconds=timeout_s))
+        return self._store.port
+
+    def _store_for(self, init_method: str, world_size: int, timeout_s: float) -> Any:
+        """The master store this actor opened, or a client of the one at ``tcp://host:port``."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+        mine = getattr(self, "_store", None)
+        if mine is not None and mine.port == int(port):
+            return mine
+        return dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+
+    def warm(self, config: Any, recipe: Any, rehearse: bool = False) -> dict[str, Any]:
+        """Get ready to take a rank: load the data; a spare or joiner (``rehearse``) also
+        runs one step of the model on a group of its own, so that joining is quick."""
         from raypod.worker.trainer import Trainer
 
         t0 = time.perf_counter()
         if self.trainer is None:
             self.trainer = Trainer(config, recipe)
-        return {"warm_s": time.perf_counter() - t0}
+        rehearsal = self.trainer.rehearse() if rehearse else 0.0
+        return {"warm_s": time.perf_counter() - t0, "rehearsal_s": rehearsal,
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     def setup(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
               injections: list, attempt: int, restore: tuple[str, int] | None,
@@ -59,12 +111,18 @@ class TrainWorker:
         """Join the process group, build the model shard, restore a checkpoint when asked."""
         t0 = time.perf_counter()
         self.warm(config, recipe)
-        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers)
+        self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
+                          injections, attempt, *peers)
+        doctor = None
+        if config.doctor.enabled:  # the pre-job health checks, in the group just joined
+            from raypod.doctor import rank_preflight
+
+            doctor = rank_preflight(config)
         if restore is not None:
             self.trainer.load(*restore)
         self.trainer.feed.seek(rank, world_size, self.trainer.step + 1)  # start the data stream
         return {"rank": rank, "setup_s": time.perf_counter() - t0,
-                "num_samples": len(self.trainer.data)}
+                "num_samples": len(self.trainer.data), "doctor": doctor}
 
     def reconfigure(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
                     injections: list, attempt: int, peers: tuple[int | None, int | None],
@@ -74,19 +132,80 @@ class TrainWorker:
         self.warm(config, recipe)
         self.trainer.leave()
         t.append(time.perf_counter())
-        self.trainer.join(rank, world_size, init_method, injections, attempt, *peers)
+        self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
+                          injections, attempt, *peers, initialize=False)
         t.append(time.perf_counter())
         received = self.trainer.restore_memory(restore_step, moves)
         t.append(time.perf_counter())
         return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
-                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2]}}
+                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2],
+                             **{f"join_{k}": v for k, v in self.trainer.join_phases.items()}}}
+
+    def export_reshard(self, step: int, sources: list[int], old_world: int,
+                       new_world: int) -> dict[int, list[Any]]:
+        """Put the pieces of ``sources``' state for each new rank in the object store.
+
+        Returns ``{source: [ObjectRef for new rank 0, 1, ...]}``; the new ranks fetch
+        them straight from this node's object store.
+        """
+        bufs = self.trainer.export_reshard(step, sources, old_world, new_world)
+        return {src: [ray.put(b.numpy()) for b in per_rank] for src, per_rank in bufs.items()}
+
+    def reshape(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
+                injections: list, attempt: int, peers: tuple[int | None, int | None],
+                restore_step: int, old_world: int, piece_refs: list[Any]) -> dict[str, Any]:
+        """Join a group of another size and assemble this rank's shard from the old ranks' pieces."""
+        import warnings
+
+        import torch
+
+        t = [time.perf_counter()]
+        self.warm(config, recipe)
+        self.trainer.leave()
+        t.append(time.perf_counter())
+        self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
+                          injections, attempt, *peers, initialize=False)
+        t.append(time.perf_counter())
+        arrays = ray.get(list(piece_refs))
+        with warnings.catch_warnings():  # object-store arrays are read-only; they are only read
+            warnings.simplefilter("ignore", UserWarning)
+            bufs = [torch.from_numpy(a) for a in arrays]
+        received = self.trainer.restore_reshard(restore_step, old_world, bufs)
+        t.append(time.perf_counter())
+        return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
+                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2],
+                             **{f"join_{k}": v for k, v in self.trainer.join_phases.items()}}}
 
     def memory_report(self) -> dict[str, Any]:
         """Steps of the snapshots this rank holds, its own and its peers' replicas."""
         return self.trainer.snapshots.report() if self.trainer else {"own": [], "replicas": {}}
 
     def train_step(self, step: int) -> dict[str, Any]:
-        return self.trainer.train_step(step)
+        out = self.trainer.train_step(step)
+        out["preempted"] = self.preempted_at is not None
+        return out
+
+    def rollback(self, step: int) -> list[int]:
+        """Back to this rank's snapshot of ``step`` (a bad loss); see ``Trainer.rollback``."""
+        return self.trainer.rollback(step)
+
+    def flush_replicas(self) -> dict[str, Any]:
+        """Finish the replica exchange in flight, then report what is held in memory."""
+        self.trainer.flush_replicas()
+        return self.trainer.snapshots.report()
+
+    # These run on threads of their own, so they answer while a step runs. The ping has
+    # its own group so that replica waits (which may block) can never hold it up.
+    @ray.method(concurrency_group="ping")
+    def ping(self) -> int:
+        """Liveness: answers at once, even while the rank is inside a collective."""
+        return os.getpid()
+
+    @ray.method(concurrency_group="replica")
+    def wait_replicated(self, step: int, timeout: float) -> tuple[int, bool]:
+        """``(step, ok)`` once step ``step``'s snapshot reached this rank's replica holder."""
+        trainer = self.trainer
+        return step, (trainer.wait_replicated(step, timeout) if trainer is not None else False)
 
     def save(self, step: int, path: str) -> list[int]:
         return self.trainer.save(step, path)
@@ -104,4 +223,5 @@ class TrainWorker:
 
 def remote_worker_class() -> Any:
     """``TrainWorker`` as a Ray actor class (made lazily so importing raypod stays cheap)."""
-    return ray.remote(max_restarts=0, max_task_retries=0)(TrainWorker)
+    return ray.remote(max_restarts=0, max_task_retries=0,
+                      concurrency_groups={"ping": 1, "replica": 4, "health": 1})(TrainWorker)

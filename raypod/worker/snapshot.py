@@ -61,15 +61,23 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, snap: list[torch
 
 def to_bytes(snap: list[torch.Tensor]) -> torch.Tensor:
     """One flat uint8 buffer (what travels to the peer)."""
+    if not snap:
+        return torch.empty(0, dtype=torch.uint8)
     return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in snap])
 
 
 def from_bytes(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Split a buffer made by :func:`to_bytes` into tensors shaped like ``like``."""
+    """Split a buffer made by :func:`to_bytes` into tensors shaped like ``like``.
+
+    The tensors are views of ``buf`` (no copy): :func:`restore` copies them into place.
+    """
     out, off = [], 0
     for t in like:
         n = t.numel() * t.element_size()
-        out.append(buf[off : off + n].clone().view(t.dtype).reshape(t.shape))
+        piece = buf[off : off + n]
+        if off % t.element_size():  # a view must be aligned to its element size
+            piece = piece.clone()
+        out.append(piece.view(t.dtype).reshape(t.shape))
         off += n
     if off != buf.numel():
         raise RuntimeError(f"replica holds {buf.numel()} bytes, this shard needs {off}")
@@ -116,12 +124,17 @@ class PeerReplicator:
 
     Every rank takes part in every round, in step order, so the point-to-point sends
     pair up; a new round waits for the previous one (backpressure, not skipped rounds).
+    :meth:`wait_round` lets the driver learn when a step's replicas are in place: a step
+    only counts as complete once losing any one rank can no longer lose it.
     """
 
     def __init__(self, group: dist.ProcessGroup, peer_to: int | None, peer_from: int | None) -> None:
         self.group, self.peer_to, self.peer_from = group, peer_to, peer_from
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="raypod-replica")
         self._last: Future | None = None
+        self._rounds: dict[int, Future] = {}
+        self._cv = threading.Condition()
+        self._closed = False
 
     @property
     def enabled(self) -> bool:
@@ -141,7 +154,36 @@ class PeerReplicator:
                 log.warning("replica exchange failed: %s", e)
         waited = time.perf_counter() - t0
         self._last = self._pool.submit(self._exchange, step, to_bytes(snap), store)
+        with self._cv:
+            self._rounds[step] = self._last
+            for s in [s for s in self._rounds if s < step - 4]:
+                del self._rounds[s]
+            self._cv.notify_all()
         return waited
+
+    def wait_round(self, step: int, timeout: float) -> bool:
+        """Block until the exchange of ``step`` finished; False if it failed, was abandoned
+        (:meth:`abort`) or did not finish within ``timeout`` seconds."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while step not in self._rounds and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.5))
+            fut = self._rounds.get(step)
+        while fut is not None and not self._closed:
+            try:
+                fut.result(timeout=0.05)
+                return True
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    return False
+            except Exception:  # noqa: BLE001 - the peer is gone; recovery follows
+                return False
+        return False
 
     def _exchange(self, step: int, buf: torch.Tensor, store: SnapshotStore) -> None:
         g, to, frm = self.group, self.peer_to, self.peer_from
@@ -154,6 +196,13 @@ class PeerReplicator:
             w.wait()
         store.add_replica(frm, step, rbuf)
 
+    def abort(self) -> None:
+        """Release every :meth:`wait_round` caller at once (the rank's step failed)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
     def close(self) -> None:
         """Stop after the round in flight (a broken group makes it fail fast)."""
+        self.abort()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 import time
 from concurrent.futures import Future
 from datetime import timedelta
@@ -27,7 +28,7 @@ from raypod.config import FaultInjection, JobConfig, TrainConfig
 from raypod.data.order import SampleOrder
 from raypod.data.stream import StepFeed
 from raypod.recipe import RankContext, Recipe
-from raypod.worker import snapshot
+from raypod.worker import reshard, snapshot
 from raypod.worker.parallel import autocast, build_mesh, grad_sync, parallelize
 from raypod.worker.snapshot import PeerReplicator, SnapshotStore
 
@@ -51,6 +52,11 @@ def export_model(state_dict: dict[str, Any], path: str) -> None:
 
 class InjectedFault(RuntimeError):
     """Raised by an injected ``exception`` fault."""
+
+
+# Where a rank is inside a step, in order: a rank that is stuck at a lower
+# ``(step, phase)`` than its peers is the one they are waiting for.
+PHASES = ("start", "sync", "forward_backward", "optimizer", "snapshot", "done")
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -95,6 +101,13 @@ class Trainer:
         attempt: which group this is (for log lines).
     """
 
+    slow_s: float = 0.0
+    """Injected ``slow`` fault: seconds added to every step (stays with the process)."""
+    poison: bool = False
+    """Injected ``nan`` fault: this step's loss and gradients become NaN."""
+    where: tuple[int, int, float] = (0, len(PHASES) - 1, 0.0)
+    """``(step, index in PHASES, time.monotonic() on entering it)``: what heartbeats report."""
+
     def __init__(self, config: JobConfig, recipe: Recipe, attempt: int = 0) -> None:
         self.cfg, self.recipe, self.attempt = config, recipe, attempt
         use_gpu = config.scaling.use_gpu and torch.cuda.is_available()
@@ -116,31 +129,93 @@ class Trainer:
         self.snapshots = SnapshotStore(keep=3)
         self.replicator: PeerReplicator | None = None
         self.broken = False
+        self.join_phases: dict[str, float] = {}
 
-    def join(self, rank: int, world_size: int, init_method: str,
+    def join(self, rank: int, world_size: int, store: Any,
              injections: list[tuple[int, FaultInjection]], attempt: int,
-             peer_to: int | None = None, peer_from: int | None = None) -> None:
-        """Join a process group as ``rank`` of ``world_size`` and build the model shard."""
+             peer_to: int | None = None, peer_from: int | None = None,
+             initialize: bool = True) -> None:
+        """Join a process group as ``rank`` of ``world_size`` and build the model shard.
+
+        With ``initialize=False`` (the state is about to be restored from memory) the
+        model is built on the meta device, sharded, and only then given uninitialised
+        storage for this rank's shard: no full-size tensors, no random init.
+        """
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
         self.injections = [(i, f) for i, f in injections if f.rank == rank]
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=self.cfg.fault.pg_timeout_s)
-        dist.init_process_group(backend, init_method=init_method, rank=rank,
+        marks = [time.perf_counter()]
+        dist.init_process_group(backend, store=store, rank=rank,
                                 world_size=world_size, timeout=timeout)
         # Checkpoint writes and replica exchange run on their own gloo groups so they
         # never interleave with the training collectives.
         self.ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
         replica_group = dist.new_group(backend="gloo", timeout=timeout)
+        marks.append(time.perf_counter())
         self.mesh = build_mesh(self.cfg.parallel, world_size, self.device)
         ctx = RankContext(rank=rank, world_size=world_size, device=self.device, config=self.cfg)
-        torch.manual_seed(self.cfg.train.seed)
-        model = self.recipe.build_model(ctx).to(self.device)
+        model = None
+        if not initialize:
+            with torch.device("meta"):
+                model = self.recipe.build_model(ctx)
+            if next(model.buffers(), None) is not None:
+                model = None  # buffers are not part of snapshots: build them for real
+        if model is None:
+            initialize = True
+            torch.manual_seed(self.cfg.train.seed)
+            model = self.recipe.build_model(ctx).to(self.device)
         self.model = parallelize(model, self.recipe.shard_units(model), self.cfg.parallel, self.mesh,
                                  self.device)
+        if not initialize:
+            self.model.to_empty(device=self.device)
         self.optimizer = self.recipe.build_optimizer(self.model, ctx)
+        marks.append(time.perf_counter())
+        self.join_phases = {"rendezvous": marks[1] - marks[0], "build": marks[2] - marks[1]}
         self.per_rank_max = math.ceil(self.cfg.train.global_batch / world_size)
         self.broken = False
         self.replicator = PeerReplicator(replica_group, peer_to, peer_from)
+
+    def rehearse(self, max_state_bytes: float = 4 * 2**30) -> float:
+        """Run one training step on a one-rank group of this process's own, then drop it.
+
+        A spare does this while it waits, so that when it takes a rank its first step does
+        not pay for the process's first FSDP2 wrap, DTensor dispatch, autograd and optimizer
+        kernels. The model is the recipe's own (built on the meta device, given storage after
+        sharding, never initialised: only the code paths matter). Skipped when the whole
+        model and optimizer state would take more than ``max_state_bytes``.
+
+        Returns:
+            Seconds spent (0 when skipped).
+        """
+        if dist.is_initialized():
+            return 0.0
+        t0 = time.perf_counter()
+        ctx = RankContext(rank=0, world_size=1, device=self.device, config=self.cfg)
+        with torch.device("meta"):
+            model = self.recipe.build_model(ctx)
+        state_bytes = sum(p.numel() * p.element_size() * 4 for p in model.parameters())
+        if state_bytes > max_state_bytes or next(model.buffers(), None) is not None:
+            return 0.0
+        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timedelta(seconds=self.cfg.fault.pg_timeout_s))
+        try:
+            mesh = build_mesh(self.cfg.parallel, 1, self.device)
+            model = parallelize(model, self.recipe.shard_units(model), self.cfg.parallel, mesh, self.device)
+            model.to_empty(device=self.device)
+            optimizer = self.recipe.build_optimizer(model, ctx)
+            batch = self.data.get_batch([0])
+            with autocast(self.cfg.parallel, model, self.device):
+                self.recipe.loss(model, batch, self.device).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            snapshot.take(model, optimizer)
+        except Exception as e:  # noqa: BLE001 - a rehearsal that fails only costs the warm-up
+            log.info("rehearsal step skipped: %s: %s", type(e).__name__, e)
+        finally:
+            dist.destroy_process_group()
+        return time.perf_counter() - t0
 
     def leave(self) -> None:
         """Drop the process group and the model shard (snapshots and replicas stay)."""
@@ -156,6 +231,9 @@ class Trainer:
                 log.info("[rank %d] leaving a broken process group: %s", self.rank, e)
 
     # ---- training ----------------------------------------------------------------
+    def _mark(self, step: int, phase: str) -> None:
+        self.where = (step, PHASES.index(phase), time.monotonic())
+
     def _fire_faults(self, step: int) -> None:
         for i, f in self.injections:
             if f.step == step:
@@ -164,7 +242,17 @@ class Trainer:
                             self.attempt, f.kind, step)
                 if f.kind == "kill":
                     os._exit(137)
-                raise InjectedFault(f"injected exception at step {step} on rank {self.rank}")
+                if f.kind == "hang":
+                    while True:  # no progress, as a rank stuck in a kernel or a deadlock
+                        time.sleep(1.0)
+                if f.kind == "slow":
+                    self.slow_s = f.delay_s
+                elif f.kind == "nan":
+                    self.poison = True
+                elif f.kind == "preempt":
+                    os.kill(os.getpid(), signal.SIGTERM)  # what the node's shutdown sends
+                else:
+                    raise InjectedFault(f"injected exception at step {step} on rank {self.rank}")
 
     def train_step(self, step: int) -> dict[str, Any]:
         """Run optimizer step ``step`` (1-based) and return this rank's figures.
@@ -176,13 +264,33 @@ class Trainer:
         """
         if self.broken:
             raise RuntimeError(f"rank {self.rank} stopped after a failed step; waiting for recovery")
+        self._mark(step, "start")
         try:
             out = self._train_step(step)
         except BaseException:
             self.broken = True
+            if self.replicator is not None:
+                self.replicator.abort()
             raise
+        self._mark(step, "snapshot")
         out.update(self._snapshot(step))
+        self._mark(step, "done")
         return out
+
+    def wait_replicated(self, step: int, timeout: float) -> bool:
+        """True once step ``step``'s snapshot is held by this rank's peer (or needs no peer)."""
+        rep = self.replicator
+        if rep is None or not rep.enabled or not self.cfg.checkpoint.memory_every_steps:
+            return True
+        return rep.wait_round(step, timeout)
+
+    def _wait_for_peers(self) -> float:
+        """Seconds spent waiting for the slowest rank to reach this step (straggler split)."""
+        if not self.cfg.fault.straggler_factor or self.world_size < 2:
+            return 0.0
+        t0 = time.perf_counter()
+        dist.all_reduce(torch.zeros(1))  # a CPU tensor: gloo, also beside NCCL
+        return time.perf_counter() - t0
 
     def _snapshot(self, step: int) -> dict[str, Any]:
         every = self.cfg.checkpoint.memory_every_steps
@@ -196,8 +304,15 @@ class Trainer:
                 "memory": self.snapshots.report()}
 
     def _train_step(self, step: int) -> dict[str, Any]:
+        if step != self.step + 1:
+            raise RuntimeError(f"rank {self.rank} got step {step} after step {self.step}")
         self._fire_faults(step)
         t0 = time.perf_counter()
+        if self.slow_s:
+            time.sleep(self.slow_s)
+        self._mark(step, "sync")
+        wait_s = self._wait_for_peers()
+        self._mark(step, "forward_backward")
         t = self.cfg.train
         td = time.perf_counter()
         ids, batch = self.feed.take(step, self.rank, self.world_size)
@@ -222,6 +337,13 @@ class Trainer:
                 loss = self.recipe.loss(self.model, part, self.device)
                 (loss * (weight * scale)).backward()
             loss_sum += loss.detach() * weight
+        self._mark(step, "optimizer")
+        if self.poison:
+            self.poison = False
+            loss_sum = loss_sum * float("nan")
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(float("nan"))
         grad_norm = self._clip()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -234,6 +356,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
             "compute_s": time.perf_counter() - t0,
+            "wait_s": wait_s,
             "data_s": data_s,
             "epoch": self.order.epoch_of(step),
             "ids": np.asarray(ids, dtype=np.int64),
@@ -297,7 +420,10 @@ class Trainer:
         targets = {t for _, t, _ in moves}
         for holder, target, source in moves:
             if self.rank == holder:
-                buf = self.snapshots.replicas[source][step]
+                # The replica held for ``source``, or (HSDP twin) this rank's identical own state.
+                buf = self.snapshots.replicas.get(source, {}).get(step)
+                if buf is None:
+                    buf = snapshot.to_bytes(self.snapshots.own[step])
                 dist.send(torch.tensor([buf.numel()], dtype=torch.int64), dst=target)
                 dist.send(buf, dst=target)
             elif self.rank == target:
@@ -320,6 +446,87 @@ class Trainer:
         self.step = step
         self.feed.seek(self.rank, self.world_size, step + 1)  # recent batches serve the rewind
         return received
+
+    # ---- in-memory resharding (resize) -------------------------------------------
+    def export_reshard(self, step: int, sources: list[int], old_world: int,
+                       new_world: int) -> dict[int, list[torch.Tensor]]:
+        """Cut the state after ``step`` of each old rank in ``sources`` into ``new_world`` pieces.
+
+        ``sources`` are this rank (its own snapshot) and lost ranks whose replica it holds.
+        Returns ``{source: [bytes for new rank 0, 1, ...]}``.
+        """
+        if step not in self.snapshots.own and self.step == step:
+            self.snapshots.add_own(step, snapshot.take(self.model, self.optimizer))
+        lay = reshard.layout(self.model, self.optimizer)
+        out = {}
+        for src in sources:
+            if src == self.rank:
+                snap = self.snapshots.own[step]
+            else:
+                like = [torch.empty(shape, dtype=lt.dtype, device="meta")
+                        for shape, lt in zip(reshard.local_shapes(lay, old_world, src), lay, strict=True)]
+                snap = snapshot.from_bytes(self.snapshots.replicas[src][step], like)
+            out[src] = [snapshot.to_bytes(p) for p in reshard.split(snap, lay, old_world, src, new_world)]
+        return out
+
+    def restore_reshard(self, step: int, old_world: int, bufs: list[torch.Tensor]) -> int:
+        """Restore the state after ``step`` from the pieces of every old rank (old rank order).
+
+        Returns the bytes received.
+        """
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+        _init_optim_state(self.optimizer)
+        lay = reshard.layout(self.model, self.optimizer)
+        pieces = []
+        for i, buf in enumerate(bufs):
+            shapes = reshard.piece_shapes(lay, old_world, i, self.world_size, self.rank)
+            dtypes = [lt.dtype for lt in lay if lt.rows is not None or i == 0]
+            like = [torch.empty(sh, dtype=dt, device="meta") for sh, dt in zip(shapes, dtypes, strict=True)]
+            pieces.append(snapshot.from_bytes(buf, like))
+        snap = reshard.assemble(pieces, lay, self.world_size, self.rank)
+        snapshot.restore(self.model, self.optimizer, snap)
+        self.snapshots.own.clear()  # earlier snapshots have the old group's layout
+        self.snapshots.add_own(step, snap)
+        self.snapshots.clear_replicas()
+        self.step = step
+        self.feed.seek(self.rank, self.world_size, step + 1)  # a new share: the stream restarts
+        return sum(b.numel() for b in bufs)
+
+    def rollback(self, step: int) -> list[int]:
+        """Go back to this rank's own snapshot of ``step``, in the same group (a bad loss).
+
+        Every rank rolls back to the same step and no collective runs, so the group
+        stays as it is. Snapshots, replicas and checkpoint saves of later steps are
+        dropped (their state is being thrown away).
+
+        Returns:
+            The steps ``<= step`` whose saves finished meanwhile (still valid).
+        """
+        if step not in self.snapshots.own:
+            raise RuntimeError(f"rank {self.rank} has no snapshot of step {step}")
+        self.flush_replicas()
+        done = [s for s in self._reap_saves(wait=True) if s <= step]
+        snapshot.restore(self.model, self.optimizer, self.snapshots.own[step])
+        with self.snapshots.lock:
+            for s in [s for s in self.snapshots.own if s > step]:
+                del self.snapshots.own[s]
+            for held in self.snapshots.replicas.values():
+                for s in [s for s in held if s > step]:
+                    del held[s]
+        self.step, self.broken = step, False
+        self._mark(step, "done")
+        self.feed.seek(self.rank, self.world_size, step + 1)  # recent batches serve the rewind
+        return done
+
+    def flush_replicas(self) -> None:
+        """Wait until the replica exchange in flight is done (the peers hold the latest step)."""
+        last = getattr(self.replicator, "_last", None) if self.replicator else None
+        if last is not None:
+            try:
+                last.result()
+            except Exception as e:  # noqa: BLE001 - a broken group shows up in training too
+                log.warning("[rank %d] replica exchange failed: %s", self.rank, e)
 
     # ---- inspection --------------------------------------------------------------
     def state_digest(self, export_path: str | None = None) -> str | None:

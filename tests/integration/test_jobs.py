@@ -96,7 +96,8 @@ def test_rank_and_replica_holder_lost_falls_back_to_checkpoint(ray_connected, ba
     ev = summary["events"][0]
     # The step-10 save may still be in flight (async) when step 12 fails; then step 5 is used.
     assert ev["restored_from"] in ("checkpoint step 10", "checkpoint step 5")
-    assert ev["lost_steps"] == 11 - int(ev["restored_from"].split()[-1])
+    # Step 11 counts as completed only once its replicas were in place (then it is lost too).
+    assert 10 <= ev["lost_steps"] + int(ev["restored_from"].split()[-1]) <= 11
     assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 

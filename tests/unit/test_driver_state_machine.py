@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -46,6 +47,9 @@ class FakeGroup:
     def submit_save(self, step, path):
         self.queue.append(("save", step, path))
 
+    def submit_replica_wait(self, step):
+        self.queue.append(("replica", step, None))
+
     def poll(self, timeout):
         out = PollResult()
         for what, step, _path in self.queue:
@@ -64,6 +68,8 @@ class FakeGroup:
                                       "samples": len(ids), "grad_norm": 1.0, "lr": 0.1,
                                       "compute_s": 0.001, "data_s": 0.0, "epoch": 0,
                                       "ids": ids, "saved": []})
+            elif what == "replica":
+                out.replicated.extend((r, step, True) for r in range(self.world_size))
             else:
                 # Write what a DCP save would, so the store can commit it.
                 out.saved.extend((r, [step]) for r in range(self.world_size))
@@ -200,3 +206,166 @@ def test_summary_has_every_spec_field(driver_factory):
     for key in ("kind", "step", "detected_s", "resumed_s", "lost_steps", "world_size_after"):
         assert ev[key] is not None
     assert 0 < s["goodput"] <= 1
+
+
+# ---- health: bad losses, hangs, preemption, pre-flight -----------------------------------
+
+
+class HealthGroup(FakeGroup):
+    """A fake group that also answers the health calls, and holds every finished step in memory."""
+
+    peer_to = [1, 0]
+    calls: list[tuple] = []
+
+    def __init__(self, config: JobConfig, recipe: Recipe) -> None:
+        super().__init__(config, recipe)
+        self.finished: list[int] = []
+        self.nodes = ["n1", "n2"]
+
+    def start(self, world_size, attempt, restore, injections):
+        info = super().start(world_size, attempt, restore, injections)
+        self.calls.append(("start", sorted(getattr(self, "excluded_nodes", set()))))
+        bad = FakeGroup.plan.get("preflight_fails_on")
+        check = {"name": "storage", "ok": bad is None or attempt > 0, "detail": "'/x' is not writable"}
+        info["doctor"] = [{"node_id": bad or "n1", "hostname": "h", "checks": [check]}]
+        return info
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def poll(self, timeout):
+        if FakeGroup.plan.get("stall_from") in {s for w, s, _ in self.queue if w == "step"}:
+            time.sleep(timeout)
+            return PollResult()  # a rank hangs: nothing arrives any more
+        out = super().poll(timeout)
+        for r in out.steps:
+            self.finished.append(r["step"])
+            nan = FakeGroup.plan.get("nan_at")
+            if nan and nan[0] == r["step"] and nan[1] > 0 and r["rank"] == 0:
+                FakeGroup.plan["nan_at"] = (nan[0], nan[1] - 1)
+                r["loss_sum"] = float("nan")
+            if FakeGroup.plan.get("preempt_at") == r["step"] and r["rank"] == 1:
+                r["preempted"] = True
+        return out
+
+    def quiesce(self, timeout):
+        return self.poll(timeout)
+
+    def memory_reports(self, ranks):
+        own = sorted(set(self.finished))[-3:]
+        return {r: {"own": own, "replicas": {q: own for q in range(self.world_size)}} for r in ranks}
+
+    def flush_replicas(self, timeout):
+        return self.memory_reports(range(self.world_size))
+
+    def rollback(self, step, timeout):
+        self.calls.append(("rollback", step))
+        self.finished = [s for s in self.finished if s <= step]
+        return [(r, []) for r in range(self.world_size)]
+
+    def heartbeats(self, timeout):
+        self.calls.append(("heartbeats",))
+        return {0: {"step": 5, "phase": 1, "phase_name": "sync", "in_phase_s": 1.0},
+                1: {"step": 5, "phase": 0, "phase_name": "start", "in_phase_s": 1.0}}
+
+    def kill(self, ranks):
+        self.calls.append(("kill", sorted(ranks)))
+
+    def live_spares(self):
+        return 1  # a warm spare takes the lost rank
+
+    def recover_in_place(self, lost, restore_step, attempt, injections):
+        self.calls.append(("recover_in_place", sorted(lost), restore_step))
+        FakeGroup.plan.pop("stall_from", None)
+        self.queue.clear()
+        self.finished = [s for s in self.finished if s <= restore_step]
+        return {"recover_s": 0.0, "slowest_rank_phases_s": {}, "received_bytes": 0,
+                "replaced": sorted(lost), "spares_left": 0}
+
+
+@pytest.fixture
+def health_driver(driver_factory):
+    def make(**overrides: Any) -> Driver:
+        d = driver_factory(**overrides)
+        d.worker_group_cls = HealthGroup
+        d.alive_nodes = lambda: {"n1", "n2"}
+        HealthGroup.calls = []
+        return d
+
+    return make
+
+
+def test_nan_loss_rolls_back_in_place_and_skips_the_batch(health_driver, tmp_path):
+    d = health_driver()
+    FakeGroup.plan = {"nan_at": (6, 1)}
+    summary = d.run()
+    assert summary["status"] == "succeeded" and summary["final_step"] == 10
+    ev = summary["events"][0]
+    assert ev["kind"] == "nan" and ev["step"] == 6 and ev["restored_from"] == "memory step 5"
+    assert ev["lost_steps"] == 0 and ev["resumed_s"] >= ev["detected_s"]
+    assert sorted(d.acct.step_s) == [1, 2, 3, 4, 5, 7, 8, 9, 10]  # step 6 never counted
+    assert summary["samples"] == {"consumed": 72, "duplicated": 0, "skipped": 0, "skipped_bad": 8}
+    assert FakeGroup.starts == [(2, None)]  # no restart: the group stayed
+    assert json.loads((tmp_path / "fake" / "bad_steps.json").read_text()) == {"steps": [6]}
+
+
+def test_a_resubmitted_job_does_not_train_a_skipped_batch(health_driver, tmp_path):
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "bad_steps.json").write_text(json.dumps({"steps": [3]}))
+    d = health_driver()
+    d.run()
+    assert 3 not in d.acct.step_s and sorted(d.acct.step_s)[-1] == 10
+
+
+def test_bad_step_budget_fails_the_job(health_driver):
+    d = health_driver(fault={"max_bad_steps": 0})
+    FakeGroup.plan = {"nan_at": (6, 1)}
+    _drive(d)
+    assert d.state.kind is StateKind.ERRORED and "fault.max_bad_steps=0 exhausted" in d.state.error
+
+
+def test_hang_blames_the_rank_behind_and_recovers_it_in_place(health_driver):
+    d = health_driver(fault={"hang_timeout_s": 0.3})
+    FakeGroup.plan = {"stall_from": 6}  # steps 5 and 6 are in flight when it stalls
+    transitions = _drive(d)
+    assert transitions[-1] == ("finishing", "finished")
+    assert ("recovering", "running") in transitions and ("recovering", "scheduling") not in transitions
+    ev = d.acct.events[0]
+    assert ev.kind == "hang" and ev.rank == 1 and ev.step == 5
+    assert "rank 1 stuck at step 5 in phase start" in ev.message
+    assert ev.restored_from == "memory step 4" and ev.lost_steps == 0
+    assert ("kill", [1]) in HealthGroup.calls and ("recover_in_place", [1], 4) in HealthGroup.calls
+
+
+def test_preempted_rank_hands_over_with_no_lost_step(health_driver):
+    d = health_driver()
+    FakeGroup.plan = {"preempt_at": 4}
+    transitions = _drive(d)
+    assert ("running", "handing_over") in transitions and ("handing_over", "running") in transitions
+    ev = d.acct.events[0]
+    assert ev.kind == "preempt" and ev.rank == 1 and ev.lost_steps == 0
+    replaced = [c for c in HealthGroup.calls if c[0] == "recover_in_place"]
+    assert replaced and replaced[0][1] == [1] and ev.restored_from == f"memory step {replaced[0][2]}"
+    assert d.acct.samples() == {"consumed": 80, "duplicated": 0, "skipped": 0}
+    assert d.failures == 0  # a hand-over is not a failure
+
+
+def test_preflight_failure_excludes_the_node_and_places_again(health_driver):
+    d = health_driver()
+    FakeGroup.plan = {"preflight_fails_on": "n2"}
+    transitions = _drive(d)
+    assert transitions[:2] == [("scheduling", "recovering"), ("recovering", "scheduling")]
+    assert d.state.kind is StateKind.FINISHED
+    assert d.excluded_nodes == {"n2": "storage: '/x' is not writable"}
+    assert d.acct.events[0].kind == "preflight" and "node n2 fails check storage" in d.acct.events[0].message
+    assert d.group is None and FakeGroup.starts == [(2, None), (2, None)]
+
+
+def test_preflight_failure_on_every_node_refuses_the_job(health_driver):
+    d = health_driver()
+    d.alive_nodes = lambda: {"n2"}
+    FakeGroup.plan = {"preflight_fails_on": "n2"}
+    _drive(d)
+    assert d.state.kind is StateKind.ERRORED
+    assert "fails check storage: '/x' is not writable" in d.state.error and "no other node" in d.state.error

@@ -1,0 +1,130 @@
+"""A local autoscaling Ray cluster: Ray's fake multi-node provider, started privately.
+
+:class:`FakeAutoscalingCluster` starts ``ray start --head`` with
+``jobs/clusters/fake_multinode.yaml`` as its autoscaling config and
+``RAY_FAKE_CLUSTER=1``; the autoscaler then "launches" worker nodes as extra raylets
+on this machine when demand (a job's ``request_resources``) asks for them. Unlike
+``ray.cluster_utils.AutoscalingCluster`` it never runs ``ray stop`` (which would stop
+every Ray on the machine): it has its own ports and temp folder and stops exactly the
+processes under that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "jobs" / "clusters" / "fake_multinode.yaml"
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_matching(pattern: str, sig: int = signal.SIGKILL) -> None:
+    subprocess.run(["pkill", f"-{int(sig)}", "-f", pattern], check=False)
+
+
+class FakeAutoscalingCluster:
+    """Start with :meth:`start`, connect with ``ray.init(address=cluster.address)``, :meth:`stop`.
+
+    Args:
+        config: the autoscaling config (``provider.gcs_address`` is filled in).
+        worker_min / worker_max: override the worker node type's bounds.
+    """
+
+    def __init__(self, config: str | os.PathLike = CONFIG, worker_min: int | None = None,
+                 worker_max: int | None = None) -> None:
+        self.config = yaml.safe_load(Path(config).read_text())
+        node_type = next(k for k in self.config["available_node_types"] if k != self.config["head_node_type"])
+        self.worker_type = node_type
+        if worker_min is not None:
+            self.config["available_node_types"][node_type]["min_workers"] = worker_min
+        if worker_max is not None:
+            self.config["available_node_types"][node_type]["max_workers"] = worker_max
+            self.config["max_workers"] = worker_max
+        self.temp_dir = ""
+        self.address = ""
+
+    def start(self, timeout: float = 120) -> None:
+        import ray
+
+        self.temp_dir = tempfile.mkdtemp(prefix="rpfake-", dir="/tmp")
+        port = _free_port()
+        ip = ray.util.get_node_ip_address()
+        self.config["provider"]["gcs_address"] = f"{ip}:{port}"
+        cfg_path = Path(self.temp_dir) / "autoscaler.yaml"
+        cfg_path.write_text(json.dumps(self.config))
+        env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
+                   RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+        env.pop("RAY_ADDRESS", None)
+        cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=0",
+               f"--autoscaling-config={cfg_path}", f"--temp-dir={self.temp_dir}",
+               "--include-dashboard=false", "--disable-usage-stats",
+               f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+               f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start (fake autoscaler) failed: {out.stderr[-2000:]}")
+        self.address = f"{ip}:{port}"
+
+    def alive_workers(self) -> list[dict[str, Any]]:
+        """Worker nodes the cluster currently counts as alive."""
+        import ray
+
+        return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+
+    def wait_for_workers(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.alive_workers()) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the autoscaler did not bring up {n} worker node(s) in {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def terminate_node(self, node_id: str) -> None:
+        """End a worker node abruptly, as a spot VM goes: its raylet and every process it
+        started (the actors on it) are killed at once."""
+        found = subprocess.run(["pgrep", "-f", f"node_id={node_id}"], capture_output=True, text=True)
+        raylets = [int(p) for p in found.stdout.split()]
+        victims = set(raylets)
+        frontier = list(raylets)
+        while frontier:  # the raylet's children, and theirs
+            kids = subprocess.run(["pgrep", "-P", str(frontier.pop())], capture_output=True, text=True)
+            for pid in (int(p) for p in kids.stdout.split()):
+                if pid not in victims:
+                    victims.add(pid)
+                    frontier.append(pid)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        if not self.temp_dir:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            _kill_matching(self.temp_dir, sig)
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                if subprocess.run(["pgrep", "-f", self.temp_dir], capture_output=True).returncode != 0:
+                    break
+                time.sleep(0.3)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.temp_dir = ""
