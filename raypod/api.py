@@ -15,6 +15,9 @@ from raypod.progress import ProgressPrinter
 
 log = logging.getLogger("raypod")
 
+DATA_CPUS = 1
+"""Logical CPUs a local Ray keeps beyond the ranks' for Ray Data tasks."""
+
 
 class JobFailed(RuntimeError):
     """The job ended in the ``failed`` state; the message is one sentence."""
@@ -38,13 +41,26 @@ def connect_ray(config: JobConfig | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # Logical CPUs for every rank and spare, even on a small laptop.
+        # Logical CPUs for every rank and spare, even on a small laptop, plus one for the
+        # Ray Data tasks that tokenise and stream the data (fractional CPUs each), so they
+        # never wait for CPUs the ranks hold.
         need = 0
         if config is not None:
             s = config.scaling
             need = int((s.max_workers + s.spares) * s.resources_per_worker.get("CPU", 1.0) + 0.999)
-        ray.init(address="local", include_dashboard=False, num_cpus=max(os.cpu_count() or 1, need),
-                 **kwargs)
+        ray.init(address="local", include_dashboard=False,
+                 num_cpus=max(os.cpu_count() or 1, need + DATA_CPUS), **kwargs)
+
+
+def _data_step(step: Any, config: JobConfig) -> None:
+    """Run a recipe's data check or preparation; any failure becomes one sentence."""
+    try:
+        step(config)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a recipe's data step failing is the user's input
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"preparing data.path '{config.data.path}' failed: {type(e).__name__}: {msg}") from None
 
 
 def default_callbacks(config: JobConfig, progress: bool = True) -> list[Callback]:
@@ -62,25 +78,23 @@ def default_callbacks(config: JobConfig, progress: bool = True) -> list[Callback
 def run(config: JobConfig, callbacks: list[Callback] | None = None, progress: bool = True) -> dict[str, Any]:
     """Run ``config`` to the end and return its summary.
 
-    Data and recipe problems are refused before Ray or any worker starts.
+    Data and recipe problems are refused before any worker starts: the recipe's quick
+    checks (:meth:`raypod.Recipe.check_data`) run before Ray starts, its preparation
+    (tokenising with Ray Data) right after.
 
     Raises:
         ConfigError: bad data or recipe arguments, in one sentence.
         JobFailed: the job ran and failed (the summary is on the exception).
     """
     recipe = build_recipe(config)
-    try:
-        recipe.prepare_data(config)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a recipe's data step failing is the user's input
-        raise ConfigError(f"preparing data.path '{config.data.path}' failed: {type(e).__name__}: {e}") from None
+    _data_step(recipe.check_data, config)
     from raypod.doctor import storage_check
 
     storage = storage_check(config.job_dir)  # the driver writes there too; ms, before any worker
     if not storage.ok:
         raise ConfigError(f"checkpoint.storage: {storage.detail}")
     connect_ray(config)
+    _data_step(recipe.prepare_data, config)
     cbs = default_callbacks(config, progress) if callbacks is None else callbacks
     summary = Driver(config, callbacks=cbs, recipe=recipe).run()
     if summary.get("status") != "succeeded":

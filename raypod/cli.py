@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "node_loss: a whole node of a multi-node cluster removed, in-place recovery "
                               "gap; overhead: steady-state step time vs torchrun and a plain loop; "
                               "checkpoint: the stall of an in-memory snapshot and of a persistent save "
-                              "vs Ray Train V2's report with a checkpoint")
+                              "vs Ray Train V2's report with a checkpoint; data: the Ray Data stream's "
+                              "samples/s vs training's and data_wait_frac")
     p_bench.add_argument("--trials", type=int, default=3, help="trials per system")
     p_bench.add_argument("--out", default="benchmarks/results", help="where to write the table")
     p_chaos = sub.add_parser("chaos", help="a long run with seeded random faults, then a report",

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used, so Ray Data tasks importing raypod stay light
+    import torch
+    from torch import nn
 
-if TYPE_CHECKING:
     from raypod.config import JobConfig
 
 
@@ -31,13 +31,17 @@ class SampleSource(Protocol):
     """Map-style data: a fixed number of samples, fetched by id.
 
     raypod decides which ids each rank consumes at each step (seeded, per epoch), so
-    the data position is part of the training state and resumes exactly.
+    the data position is part of the training state and resumes exactly. A source
+    that also has ``stream(rank, world_size, order, first, last)`` (a Ray Data
+    dataset of rows ``{step, ids, windows}``) and ``to_batch(windows)``, such as
+    :class:`raypod.data.stream.TokenWindows`, is streamed to each rank through Ray
+    Data instead (see :mod:`raypod.data.stream`).
     """
 
     def __len__(self) -> int: ...
 
     def get_batch(self, ids: Sequence[int]) -> Any:
-        """Return the batch made of the samples ``ids`` (on CPU)."""
+        """Return the batch made of the samples ``ids`` (on CPU), sliceable along its first axis."""
         ...
 
 
@@ -47,8 +51,15 @@ class Recipe:
     The constructor receives ``recipe.args`` as keyword arguments.
     """
 
+    def check_data(self, config: JobConfig) -> None:
+        """Runs once on the driver before Ray starts: quick checks of ``data.path``.
+
+        Raise :class:`raypod.config.ConfigError` with one sentence for bad data.
+        """
+
     def prepare_data(self, config: JobConfig) -> None:
-        """Runs once on the driver before any worker starts: create or check the data.
+        """Runs once on the driver, Ray connected, before any worker starts: prepare the data
+        (for example tokenise it with Ray Data).
 
         Raise :class:`raypod.config.ConfigError` with one sentence for bad data.
         """
@@ -64,6 +75,8 @@ class Recipe:
 
     def build_optimizer(self, model: nn.Module, ctx: RankContext) -> torch.optim.Optimizer:
         """Default: AdamW with ``train.lr`` and ``train.weight_decay`` (decay on matrices only)."""
+        import torch
+
         t = ctx.config.train
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]

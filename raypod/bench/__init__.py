@@ -9,6 +9,7 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench node_loss --trials 3    # a whole Ray node removed: in-place recovery gap
     raypod bench overhead --trials 3     # steady-state step time vs torchrun and a plain loop
     raypod bench checkpoint --trials 3   # stall of a snapshot / persistent save vs Ray Train V2
+    raypod bench data                    # Ray Data stream vs training consumption, data_wait_frac
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ SUITES: dict[str, str] = {
     "node_loss": "raypod.bench.node_loss",
     "overhead": "raypod.bench.overhead",
     "checkpoint": "raypod.bench.checkpoint",
+    "data": "raypod.bench.data",
 }
 """Suite name -> module with ``run(trials=..., out=...) -> dict``."""
 

@@ -89,7 +89,12 @@ class JobAccounting:
 
     # ---- results -----------------------------------------------------------------
     def samples(self) -> dict[str, int]:
-        """Consumed, duplicated and skipped samples, from the ids the ranks reported."""
+        """Consumed, duplicated and skipped samples, from the ids the ranks reported.
+
+        Duplicated: an ``(epoch, id)`` consumed more than once. Skipped: an id that the
+        seeded order puts in a step this job ran (after its resume step) that no rank
+        reported consuming; a batch left out on purpose (a bad loss) is ``skipped_bad``.
+        """
         seen: Counter[tuple[int, int]] = Counter()
         for per_rank in self.ids.values():
             for epoch, ids in per_rank:
@@ -97,8 +102,10 @@ class JobAccounting:
         consumed = sum(seen.values())
         duplicated = sum(c - 1 for c in seen.values() if c > 1)
         skipped = 0
-        if self.order is not None:
-            for step in self.ids:
+        if self.order is not None:  # every step this job ran, including any never reported
+            for step in range(self.start_step + 1, self.last_step + 1):
+                if step in self.bad_steps:
+                    continue  # counted in skipped_bad
                 epoch = self.order.epoch_of(step)
                 skipped += sum(1 for i in self.order.ids(step) if (epoch, int(i)) not in seen)
         out = {"consumed": consumed, "duplicated": duplicated, "skipped": skipped}

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raypod.config import JobConfig
-from raypod.data.corpus import ByteTokenSamples, build_stdlib_corpus
+from raypod.config import ConfigError, JobConfig, join_uri, resolve_storage
+from raypod.data.corpus import TEXT_COLUMN, build_stdlib_corpus
+from raypod.data.prepare import TokenCorpus, check_parquet, find_tokens, prepare_tokens
+from raypod.data.stream import TokenWindows
 from raypod.models.gpt import GPT, GPTConfig
 from raypod.recipe import RankContext, Recipe
 
@@ -18,33 +20,61 @@ from raypod.recipe import RankContext, Recipe
 class GPTRecipe(Recipe):
     """Next-byte prediction with :class:`raypod.models.gpt.GPT`.
 
+    The data is parquet with a ``text`` column at ``data.path`` (a file or a folder;
+    local or any pyarrow/fsspec URI). Ray Data tokenises it once into a cached token
+    file (:mod:`raypod.data.prepare`) and streams each rank its fixed-length samples
+    (:mod:`raypod.data.stream`).
+
     Args:
         n_layer, n_head, n_embd, seq_len: the model's shape.
         prepare_corpus: build the stdlib corpus at ``data.path`` when it is missing
-            (on the driver, and on any node that lacks it).
+            (a local path only).
         corpus_bytes: size of the prepared corpus.
+        cache_dir: where the tokenised data is cached (reachable from every node);
+            default ``<checkpoint.storage>/.raypod_data``.
     """
 
     def __init__(self, n_layer: int = 2, n_head: int = 4, n_embd: int = 128, seq_len: int = 128,
-                 prepare_corpus: bool = True, corpus_bytes: int = 8_000_000) -> None:
+                 prepare_corpus: bool = True, corpus_bytes: int = 8_000_000,
+                 cache_dir: str | None = None) -> None:
         self.model_cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, seq_len=seq_len)
         self.prepare_corpus = prepare_corpus
         self.corpus_bytes = corpus_bytes
+        self.cache_dir = cache_dir
+        self.corpus: TokenCorpus | None = None
+        """Set by :meth:`prepare_data` on the driver; travels to the ranks with the recipe."""
 
     def _ensure_corpus(self, path: str) -> None:
         if self.prepare_corpus and "://" not in path and not os.path.exists(os.path.expanduser(path)):
             build_stdlib_corpus(path, self.corpus_bytes)
 
-    def prepare_data(self, config: JobConfig) -> None:
+    def _cache_root(self, config: JobConfig) -> str:
+        if self.cache_dir:
+            return resolve_storage(self.cache_dir)
+        return join_uri(resolve_storage(config.checkpoint.storage), ".raypod_data")
+
+    def check_data(self, config: JobConfig) -> None:
         self._ensure_corpus(config.data.path)
-        ByteTokenSamples(config.data.path, self.model_cfg.seq_len)  # refuses bad data now
+        check_parquet(config.data.path, [TEXT_COLUMN])
+
+    def prepare_data(self, config: JobConfig) -> None:
+        source = check_parquet(config.data.path, [TEXT_COLUMN])
+        corpus = prepare_tokens(source, TEXT_COLUMN, self._cache_root(config))
+        n = corpus.num_samples(self.model_cfg.seq_len)
+        if n < config.train.global_batch:
+            raise ConfigError(f"data.path '{config.data.path}' gives {n} samples of {self.model_cfg.seq_len} "
+                              f"tokens, fewer than train.global_batch ({config.train.global_batch})")
+        self.corpus = corpus
+
+    def build_data(self, ctx: RankContext) -> TokenWindows:
+        if self.corpus is None:  # a driver that skipped prepare_data: find (or make) the cache
+            source = check_parquet(ctx.config.data.path, [TEXT_COLUMN])
+            self.corpus = (find_tokens(self._cache_root(ctx.config), source.fingerprint)
+                           or prepare_tokens(source, TEXT_COLUMN, self._cache_root(ctx.config)))
+        return TokenWindows(self.corpus, self.model_cfg.seq_len)
 
     def build_model(self, ctx: RankContext) -> nn.Module:
         return GPT(self.model_cfg)
-
-    def build_data(self, ctx: RankContext) -> ByteTokenSamples:
-        self._ensure_corpus(ctx.config.data.path)
-        return ByteTokenSamples(ctx.config.data.path, self.model_cfg.seq_len)
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device) -> torch.Tensor:
         batch = batch.to(device, non_blocking=True)

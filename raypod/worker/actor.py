@@ -120,6 +120,7 @@ class TrainWorker:
             doctor = rank_preflight(config)
         if restore is not None:
             self.trainer.load(*restore)
+        self.trainer.feed.seek(rank, world_size, self.trainer.step + 1)  # start the data stream
         return {"rank": rank, "setup_s": time.perf_counter() - t0,
                 "num_samples": len(self.trainer.data), "doctor": doctor}
 

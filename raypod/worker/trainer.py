@@ -26,6 +26,7 @@ from raypod import faults
 from raypod.checkpoint import dcp as ckpt
 from raypod.config import FaultInjection, JobConfig, TrainConfig
 from raypod.data.order import SampleOrder
+from raypod.data.stream import StepFeed
 from raypod.recipe import RankContext, Recipe
 from raypod.worker import reshard, snapshot
 from raypod.worker.parallel import autocast, build_mesh, grad_sync, parallelize
@@ -78,6 +79,15 @@ def micro_batches(ids: np.ndarray, per_rank_max: int, micro: int) -> list[np.nda
     return [ids[i * micro : (i + 1) * micro] for i in range(n)]
 
 
+def _rows(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a batch (a tensor, array or list, or a dict/tuple of them)."""
+    if isinstance(batch, dict):
+        return {k: _rows(v, start, stop) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return type(batch)(_rows(v, start, stop) for v in batch)
+    return batch[start:stop]
+
+
 class Trainer:
     """One rank of a job.
 
@@ -110,6 +120,9 @@ class Trainer:
         self.data = recipe.build_data(ctx)
         t = config.train
         self.order = SampleOrder(len(self.data), t.global_batch, t.seed)
+        self.feed = StepFeed(self.data, self.order, t.max_steps)
+        if hasattr(self.data, "warm"):
+            self.data.warm()  # a spare's first batches come from the page cache
         self.pending_saves: dict[int, Future] = {}
         self.step = 0
         self.model = self.optimizer = None
@@ -301,25 +314,27 @@ class Trainer:
         wait_s = self._wait_for_peers()
         self._mark(step, "forward_backward")
         t = self.cfg.train
-        ids = SampleOrder.rank_share(self.order.ids(step), self.rank, self.world_size)
-        micros = micro_batches(ids, self.per_rank_max, t.micro_batch)
+        td = time.perf_counter()
+        ids, batch = self.feed.take(step, self.rank, self.world_size)
+        data_s = time.perf_counter() - td  # the wait on the data stream
+        micros = micro_batches(np.arange(len(ids)), self.per_rank_max, t.micro_batch)
         scale = self.world_size / t.global_batch  # gradients average to the global mean
         lr = lr_at(step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
-        data_s = 0.0
         for i, chunk in enumerate(micros):
             weight = float(len(chunk))
-            if len(chunk) == 0:  # keep the collectives in step with the other ranks
-                chunk, weight = ids[:1] if len(ids) else self.order.ids(step)[:1], 0.0
-            td = time.perf_counter()
-            batch = self.data.get_batch(chunk.tolist())
-            data_s += time.perf_counter() - td
+            if len(chunk):
+                part = _rows(batch, int(chunk[0]), int(chunk[-1]) + 1)
+            elif len(ids):  # keep the collectives in step with the other ranks
+                part, weight = _rows(batch, 0, 1), 0.0
+            else:
+                part, weight = self.data.get_batch(self.order.ids(step)[:1].tolist()), 0.0
             with grad_sync(self.model, i == len(micros) - 1), autocast(
                 self.cfg.parallel, self.model, self.device
             ):
-                loss = self.recipe.loss(self.model, batch, self.device)
+                loss = self.recipe.loss(self.model, part, self.device)
                 (loss * (weight * scale)).backward()
             loss_sum += loss.detach() * weight
         self._mark(step, "optimizer")
@@ -344,7 +359,7 @@ class Trainer:
             "wait_s": wait_s,
             "data_s": data_s,
             "epoch": self.order.epoch_of(step),
-            "ids": ids.astype(np.int64),
+            "ids": np.asarray(ids, dtype=np.int64),
             "saved": self._reap_saves(),
         }
 
@@ -384,6 +399,7 @@ class Trainer:
         """Restore model and optimizer from a committed checkpoint."""
         ckpt.load(self.model, self.optimizer, path)
         self.step = step
+        self.feed.seek(self.rank, self.world_size, step + 1)
 
     # ---- in-memory recovery ------------------------------------------------------
     def restore_memory(self, step: int, moves: list[tuple[int, int, int]]) -> int:
@@ -428,6 +444,7 @@ class Trainer:
             del self.snapshots.own[s]  # steps after the restore point are being redone
         self.snapshots.clear_replicas()
         self.step = step
+        self.feed.seek(self.rank, self.world_size, step + 1)  # recent batches serve the rewind
         return received
 
     # ---- in-memory resharding (resize) -------------------------------------------
@@ -473,6 +490,7 @@ class Trainer:
         self.snapshots.add_own(step, snap)
         self.snapshots.clear_replicas()
         self.step = step
+        self.feed.seek(self.rank, self.world_size, step + 1)  # a new share: the stream restarts
         return sum(b.numel() for b in bufs)
 
     def rollback(self, step: int) -> list[int]:
@@ -498,6 +516,7 @@ class Trainer:
                     del held[s]
         self.step, self.broken = step, False
         self._mark(step, "done")
+        self.feed.seek(self.rank, self.world_size, step + 1)  # recent batches serve the rewind
         return done
 
     def flush_replicas(self) -> None:
@@ -546,6 +565,8 @@ class Trainer:
     def close(self) -> None:
         """Finish writes and leave the process group."""
         try:
+            log.info("[rank %d] data: %s", self.rank, self.feed.stats)
+            self.feed.close()
             self._reap_saves(wait=True)
         finally:
             if dist.is_initialized():

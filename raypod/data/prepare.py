@@ -1,0 +1,234 @@
+"""Turning a user's parquet into training tokens: checks before Ray, tokenising in Ray Data.
+
+Two steps, both on the driver before any worker starts:
+
+1. :func:`check_parquet` (pyarrow only, before Ray starts) refuses bad data in one
+   sentence: a missing path, a file that is not parquet (also inside a folder), a
+   missing or non-text column, no rows.
+2. :func:`prepare_tokens` runs a Ray Data pipeline, ``read_parquet → map_batches``,
+   that tokenises every document in Ray Data tasks (off the training ranks) and
+   streams the token runs back in document order (``preserve_order``); the driver
+   appends them to one flat token file. Packing into fixed-length sequences is then
+   pure arithmetic on that file (sample ``i`` is ``tokens[i*L : i*L + L + 1]``) and is
+   done per step by the ranks' Ray Data streams (:mod:`raypod.data.stream`).
+
+Why one ordered token file rather than packed rows written by the tasks: packing needs
+the ordered stream of tokens so that a sample id means the same tokens however Ray
+Data happened to split the input into blocks (which depends on the cluster), and so
+that no tokens are lost at block edges. The costly part, tokenising, stays parallel;
+the driver only concatenates bytes. The flat file also gives every sample a byte range,
+so any rank reads any sample by id without an index (memory-mapped when local).
+
+The result is cached under ``<cache root>/tokens-<fingerprint>/``: the fingerprint
+covers the files (names, sizes, modification times), the column and the tokenizer, so
+a resubmission or a restart on the same storage reuses it. A cache entry is committed
+by its ``manifest.json``, written last; readers ignore entries without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raypod.config import ConfigError
+
+log = logging.getLogger("raypod.data")
+
+TOKENIZER = "utf8-bytes/v1"
+"""Name of the tokenizer: UTF-8 bytes (vocabulary 256), documents separated by a blank line."""
+DOC_SEPARATOR = b"\n\n"
+
+DATA_TASK_CPUS = 0.25
+"""Logical CPUs each Ray Data task asks for. Small, so data tasks fit beside the ranks
+(which hold whole CPUs); the local Ray of :func:`raypod.api.connect_ray` keeps one
+logical CPU spare for them."""
+
+
+@dataclass(frozen=True)
+class ParquetSource:
+    """A checked parquet dataset: its files (sorted) and their total rows."""
+
+    path: str
+    files: tuple[str, ...]
+    """Paths inside ``filesystem`` (no scheme)."""
+    uri_prefix: str
+    """What to put before a file path to make a URI Ray Data reads (``""`` for local files)."""
+    rows: int
+    fingerprint: str
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str, str]:
+    """``(filesystem, inner path, uri prefix)`` for a local path or a URI."""
+    if "://" in path:
+        fs, inner = pafs.FileSystem.from_uri(path)
+        return fs, inner, path.split("://", 1)[0] + "://"
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)), ""
+
+
+def check_parquet(path: str, columns: list[str]) -> ParquetSource:
+    """Check that ``path`` is parquet with the text ``columns``, or raise one sentence.
+
+    Reads only the listing and the parquet footers, so it is quick and needs no Ray.
+
+    Raises:
+        ConfigError: the path is missing or empty, a file is not parquet, a column is
+            missing or not text, or there are no rows.
+    """
+    try:
+        fs, inner, prefix = _filesystem(path)
+        info = fs.get_file_info(inner)
+    except (pa.ArrowInvalid, OSError, ValueError) as e:
+        raise ConfigError(f"data.path '{path}' cannot be opened: {str(e).splitlines()[0]}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"data.path '{path}' does not exist")
+    if info.type == pafs.FileType.Directory:
+        entries = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+        infos = sorted((e for e in entries if e.type == pafs.FileType.File
+                        and not any(part.startswith((".", "_"))
+                                    for part in posixpath.relpath(e.path, inner).split("/"))),
+                       key=lambda e: e.path)
+        if not infos:
+            raise ConfigError(f"data.path '{path}' is an empty folder (no parquet files)")
+    else:
+        infos = [info]
+    rows = 0
+    h = hashlib.sha256(f"{TOKENIZER}|{','.join(columns)}".encode())
+    for f in infos:
+        name = f.path if len(infos) == 1 else posixpath.relpath(f.path, inner)
+        try:
+            with fs.open_input_file(f.path) as fh:
+                meta = pq.ParquetFile(fh).metadata
+                schema = meta.schema.to_arrow_schema()
+        except (pa.ArrowInvalid, OSError):
+            where = f"data.path '{path}'" if len(infos) == 1 else f"data.path '{path}': '{name}'"
+            raise ConfigError(f"{where} is not a parquet file") from None
+        for col in columns:
+            if col not in schema.names:
+                raise ConfigError(f"data.path '{path}': '{os.path.basename(name)}' has no '{col}' column "
+                                  f"(its columns: {', '.join(schema.names) or 'none'})")
+            typ = schema.field(col).type
+            if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+                raise ConfigError(f"data.path '{path}': column '{col}' of '{os.path.basename(name)}' is "
+                                  f"{typ}, not text")
+        rows += meta.num_rows
+        mtime = f.mtime_ns if f.mtime_ns is not None else 0
+        h.update(f"|{name}|{f.size}|{mtime}".encode())
+    if rows == 0:
+        raise ConfigError(f"data.path '{path}' is empty (0 rows)")
+    return ParquetSource(path=path, files=tuple(f.path for f in infos), uri_prefix=prefix, rows=rows,
+                         fingerprint=h.hexdigest()[:20])
+
+
+@dataclass(frozen=True)
+class TokenCorpus:
+    """A prepared, flat token file: what every rank reads samples from.
+
+    Attributes:
+        uri: the token file (local path or URI).
+        num_tokens: tokens in it.
+        dtype: numpy dtype of one token.
+        fingerprint: of the source it was made from.
+    """
+
+    uri: str
+    num_tokens: int
+    dtype: str
+    fingerprint: str
+
+    def num_samples(self, seq_len: int) -> int:
+        """Fixed-length samples of ``seq_len`` inputs (+1 shifted target) the tokens hold."""
+        return max(0, (self.num_tokens - 1) // seq_len)
+
+
+def _tokenize(batch: pa.Table, column: str) -> dict[str, Any]:
+    """Ray Data task: the batch's documents as UTF-8 bytes, each followed by a separator.
+
+    Returns one row per batch (the concatenated tokens), so the driver receives few,
+    large rows.
+    """
+    texts = batch.column(column).to_pylist()
+    data = b"".join(t.encode("utf-8") + DOC_SEPARATOR for t in texts if t)
+    return {"tokens": np.array([data], dtype=object), "docs": np.array([len(texts)])}
+
+
+def _cache_dir(cache_root: str, fingerprint: str) -> str:
+    return cache_root.rstrip("/") + f"/tokens-{fingerprint}"
+
+
+def find_tokens(cache_root: str, fingerprint: str) -> TokenCorpus | None:
+    """The committed cache entry for ``fingerprint`` under ``cache_root``, if there is one."""
+    from raypod.checkpoint.fs import read_json
+
+    d = _cache_dir(cache_root, fingerprint)
+    manifest = read_json(d + "/manifest.json")
+    if not manifest or manifest.get("fingerprint") != fingerprint:
+        return None
+    return TokenCorpus(uri=d + "/" + manifest["file"], num_tokens=int(manifest["num_tokens"]),
+                       dtype=manifest["dtype"], fingerprint=fingerprint)
+
+
+def prepare_tokens(source: ParquetSource, column: str, cache_root: str) -> TokenCorpus:
+    """Tokenise ``source`` with Ray Data into a cached token file (reused when present).
+
+    Needs a connected Ray. Runs ``read_parquet`` and the tokenising ``map_batches`` as
+    Ray Data tasks of :data:`DATA_TASK_CPUS` CPUs each.
+
+    Raises:
+        ConfigError: the text holds no tokens at all.
+    """
+    found = find_tokens(cache_root, source.fingerprint)
+    if found is not None:
+        log.info("data: reusing %s (%d tokens)", found.uri, found.num_tokens)
+        return found
+    import ray.data
+
+    from raypod.checkpoint.fs import get_fs, write_json_atomic
+
+    t0 = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ds = ray.data.read_parquet([source.uri_prefix + f for f in source.files], columns=[column],
+                               file_extensions=None, num_cpus=DATA_TASK_CPUS)
+    ds = ds.map_batches(_tokenize, fn_kwargs={"column": column}, batch_format="pyarrow",
+                        batch_size=4096, num_cpus=DATA_TASK_CPUS)
+    d = _cache_dir(cache_root, source.fingerprint)
+    name = f"tokens-{uuid.uuid4().hex[:12]}.u8"
+    fs, inner = get_fs(d + "/" + name)
+    _, root = get_fs(cache_root)
+    created = [p for p in (root, posixpath.dirname(inner)) if not fs.exists(p)]
+    fs.makedirs(posixpath.dirname(inner), exist_ok=True)
+    total = docs = 0
+    try:
+        with fs.open(inner, "wb") as out:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+                for data, n in zip(batch["tokens"], batch["docs"], strict=True):
+                    out.write(data)
+                    total += len(data)
+                    docs += int(n)
+        if total == 0:
+            raise ConfigError(f"data.path '{source.path}' holds no text to train on (0 tokens)")
+    except BaseException:
+        fs.rm(inner)
+        for p in reversed(created):  # leave storage as it was
+            fs.rm(p, recursive=True)
+        raise
+    write_json_atomic(d + "/manifest.json", {
+        "fingerprint": source.fingerprint, "file": name, "num_tokens": total, "dtype": "uint8",
+        "tokenizer": TOKENIZER, "source": source.path, "documents": docs,
+        "prepare_s": round(time.perf_counter() - t0, 3)})
+    log.info("data: tokenised %d documents into %d tokens in %.1f s", docs, total,
+             time.perf_counter() - t0)
+    return TokenCorpus(uri=d + "/" + name, num_tokens=total, dtype="uint8",
+                       fingerprint=source.fingerprint)

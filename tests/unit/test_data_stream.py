@@ -1,0 +1,118 @@
+"""Tokenising with Ray Data, and each rank's stream of step batches, on a real local Ray."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raypod.config import ConfigError
+from raypod.data.order import SampleOrder
+from raypod.data.prepare import DOC_SEPARATOR, check_parquet, prepare_tokens
+from raypod.data.stream import StepFeed, TokenWindows
+from raypod.recipes.mlp import GaussianSamples
+
+L = 64
+
+
+@pytest.fixture(scope="module")
+def corpus(ray_connected, tmp_path_factory):
+    """Two parquet shards of made-up documents, tokenised once."""
+    d = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{rng.integers(1000)}é" for _ in range(rng.integers(0, 60))) for _ in range(400)]
+    pq.write_table(pa.table({"text": texts[:250]}), d / "part-0.parquet", row_group_size=64)
+    pq.write_table(pa.table({"text": texts[250:], "n": list(range(150))}), d / "part-1.parquet")
+    cache = tmp_path_factory.mktemp("cache")
+    tokens = prepare_tokens(check_parquet(str(d), ["text"]), "text", str(cache))
+    return d, cache, texts, tokens
+
+
+def test_tokens_are_the_documents_in_order(corpus):
+    d, cache, texts, tokens = corpus
+    expected = b"".join(t.encode("utf-8") + DOC_SEPARATOR for t in texts if t)
+    with open(tokens.uri, "rb") as f:
+        assert f.read() == expected
+    assert tokens.num_tokens == len(expected)
+
+
+def test_cache_is_reused(corpus):
+    d, cache, _, tokens = corpus
+    files = sorted(p.name for p in cache.rglob("*"))
+    again = prepare_tokens(check_parquet(str(d), ["text"]), "text", str(cache))
+    assert again == tokens and sorted(p.name for p in cache.rglob("*")) == files
+
+
+def test_text_without_tokens_is_refused_and_leaves_nothing(ray_connected, tmp_path):
+    p = tmp_path / "blank.parquet"
+    pq.write_table(pa.table({"text": ["", None, ""]}), p)
+    cache = tmp_path / "store" / ".raypod_data"
+    with pytest.raises(ConfigError, match="holds no text to train on"):
+        prepare_tokens(check_parquet(str(p), ["text"]), "text", str(cache))
+    assert not (tmp_path / "store" / ".raypod_data").exists()
+
+
+def _expected(source: TokenWindows, order: SampleOrder, step: int, rank: int, world: int):
+    ids = SampleOrder.rank_share(order.ids(step), rank, world)
+    return ids, source.get_batch(ids)
+
+
+def _wait_live(feed: StepFeed, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while feed.pump.queue.qsize() < 2:
+        assert time.time() < deadline, "the Ray Data stream delivered nothing"
+        time.sleep(0.1)
+
+
+def test_stream_delivers_each_steps_share_and_rewinds_from_memory(corpus):
+    *_, tokens = corpus
+    source = TokenWindows(tokens, L)
+    order = SampleOrder(len(source), 48, seed=1)
+    assert order.steps_per_epoch < 30  # the run below crosses an epoch
+    feed = StepFeed(source, order, last_step=60)
+    try:
+        feed.seek(1, 2, 1)
+        _wait_live(feed)
+        for step in range(1, 31):
+            time.sleep(0.05)  # the step's compute
+            ids, batch = feed.take(step, 1, 2)
+            want_ids, want = _expected(source, order, step, 1, 2)
+            assert np.array_equal(ids, want_ids) and torch.equal(batch, want)
+            assert batch.dtype == torch.int64 and batch.shape == (24, L + 1)
+        assert feed.stats["streamed"] >= 20 and feed.stats["restarts"] == 1, feed.stats
+        # An in-place recovery rewinds 2 steps: served from memory, the stream goes on.
+        before = dict(feed.stats)
+        feed.seek(1, 2, 29)
+        for step in (29, 30, 31, 32):
+            ids, batch = feed.take(step, 1, 2)
+            assert torch.equal(batch, _expected(source, order, step, 1, 2)[1])
+        assert feed.stats["recent"] == before["recent"] + 2
+        assert feed.stats["restarts"] == before["restarts"]
+        assert feed.stats["streamed"] + feed.stats["late"] == before["streamed"] + before["late"] + 2
+        # A new world size restarts the stream; the rank serves itself meanwhile, at once.
+        t0 = time.perf_counter()
+        ids, batch = feed.take(33, 0, 3)
+        assert time.perf_counter() - t0 < 1.0
+        assert feed.stats["restarts"] == before["restarts"] + 1
+        assert np.array_equal(ids, _expected(source, order, 33, 0, 3)[0])
+        _wait_live(feed)
+        for step in range(34, 40):
+            time.sleep(0.05)
+            ids, batch = feed.take(step, 0, 3)
+            assert torch.equal(batch, _expected(source, order, step, 0, 3)[1])
+        assert feed.stats["streamed"] >= before["streamed"] + 2 + 4, feed.stats
+    finally:
+        feed.close()
+
+
+def test_map_style_source_is_fetched_in_process():
+    source = GaussianSamples(64, 8, seed=0)
+    order = SampleOrder(64, 8, seed=0)
+    feed = StepFeed(source, order, last_step=10)
+    ids, batch = feed.take(3, 1, 2)
+    assert np.array_equal(ids, order.ids(3)[1::2]) and torch.equal(batch, source.get_batch(ids))
+    assert feed.pump is None and feed.stats["local"] == 1
