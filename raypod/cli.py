@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench = sub.add_parser("bench", help="run a benchmark suite side by side with its anchors",
                              description="Benchmarks print absolute figures and ratios against "
                                          "anchors run in the same invocation.")
-    p_bench.add_argument("suite", choices=["startup", "recovery", "logging"],
+    p_bench.add_argument("suite", choices=["startup", "recovery", "logging", "elastic"],
                          help="startup: launch to first step vs Ray Train V2 TorchTrainer and torchrun; "
                               "recovery: a worker killed after step 25 of the MLP workload, recovery gap "
-                              "and steps replayed vs the same; logging: MLflow overhead vs logging off")
+                              "and steps replayed vs the same; logging: MLflow overhead vs logging off; "
+                              "elastic: node-to-step seconds and shrink gap on Ray's fake autoscaler vs "
+                              "Ray Train V2's elastic mode")
     p_bench.add_argument("--trials", type=int, default=3, help="trials per system")
     p_bench.add_argument("--out", default="benchmarks/results", help="where to write the table")
     return parser

@@ -6,6 +6,7 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench startup --trials 3      # launch to first step vs Ray Train V2 and torchrun
     raypod bench recovery --trials 3     # a worker killed: gap and replayed steps vs the same
     raypod bench logging                 # MLflow logging overhead vs logging off
+    raypod bench elastic --trials 1      # grow/shrink on the fake autoscaler vs Ray Train V2 elastic
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ SUITES: dict[str, str] = {
     "startup": "raypod.bench.startup",
     "recovery": "raypod.bench.recovery",
     "logging": "raypod.bench.logging",
+    "elastic": "raypod.bench.elastic_suite",
 }
 """Suite name -> module with ``run(trials=..., out=...) -> dict``."""
 
