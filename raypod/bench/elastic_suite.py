@@ -86,6 +86,20 @@ def _command(system: str, out: Path, steps: int, steps_at_max: int) -> tuple[lis
             "--steps-at-max", str(steps_at_max), "--monitor-interval-s", interval], {"RAY_TRAIN_V2_ENABLED": "1"}
 
 
+def _shown(system: str, steps: int, steps_at_max: int) -> str:
+    """The trial's command line as a reader would type it."""
+    cmd, env = _command(system, Path("<tmp>/trial.json"), steps, steps_at_max)
+    return " ".join([*(f"{k}={v}" for k, v in env.items()), "python", *cmd[1:]])
+
+
+def median_step_s(rows: list[tuple]) -> float | None:
+    """Median seconds between consecutive steps (``step, time, world_size[, attempt]`` rows) of the
+    same world size (and attempt), i.e. the step time outside resizes and restarts."""
+    d = [b[1] - a[1] for a, b in zip(rows, rows[1:], strict=False)
+         if b[0] == a[0] + 1 and b[2] == a[2] and tuple(a[3:]) == tuple(b[3:])]
+    return round(statistics.median(d), 3) if d else None
+
+
 def raypod_record(summary: dict[str, Any], steps: int) -> dict[str, Any]:
     """The suite's figures from raypod's trial summary."""
     from raypod.bench.elastic import figures
@@ -97,6 +111,7 @@ def raypod_record(summary: dict[str, Any], steps: int) -> dict[str, Any]:
             "world_sizes": f["world_sizes"], "resizes": [list(r) for r in f["resizes"]],
             "samples": f["samples"], "terminated": (summary.get("elastic") or {}).get("terminated"),
             "final_step": summary.get("final_step"),
+            "step_s": median_step_s([tuple(r) for r in (summary.get("elastic") or {}).get("steps", [])]),
             "succeeded": summary.get("status") == "succeeded" and summary.get("final_step") == steps}
 
 
@@ -107,7 +122,8 @@ def anchor_record(rec: dict[str, Any]) -> dict[str, Any]:
             "replayed": f["replayed"], "world_sizes": f["world_sizes"],
             "resizes": [list(r) for r in f["resizes"]], "nodes_never_used": f["nodes_never_used"],
             "shrink": f["shrink"], "terminated": rec.get("terminated"), "final_step": f["final_step"],
-            "attempts": f["attempts"], "error": rec.get("error"), "succeeded": bool(rec.get("succeeded"))}
+            "attempts": f["attempts"], "error": rec.get("error"), "succeeded": bool(rec.get("succeeded")),
+            "step_s": median_step_s([tuple(r) for r in rec.get("step_log", [])])}
 
 
 def _rpfake() -> list[int]:
@@ -160,6 +176,10 @@ def run_trial(system: str, i: int, logs: Path, steps: int, steps_at_max: int) ->
         time.sleep(0.5)
         left = _rpfake()
     rec["rpfake_left"] = left
+    if out.exists():  # the raw trial record (summary / step log) stays beside the log
+        raw = logs / f"{system}-{i}.trial.json"
+        shutil.copy(out, raw)
+        rec["raw"] = str(raw)
     shutil.rmtree(tmp, ignore_errors=True)
     return rec
 
@@ -177,6 +197,7 @@ def summarise(by_system: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "node_to_step_s": _median([x for r in recs for x in r.get("node_to_step_s") or []]),
             "shrink_gap_s": _median([x for r in recs for x in r.get("shrink_gap_s") or []]),
             "replayed": _median([r["replayed"] for r in recs if r.get("replayed") is not None]),
+            "step_s": _median([r["step_s"] for r in recs if r.get("step_s") is not None]),
             "succeeded": f"{sum(1 for r in recs if r.get('succeeded'))}/{len(recs)}",
         }
     ratios: dict[str, float | None] = {}
@@ -199,8 +220,8 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-HEADER = ["system", "trial", "node to step (s)", "shrink gap (s)", "steps replayed", "world sizes",
-          "finished", "ratio raypod/this (node→step, gap)"]
+HEADER = ["system", "trial", "node to step (s)", "shrink gap (s)", "steps replayed", "median step (s)",
+          "world sizes", "finished", "ratio raypod/this (node→step, gap)"]
 
 
 def _rows(result: dict[str, Any]) -> list[list[str]]:
@@ -209,7 +230,7 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
         for r in recs:
             ok = "yes" if r.get("succeeded") else f"NO ({(r.get('why') or r.get('error') or '?')[:70]})"
             rows.append([LABELS[s], str(r["trial"]), _fmt_list(r.get("node_to_step_s")),
-                         _fmt_list(r.get("shrink_gap_s")), _fmt(r.get("replayed")),
+                         _fmt_list(r.get("shrink_gap_s")), _fmt(r.get("replayed")), _fmt(r.get("step_s")),
                          "→".join(str(w) for w in r.get("world_sizes") or []) or "—", ok, ""])
     for s in result["trials"]:
         m = result["median"][s]
@@ -220,12 +241,12 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
             b = result["ratios"].get(f"shrink_gap_s raypod/{s}")
             ratio = f"{_fmt(a)}, {_fmt(b)}"
         rows.append([f"**{LABELS[s]}**", "median", _fmt(m["node_to_step_s"]), _fmt(m["shrink_gap_s"]),
-                     _fmt(m["replayed"]), "", m["succeeded"], ratio])
+                     _fmt(m["replayed"]), _fmt(m["step_s"]), "", m["succeeded"], ratio])
     return rows
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|---|---|---:|---:|---:|---|---|---|"]
+    lines = ["| " + " | ".join(HEADER) + " |", "|---|---|---:|---:|---:|---:|---|---|---|"]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
     return "\n".join(lines)
 
@@ -240,7 +261,7 @@ def print_table(result: dict[str, Any]) -> None:
     table = Table(title=f"elastic: tiny GPT, min 1 max 3 workers on Ray's fake autoscaler, {result['steps']} "
                         f"steps, highest rank's node terminated after {result['steps_at_max']} steps at 3")
     for k, h in enumerate(HEADER):
-        table.add_column(h, justify="right" if k in (2, 3, 4) else "left")
+        table.add_column(h, justify="right" if k in (2, 3, 4, 5) else "left")
     for r in _rows(result):
         table.add_row(*[c.replace("**", "") for c in r])
     Console(width=180).print(table)
@@ -279,6 +300,7 @@ def run_elastic_bench(trials: int = 1, out: str | os.PathLike | None = "benchmar
                             "the completion of the first step after it",
             "replayed": "step numbers completed more than once over the run (raypod: sum of events' "
                         "lost_steps; Ray Train: from rank 0's step log)",
+            "step_s": "median seconds between consecutive steps at the same world size (and attempt)",
         },
         "date": started.isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **versions(),
@@ -287,8 +309,7 @@ def run_elastic_bench(trials: int = 1, out: str | os.PathLike | None = "benchmar
                     "uptime_before": uptime_before, "uptime_after": uptime_after},
         "command": command,
         "steps": steps, "steps_at_max": steps_at_max,
-        "system_commands": {s: " ".join(_command(s, Path("<tmp>/trial.json"), steps, steps_at_max)[0][1:])
-                            for s in systems},
+        "system_commands": {s: _shown(s, steps, steps_at_max) for s in systems},
         "workload": f"jobs/configs/tiny.yaml GPT (2 layers, 4 heads, 128 wide, seq 128), FSDP2 on gloo, 1 CPU "
                     f"per rank, global batch 16 at every world size, {steps} steps, min 1 max 3 workers on "
                     "Ray's fake autoscaler (CPU-less head, 1-CPU worker nodes, 1 at start, up to 3); the "
@@ -327,6 +348,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- **node to step**: {result['definitions']['node_to_step_s']}; one figure per such node.",
         f"- **shrink gap**: {result['definitions']['shrink_gap_s']}.",
         f"- **steps replayed**: {result['definitions']['replayed']}.",
+        f"- **median step**: {result['definitions']['step_s']}.",
         "- Ray Train V2 resizes a running group only when `elastic_resize_monitor_interval_s` (default 60 s) "
         "passed since the group started or was last considered, by stopping every worker and starting a "
         "group of the new size from the last checkpoint (every 20 steps); a lost node fails the group, "
@@ -339,7 +361,7 @@ def markdown(result: dict[str, Any]) -> str:
           if bad else []),
         "Commands:",
         "",
-        *[f"- {LABELS[s]}: `python {c}`" for s, c in result["system_commands"].items()],
+        *[f"- {LABELS[s]}: `{c}`" for s, c in result["system_commands"].items()],
         "",
     ]
     return "\n".join(md)

@@ -8,7 +8,7 @@ import pytest
 
 from raypod.bench.anchors.elastic_ray_train import anchor_figures, read_groups, read_step_log
 from raypod.bench.elastic import figures
-from raypod.bench.elastic_suite import raypod_record, summarise
+from raypod.bench.elastic_suite import median_step_s, raypod_record, summarise
 
 A, B, C, D = "node-a", "node-b", "node-c", "node-d"
 
@@ -97,13 +97,39 @@ def test_raypod_figures_and_record() -> None:
     assert raypod_record(s, steps=200)["succeeded"] is False
 
 
+def test_raypod_back_to_back_grows() -> None:
+    # Both nodes up before the first grow; the job grows 1->2 and 2->3 before a step completes
+    # at 2: both new nodes first contribute to the first step at 3 ranks.
+    steps = [(s, 10.0 + s, 1) for s in range(1, 40)]           # t 11..49
+    steps += [(s, 10.0 + s, 3) for s in range(40, 50)]         # first step at 3: t 50
+    steps += [(s, 20.0 + s, 2) for s in range(50, 60)]         # after the shrink, at 2
+    s = {"status": "succeeded", "final_step": 59, "world_sizes": [1, 2, 3, 2],
+         "resizes": [{"kind": "grow", "step": 39, "from": 1, "to": 2, "at_s": 47.0},
+                     {"kind": "grow", "step": 39, "from": 2, "to": 3, "at_s": 49.0},
+                     {"kind": "shrink", "step": 49, "from": 3, "to": 2, "at_s": 62.0}],
+         "events": [], "elastic": {"nodes_seen_s": {A: 0.2, B: 30.0, C: 40.0}, "steps": steps}}
+    assert figures(s)["node_to_step_s"] == [20.0, 10.0]
+    # A replacement node seen after the shrink and a grow 2->3 it enables.
+    s["elastic"]["nodes_seen_s"][D] = 75.0
+    s["resizes"].append({"kind": "grow", "step": 58, "from": 2, "to": 3, "at_s": 78.5})
+    s["elastic"]["steps"] = steps + [(60, 80.0, 3)]
+    assert figures(s)["node_to_step_s"] == [20.0, 10.0, 5.0]
+
+
 def test_summarise_medians_and_ratios() -> None:
     by = {"raypod": [{"node_to_step_s": [2.0, 4.0], "shrink_gap_s": [1.0], "replayed": 0, "succeeded": True}],
           "ray_train_v2": [{"node_to_step_s": [60.0], "shrink_gap_s": [10.0], "replayed": 25, "succeeded": True},
                            {"node_to_step_s": [], "shrink_gap_s": [], "replayed": None, "succeeded": False}]}
     out = summarise(by)
     assert out["median"]["raypod"] == {"node_to_step_s": 3.0, "shrink_gap_s": 1.0, "replayed": 0,
-                                       "succeeded": "1/1"}
+                                       "step_s": None, "succeeded": "1/1"}
     assert out["median"]["ray_train_v2"]["succeeded"] == "1/2"
     assert out["ratios"]["node_to_step_s raypod/ray_train_v2"] == pytest.approx(0.05)
     assert out["ratios"]["shrink_gap_s raypod/ray_train_v2"] == pytest.approx(0.1)
+
+
+def test_median_step_skips_resizes_and_restarts() -> None:
+    rows, _ = _anchor_log()
+    assert median_step_s(rows) == 1.0  # jumps across attempts (and back in step number) are left out
+    assert median_step_s([(1, 0.0, 1), (2, 0.5, 1), (3, 4.0, 2), (4, 4.5, 2), (5, 5.0, 2)]) == 0.5
+    assert median_step_s([(1, 0.0, 1)]) is None
