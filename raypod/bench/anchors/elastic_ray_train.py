@@ -49,6 +49,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -242,8 +243,12 @@ def run_trial(steps: int = 200, steps_at_max: int = 10, monitor_interval_s: floa
     stop = threading.Event()
     try:
         pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        # RAY_ADDRESS: Ray Train's helper actors (PlacementGroupCleaner) otherwise look the
+        # cluster up themselves and fail when other Ray instances run on the machine.
+        os.environ["RAY_ADDRESS"] = cluster.address
         ray.init(address=cluster.address, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_TRAIN_V2_ENABLED": "1"}})
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_TRAIN_V2_ENABLED": "1",
+                                           "RAY_ADDRESS": cluster.address}})
         cluster.wait_for_workers(1)
         rec["initial_nodes"] = [n["NodeID"] for n in cluster.alive_workers()]
         watcher = threading.Thread(target=_watch, args=(cluster, workdir, steps_at_max, log, stop), daemon=True)
@@ -262,7 +267,7 @@ def run_trial(steps: int = 200, steps_at_max: int = 10, monitor_interval_s: floa
             result = trainer.fit()
             if getattr(result, "error", None) is not None:
                 rec["error"] = f"{type(result.error).__name__}: {result.error}"[:2000]
-        except Exception as e:  # noqa: BLE001 - the anchor's failure is its result
+        except BaseException as e:  # noqa: BLE001 - the anchor's failure (or a SIGTERM) is its result
             rec["error"] = f"{type(e).__name__}: {e}"[:2000]
         rec["fit_ended"] = time.time()
     finally:
@@ -280,6 +285,10 @@ def run_trial(steps: int = 200, steps_at_max: int = 10, monitor_interval_s: floa
     return rec
 
 
+def _terminated(signum: int, frame: Any) -> None:  # noqa: ARG001
+    raise SystemExit(f"terminated by signal {signum} (SIGTERM from outside the trial)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Ray Train V2 elastic mode: grow and shrink on Ray's fake autoscaler")
     p.add_argument("--trial-out", required=True, help="write the trial record (JSON) here")
@@ -294,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("RAY_TRAIN_V2_ENABLED") != "1":
         print("elastic_ray_train: set RAY_TRAIN_V2_ENABLED=1", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _terminated)
     rec = run_trial(a.steps, a.steps_at_max, a.monitor_interval_s, a.checkpoint_every, a.hold_max_s)
     Path(a.trial_out).write_text(json.dumps(rec, indent=2, default=str))
     print(json.dumps({"error": rec["error"], **rec["figures"]}))
