@@ -10,6 +10,7 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench overhead --trials 3     # steady-state step time vs torchrun and a plain loop
     raypod bench checkpoint --trials 3   # stall of a snapshot / persistent save vs Ray Train V2
     raypod bench data                    # Ray Data stream vs training consumption, data_wait_frac
+    raypod bench elastic --trials 1      # grow/shrink on the fake autoscaler vs Ray Train V2 elastic
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SUITES: dict[str, str] = {
     "overhead": "raypod.bench.overhead",
     "checkpoint": "raypod.bench.checkpoint",
     "data": "raypod.bench.data",
+    "elastic": "raypod.bench.elastic_suite",
 }
 """Suite name -> module with ``run(trials=..., out=...) -> dict``."""
 

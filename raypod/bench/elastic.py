@@ -113,12 +113,18 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
     rows = el.get("steps", [])
     grows = [r for r in summary.get("resizes", []) if r["kind"] == "grow"]
     node_to_step = []
-    seen = sorted(el.get("nodes_seen_s", {}).values())[1:]  # the first node was there at the start
+    # New nodes in the order they appeared (the first node was there at the start); each
+    # grow by n ranks takes the n earliest not yet taken that had appeared by then, and its
+    # ranks first contribute to the first step completed after it at >= its new world size
+    # (two grows can follow each other before a step completes between them).
+    waiting = sorted(el.get("nodes_seen_s", {}).values())[1:]
     for g in grows:
-        first = next((t for s, t, w in rows if w == g["to"] and t >= g["at_s"]), None)
-        appeared = [t for t in seen if t <= g["at_s"]]
-        if first is not None and appeared:
-            node_to_step.append(round(first - appeared[-1], 3))
+        first = next((t for s, t, w in rows if w >= g["to"] and t >= g["at_s"]), None)
+        appeared = [t for t in waiting if t <= g["at_s"]][: max(0, g["to"] - g["from"])]
+        for t in appeared:
+            waiting.remove(t)
+            if first is not None:
+                node_to_step.append(round(first - t, 3))
     gaps = [round(e["resumed_s"] - e["last_step_s"], 3) for e in summary.get("events", [])
             if e.get("resumed_s") is not None and e.get("last_step_s") is not None]
     return {"status": summary.get("status"), "world_sizes": summary.get("world_sizes"),
