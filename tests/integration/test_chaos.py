@@ -22,7 +22,10 @@ def test_short_chaos_run_loses_nothing(ray_connected, tmp_path):
     kinds = set(report["faults_planned_by_kind"])  # every kind once, as far as 5 faults go
     assert kinds <= set(fault_kinds()) and len(kinds) == min(5, len(fault_kinds()))
     assert report["status"] == "succeeded" and report["final_step"] == 24
-    assert report["failures_seen"] == 5 and report["recovered"] == 5 and report["all_recovered"]
+    # A ``slow`` step interrupts nothing (at most a straggler alert); every other kind is a failure.
+    interrupting = 5 - report["faults_planned_by_kind"].get("slow", 0)
+    assert report["failures_seen"] == interrupting and report["recovered"] == interrupting
+    assert report["all_recovered"]
     assert report["state_matches_reference"] is True
     assert report["samples"]["duplicated"] == 0 and report["samples"]["skipped"] == 0
     assert report["samples"]["consumed"] == 24 * 32
