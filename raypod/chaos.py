@@ -74,15 +74,19 @@ def steps_needed(n: int, spacing: int, first_step: int = 3, tail: int = 5) -> in
     return first_step + (n - 1) * spacing + tail
 
 
-def mlflow_points(tracking_uri: str, run_id: str, max_steps: int) -> dict[str, Any]:
-    """Per step metric of the run (``system/*`` aside): steps without a point and extra points."""
+def mlflow_points(tracking_uri: str, run_id: str, max_steps: int,
+                  skipped: set[int] | frozenset[int] = frozenset()) -> dict[str, Any]:
+    """Per step metric of the run (``system/*`` aside): steps without a point and extra points.
+
+    ``skipped`` steps (a bad batch skipped on purpose) are not expected to have points.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     run = client.get_run(run_id)
     keys = sorted(k for k in run.data.metrics if not k.startswith("system/"))
     per: dict[str, Any] = {}
-    want = set(range(1, max_steps + 1))
+    want = set(range(1, max_steps + 1)) - set(skipped)
     for k in keys:
         hist = client.get_metric_history(run_id, k)
         steps = Counter(m.step for m in hist)
@@ -143,7 +147,10 @@ def run_chaos(config: str | os.PathLike, faults: int = 50, seed: int = 0, spacin
     chaos_cfg = _job(base, name, {**common, "fault.inject": plan,
                                   "fault.max_failures": max(base.fault.max_failures, faults + 5),
                                   "mlflow.enabled": True})
-    ref_cfg = _job(base, f"{name}-reference", {**common, "fault.inject": [], "mlflow.enabled": False})
+    # A ``nan`` fault makes the job skip that step's batch on purpose: the reference skips the
+    # same batches (the same nan faults, nothing else), so the two states must still match.
+    skipped = [f for f in plan if f["kind"] == "nan"]
+    ref_cfg = _job(base, f"{name}-reference", {**common, "fault.inject": skipped, "mlflow.enabled": False})
     started = _dt.datetime.now(_dt.timezone.utc)
     load_before = os.getloadavg()
 
@@ -170,7 +177,7 @@ def run_chaos(config: str | os.PathLike, faults: int = 50, seed: int = 0, spacin
     if chaos.get("mlflow_run_id"):
         try:
             points = mlflow_points(resolve_tracking_uri(chaos_cfg, chaos_cfg.job_dir),
-                                   chaos["mlflow_run_id"], max_steps)
+                                   chaos["mlflow_run_id"], max_steps, {f["step"] for f in skipped})
         except Exception as e:  # noqa: BLE001 - the report says what could not be read
             points = {"error": f"{type(e).__name__}: {e}"}
     digest, ref_digest = chaos.get("final_state_sha256"), (ref or {}).get("final_state_sha256")

@@ -321,29 +321,36 @@ class WorkerGroup:
             moves.append((self.holder_of(d), d, d))
             if freed is not None:
                 self._add_spare(*freed)  # the lost rank's slot becomes the next spare
-        timeout = self.cfg.scaling.schedule_timeout_s
         t1 = time.perf_counter()
         try:
-            infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
-            self.nodes = [i["node_id"] for i in infos]
-            init_method = self._rendezvous(infos[0]["ip"], timeout)
-            self._plan_peers()
-            t2 = time.perf_counter()
-            refs = [a.reconfigure.remote(self.cfg, self.recipe, r, self.world_size, init_method,
-                                         injections, attempt, self._peers(r), restore_step, moves)
-                    for r, a in enumerate(self.actors)]
-            results = self._get_all(refs, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
+            info = self._regroup(lambda r, a, init: a.reconfigure.remote(
+                self.cfg, self.recipe, r, self.world_size, init, injections, attempt, self._peers(r),
+                restore_step, moves))
         except GroupStartError:
             raise
         except Exception as e:  # noqa: BLE001
             kind, msg = _describe(e)
             raise GroupStartError(f"in-place recovery failed: {msg}", kind=kind) from None
+        info["recover_s"] = time.perf_counter() - t0
+        info["driver_phases_s"]["replace"] = t1 - t0
+        return {**info, "replaced": sorted(lost), "spares_left": len(self.spares)}
+
+    def _regroup(self, call: Any) -> dict[str, Any]:
+        """Locate every rank, open a rendezvous on rank 0, run ``call(rank, actor, init_method)``
+        on every rank (a ``reconfigure`` or ``reshape``) and sum up its results."""
+        timeout = self.cfg.scaling.schedule_timeout_s
+        t0 = time.perf_counter()
+        infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
+        self.nodes = [i["node_id"] for i in infos]
+        self._plan_peers()
+        init_method = self._rendezvous(infos[0]["ip"], timeout)
+        t1 = time.perf_counter()
+        refs = [call(r, a, init_method) for r, a in enumerate(self.actors)]
+        results = self._get_all(refs, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
         slowest = max(results, key=lambda r: r["reconfigure_s"])
-        t3 = time.perf_counter()
-        return {"recover_s": t3 - t0, "slowest_rank_phases_s": slowest["phases_s"],
-                "driver_phases_s": {"replace": t1 - t0, "locate": t2 - t1, "reconfigure": t3 - t2},
-                "received_bytes": sum(r["received_bytes"] for r in results),
-                "replaced": sorted(lost), "spares_left": len(self.spares)}
+        return {"slowest_rank_phases_s": slowest["phases_s"],
+                "driver_phases_s": {"locate": t1 - t0, "reconfigure": time.perf_counter() - t1},
+                "received_bytes": sum(r["received_bytes"] for r in results)}
 
     # ---- resizing ------------------------------------------------------------------
     def live_spares(self) -> int:
@@ -424,27 +431,18 @@ class WorkerGroup:
             self.actors = new_actors
             self.placement = [self.placement[r] for r in survivors] + [p for _, p in added]
             self.world_size = new_world
-            infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
-            self.nodes = [i["node_id"] for i in infos]
-            self._plan_peers()
-            init_method = self._rendezvous(infos[0]["ip"], timeout)
-            t2 = time.perf_counter()
-            calls = [a.reshape.remote(self.cfg, self.recipe, j, new_world, init_method, injections, attempt,
-                                      self._peers(j), restore_step, old_world,
-                                      [exported[i][j] for i in range(old_world)])
-                     for j, a in enumerate(self.actors)]
-            results = self._get_all(calls, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
+            info = self._regroup(lambda j, a, init: a.reshape.remote(
+                self.cfg, self.recipe, j, new_world, init, injections, attempt, self._peers(j), restore_step,
+                old_world, [exported[i][j] for i in range(old_world)]))
         except GroupStartError:
             raise
         except Exception as e:  # noqa: BLE001
             kind, msg = _describe(e)
             raise GroupStartError(f"resharding in memory failed: {msg}", kind=kind) from None
-        slowest = max(results, key=lambda r: r["reconfigure_s"])
-        t3 = time.perf_counter()
-        return {"recover_s": t3 - t0, "slowest_rank_phases_s": slowest["phases_s"],
-                "driver_phases_s": {"export": t1 - t0, "locate": t2 - t1, "reconfigure": t3 - t2},
-                "received_bytes": sum(r["received_bytes"] for r in results),
-                "replaced": sorted(lost), "freed": freed, "old_world": old_world, "new_world": new_world}
+        info["recover_s"] = time.perf_counter() - t0
+        info["driver_phases_s"]["export"] = t1 - t0
+        return {**info, "replaced": sorted(lost), "freed": freed, "old_world": old_world,
+                "new_world": new_world}
 
     # ---- health ------------------------------------------------------------------
     def heartbeats(self, timeout: float) -> dict[int, dict[str, Any] | None]:

@@ -124,10 +124,11 @@ class TrainWorker:
         return {"rank": rank, "setup_s": time.perf_counter() - t0,
                 "num_samples": len(self.trainer.data), "doctor": doctor}
 
-    def reconfigure(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
-                    injections: list, attempt: int, peers: tuple[int | None, int | None],
-                    restore_step: int, moves: list[tuple[int, int, int]]) -> dict[str, Any]:
-        """Leave the broken group, join the new one and restore ``restore_step`` from memory."""
+    def _rejoin(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
+                injections: list, attempt: int, peers: tuple[int | None, int | None],
+                restore: Any) -> dict[str, Any]:
+        """Leave the old group, join the new one (model built for a restore), then ``restore()``
+        the state; returns the timings of the three phases and the bytes received."""
         t = [time.perf_counter()]
         self.warm(config, recipe)
         self.trainer.leave()
@@ -135,11 +136,18 @@ class TrainWorker:
         self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
                           injections, attempt, *peers, initialize=False)
         t.append(time.perf_counter())
-        received = self.trainer.restore_memory(restore_step, moves)
+        received = restore()
         t.append(time.perf_counter())
         return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
                 "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2],
                              **{f"join_{k}": v for k, v in self.trainer.join_phases.items()}}}
+
+    def reconfigure(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
+                    injections: list, attempt: int, peers: tuple[int | None, int | None],
+                    restore_step: int, moves: list[tuple[int, int, int]]) -> dict[str, Any]:
+        """Leave the broken group, join the new one and restore ``restore_step`` from memory."""
+        return self._rejoin(config, recipe, rank, world_size, init_method, injections, attempt, peers,
+                            lambda: self.trainer.restore_memory(restore_step, moves))
 
     def export_reshard(self, step: int, sources: list[int], old_world: int,
                        new_world: int) -> dict[int, list[Any]]:
@@ -155,26 +163,19 @@ class TrainWorker:
                 injections: list, attempt: int, peers: tuple[int | None, int | None],
                 restore_step: int, old_world: int, piece_refs: list[Any]) -> dict[str, Any]:
         """Join a group of another size and assemble this rank's shard from the old ranks' pieces."""
-        import warnings
 
-        import torch
+        def restore() -> int:
+            import warnings
 
-        t = [time.perf_counter()]
-        self.warm(config, recipe)
-        self.trainer.leave()
-        t.append(time.perf_counter())
-        self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
-                          injections, attempt, *peers, initialize=False)
-        t.append(time.perf_counter())
-        arrays = ray.get(list(piece_refs))
-        with warnings.catch_warnings():  # object-store arrays are read-only; they are only read
-            warnings.simplefilter("ignore", UserWarning)
-            bufs = [torch.from_numpy(a) for a in arrays]
-        received = self.trainer.restore_reshard(restore_step, old_world, bufs)
-        t.append(time.perf_counter())
-        return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
-                "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2],
-                             **{f"join_{k}": v for k, v in self.trainer.join_phases.items()}}}
+            import torch
+
+            arrays = ray.get(list(piece_refs))
+            with warnings.catch_warnings():  # object-store arrays are read-only; they are only read
+                warnings.simplefilter("ignore", UserWarning)
+                bufs = [torch.from_numpy(a) for a in arrays]
+            return self.trainer.restore_reshard(restore_step, old_world, bufs)
+
+        return self._rejoin(config, recipe, rank, world_size, init_method, injections, attempt, peers, restore)
 
     def memory_report(self) -> dict[str, Any]:
         """Steps of the snapshots this rank holds, its own and its peers' replicas."""

@@ -28,7 +28,8 @@ def test_short_chaos_run_loses_nothing(ray_connected, tmp_path):
     assert report["all_recovered"]
     assert report["state_matches_reference"] is True
     assert report["samples"]["duplicated"] == 0 and report["samples"]["skipped"] == 0
-    assert report["samples"]["consumed"] == 24 * 32
+    skipped = report["faults_planned_by_kind"].get("nan", 0)  # each skips its step's batch on purpose
+    assert report["samples"]["consumed"] == (24 - skipped) * 32
     assert report["mlflow"]["step_metrics"] >= 5
     assert report["mlflow"]["missing"] == 0 and report["mlflow"]["duplicated"] == 0
     assert report["nothing_lost"]
