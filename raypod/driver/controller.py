@@ -625,7 +625,7 @@ class Driver:
             steps = own if steps is None else steps & own
         for d in sorted(lost):
             twins = getattr(group, "twins", None)
-            holder = twins[d] if twins else (group.peer_to[d] if group.peer_to else None)
+            holder = group.holder_of(d)
             if holder is None or holder in lost:
                 event.message += f"; rank {d}'s in-memory replica was lost with it"
                 log.warning("rank %d and the holder of its replica are both lost: using the "

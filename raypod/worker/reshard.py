@@ -99,6 +99,25 @@ def piece_shapes(lay: list[TensorLayout], old_world: int, old_rank: int, new_wor
     return out
 
 
+def _sent_by(lay: list[TensorLayout], old_rank: int) -> list[TensorLayout]:
+    """The tensors old rank ``old_rank`` sends: every sharded one, replicated ones from rank 0 only."""
+    return [t for t in lay if t.rows is not None or old_rank == 0]
+
+
+def local_like(lay: list[TensorLayout], world: int, rank: int) -> list[torch.Tensor]:
+    """Meta tensors shaped like ``rank``'s snapshot (to split a byte buffer, see ``from_bytes``)."""
+    return [torch.empty(sh, dtype=t.dtype, device="meta")
+            for sh, t in zip(local_shapes(lay, world, rank), lay, strict=True)]
+
+
+def piece_like(lay: list[TensorLayout], old_world: int, old_rank: int, new_world: int,
+               new_rank: int) -> list[torch.Tensor]:
+    """Meta tensors shaped like the piece old rank ``old_rank`` sends to new rank ``new_rank``."""
+    shapes = piece_shapes(lay, old_world, old_rank, new_world, new_rank)
+    return [torch.empty(sh, dtype=t.dtype, device="meta")
+            for sh, t in zip(shapes, _sent_by(lay, old_rank), strict=True)]
+
+
 def split(snap: list[torch.Tensor], lay: list[TensorLayout], old_world: int, old_rank: int,
           new_world: int) -> list[list[torch.Tensor]]:
     """Cut old rank ``old_rank``'s snapshot into the pieces for each of ``new_world`` new ranks."""

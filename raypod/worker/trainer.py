@@ -463,9 +463,8 @@ class Trainer:
             if src == self.rank:
                 snap = self.snapshots.own[step]
             else:
-                like = [torch.empty(shape, dtype=lt.dtype, device="meta")
-                        for shape, lt in zip(reshard.local_shapes(lay, old_world, src), lay, strict=True)]
-                snap = snapshot.from_bytes(self.snapshots.replicas[src][step], like)
+                snap = snapshot.from_bytes(self.snapshots.replicas[src][step],
+                                           reshard.local_like(lay, old_world, src))
             out[src] = [snapshot.to_bytes(p) for p in reshard.split(snap, lay, old_world, src, new_world)]
         return out
 
@@ -480,9 +479,7 @@ class Trainer:
         lay = reshard.layout(self.model, self.optimizer)
         pieces = []
         for i, buf in enumerate(bufs):
-            shapes = reshard.piece_shapes(lay, old_world, i, self.world_size, self.rank)
-            dtypes = [lt.dtype for lt in lay if lt.rows is not None or i == 0]
-            like = [torch.empty(sh, dtype=dt, device="meta") for sh, dt in zip(shapes, dtypes, strict=True)]
+            like = reshard.piece_like(lay, old_world, i, self.world_size, self.rank)
             pieces.append(snapshot.from_bytes(buf, like))
         snap = reshard.assemble(pieces, lay, self.world_size, self.rank)
         snapshot.restore(self.model, self.optimizer, snap)

@@ -78,6 +78,9 @@ class FakeGroup:
 
     peer_to: list[int] = []
 
+    def holder_of(self, rank):
+        return self.peer_to[rank] if self.peer_to else None
+
     def kill(self, ranks):
         pass
 

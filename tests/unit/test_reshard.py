@@ -43,6 +43,8 @@ def test_reshard_matches_chunking_at_the_new_size(old, new):
         pieces = [cut[i][j] for i in range(old)]
         for i in range(old):
             assert [tuple(p.shape) for p in pieces[i]] == reshard.piece_shapes(lay, old, i, new, j)
+            like = reshard.piece_like(lay, old, i, new, j)
+            assert [(tuple(t.shape), t.dtype) for t in like] == [(tuple(p.shape), p.dtype) for p in pieces[i]]
         got = reshard.assemble(pieces, lay, new, j)
         expected = _shard(full, lay, new, j)
         assert len(got) == len(expected)
