@@ -12,7 +12,7 @@ import importlib
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -63,6 +63,9 @@ class ParallelConfig(_Section):
     """HSDP replica groups (the mesh is ``replicas x world/replicas``)."""
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     """``auto`` is bf16 on GPU and fp32 on CPU."""
+    compile: bool = False
+    """``torch.compile`` each shard unit (transformer block) before it is sharded, as
+    torchtitan does: fused kernels for the elementwise work, the same numerics."""
 
 
 class TrainConfig(_Section):
@@ -107,8 +110,15 @@ class CheckpointConfig(_Section):
     """Committed checkpoints to keep; older ones are deleted."""
     async_save: bool = True
     """Write checkpoints in the background while training goes on."""
-    memory_every_steps: int = Field(default=1, ge=0)
-    """In-memory snapshot interval (checkpointless recovery)."""
+    memory_every_steps: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    """In-memory snapshot interval in steps (checkpointless recovery; 0: none). ``auto``:
+    every step while a snapshot costs at most ``memory_stall_budget`` of the step time,
+    else the shortest interval that keeps it there (see :mod:`raypod.driver.cadence`).
+    A lost rank replays at most this many steps."""
+    memory_stall_budget: float = Field(default=0.03, gt=0, le=1)
+    """``auto``: the share of the step time that in-memory snapshots may cost."""
+    memory_max_every: int = Field(default=20, ge=1)
+    """``auto``: the longest snapshot interval it picks."""
 
 
 class FaultInjection(_Section):

@@ -78,7 +78,7 @@ def run_trial(config: str | os.PathLike = MLP, overrides: list[str] | None = Non
     from raypod.progress import ProgressPrinter
 
     storage = storage or tempfile.mkdtemp(prefix="raypod-nodeloss-")
-    cfg = load_config(config, [f"checkpoint.storage={storage}", "name=node-loss",
+    cfg = load_config(config, [f"checkpoint.storage={storage}", "name=node-loss", "checkpoint.memory_every_steps=1",
                                "scaling.placement_strategy=SPREAD", "mlflow.enabled=false",
                                *(overrides or [])])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

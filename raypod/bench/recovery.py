@@ -94,7 +94,8 @@ QUIET_TIMEOUT_S = 60.0
 
 COMMANDS = {
     "raypod": "python -m raypod.cli run jobs/configs/mlp.yaml --quiet --set checkpoint.storage=<tmp> "
-              f"--set name=rec-<i> --set 'fault.inject=[{{step: {KILL_AFTER + 1}, rank: 1, kind: kill}}]'",
+              f"--set name=rec-<i> --set checkpoint.memory_every_steps=1 "
+              f"--set 'fault.inject=[{{step: {KILL_AFTER + 1}, rank: 1, kind: kill}}]'",
     "ray_train_v2": "RAY_TRAIN_V2_ENABLED=1 python raypod/bench/anchors/mlp_ray_train.py "
                     "--workdir <tmp>/work --storage <tmp>/storage --name rec-ray-train-<i>",
     "torchrun": "python -m torch.distributed.run --standalone --nproc-per-node 2 --max-restarts 2 "
@@ -203,6 +204,7 @@ def _command(system: str, i: int, tmp: Path, torchrun_fresh_store: bool = False
     if system == "raypod":
         cmd = [py, "-m", "raypod.cli", "run", "jobs/configs/mlp.yaml", "--quiet",
                "--set", f"checkpoint.storage={tmp / 'storage'}", "--set", f"name=rec-{i}",
+               "--set", "checkpoint.memory_every_steps=1",
                "--set", f"fault.inject=[{{step: {KILL_AFTER + 1}, rank: 1, kind: kill}}]"]
     elif system == "ray_train_v2":
         cmd = [py, str(REPO / "raypod/bench/anchors/mlp_ray_train.py"), "--workdir", str(tmp / "work"),

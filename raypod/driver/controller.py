@@ -22,6 +22,7 @@ from raypod.checkpoint.fs import read_json, write_json_atomic
 from raypod.config import JobConfig, import_target, join_uri
 from raypod.data.order import SampleOrder
 from raypod.driver.accounting import JobAccounting
+from raypod.driver.cadence import SnapshotCadence
 from raypod.driver.failures import Failure, FailureDecision, FailurePolicy
 from raypod.driver.health import LossRule, StragglerTracker, ThroughputWatch, hung_rank
 from raypod.driver.scaling import ResizeDecision, ScalingPolicy
@@ -92,6 +93,8 @@ class Driver:
         self.last_progress = time.monotonic()
         self.last_completion = time.time()
         self.committed_step = 0
+        c = config.checkpoint
+        self.cadence = SnapshotCadence(c.memory_every_steps, c.memory_stall_budget, c.memory_max_every)
         self.dead_ranks: set[int] = set()
         self.resizes: list[dict[str, Any]] = []
         self.node_failures: dict[str, int] = defaultdict(int)
@@ -258,6 +261,7 @@ class Driver:
         self.last_completion = time.time()
         self.health_next = None
         self.stragglers.reset()
+        self.cadence.restart(restore_step)
 
     # ---- RUNNING -----------------------------------------------------------------
     def _should_save(self, step: int) -> bool:
@@ -325,7 +329,7 @@ class Driver:
         while (not self.growing and self.next_step <= max_steps
                and self.next_step - self.done_step <= _STEPS_IN_FLIGHT):
             if self.next_step not in self.bad_steps:  # a skipped batch is never trained
-                self.group.submit_step(self.next_step)
+                self.group.submit_step(self.next_step, snapshot=self.cadence.decide(self.next_step))
                 if self._replicates(self.next_step):
                     self.group.submit_replica_wait(self.next_step)
                 if self._should_save(self.next_step):
@@ -355,9 +359,8 @@ class Driver:
     def _replicates(self, step: int) -> bool:
         """Whether step ``step``'s snapshot is replicated to peers (then the step completes
         only once every replica is in place, so losing any one rank never loses it)."""
-        every = self.cfg.checkpoint.memory_every_steps
         peers = getattr(self.group, "peer_to", None) or []
-        return bool(every) and step % every == 0 and any(p is not None for p in peers)
+        return self.cadence.snapshots(step) and any(p is not None for p in peers)
 
     def _step_ready(self, step: int) -> bool:
         n = self.group.world_size
@@ -493,6 +496,7 @@ class Driver:
             "goodput": min(1.0, self.acct.productive_s() / after_first) if after_first > 0 else 1.0,
             "failures": float(self.failures),
         }
+        self.cadence.observe(step, results)
         self._check_health(step, results, metrics)
         self._commit_saved()  # a save of this step may have been held back until it counted
         self._fire("after_step", StepReport(step=step, metrics=metrics, time_s=self.acct.now(),
@@ -602,7 +606,7 @@ class Driver:
         Returns False (and the caller restarts from the persistent checkpoint) when a
         lost rank's replica went with it, or the recovery itself fails.
         """
-        if not self.cfg.checkpoint.memory_every_steps:
+        if not self.cadence.enabled:
             return False
         group = self.group
         marks = [("start", time.perf_counter())]
@@ -740,6 +744,7 @@ class Driver:
             del self.save_acks[s]
         self.acct.rolled_back(event, to, group.world_size, f"memory step {to}")
         self.next_step, self.done_step = to + 1, to
+        self.cadence.restart(to)
         self.rank_step = dict.fromkeys(range(group.world_size), to)
         self.partial.clear()
         self.last_progress, self.last_completion = time.monotonic(), time.time()
@@ -773,7 +778,9 @@ class Driver:
         restore_step = None
         if not result.errors and not group.in_flight:
             try:
-                reports = group.flush_replicas(timeout=self.cfg.fault.hang_timeout_s)
+                # Every rank snapshots the last step (if the cadence skipped it) and its
+                # peer receives it: the leaving ranks' latest state stays in memory.
+                reports = group.flush_replicas(timeout=self.cfg.fault.hang_timeout_s, latest=True)
                 steps = set.intersection(*(set(reports[r]["own"]) for r in reports if r not in lost))
                 for d in lost:
                     holder = group.peer_to[d] if group.peer_to else None
@@ -834,6 +841,7 @@ class Driver:
         summary["committed_step"] = self.committed_step
         summary["resizes"] = self.resizes
         summary["excluded_nodes"] = dict(self.excluded_nodes)
+        summary["memory_snapshots"] = self.cadence.figures()
         self._fire("before_summary", summary)
         path = join_uri(self.cfg.job_dir, "summary.json")
         try:

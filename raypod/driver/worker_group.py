@@ -476,9 +476,13 @@ class WorkerGroup:
         done = ray.get([a.rollback.remote(step) for a in self.actors], timeout=timeout)
         return list(enumerate(done))
 
-    def flush_replicas(self, timeout: float) -> dict[int, dict[str, Any]]:
-        """Finish every rank's replica exchange in flight; what each then holds in memory."""
-        refs = [a.flush_replicas.remote() for a in self.actors]
+    def flush_replicas(self, timeout: float, latest: bool = False) -> dict[int, dict[str, Any]]:
+        """Finish every rank's replica exchange in flight; what each then holds in memory.
+
+        With ``latest``, every rank first snapshots (and replicates) the state of its last
+        step if that step took no snapshot; the ranks must all be at the same step.
+        """
+        refs = [a.flush_replicas.remote(latest) for a in self.actors]
         return dict(enumerate(ray.get(refs, timeout=timeout)))
 
     def _get_all(self, refs: list[Any], timeout: float) -> list[Any]:
@@ -525,9 +529,10 @@ class WorkerGroup:
         self.shutdown()
 
     # ---- calls -------------------------------------------------------------------
-    def submit_step(self, step: int) -> None:
+    def submit_step(self, step: int, snapshot: bool = True) -> None:
+        """Every rank runs ``step``; with ``snapshot`` each then snapshots (and replicates) it."""
         for rank, a in enumerate(self.actors):
-            self._pending[a.train_step.remote(step)] = (rank, "step", step)
+            self._pending[a.train_step.remote(step, snapshot)] = (rank, "step", step)
 
     def submit_replica_wait(self, step: int) -> None:
         """Ask every rank to report when its snapshot of ``step`` is held by its peer."""

@@ -181,8 +181,8 @@ class TrainWorker:
         """Steps of the snapshots this rank holds, its own and its peers' replicas."""
         return self.trainer.snapshots.report() if self.trainer else {"own": [], "replicas": {}}
 
-    def train_step(self, step: int) -> dict[str, Any]:
-        out = self.trainer.train_step(step)
+    def train_step(self, step: int, snapshot: bool = True) -> dict[str, Any]:
+        out = self.trainer.train_step(step, snapshot)
         out["preempted"] = self.preempted_at is not None
         return out
 
@@ -190,9 +190,10 @@ class TrainWorker:
         """Back to this rank's snapshot of ``step`` (a bad loss); see ``Trainer.rollback``."""
         return self.trainer.rollback(step)
 
-    def flush_replicas(self) -> dict[str, Any]:
-        """Finish the replica exchange in flight, then report what is held in memory."""
-        self.trainer.flush_replicas()
+    def flush_replicas(self, latest: bool = False) -> dict[str, Any]:
+        """Finish the replica exchange in flight (first snapshotting the last step, with
+        ``latest``), then report what is held in memory."""
+        self.trainer.flush_replicas(latest)
         return self.trainer.snapshots.report()
 
     # These run on threads of their own, so they answer while a step runs. The ping has

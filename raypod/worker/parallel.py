@@ -34,6 +34,9 @@ def parallelize(model: nn.Module, units: list[nn.Module], cfg: ParallelConfig, m
                 device: torch.device) -> nn.Module:
     """Shard or replicate ``model`` (already on ``device``) over ``mesh``."""
     dtype = param_dtype(cfg, device)
+    if cfg.compile:
+        for unit in units:
+            unit.compile()  # in place: the module stays what FSDP2 wraps and snapshots name
     if cfg.strategy in ("fsdp", "hsdp"):
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for unit in units:

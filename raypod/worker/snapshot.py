@@ -48,9 +48,34 @@ class Snapshot(list):
     again, and when the snapshot is dropped its buffer goes back to a small pool that
     the next :func:`take` reuses, so a step's snapshot neither allocates (and faults in)
     fresh pages nor copies the shard twice.
+
+    A snapshot of CUDA tensors is copied into pinned memory on a stream of its own, beside
+    the next step's compute; reading it (iterating, indexing, ``flat``) first waits for
+    that copy, and :func:`before_update` makes the next optimizer step wait for it on the GPU.
     """
 
-    flat: torch.Tensor
+    event: torch.cuda.Event | None = None
+    _flat: torch.Tensor
+
+    def wait(self) -> None:
+        """Block until the copy to host memory is complete."""
+        ev = self.event
+        if ev is not None:
+            ev.synchronize()
+            self.event = None
+
+    @property
+    def flat(self) -> torch.Tensor:
+        self.wait()
+        return self._flat
+
+    def __iter__(self):  # noqa: ANN204 - list's own signature
+        self.wait()
+        return super().__iter__()
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204
+        self.wait()
+        return super().__getitem__(i)
 
 
 _POOL: dict[int, list[torch.Tensor]] = {}
@@ -61,37 +86,68 @@ _POOL_MAX = 4
 
 def _give_back(flat: torch.Tensor) -> None:
     with _POOL_LOCK:
-        free = _POOL.setdefault(flat.numel(), [])
+        free = _POOL.setdefault((flat.numel(), flat.is_pinned()), [])
         if len(free) < _POOL_MAX:
             free.append(flat)
 
 
-def _buffer(nbytes: int) -> torch.Tensor:
+def _buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
     with _POOL_LOCK:
-        free = _POOL.get(nbytes)
+        free = _POOL.get((nbytes, pinned))
         if free:
             return free.pop()
-    return torch.empty(nbytes, dtype=torch.uint8)
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+
+
+_COPY_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _COPY_STREAMS:
+        _COPY_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return _COPY_STREAMS[idx]
 
 
 def take(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Copy the local shard to host memory (one flat buffer, see :class:`Snapshot`)."""
+    """Copy the local shard to host memory (one flat buffer, see :class:`Snapshot`).
+
+    CUDA tensors are copied asynchronously (pinned memory, a stream of its own); the
+    returned snapshot waits for the copy when it is read.
+    """
     src = [t.detach() for t in state_tensors(model, optimizer)]
     sizes = [t.numel() * t.element_size() for t in src]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))] if src else []
     if any(off % t.element_size() for off, t in zip(offsets, src, strict=True)):
         with torch.no_grad():  # mixed dtypes that do not align: one tensor each
             return [t.to("cpu", copy=True) for t in src]
-    flat = _buffer(sum(sizes))
+    cuda = [t for t in src if t.is_cuda]
+    flat = _buffer(sum(sizes), pinned=bool(cuda))
     snap = Snapshot()
+    for t, off, n in zip(src, offsets, sizes, strict=True):
+        snap.append(flat[off:off + n].view(t.dtype).reshape(t.shape))
     with torch.no_grad():
-        for t, off, n in zip(src, offsets, sizes, strict=True):
-            dst = flat[off:off + n].view(t.dtype).reshape(t.shape)
-            dst.copy_(t)
-            snap.append(dst)
-    snap.flat = flat
+        host = [(d, t) for d, t in zip(snap, src, strict=True) if not t.is_cuda]
+        for d, t in host:
+            d.copy_(t)
+        if cuda:
+            stream = _copy_stream(cuda[0].device)
+            stream.wait_stream(torch.cuda.current_stream(cuda[0].device))  # after the optimizer step
+            with torch.cuda.stream(stream):
+                dst = [list.__getitem__(snap, i) for i, t in enumerate(src) if t.is_cuda]
+                torch._foreach_copy_(dst, cuda, non_blocking=True)
+                snap.event = torch.cuda.Event()
+                snap.event.record(stream)
+    snap._flat = flat
     weakref.finalize(snap, _give_back, flat)
     return snap
+
+
+def before_update(snap: list[torch.Tensor] | None) -> None:
+    """Make the current CUDA stream wait for ``snap``'s copy before the state changes."""
+    event = getattr(snap, "event", None)
+    if event is not None:
+        torch.cuda.current_stream().wait_event(event)
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, snap: list[torch.Tensor]) -> None:
@@ -183,6 +239,7 @@ class PeerReplicator:
         self._rounds: dict[int, Future] = {}
         self._cv = threading.Condition()
         self._closed = False
+        self._spent = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -201,9 +258,7 @@ class PeerReplicator:
             except Exception as e:  # noqa: BLE001 - a lost peer shows up in training too
                 log.warning("replica exchange failed: %s", e)
         waited = time.perf_counter() - t0
-        flat = getattr(snap, "flat", None)  # a Snapshot is sent as it is, no second copy
-        self._last = self._pool.submit(self._exchange, step, flat if flat is not None else to_bytes(snap),
-                                       store)
+        self._last = self._pool.submit(self._exchange, step, snap, store)
         with self._cv:
             self._rounds[step] = self._last
             for s in [s for s in self._rounds if s < step - 4]:
@@ -235,7 +290,18 @@ class PeerReplicator:
                 return False
         return False
 
-    def _exchange(self, step: int, buf: torch.Tensor, store: SnapshotStore) -> None:
+    def exchange_s(self) -> float:
+        """Seconds the exchanges finished since the last call took (and forget them)."""
+        with self._cv:
+            spent, self._spent = self._spent, 0.0
+        return spent
+
+    def _exchange(self, step: int, snap: list[torch.Tensor], store: SnapshotStore) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        # A Snapshot is sent as it is (no second copy), once its copy to host is complete.
+        buf = snap.flat if isinstance(snap, Snapshot) else to_bytes(snap)
         g, to, frm = self.group, self.peer_to, self.peer_from
         size = torch.tensor([buf.numel()], dtype=torch.int64)
         rsize = torch.zeros(1, dtype=torch.int64)
@@ -245,6 +311,8 @@ class PeerReplicator:
         for w in (dist.isend(buf, dst=to, group=g), dist.irecv(rbuf, src=frm, group=g)):
             w.wait()
         store.add_replica(frm, step, rbuf)
+        with self._cv:
+            self._spent += time.perf_counter() - t0
 
     def abort(self) -> None:
         """Release every :meth:`wait_round` caller at once (the rank's step failed)."""

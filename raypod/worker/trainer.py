@@ -127,6 +127,7 @@ class Trainer:
         self.step = 0
         self.model = self.optimizer = None
         self.snapshots = SnapshotStore(keep=3)
+        self.last_snapshot: snapshot.Snapshot | None = None
         self.replicator: PeerReplicator | None = None
         self.broken = False
         self.join_phases: dict[str, float] = {}
@@ -254,8 +255,11 @@ class Trainer:
                 else:
                     raise InjectedFault(f"injected exception at step {step} on rank {self.rank}")
 
-    def train_step(self, step: int) -> dict[str, Any]:
+    def train_step(self, step: int, take_snapshot: bool = True) -> dict[str, Any]:
         """Run optimizer step ``step`` (1-based) and return this rank's figures.
+
+        With ``take_snapshot`` (the driver's cadence decides; every rank of a step gets the
+        same), the state after the step is snapshotted and sent to the peer.
 
         If the step raises, the driver replaces this rank (its peers are blocked in a
         collective with it, and only its process going away releases them at once).
@@ -273,14 +277,14 @@ class Trainer:
                 self.replicator.abort()
             raise
         self._mark(step, "snapshot")
-        out.update(self._snapshot(step))
+        out.update(self._snapshot(step, take_snapshot))
         self._mark(step, "done")
         return out
 
     def wait_replicated(self, step: int, timeout: float) -> bool:
         """True once step ``step``'s snapshot is held by this rank's peer (or needs no peer)."""
         rep = self.replicator
-        if rep is None or not rep.enabled or not self.cfg.checkpoint.memory_every_steps:
+        if rep is None or not rep.enabled:  # the driver asks only for steps that snapshot
             return True
         return rep.wait_round(step, timeout)
 
@@ -292,16 +296,19 @@ class Trainer:
         dist.all_reduce(torch.zeros(1))  # a CPU tensor: gloo, also beside NCCL
         return time.perf_counter() - t0
 
-    def _snapshot(self, step: int) -> dict[str, Any]:
-        every = self.cfg.checkpoint.memory_every_steps
-        if not every or step % every:
-            return {"snapshot_s": 0.0, "memory": self.snapshots.report()}
+    def _snapshot(self, step: int, take: bool) -> dict[str, Any]:
+        # An exchange runs beside the next steps; on CPU ranks it takes the training's
+        # cores, so its time is part of what a snapshot costs (the driver's cadence).
+        spent = self.replicator.exchange_s() if self.replicator and self.device.type == "cpu" else 0.0
+        if not take:
+            return {"snapshot_s": 0.0, "exchange_s": spent, "memory": self.snapshots.report()}
         t0 = time.perf_counter()
         snap = snapshot.take(self.model, self.optimizer)
+        self.last_snapshot = snap
         self.snapshots.add_own(step, snap)
         waited = self.replicator.submit(step, snap, self.snapshots) if self.replicator else 0.0
-        return {"snapshot_s": time.perf_counter() - t0, "replica_wait_s": waited,
-                "memory": self.snapshots.report()}
+        return {"snapshot_s": time.perf_counter() - t0 - waited, "replica_wait_s": waited,
+                "exchange_s": spent, "memory": self.snapshots.report()}
 
     def _train_step(self, step: int) -> dict[str, Any]:
         if step <= self.step:  # later steps may be skipped (a bad batch), never repeated here
@@ -345,6 +352,7 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.mul_(float("nan"))
         grad_norm = self._clip()
+        snapshot.before_update(self.last_snapshot)  # a snapshot still copying reads these tensors
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
@@ -516,8 +524,14 @@ class Trainer:
         self.feed.seek(self.rank, self.world_size, step + 1)  # recent batches serve the rewind
         return done
 
-    def flush_replicas(self) -> None:
-        """Wait until the replica exchange in flight is done (the peers hold the latest step)."""
+    def flush_replicas(self, latest: bool = False) -> None:
+        """Wait until the replica exchange in flight is done (the peers hold the latest step).
+
+        With ``latest``, the state of the last step is snapshotted and replicated first
+        when the cadence skipped it (every rank of the group must be at that step).
+        """
+        if latest and self.model is not None and not self.broken and self.step not in self.snapshots.own:
+            self._snapshot(self.step, True)
         last = getattr(self.replicator, "_last", None) if self.replicator else None
         if last is not None:
             try:

@@ -41,7 +41,7 @@ class FakeGroup:
         self.world_size = world_size
         return {"num_samples": 1000, "setup_s": 0.0}
 
-    def submit_step(self, step):
+    def submit_step(self, step, snapshot=True):
         self.queue.append(("step", step, None))
 
     def submit_save(self, step, path):
@@ -259,7 +259,7 @@ class HealthGroup(FakeGroup):
         own = sorted(set(self.finished))[-3:]
         return {r: {"own": own, "replicas": {q: own for q in range(self.world_size)}} for r in ranks}
 
-    def flush_replicas(self, timeout):
+    def flush_replicas(self, timeout, latest=False):
         return self.memory_reports(range(self.world_size))
 
     def rollback(self, step, timeout):

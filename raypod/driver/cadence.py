@@ -1,0 +1,109 @@
+"""Which steps take an in-memory snapshot (``checkpoint.memory_every_steps``).
+
+A snapshot after every step makes a lost rank cost at most the step it was in, but
+its price depends on the machine: on a GPU the copy to host runs on a copy engine
+beside the next step's compute and costs next to nothing; on a CPU node whose cores
+all train, copying the shard and sending it to the peer takes those same cores.
+``memory_every_steps: auto`` (the default) snapshots every step while that costs at
+most ``checkpoint.memory_stall_budget`` of the step time, and otherwise every ``k``
+steps with the smallest ``k`` that keeps the amortised cost within the budget (at most
+``checkpoint.memory_max_every``). A lost rank then replays at most ``k`` steps.
+
+The cost of a snapshot is what the ranks report for it: the time the step spent
+taking it (``snapshot_s``), waiting for the previous exchange (``replica_wait_s``),
+and, on CPU ranks, the exchange itself (``exchange_s``, run beside the next step on
+the same cores). The step time is the median of the ranks' ``compute_s``. The driver
+decides for each step when it submits it, so every rank of a step agrees.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import statistics
+from typing import Any
+
+CALIBRATION_SNAPSHOTS = 4
+"""Snapshots taken every step at the start, before the interval is first worked out."""
+WINDOW = 32
+"""Recent steps the figures are taken over."""
+
+
+class SnapshotCadence:
+    """Decides, step by step, whether a step snapshots (and so is replicated).
+
+    Args:
+        every: ``checkpoint.memory_every_steps``: an interval (0: never) or ``"auto"``.
+        budget: the share of the step time that snapshots may take (``auto``).
+        max_every: the longest interval ``auto`` picks.
+    """
+
+    def __init__(self, every: int | str, budget: float = 0.03, max_every: int = 20) -> None:
+        self.auto = every == "auto"
+        self.every = 1 if self.auto else int(every)
+        self.budget, self.max_every = budget, max_every
+        self.flagged: set[int] = set()
+        self.last_flagged = 0
+        self._costs: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self._steps: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self._snaps_seen = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+    def decide(self, step: int) -> bool:
+        """Whether submitted step ``step`` snapshots (called once per step, in order)."""
+        if not self.enabled:
+            return False
+        if self.auto:
+            take = step - self.last_flagged >= self.every
+        else:
+            take = step % self.every == 0
+        if take:
+            self.flagged.add(step)
+            self.last_flagged = step
+            for s in [s for s in self.flagged if s < step - 4 * self.max_every]:
+                self.flagged.discard(s)
+        return take
+
+    def snapshots(self, step: int) -> bool:
+        """Whether ``step`` was submitted with a snapshot."""
+        return step in self.flagged
+
+    def restart(self, step: int) -> None:
+        """Training goes on from ``step`` (a recovery or rollback): count the interval from it."""
+        self.last_flagged = step
+        self.flagged = {s for s in self.flagged if s <= step}
+
+    def observe(self, step: int, results: list[dict[str, Any]]) -> None:
+        """Learn from a completed step's per-rank results."""
+        if not self.auto or not results:
+            return
+        self._steps.append(statistics.median(r.get("compute_s", 0.0) for r in results))
+        cost = max(r.get("snapshot_s", 0.0) + r.get("replica_wait_s", 0.0) + r.get("exchange_s", 0.0)
+                   for r in results)
+        if step in self.flagged:
+            self._snaps_seen += 1
+            self._costs.append(cost)
+        elif cost and self._costs:  # an exchange reported after its step: part of the last snapshot's cost
+            self._costs[-1] += cost
+        if self._snaps_seen >= CALIBRATION_SNAPSHOTS:
+            self.every = self.interval()
+
+    def interval(self) -> int:
+        """The smallest interval whose amortised snapshot cost fits the budget."""
+        if not self._costs or not self._steps:
+            return self.every
+        cost = statistics.median(self._costs)
+        step = max(1e-6, statistics.median(self._steps))
+        return max(1, min(self.max_every, math.ceil(cost / (self.budget * step) - 1e-9)))
+
+    def figures(self) -> dict[str, float]:
+        """For the summary: the interval in use and what it was worked out from."""
+        out: dict[str, float] = {"every": float(self.every)}
+        if self._costs:
+            out["snapshot_cost_s"] = round(statistics.median(self._costs), 4)
+        if self._steps:
+            out["step_s"] = round(statistics.median(self._steps), 4)
+        return out
