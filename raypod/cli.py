@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "checkpoint: the stall of an in-memory snapshot and of a persistent save "
                               "vs Ray Train V2's report with a checkpoint; data: the Ray Data stream's "
                               "samples/s vs training's and data_wait_frac; elastic: node-to-step seconds "
-                              "and shrink gap on Ray's fake autoscaler vs Ray Train V2's elastic mode")
+                              "and shrink gap on Ray's fake autoscaler vs Ray Train V2's elastic mode; gpu: one GPU, "
+                              "tokens/s and MFU vs a plain PyTorch loop")
     p_bench.add_argument("--trials", type=int, default=3, help="trials per system")
     p_bench.add_argument("--out", default="benchmarks/results", help="where to write the table")
     p_chaos = sub.add_parser("chaos", help="a long run with seeded random faults, then a report",

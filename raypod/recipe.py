@@ -82,7 +82,8 @@ class Recipe:
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": t.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=False)
+        fused = next(model.parameters()).is_cuda  # one kernel for the whole update on GPUs
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), fused=fused)
 
     def build_data(self, ctx: RankContext) -> SampleSource:
         """The training samples, addressable by id."""

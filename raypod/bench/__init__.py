@@ -11,6 +11,7 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench checkpoint --trials 3   # stall of a snapshot / persistent save vs Ray Train V2
     raypod bench data                    # Ray Data stream vs training consumption, data_wait_frac
     raypod bench elastic --trials 1      # grow/shrink on the fake autoscaler vs Ray Train V2 elastic
+    raypod bench gpu --trials 1          # one GPU: tokens/s and MFU vs a plain PyTorch loop
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SUITES: dict[str, str] = {
     "checkpoint": "raypod.bench.checkpoint",
     "data": "raypod.bench.data",
     "elastic": "raypod.bench.elastic_suite",
+    "gpu": "raypod.bench.gpu",
 }
 """Suite name -> module with ``run(trials=..., out=...) -> dict``."""
 

@@ -77,10 +77,13 @@ class System:
     label: str
     kind: str
     """``raypod`` (``anchors/raypod_steps.py``), ``torchrun`` or ``single``
-    (``anchors/mlp_steps.py``), ``ray_train`` (``anchors/mlp_ray_train_steps.py``)."""
+    (``anchors/mlp_steps.py``), ``ray_train`` (``anchors/mlp_ray_train_steps.py``),
+    ``plain`` (``anchors/plain_steps.py``: the config's recipe in one plain process)."""
     args: tuple[str, ...] = ()
-    """raypod: ``--set`` overrides; anchors: extra arguments (``<tmp>`` is the trial's folder)."""
+    """raypod and plain: ``--set`` overrides; anchors: extra arguments (``<tmp>`` is the trial's folder)."""
     env: dict[str, str] = field(default_factory=dict)
+    config: str = "jobs/configs/mlp.yaml"
+    """The job config (``raypod`` and ``plain``)."""
 
 
 def _log(msg: str) -> None:
@@ -93,8 +96,9 @@ def command(system: System, steps: int, tmp: Path, i: int) -> tuple[list[str], d
     log = str(tmp / "steps.log")
     extra = [a.replace("<tmp>", str(tmp)) for a in system.args]
     env = dict(system.env)
-    if system.kind == "raypod":
-        cmd = [py, str(ANCHORS / "raypod_steps.py"), "jobs/configs/mlp.yaml", "--log", log,
+    if system.kind in ("raypod", "plain"):
+        script = "raypod_steps.py" if system.kind == "raypod" else "plain_steps.py"
+        cmd = [py, str(ANCHORS / script), system.config, "--log", log,
                "--set", f"train.max_steps={steps}", "--set", f"checkpoint.storage={tmp / 'storage'}",
                "--set", f"name=bench-{system.name}-{i}"]
         for a in extra:

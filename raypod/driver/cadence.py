@@ -11,6 +11,7 @@ steps with the smallest ``k`` that keeps the amortised cost within the budget (a
 
 The cost of a snapshot is what the ranks report for it: the time the step spent
 taking it (``snapshot_s``), waiting for the previous exchange (``replica_wait_s``),
+the GPU's wait for its copy to host before the next update (``snapshot_stall_s``),
 and, on CPU ranks, the exchange itself (``exchange_s``, run beside the next step on
 the same cores). The step time is the median of the ranks' ``compute_s``. The driver
 decides for each step when it submits it, so every rank of a step agrees.
@@ -82,7 +83,7 @@ class SnapshotCadence:
             return
         self._steps.append(statistics.median(r.get("compute_s", 0.0) for r in results))
         cost = max(r.get("snapshot_s", 0.0) + r.get("replica_wait_s", 0.0) + r.get("exchange_s", 0.0)
-                   for r in results)
+                   + r.get("snapshot_stall_s", 0.0) for r in results)
         if step in self.flagged:
             self._snaps_seen += 1
             self._costs.append(cost)

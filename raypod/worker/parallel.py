@@ -31,12 +31,21 @@ def build_mesh(cfg: ParallelConfig, world_size: int, device: torch.device) -> De
 
 
 def parallelize(model: nn.Module, units: list[nn.Module], cfg: ParallelConfig, mesh: DeviceMesh,
-                device: torch.device) -> nn.Module:
-    """Shard or replicate ``model`` (already on ``device``) over ``mesh``."""
+                device: torch.device, shard_alone: bool = False) -> nn.Module:
+    """Shard or replicate ``model`` (already on ``device``) over ``mesh``.
+
+    A lone rank (a mesh of one) is left unwrapped for FSDP2 and HSDP, as torchtitan
+    applies FSDP only when there is more than one shard: there is nothing to shard,
+    and FSDP2's all-gathers, casts and hooks per block and micro-batch would only cost
+    time. Mixed precision then comes from :func:`autocast`. ``shard_alone`` wraps it
+    anyway (a spare's rehearsal warms the code a real group runs).
+    """
     dtype = param_dtype(cfg, device)
     if cfg.compile:
         for unit in units:
             unit.compile()  # in place: the module stays what FSDP2 wraps and snapshots name
+    if cfg.strategy in ("fsdp", "hsdp") and mesh.size() == 1 and not shard_alone:
+        return model
     if cfg.strategy in ("fsdp", "hsdp"):
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for unit in units:
@@ -45,6 +54,29 @@ def parallelize(model: nn.Module, units: list[nn.Module], cfg: ParallelConfig, m
         return model
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, process_group=mesh.get_group())
+
+
+def to_empty(model: nn.Module, device: torch.device) -> None:
+    """Give a meta-device model uninitialised storage on ``device``, keeping tied weights tied.
+
+    ``nn.Module.to_empty`` makes a new parameter per module, so a weight two modules
+    share (a tied LM head) would become two; FSDP2 tracks its own parameters and is
+    given storage by ``to_empty`` as usual.
+    """
+    if isinstance(model, (FSDPModule, DistributedDataParallel)):
+        model.to_empty(device=device)
+        return
+    made: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for mod in model.modules():
+            for table in (mod._parameters, mod._buffers):
+                for name, t in list(table.items()):
+                    if t is None:
+                        continue
+                    if id(t) not in made:
+                        new = torch.empty_like(t, device=device)
+                        made[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+                    table[name] = made[id(t)]
 
 
 @contextlib.contextmanager
@@ -61,8 +93,8 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def autocast(cfg: ParallelConfig, model: nn.Module, device: torch.device) -> contextlib.AbstractContextManager:
-    """DDP gets bf16 through autocast (FSDP2 casts through its policy)."""
+    """DDP and a lone unwrapped rank get bf16 through autocast (FSDP2 casts through its policy)."""
     dtype = param_dtype(cfg, device)
-    if isinstance(model, DistributedDataParallel) and dtype != torch.float32:
+    if not isinstance(model, FSDPModule) and dtype != torch.float32:
         return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()

@@ -39,7 +39,7 @@ class ReshardError(RuntimeError):
     """The model cannot be resharded in memory (the caller uses the persistent checkpoint)."""
 
 
-def _layout_of(t: torch.Tensor, param: torch.Tensor) -> TensorLayout:
+def _layout_of(t: torch.Tensor, param: torch.Tensor, alone: bool = False) -> TensorLayout:
     if isinstance(t, DTensor):
         placements = tuple(t.placements)
         if len(placements) != 1:
@@ -49,16 +49,24 @@ def _layout_of(t: torch.Tensor, param: torch.Tensor) -> TensorLayout:
                 raise ReshardError(f"a tensor is sharded on dim {placements[0].dim}, not 0")
             return TensorLayout(int(t.shape[0]), tuple(t.shape[1:]), t.dtype)
         return TensorLayout(None, tuple(t.shape), t.dtype)
+    if alone and t.ndim >= 1:  # a lone FSDP rank's whole tensor: one shard of one
+        return TensorLayout(int(t.shape[0]), tuple(t.shape[1:]), t.dtype)
     return TensorLayout(None, tuple(t.shape), t.dtype)
 
 
 def layout(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[TensorLayout]:
     """The layout of each tensor of :func:`raypod.worker.snapshot.state_tensors`, same order."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    # A lone rank's FSDP/HSDP model is not wrapped (parallel.parallelize): its tensors
+    # are laid out as FSDP2 would shard them over one rank.
+    alone = not isinstance(model, (FSDPModule, DistributedDataParallel))
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    out = [_layout_of(p, p) for p in params]
+    out = [_layout_of(p, p, alone) for p in params]
     for p in params:
         st = optimizer.state.get(p, {})
-        out.extend(_layout_of(st[k], p) for k in sorted(st) if isinstance(st[k], torch.Tensor))
+        out.extend(_layout_of(st[k], p, alone) for k in sorted(st) if isinstance(st[k], torch.Tensor))
     return out
 
 

@@ -143,11 +143,28 @@ def take(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tenso
     return snap
 
 
-def before_update(snap: list[torch.Tensor] | None) -> None:
-    """Make the current CUDA stream wait for ``snap``'s copy before the state changes."""
+def before_update(snap: list[torch.Tensor] | None) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
+    """Make the current CUDA stream wait for ``snap``'s copy before the state changes.
+
+    Returns timing events around the wait, for :func:`stall_s` once the step is done.
+    """
     event = getattr(snap, "event", None)
-    if event is not None:
-        torch.cuda.current_stream().wait_event(event)
+    if event is None:
+        return None
+    stream = torch.cuda.current_stream()
+    before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    before.record(stream)
+    stream.wait_event(event)
+    after.record(stream)
+    return before, after
+
+
+def stall_s(events: tuple[torch.cuda.Event, torch.cuda.Event] | None) -> float:
+    """Seconds the GPU waited in :func:`before_update` (its stream must have got past it)."""
+    if events is None:
+        return 0.0
+    before, after = events
+    return before.elapsed_time(after) / 1e3
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, snap: list[torch.Tensor]) -> None:

@@ -29,7 +29,7 @@ from raypod.data.order import SampleOrder
 from raypod.data.stream import StepFeed
 from raypod.recipe import RankContext, Recipe
 from raypod.worker import reshard, snapshot
-from raypod.worker.parallel import autocast, build_mesh, grad_sync, parallelize
+from raypod.worker.parallel import autocast, build_mesh, grad_sync, parallelize, to_empty
 from raypod.worker.snapshot import PeerReplicator, SnapshotStore
 
 log = logging.getLogger("raypod.worker")
@@ -169,7 +169,7 @@ class Trainer:
         self.model = parallelize(model, self.recipe.shard_units(model), self.cfg.parallel, self.mesh,
                                  self.device)
         if not initialize:
-            self.model.to_empty(device=self.device)
+            to_empty(self.model, self.device)
         self.optimizer = self.recipe.build_optimizer(self.model, ctx)
         marks.append(time.perf_counter())
         self.join_phases = {"rendezvous": marks[1] - marks[0], "build": marks[2] - marks[1]}
@@ -203,8 +203,9 @@ class Trainer:
                                 timeout=timedelta(seconds=self.cfg.fault.pg_timeout_s))
         try:
             mesh = build_mesh(self.cfg.parallel, 1, self.device)
-            model = parallelize(model, self.recipe.shard_units(model), self.cfg.parallel, mesh, self.device)
-            model.to_empty(device=self.device)
+            model = parallelize(model, self.recipe.shard_units(model), self.cfg.parallel, mesh, self.device,
+                                shard_alone=True)
+            to_empty(model, self.device)
             optimizer = self.recipe.build_optimizer(model, ctx)
             batch = self.data.get_batch([0])
             with autocast(self.cfg.parallel, model, self.device):
@@ -352,14 +353,16 @@ class Trainer:
                 if p.grad is not None:
                     p.grad.mul_(float("nan"))
         grad_norm = self._clip()
-        snapshot.before_update(self.last_snapshot)  # a snapshot still copying reads these tensors
+        # A snapshot still copying reads these tensors: the update waits for it (on the GPU).
+        stall = snapshot.before_update(self.last_snapshot)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
         return {
             "step": step,
             "rank": self.rank,
-            "loss_sum": float(loss_sum.item()),
+            "loss_sum": float(loss_sum.item()),  # waits for the step's kernels
+            "snapshot_stall_s": snapshot.stall_s(stall),
             "samples": int(len(ids)),
             "grad_norm": grad_norm,
             "lr": lr,
