@@ -174,6 +174,7 @@ def run_trial(system: System, i: int, logs: Path, steps: int, warmup: int,
             summary_path = Path((tmp / "steps.log.summary").read_text().strip())
             summary = json.loads(summary_path.read_text())
             rec["raypod_status"] = summary.get("status")
+            rec["memory_snapshots"] = summary.get("memory_snapshots")
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         rec["why"] = f"{type(e).__name__}: {e}"
         rec["log_tail"] = tail(log_path)

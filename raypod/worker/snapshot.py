@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -91,12 +92,25 @@ def _give_back(flat: torch.Tensor) -> None:
             free.append(flat)
 
 
+_ALLOC_S = [0.0]
+"""Seconds spent allocating new buffers since :func:`pop_alloc_s` (a one-off, not a step's cost)."""
+
+
 def _buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
     with _POOL_LOCK:
         free = _POOL.get((nbytes, pinned))
         if free:
             return free.pop()
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    t0 = time.perf_counter()
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    _ALLOC_S[0] += time.perf_counter() - t0
+    return buf
+
+
+def pop_alloc_s() -> float:
+    """Seconds the buffers allocated since the last call took (the pool then reuses them)."""
+    spent, _ALLOC_S[0] = _ALLOC_S[0], 0.0
+    return spent
 
 
 _COPY_STREAMS: dict[int, torch.cuda.Stream] = {}
@@ -264,7 +278,6 @@ class PeerReplicator:
 
     def submit(self, step: int, snap: list[torch.Tensor], store: SnapshotStore) -> float:
         """Start replicating ``snap``; returns the seconds spent waiting for the previous round."""
-        import time
 
         if not self.enabled:
             return 0.0
@@ -286,7 +299,6 @@ class PeerReplicator:
     def wait_round(self, step: int, timeout: float) -> bool:
         """Block until the exchange of ``step`` finished; False if it failed, was abandoned
         (:meth:`abort`) or did not finish within ``timeout`` seconds."""
-        import time
 
         deadline = time.monotonic() + timeout
         with self._cv:
@@ -314,7 +326,6 @@ class PeerReplicator:
         return spent
 
     def _exchange(self, step: int, snap: list[torch.Tensor], store: SnapshotStore) -> None:
-        import time
 
         t0 = time.perf_counter()
         # A Snapshot is sent as it is (no second copy), once its copy to host is complete.
