@@ -100,7 +100,7 @@ MAX_STEPS = 10**9
 """A step budget no run reaches: every system stops at its deadline."""
 KEEP = 2
 """Persistent checkpoints the anchors keep (raypod keeps ``checkpoint.keep``, 3)."""
-GRACE_S = 120.0
+GRACE_S = 60.0
 """After the deadline: time to stop and shut down before the harness ends the process group."""
 QUIET_TIMEOUT_S = 60.0
 REPO = Path(__file__).resolve().parents[2]
@@ -127,10 +127,15 @@ Row = tuple[int, float, int]
 """``(step, unix_time, attempt)``: one step completion."""
 
 
+def fault_free_intervals(rows: list[Row], kills: list[float]) -> list[float]:
+    """Intervals between consecutive completions that contain no kill."""
+    return [b[1] - a[1] for a, b in zip(rows[:-1], rows[1:], strict=True)
+            if not any(a[1] < k <= b[1] for k in kills)]
+
+
 def steady_step_s(rows: list[Row], kills: list[float]) -> float | None:
     """Median interval between consecutive completions, over intervals that contain no kill."""
-    ivs = [b[1] - a[1] for a, b in zip(rows[:-1], rows[1:], strict=True)
-           if not any(a[1] < k <= b[1] for k in kills)]
+    ivs = fault_free_intervals(rows, kills)
     return statistics.median(ivs) if ivs else None
 
 
@@ -166,6 +171,7 @@ def goodput_figures(rows: list[Row], kills: list[float], end: float) -> dict[str
     first, last = rows[0], rows[-1]
     window = end - first[1]
     step_s = steady_step_s(rows, kills)
+    ivs = fault_free_intervals(rows, kills)
     kept = last[0] - first[0]
     seen = 0
     replayed = 0
@@ -179,6 +185,7 @@ def goodput_figures(rows: list[Row], kills: list[float], end: float) -> dict[str
     return {
         "window_s": round(window, 3),
         "steady_step_s": None if step_s is None else round(step_s, 4),
+        "mean_fault_free_step_s": round(statistics.mean(ivs), 4) if ivs else None,
         "first_step": first[0],
         "final_step": last[0],
         "completions": len(rows),
@@ -291,6 +298,45 @@ def _first_step_time(path: Path) -> float | None:
     return float(parts[1]) if len(parts) == 3 and line.endswith("\n") else None
 
 
+def _drive(system: str, proc: subprocess.Popen, tag: str, tmp: Path, steps_log: Path, deadline: float,
+           kill_every: float, rng: random.Random, kills: list[dict[str, Any]], t0: float) -> int | None:
+    """Fire the kills on schedule until the process exits or the grace after the deadline ends;
+    returns its exit code (``None``: still running)."""
+    first_t = None
+    next_kill = None
+    rc = None
+    while rc is None and time.time() < deadline + GRACE_S:
+        now = time.time()
+        if first_t is None:
+            first_t = _first_step_time(steps_log)
+            if first_t is not None:
+                next_kill = first_t + kill_every
+        if next_kill is not None and now >= next_kill:
+            if next_kill <= deadline - kill_every / 2:
+                rank = rng.randrange(2)
+                ranks = find_ranks(system, tag, tmp)
+                k: dict[str, Any] = {"t": time.time(), "rank": rank, "pid": ranks.get(rank)}
+                if k["pid"] is not None:
+                    try:
+                        os.kill(k["pid"], signal.SIGKILL)
+                        k["fired"] = True
+                    except ProcessLookupError:
+                        k["fired"], k["why"] = False, "the process was gone"
+                else:
+                    k["fired"], k["why"] = False, f"no live process of rank {rank} (found {ranks})"
+                kills.append(k)
+                _log(f"{system}: kill {len(kills)} at +{k['t'] - t0:.1f}s: rank {rank} pid {k['pid']}"
+                     + ("" if k["fired"] else f" NOT FIRED ({k['why']})"))
+                next_kill += kill_every
+            else:
+                next_kill = float("inf")
+        try:
+            rc = proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            rc = None
+    return rc
+
+
 def run_system(system: str, logs: Path, duration: float = DURATION_S, kill_every: float = KILL_EVERY_S,
                seed: int = SEED, torchrun_fresh_store: bool = False) -> dict[str, Any]:
     """Run ``system`` for ``duration`` s, SIGKILLing a rank every ``kill_every`` s; returns its figures."""
@@ -315,41 +361,12 @@ def run_system(system: str, logs: Path, duration: float = DURATION_S, kill_every
         env.update(extra)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-        first_t = None
-        next_kill = None
-        rc = None
-        while rc is None and time.time() < deadline + GRACE_S:
-            now = time.time()
-            if first_t is None:
-                first_t = _first_step_time(steps_log)
-                if first_t is not None:
-                    next_kill = first_t + kill_every
-            if next_kill is not None and now >= next_kill:
-                if next_kill <= deadline - kill_every / 2:
-                    rank = rng.randrange(2)
-                    ranks = find_ranks(system, tag, tmp)
-                    k: dict[str, Any] = {"t": time.time(), "rank": rank, "pid": ranks.get(rank)}
-                    if k["pid"] is not None:
-                        try:
-                            os.kill(k["pid"], signal.SIGKILL)
-                            k["fired"] = True
-                        except ProcessLookupError:
-                            k["fired"], k["why"] = False, "the process was gone"
-                    else:
-                        k["fired"], k["why"] = False, f"no live process of rank {rank} (found {ranks})"
-                    kills.append(k)
-                    _log(f"{system}: kill {len(kills)} at +{k['t'] - t0:.1f}s: rank {rank} pid {k['pid']}"
-                         + ("" if k["fired"] else f" NOT FIRED ({k['why']})"))
-                    next_kill += kill_every
-                else:
-                    next_kill = float("inf")
-            try:
-                rc = proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                rc = None
-        rec["process_s"] = round(time.time() - t0, 2)
-        rec["stopped_s_after_deadline"] = round(time.time() - deadline, 2)
-        kill_group(proc)
+        try:
+            rc = _drive(system, proc, tag, tmp, steps_log, deadline, kill_every, rng, kills, t0)
+        finally:  # also when the harness itself is interrupted
+            rec["process_s"] = round(time.time() - t0, 2)
+            rec["stopped_s_after_deadline"] = round(time.time() - deadline, 2)
+            kill_group(proc)
     rec.update(exit_code=rc, started=t0, deadline=deadline,
                kills=[{**k, "t": round(k["t"], 3)} for k in kills])
     try:
@@ -357,6 +374,8 @@ def run_system(system: str, logs: Path, duration: float = DURATION_S, kill_every
         rec.update(goodput_figures(rows, [k["t"] for k in kills if k["fired"]], deadline))
         rec["kills_fired"] = sum(1 for k in kills if k["fired"])
         rec["first_step_after_launch_s"] = round(rows[0][1] - t0, 3)
+        rec["timeline"] = [[round(t - t0, 2), step] for step, t, _ in rows if t <= deadline]
+        """``[seconds from launch, step]`` per completion, for the plot."""
         rec["ok"] = rc is not None and rc == 0
         if rc is None:
             rec["why"] = f"still running {GRACE_S:.0f}s after the deadline"
@@ -548,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torchrun-fresh-store", action="store_true",
                    help="run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see raypod.bench.recovery)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # end the system under test on the way out
     result = run_goodput_bench(duration=args.duration, kill_every=args.kill_every, seed=args.seed,
                                out=None if args.out == "-" else args.out,
                                systems=tuple(s for s in args.systems.split(",") if s),
