@@ -368,7 +368,7 @@ def run_system(system: str, logs: Path, duration: float = DURATION_S, kill_every
             rec["stopped_s_after_deadline"] = round(time.time() - deadline, 2)
             kill_group(proc)
     rec.update(exit_code=rc, started=t0, deadline=deadline,
-               kills=[{**k, "t": round(k["t"], 3)} for k in kills])
+               kill_log=[{**k, "t": round(k["t"], 3)} for k in kills])
     try:
         rows = read_step_log(steps_log)
         rec.update(goodput_figures(rows, [k["t"] for k in kills if k["fired"]], deadline))

@@ -155,9 +155,8 @@ def plot_goodput(d: dict[str, Any], out: Path) -> Path:
         for s, tl in timelines.items():
             color = COLORS.get(s, "#9467bd")
             ax2.plot([p[0] for p in tl], [p[1] for p in tl], ".", ms=1.5, color=color, label=_name(s))
-            for k in results[s].get("kills") or []:
-                if k.get("fired"):
-                    ax2.axvline(k["t"] - results[s]["started"], color=color, alpha=0.35, lw=0.8)
+            for k in results[s].get("per_kill") or []:
+                ax2.axvline(k["kill_t"] - results[s]["started"], color=color, alpha=0.35, lw=0.8)
         ax2.set_xlabel("seconds from launch (vertical lines: kills)")
         ax2.set_ylabel("step completed")
         ax2.legend(fontsize=8, markerscale=6)
