@@ -4,6 +4,7 @@
     raypod check CONFIG [--set ...]                validate a config and print it resolved
     raypod doctor [CONFIG] [--set ...]             health-check every node of the Ray cluster
     raypod bench startup                           launch-to-first-step against the anchors
+    raypod bench goodput [--duration 600]          a rank killed every minute: goodput vs the anchors
     raypod chaos CONFIG [--faults 50 --seed 0]     seeded random faults, then a report of what was lost
 """
 
@@ -69,9 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "checkpoint: the stall of an in-memory snapshot and of a persistent save "
                               "vs Ray Train V2's report with a checkpoint; data: the Ray Data stream's "
                               "samples/s vs training's and data_wait_frac; elastic: node-to-step seconds "
-                              "and shrink gap on Ray's fake autoscaler vs Ray Train V2's elastic mode; gpu: one GPU, "
-                              "tokens/s and MFU vs a plain PyTorch loop")
-    p_bench.add_argument("--trials", type=int, default=3, help="trials per system")
+                              "and shrink gap on Ray's fake autoscaler vs Ray Train V2's elastic mode; "
+                              "goodput: a 10-minute run with a rank SIGKILLed every 60 s, the share of "
+                              "time kept training vs the same; gpu: one GPU, tokens/s and MFU vs a plain PyTorch loop")
+    p_bench.add_argument("--trials", type=int, default=None, help="trials per system (default: the suite's, "
+                                                                  "3 for most; goodput runs once)")
+    p_bench.add_argument("--duration", type=float, default=None,
+                         help="goodput: seconds per system (default 600)")
+    p_bench.add_argument("--kill-every", type=float, default=None,
+                         help="goodput: seconds between kills (default 60)")
     p_bench.add_argument("--out", default="benchmarks/results", help="where to write the table")
     p_chaos = sub.add_parser("chaos", help="a long run with seeded random faults, then a report",
                              description="Run CONFIG with --faults seeded random faults of every kind "
@@ -151,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from raypod.bench import run_suite
 
-            print(json.dumps(run_suite(args.suite, trials=args.trials, out=args.out), indent=2))
+            extra = {k: v for k, v in (("duration", args.duration), ("kill_every", args.kill_every))
+                     if v is not None}
+            if extra and args.suite != "goodput":
+                print(f"raypod: error: --duration and --kill-every are for the goodput suite, "
+                      f"not '{args.suite}'", file=sys.stderr)
+                return 2
+            print(json.dumps(run_suite(args.suite, trials=args.trials, out=args.out, **extra), indent=2))
             return 0
         if args.command == "chaos":
             from raypod.chaos import run_chaos

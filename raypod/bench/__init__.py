@@ -11,7 +11,13 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench checkpoint --trials 3   # stall of a snapshot / persistent save vs Ray Train V2
     raypod bench data                    # Ray Data stream vs training consumption, data_wait_frac
     raypod bench elastic --trials 1      # grow/shrink on the fake autoscaler vs Ray Train V2 elastic
+<<<<<<< HEAD
     raypod bench gpu --trials 1          # one GPU: tokens/s and MFU vs a plain PyTorch loop
+=======
+    raypod bench goodput                 # 600 s, a rank SIGKILLed every 60 s: goodput vs the same
+
+``python -m raypod.bench.plots`` draws one PNG per suite from the JSON files.
+>>>>>>> goodput
 """
 
 from __future__ import annotations
@@ -29,18 +35,22 @@ SUITES: dict[str, str] = {
     "checkpoint": "raypod.bench.checkpoint",
     "data": "raypod.bench.data",
     "elastic": "raypod.bench.elastic_suite",
+    "goodput": "raypod.bench.goodput",
     "gpu": "raypod.bench.gpu",
 }
 """Suite name -> module with ``run(trials=..., out=...) -> dict``."""
 
 
-def run_suite(suite: str, trials: int = 3, out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
+def run_suite(suite: str, trials: int | None = 3, out: str | os.PathLike | None = "benchmarks/results",
+              **options: Any) -> dict[str, Any]:
     """Run benchmark ``suite``, print its table, write ``<out>/<suite>.json`` and ``.md``.
 
     Args:
         suite: one of :data:`SUITES`.
-        trials: trials per system.
+        trials: trials per system (``None``: the suite's default).
         out: folder for the results (``None``: write nothing).
+        options: more keyword arguments of the suite's ``run`` (goodput: ``duration``,
+            ``kill_every``).
 
     Returns:
         The results (what the JSON file holds).
@@ -50,4 +60,7 @@ def run_suite(suite: str, trials: int = 3, out: str | os.PathLike | None = "benc
     """
     if suite not in SUITES:
         raise ValueError(f"unknown benchmark suite '{suite}' (known: {', '.join(SUITES)})")
-    return importlib.import_module(SUITES[suite]).run(trials=trials, out=out)
+    kwargs: dict[str, Any] = {"out": out, **options}
+    if trials is not None:
+        kwargs["trials"] = trials
+    return importlib.import_module(SUITES[suite]).run(**kwargs)

@@ -57,7 +57,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -71,12 +70,14 @@ from typing import Any
 
 from raypod.bench.trials import (
     TAG_VAR,
+    cause,
     drain,
     kill_group,
     tagged_pids,
     tail,
     versions,
     wait_no_raylets,
+    warm_page_cache,
 )
 
 SYSTEMS = ("raypod", "ray_train_v2", "torchrun")
@@ -222,23 +223,6 @@ def _command(system: str, i: int, tmp: Path, torchrun_fresh_store: bool = False
     return cmd, extra
 
 
-_ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (\S.*)")
-
-
-def _cause(path: Path) -> str | None:
-    """The last ``SomeError: message`` line of a trial's log (its likely cause), shortened."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return None
-    found = None
-    for line in text.splitlines():
-        m = _ERROR_LINE.search(line)
-        if m and m.group(1) != "ChildFailedError":
-            found = f"{m.group(1)}: {m.group(2).strip()}"
-    return found[:240] if found else None
-
-
 def run_trial(system: str, i: int, logs: Path, torchrun_fresh_store: bool = False) -> dict[str, Any]:
     """Run ``system`` once with the kill; returns its gap, replayed steps and recovered flag."""
     tag = uuid.uuid4().hex[:12]
@@ -286,7 +270,7 @@ def run_trial(system: str, i: int, logs: Path, torchrun_fresh_store: bool = Fals
         rec["why"] = f"{type(e).__name__}: {e}" + (f" (timed out after {TRIAL_TIMEOUT_S:.0f}s)"
                                                    if rc is None else "")
     if not rec["recovered"]:
-        rec["cause"] = _cause(log_path)
+        rec["cause"] = cause(log_path)
         rec["log_tail"] = tail(log_path)
     rec["log"] = str(log_path)
     rec.update(drain(tag, QUIET_TIMEOUT_S, _log))
@@ -295,14 +279,6 @@ def run_trial(system: str, i: int, logs: Path, torchrun_fresh_store: bool = Fals
 
 
 # ---- the suite ---------------------------------------------------------------------
-def _warm_page_cache() -> None:
-    """Import every system's stack once, untimed, so the first trial does not pay a cold disk."""
-    code = ("import torch, torch.distributed.run, torch.distributed.fsdp, torch.distributed.checkpoint, "
-            "ray, ray.train.torch, raypod.api, raypod.worker.trainer, raypod.bench.anchors.mlp_common")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False, timeout=300)
-
-
 def _median(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 3) if xs else None
 
@@ -379,7 +355,7 @@ def run_recovery_bench(trials: int = 3, out: str | os.PathLike | None = "benchma
     """
     if trials < 1:
         raise ValueError("trials must be at least 1")
-    _warm_page_cache()
+    warm_page_cache()
     logs = Path(tempfile.mkdtemp(prefix="raypod-bench-recovery-"))
     _log(f"{trials} trial(s) per system, interleaved; subprocess logs in {logs}")
     stray = wait_no_raylets(QUIET_TIMEOUT_S, _log)

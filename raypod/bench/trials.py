@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 TAG_VAR = "RAYPOD_BENCH_TRIAL"
 """Environment variable that marks every process a trial starts."""
 DRAIN_TIMEOUT_S = 60.0
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -113,3 +116,28 @@ def versions() -> dict[str, str]:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
+
+
+_ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (\S.*)")
+
+
+def cause(path: Path) -> str | None:
+    """The last ``SomeError: message`` line of a trial's log (its likely cause), shortened."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    found = None
+    for line in text.splitlines():
+        m = _ERROR_LINE.search(line)
+        if m and m.group(1) != "ChildFailedError":
+            found = f"{m.group(1)}: {m.group(2).strip()}"
+    return found[:240] if found else None
+
+
+def warm_page_cache() -> None:
+    """Import every system's stack once, untimed, so the first trial does not pay a cold disk."""
+    code = ("import torch, torch.distributed.run, torch.distributed.fsdp, torch.distributed.checkpoint, "
+            "ray, ray.train.torch, raypod.api, raypod.worker.trainer, raypod.bench.anchors.mlp_common")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False, timeout=300)

@@ -143,6 +143,8 @@ class Trainer:
         storage for this rank's shard: no full-size tensors, no random init.
         """
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
+        log.info("[rank %d] joining a group of %d (attempt %d, pid %d)", rank, world_size, attempt,
+                 os.getpid())
         self.injections = [(i, f) for i, f in injections if f.rank == rank]
         backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=self.cfg.fault.pg_timeout_s)

@@ -18,6 +18,12 @@ The fault and the record are the same for both anchors:
 * rank 0 appends ``step,unix_time,attempt`` to the step log after each completed
   step (after ``optimizer.step()``), so the harness reads the recovery gap and the
   replayed steps from it (:func:`raypod.bench.recovery.read_step_log`).
+
+The goodput suite (:mod:`raypod.bench.goodput`) runs the same anchors until an
+absolute deadline with the built-in kill off (``kill_after=0``): every rank writes
+its pid to ``<workdir>/pids/rank<r>`` (:func:`record_pid`) so the harness can
+SIGKILL a rank from outside, and the ranks agree on stopping at the deadline
+(:func:`past_deadline`).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class MLPJob:
     max_steps: int = 60
     checkpoint_every: int = 10
     kill_after: int = 25
+    """0: never kill (the goodput suite kills from outside)."""
 
 
 class AppState(Stateful):
@@ -143,7 +150,7 @@ class StepLog:
 
 def maybe_kill(step: int, rank: int, job: MLPJob, marker: str) -> None:
     """Rank 1 exits hard right after step ``job.kill_after``, the first time only."""
-    if rank != 1 or step != job.kill_after:
+    if rank != 1 or job.kill_after <= 0 or step != job.kill_after:
         return
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -161,3 +168,39 @@ def next_attempt(path: str) -> int:
         n = len(f.read().splitlines())
         f.write(f"{time.time():.6f}\n")
     return n
+
+
+def record_pid(workdir: str, rank: int) -> None:
+    """Write this process's pid to ``<workdir>/pids/rank<rank>`` (atomically) for the harness."""
+    d = os.path.join(workdir, "pids")
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".rank{rank}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, os.path.join(d, f"rank{rank}"))
+
+
+def past_deadline(deadline: float | None, step: int, first_step: int, every: int = 10) -> bool:
+    """Whether every rank should stop before ``step`` because ``deadline`` (unix time) passed.
+
+    Collective: checked on the first step of an attempt and every ``every`` steps after
+    it, as a MAX all-reduce of each rank's verdict, so that all ranks stop at the same
+    step (a rank that stopped alone would leave the other in a collective).
+    """
+    if deadline is None or (step - first_step) % every:
+        return False
+    flag = torch.tensor([1.0 if time.time() >= deadline else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def prune_checkpoints(ckpt: str, keep: int, prefix: str = "step_") -> None:
+    """Delete all but the ``keep`` newest ``<prefix>N`` folders of ``ckpt`` (``keep`` 0: keep all)."""
+    if keep <= 0:
+        return
+    import shutil
+
+    steps = sorted(int(n[len(prefix):]) for n in os.listdir(ckpt)
+                   if n.startswith(prefix) and n[len(prefix):].isdigit())
+    for s in steps[:-keep]:
+        shutil.rmtree(os.path.join(ckpt, f"{prefix}{s}"), ignore_errors=True)

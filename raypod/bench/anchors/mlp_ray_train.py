@@ -12,6 +12,12 @@ guide); a restarted worker group resumes from ``ray.train.get_checkpoint()``.
 Rank 1 exits hard after step 25 the first time (``DIR/kill.marker``). Rank 0 appends
 ``step,unix_time,attempt`` to ``DIR/steps.log`` after every completed step
 (``attempt`` counts the starts of rank 0 in ``DIR/attempts``).
+
+For the goodput suite: ``--deadline UNIX_TIME`` stops every rank at the first
+agreed step boundary after that time (also in a group restarted after it),
+``--no-kill`` turns the built-in kill off, ``--max-failures -1`` restarts without
+limit, ``--keep N`` sets ``CheckpointConfig(num_to_keep=N)``, and each rank writes
+its pid (the Ray Train worker actor's process) to ``DIR/pids/rank<r>``.
 """
 
 from __future__ import annotations
@@ -26,11 +32,22 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from raypod.bench.anchors.mlp_common import MLPJob, MLPRun, StepLog, maybe_kill, next_attempt
+    from raypod.bench.anchors.mlp_common import (
+        MLPJob,
+        MLPRun,
+        StepLog,
+        maybe_kill,
+        next_attempt,
+        past_deadline,
+        record_pid,
+    )
 
-    job = MLPJob(max_steps=config["steps"])
+    job = MLPJob(max_steps=config["steps"],
+                 kill_after=0 if config.get("no_kill") else MLPJob.kill_after)
     workdir = config["workdir"]
+    deadline = config.get("deadline")
     rank = ray.train.get_context().get_world_rank()
+    record_pid(workdir, rank)
     attempt = next_attempt(os.path.join(workdir, "attempts")) if rank == 0 else -1
     run = MLPRun(job)
     start = 0
@@ -42,6 +59,8 @@ def train_loop_per_worker(config: dict) -> None:
                 start = int(f.read())
     log = StepLog(os.path.join(workdir, "steps.log"), rank, attempt)
     for step in range(start + 1, job.max_steps + 1):
+        if past_deadline(deadline, step, start + 1):
+            break
         loss = run.step(step)
         log.completed(step)
         if step % job.checkpoint_every == 0 or step == job.max_steps:
@@ -62,13 +81,17 @@ def main() -> int:
     p.add_argument("--storage", required=True, help="RunConfig.storage_path")
     p.add_argument("--name", default="bench-recovery-ray-train")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--deadline", type=float, default=None, help="stop at this unix time (goodput suite)")
+    p.add_argument("--no-kill", action="store_true", help="no built-in kill after step 25")
+    p.add_argument("--max-failures", type=int, default=2, help="FailureConfig.max_failures (-1: no limit)")
+    p.add_argument("--keep", type=int, default=0, help="CheckpointConfig.num_to_keep (0: all)")
     args = p.parse_args()
     if os.environ.get("RAY_TRAIN_V2_ENABLED") != "1":
         print("mlp_ray_train.py: set RAY_TRAIN_V2_ENABLED=1", file=sys.stderr)
         return 2
 
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     workdir = os.path.abspath(args.workdir)
@@ -77,10 +100,12 @@ def main() -> int:
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"steps": args.steps, "workdir": workdir},
+            train_loop_config={"steps": args.steps, "workdir": workdir, "deadline": args.deadline,
+                               "no_kill": args.no_kill},
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
             run_config=RunConfig(storage_path=os.path.abspath(args.storage), name=args.name,
-                                 failure_config=FailureConfig(max_failures=2)),
+                                 failure_config=FailureConfig(max_failures=args.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=args.keep or None)),
         )
         result = trainer.fit()
         if getattr(result, "error", None) is not None:

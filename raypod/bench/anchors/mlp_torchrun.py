@@ -9,6 +9,11 @@ Rank 1 exits hard after step 25 the first time (``DIR/kill.marker``); torchrun's
 agent then stops the group and starts a new one. Rank 0 appends
 ``step,unix_time,attempt`` to ``DIR/steps.log`` after every completed step
 (``attempt`` = ``TORCHELASTIC_RESTART_COUNT``).
+
+For the goodput suite: ``--deadline UNIX_TIME`` stops every rank at the first
+agreed step boundary after that time (exit 0, also in a group restarted after it),
+``--no-kill`` turns the built-in kill off, ``--keep N`` deletes all but the N newest
+checkpoints, and each rank writes its pid to ``DIR/pids/rank<r>``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ import os
 
 import torch.distributed as dist
 
-from raypod.bench.anchors.mlp_common import MLPJob, MLPRun, StepLog, maybe_kill
+from raypod.bench.anchors.mlp_common import (
+    MLPJob,
+    MLPRun,
+    StepLog,
+    maybe_kill,
+    past_deadline,
+    prune_checkpoints,
+    record_pid,
+)
 
 
 def _latest(ckpt: str) -> int:
@@ -33,14 +46,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--workdir", required=True, help="step log, kill marker and checkpoints")
     p.add_argument("--steps", type=int, default=MLPJob.max_steps)
+    p.add_argument("--deadline", type=float, default=None, help="stop at this unix time (goodput suite)")
+    p.add_argument("--no-kill", action="store_true", help="no built-in kill after step 25")
+    p.add_argument("--keep", type=int, default=0, help="checkpoints to keep (0: all)")
     args = p.parse_args()
-    job = MLPJob(max_steps=args.steps)
+    job = MLPJob(max_steps=args.steps, kill_after=0 if args.no_kill else MLPJob.kill_after)
     workdir = os.path.abspath(args.workdir)
     ckpt = os.path.join(workdir, "ckpt")
     os.makedirs(ckpt, exist_ok=True)
     dist.init_process_group("gloo")
     try:
         rank = dist.get_rank()
+        record_pid(workdir, rank)
         attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         run = MLPRun(job)
         start = _latest(ckpt)
@@ -48,6 +65,8 @@ def main() -> None:
             run.load(os.path.join(ckpt, f"step_{start}"))
         log = StepLog(os.path.join(workdir, "steps.log"), rank, attempt)
         for step in range(start + 1, job.max_steps + 1):
+            if past_deadline(args.deadline, step, start + 1):
+                break
             run.step(step)
             log.completed(step)
             if step % job.checkpoint_every == 0 or step == job.max_steps:
@@ -57,6 +76,7 @@ def main() -> None:
                     with open(tmp, "w") as f:
                         f.write(str(step))
                     os.replace(tmp, os.path.join(ckpt, "latest"))
+                    prune_checkpoints(ckpt, args.keep)
             maybe_kill(step, rank, job, os.path.join(workdir, "kill.marker"))
     finally:
         dist.destroy_process_group()

@@ -1,0 +1,206 @@
+"""PNG plots of the benchmark suites' results, one per suite found.
+
+    python -m raypod.bench.plots [--results benchmarks/results] [--out benchmarks/plots]
+
+Reads ``<results>/<suite>.json`` for startup, recovery, node_loss, overhead, elastic
+and goodput (a missing file is skipped) and writes ``<out>/<suite>.png``: each trial
+as a dot, the median (or the single run) as a bar, with the system's label. The
+goodput plot adds each system's step number over time with the kills marked.
+Matplotlib runs on the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
+
+COLORS = {"raypod": "#1f77b4", "raypod_nosnap": "#6baed6", "ray_train_v2": "#ff7f0e",
+          "ray_train_v2_5s": "#fdae6b", "torchrun": "#2ca02c", "torchrun_snapshot": "#98df8a",
+          "single": "#7f7f7f"}
+NAMES = {"raypod": "raypod", "ray_train_v2": "Ray Train V2", "ray_train_v2_5s": "Ray Train V2\n(5 s poll)",
+         "torchrun": "torchrun", "raypod_nosnap": "raypod\nno snapshots",
+         "torchrun_snapshot": "torchrun +\nraypod snapshot", "single": "plain loop\n1 process"}
+
+
+def _name(s: str) -> str:
+    return NAMES.get(s, s)
+
+
+def _dots_and_bars(ax: Any, values: dict[str, list[float]], ylabel: str, fmt: str = "{:.2f}",
+                   failed: dict[str, int] | None = None) -> None:
+    """One bar per system at the median of its values, each value as a dot on it."""
+    systems = list(values)
+    for i, s in enumerate(systems):
+        vals = [v for v in values[s] if v is not None]
+        color = COLORS.get(s, "#9467bd")
+        if vals:
+            med = statistics.median(vals)
+            ax.bar(i, med, width=0.6, color=color, alpha=0.35, edgecolor=color)
+            ax.scatter([i + (k - (len(vals) - 1) / 2) * 0.08 for k in range(len(vals))], vals,
+                       color=color, zorder=3, s=28)
+            ax.annotate(fmt.format(med), (i, max(vals)), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=9)
+        n_failed = (failed or {}).get(s, 0)
+        if n_failed:
+            ax.annotate(f"{n_failed} failed", (i, 0), textcoords="offset points", xytext=(0, 4),
+                        ha="center", fontsize=8, color="red")
+    ax.set_xticks(range(len(systems)), [_name(s) for s in systems])
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_ylim(bottom=0)
+
+
+def _save(fig: Any, out: Path, suite: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{suite}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _subtitle(d: dict[str, Any]) -> str:
+    date = str(d.get("date", ""))[:16].replace("T", " ")
+    return f"{date} UTC" if date else ""
+
+
+def plot_startup(d: dict[str, Any], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _dots_and_bars(ax, {s: [t.get("seconds") for t in ts] for s, ts in d["trials"].items()},
+                   "launch to first step (s)", "{:.1f}")
+    ax.set_title(f"startup: launch to first step (dots: trials)\n{_subtitle(d)}", fontsize=10)
+    return _save(fig, out, "startup")
+
+
+def plot_recovery(d: dict[str, Any], out: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    trials = d["trials"]
+    _dots_and_bars(axes[0], {s: [t["gap_s"] for t in ts if t.get("recovered")] for s, ts in trials.items()},
+                   "recovery gap (s)", failed={s: sum(1 for t in ts if not t.get("recovered"))
+                                               for s, ts in trials.items()})
+    axes[0].set_title("gap: last step before the kill to first after", fontsize=10)
+    _dots_and_bars(axes[1], {s: [t["replayed"] for t in ts if t.get("recovered")] for s, ts in trials.items()},
+                   "steps replayed", "{:.0f}")
+    axes[1].set_title("steps replayed", fontsize=10)
+    fig.suptitle(f"recovery: a rank killed after step 25 (mlp.yaml), {_subtitle(d)}", fontsize=11)
+    return _save(fig, out, "recovery")
+
+
+def plot_node_loss(d: dict[str, Any], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ts = [t for t in d["trials"] if t.get("recovered")]
+    xs = [t["trial"] for t in ts]
+    ax.bar(xs, [t["gap_s"] for t in ts], width=0.5, color=COLORS["raypod"], alpha=0.35,
+           edgecolor=COLORS["raypod"], label="gap")
+    ax.bar(xs, [t.get("detect_s") or 0 for t in ts], width=0.5, color=COLORS["raypod"], alpha=0.8,
+           label="of which detection")
+    ax.axhline(2.0, color="red", ls="--", lw=1, label="target 2 s")
+    ax.set_xticks(xs, [f"trial {x}" for x in xs])
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"node loss: raypod's in-place recovery gap (median {d.get('median_gap_s')} s)\n"
+                 f"{_subtitle(d)}", fontsize=10)
+    return _save(fig, out, "node_loss")
+
+
+def plot_overhead(d: dict[str, Any], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    _dots_and_bars(ax, {s: [t.get("median_ms") for t in ts if t.get("ok")] for s, ts in d["trials"].items()},
+                   "median step (ms)", "{:.0f}")
+    ax.set_title(f"overhead: steady-state step time per trial (dots) and median\n{_subtitle(d)}",
+                 fontsize=10)
+    return _save(fig, out, "overhead")
+
+
+def plot_elastic(d: dict[str, Any], out: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    trials = d["trials"]
+    _dots_and_bars(axes[0], {s: [x for t in ts for x in (t.get("node_to_step_s") or [])]
+                             for s, ts in trials.items()}, "seconds", "{:.1f}")
+    axes[0].set_title("a node arrives: to the first step using it", fontsize=10)
+    _dots_and_bars(axes[1], {s: [x for t in ts for x in (t.get("shrink_gap_s") or [])]
+                             for s, ts in trials.items()}, "seconds", "{:.1f}")
+    axes[1].set_title("a node goes: gap in training", fontsize=10)
+    fig.suptitle(f"elastic (fake autoscaler), {_subtitle(d)}", fontsize=11)
+    return _save(fig, out, "elastic")
+
+
+def plot_goodput(d: dict[str, Any], out: Path) -> Path:
+    """Goodput per system (target line at 0.97) and, when present, step number over time."""
+    results = d["results"]
+    timelines = {s: r.get("timeline") for s, r in results.items() if r.get("timeline")}
+    fig, axes = plt.subplots(1, 2 if timelines else 1, figsize=(12 if timelines else 6, 4.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    _dots_and_bars(ax, {s: [r.get("goodput")] for s, r in results.items()}, "goodput", "{:.3f}",
+                   failed={s: 0 if r.get("goodput") is not None else 1 for s, r in results.items()})
+    ax.axhline(0.97, color="red", ls="--", lw=1, label="raypod target 0.97")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"goodput: {d['duration_s']:.0f} s, a rank SIGKILLed every {d['kill_every_s']:.0f} s",
+                 fontsize=10)
+    if timelines:
+        ax2 = axes[0][1]
+        for s, tl in timelines.items():
+            color = COLORS.get(s, "#9467bd")
+            ax2.plot([p[0] for p in tl], [p[1] for p in tl], ".", ms=1.5, color=color, label=_name(s))
+            for k in results[s].get("per_kill") or []:
+                ax2.axvline(k["kill_t"] - results[s]["started"], color=color, alpha=0.35, lw=0.8)
+        ax2.set_xlabel("seconds from launch (vertical lines: kills)")
+        ax2.set_ylabel("step completed")
+        ax2.legend(fontsize=8, markerscale=6)
+        ax2.grid(alpha=0.3)
+        ax2.set_title("step completions over time", fontsize=10)
+    note = " (SHORT SMOKE RUN)" if d["duration_s"] < 600 else ""
+    fig.suptitle(f"goodput{note}, {_subtitle(d)}", fontsize=11)
+    return _save(fig, out, "goodput")
+
+
+PLOTS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
+    "startup": plot_startup,
+    "recovery": plot_recovery,
+    "node_loss": plot_node_loss,
+    "overhead": plot_overhead,
+    "elastic": plot_elastic,
+    "goodput": plot_goodput,
+}
+
+
+def plot_all(results: Path, out: Path) -> dict[str, Path]:
+    """One PNG per suite whose ``<suite>.json`` is in ``results``; returns suite -> PNG path."""
+    done = {}
+    for suite, fn in PLOTS.items():
+        path = results / f"{suite}.json"
+        if not path.exists():
+            continue
+        try:
+            done[suite] = fn(json.loads(path.read_text()), out)
+        except (KeyError, TypeError, ValueError) as e:
+            print(f"plots: {suite}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default="benchmarks/results", help="folder of <suite>.json files")
+    p.add_argument("--out", default="benchmarks/plots", help="folder for <suite>.png")
+    args = p.parse_args(argv)
+    done = plot_all(Path(args.results), Path(args.out))
+    for suite, path in done.items():
+        print(f"{suite}: {path}")
+    return 0 if done else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
