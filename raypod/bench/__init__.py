@@ -11,13 +11,10 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench checkpoint --trials 3   # stall of a snapshot / persistent save vs Ray Train V2
     raypod bench data                    # Ray Data stream vs training consumption, data_wait_frac
     raypod bench elastic --trials 1      # grow/shrink on the fake autoscaler vs Ray Train V2 elastic
-<<<<<<< HEAD
-    raypod bench gpu --trials 1          # one GPU: tokens/s and MFU vs a plain PyTorch loop
-=======
     raypod bench goodput                 # 600 s, a rank SIGKILLed every 60 s: goodput vs the same
+    raypod bench gpu                     # one GPU: tokens/s and MFU vs a plain PyTorch loop
 
 ``python -m raypod.bench.plots`` draws one PNG per suite from the JSON files.
->>>>>>> goodput
 """
 
 from __future__ import annotations
