@@ -413,9 +413,7 @@ class Trainer:
         Returns:
             The bytes this rank received from a peer.
         """
-        from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-        _init_optim_state(self.optimizer)
+        snapshot.init_state(self.optimizer)
         received = 0
         targets = {t for _, t, _ in moves}
         for holder, target, source in moves:
@@ -473,9 +471,7 @@ class Trainer:
 
         Returns the bytes received.
         """
-        from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-        _init_optim_state(self.optimizer)
+        snapshot.init_state(self.optimizer)
         lay = reshard.layout(self.model, self.optimizer)
         pieces = []
         for i, buf in enumerate(bufs):
