@@ -99,6 +99,8 @@ class Driver:
         self.resizes: list[dict[str, Any]] = []
         self.node_failures: dict[str, int] = defaultdict(int)
         self.growing = False
+        self.refill_after = 0
+        """Replaced ranks' slots become spares once a step after this one completed."""
         self.ready: list[tuple[Any, Any]] = []
         """Joiners that are warm and wait for the next step boundary."""
         self.next_scale_check = 0.0
@@ -252,6 +254,7 @@ class Driver:
     def _reset_group_progress(self, restore_step: int) -> None:
         self.next_step = restore_step + 1
         self.done_step = restore_step
+        self.refill_after = restore_step
         self.rank_step = {r: restore_step for r in range(self.group.world_size)}
         self.partial.clear()
         self.save_acks.clear()
@@ -337,6 +340,8 @@ class Driver:
             self.next_step += 1
         result = self.group.poll(timeout=_POLL_S)
         self._absorb(result)
+        if getattr(self.group, "freed", None) and self.done_step > self.refill_after:
+            self.group.refill_spares()  # the group trains again: start the lost ranks' spares
         if result.errors:
             self.dead_ranks = {e.rank for e in result.errors if e.kind == "worker_died"}
             return RecoveringState(self._failure_from(result.errors))

@@ -130,6 +130,9 @@ class WorkerGroup:
         """Per rank: (placement group, bundle index) its actor occupies."""
         self.spares: list[tuple[Any, tuple[Any, int]]] = []
         """Warm actors ready to take a rank, with their placement."""
+        self.freed: list[tuple[Any, int]] = []
+        """Placements of replaced ranks that become spares at :meth:`refill_spares` (once the
+        group trains again, so that a new spare's start does not slow the recovery down)."""
         self.pg = None
         self.spare_pg = None
         self.world_size = 0
@@ -320,7 +323,7 @@ class WorkerGroup:
             self.actors[d], self.placement[d] = actor, placement
             moves.append((self.holder_of(d), d, d))
             if freed is not None:
-                self._add_spare(*freed)  # the lost rank's slot becomes the next spare
+                self.freed.append(freed)  # the lost rank's slot becomes the next spare
         t1 = time.perf_counter()
         try:
             info = self._regroup(lambda r, a, init: a.reconfigure.remote(
@@ -351,6 +354,13 @@ class WorkerGroup:
         return {"slowest_rank_phases_s": slowest["phases_s"],
                 "driver_phases_s": {"locate": t1 - t0, "reconfigure": time.perf_counter() - t1},
                 "received_bytes": sum(r["received_bytes"] for r in results)}
+
+    def refill_spares(self) -> None:
+        """Start spares in the slots of replaced ranks (the driver calls this once the group
+        completed a step after the recovery)."""
+        freed, self.freed = self.freed, []
+        for placement in freed:
+            self._add_spare(*placement)
 
     # ---- resizing ------------------------------------------------------------------
     def live_spares(self) -> int:
@@ -517,7 +527,7 @@ class WorkerGroup:
                 except Exception:  # noqa: BLE001
                     pass
         self.actors, self.spares, self.pg, self.spare_pg, self.world_size = [], [], None, None, 0
-        self.joiners, self.extra_pgs = [], []
+        self.joiners, self.extra_pgs, self.freed = [], [], []
         self._pending.clear()
 
     def close(self) -> None:

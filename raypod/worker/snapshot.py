@@ -181,11 +181,54 @@ def stall_s(events: tuple[torch.cuda.Event, torch.cuda.Event] | None) -> float:
     return before.elapsed_time(after) / 1e3
 
 
+def _adam_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Create ``Adam``/``AdamW``'s state tensors as their first step would, uninitialised.
+
+    Same keys, dtypes, devices and (DTensor) layouts as ``Adam._init_group`` makes for
+    every parameter that takes gradients, so :func:`state_tensors` lines up with a
+    snapshot; the snapshot then overwrites every value. False (nothing done) for any
+    other optimizer or a setting this does not mirror.
+    """
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    groups = optimizer.param_groups
+    if any(g.get("differentiable") or "amsgrad" not in g for g in groups):
+        return False
+    keep = torch.preserve_format
+    for g in groups:
+        on_device = bool(g.get("capturable") or g.get("fused"))
+        for p in g["params"]:
+            if not p.requires_grad:
+                continue  # never gets a gradient, so never gets state
+            st = {"step": (torch.zeros((), dtype=_get_scalar_dtype(is_fused=g.get("fused")), device=p.device)
+                           if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu")),
+                  "exp_avg": torch.empty_like(p, memory_format=keep),
+                  "exp_avg_sq": torch.empty_like(p, memory_format=keep)}
+            if g["amsgrad"]:
+                st["max_exp_avg_sq"] = torch.empty_like(p, memory_format=keep)
+            optimizer.state[p] = st
+    return True
+
+
+def init_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer the state tensors a snapshot is copied into (no-op if it has some).
+
+    Adam and AdamW get them directly (:func:`_adam_state`); any other optimizer runs DCP's
+    ``_init_optim_state`` (one optimizer step with zero gradients and learning rate).
+    """
+    if optimizer.state:
+        return
+    if not _adam_state(optimizer):
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+        _init_optim_state(optimizer)
+
+
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, snap: list[torch.Tensor]) -> None:
     """Copy a snapshot into a freshly built model and optimizer of the same layout."""
-    from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-    _init_optim_state(optimizer)  # creates the state tensors to copy into
+    init_state(optimizer)  # creates the state tensors to copy into
     dst = state_tensors(model, optimizer)
     if len(dst) != len(snap) or any(d.shape != s.shape for d, s in zip(dst, snap, strict=True)):
         raise RuntimeError("the snapshot does not match this rank's shard layout")

@@ -427,19 +427,19 @@ class Trainer:
         Returns:
             The bytes this rank received from a peer.
         """
-        from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-        _init_optim_state(self.optimizer)
+        snapshot.init_state(self.optimizer)
         received = 0
         targets = {t for _, t, _ in moves}
+        sending: list[tuple[Any, torch.Tensor]] = []
         for holder, target, source in moves:
             if self.rank == holder:
                 # The replica held for ``source``, or (HSDP twin) this rank's identical own state.
                 buf = self.snapshots.replicas.get(source, {}).get(step)
                 if buf is None:
                     buf = snapshot.to_bytes(self.snapshots.own[step])
-                dist.send(torch.tensor([buf.numel()], dtype=torch.int64), dst=target)
-                dist.send(buf, dst=target)
+                size = torch.tensor([buf.numel()], dtype=torch.int64)
+                # Sent in the background: this rank restores its own state meanwhile.
+                sending += [(dist.isend(size, dst=target), size), (dist.isend(buf, dst=target), buf)]
             elif self.rank == target:
                 n = torch.zeros(1, dtype=torch.int64)
                 dist.recv(n, src=holder)
@@ -454,6 +454,8 @@ class Trainer:
             if step not in self.snapshots.own:
                 raise RuntimeError(f"rank {self.rank} has no snapshot of step {step}")
             snapshot.restore(self.model, self.optimizer, self.snapshots.own[step])
+        for work, _ in sending:
+            work.wait()
         for s in [s for s in self.snapshots.own if s > step]:
             del self.snapshots.own[s]  # steps after the restore point are being redone
         self.snapshots.clear_replicas()
@@ -487,9 +489,7 @@ class Trainer:
 
         Returns the bytes received.
         """
-        from torch.distributed.checkpoint.state_dict import _init_optim_state
-
-        _init_optim_state(self.optimizer)
+        snapshot.init_state(self.optimizer)
         lay = reshard.layout(self.model, self.optimizer)
         pieces = []
         for i, buf in enumerate(bufs):

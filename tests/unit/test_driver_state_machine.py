@@ -283,8 +283,13 @@ class HealthGroup(FakeGroup):
         FakeGroup.plan.pop("stall_from", None)
         self.queue.clear()
         self.finished = [s for s in self.finished if s <= restore_step]
+        self.freed = [("pg", r) for r in sorted(lost)]  # the lost slots: spares once training resumed
         return {"recover_s": 0.0, "slowest_rank_phases_s": {}, "received_bytes": 0,
                 "replaced": sorted(lost), "spares_left": 0}
+
+    def refill_spares(self):
+        self.calls.append(("refill_spares", self.freed, HealthGroup.driver.done_step))
+        self.freed = []
 
 
 @pytest.fixture
@@ -294,6 +299,7 @@ def health_driver(driver_factory):
         d.worker_group_cls = HealthGroup
         d.alive_nodes = lambda: {"n1", "n2"}
         HealthGroup.calls = []
+        HealthGroup.driver = d
         return d
 
     return make
@@ -339,6 +345,10 @@ def test_hang_blames_the_rank_behind_and_recovers_it_in_place(health_driver):
     assert "rank 1 stuck at step 5 in phase start" in ev.message
     assert ev.restored_from == "memory step 4" and ev.lost_steps == 0
     assert ("kill", [1]) in HealthGroup.calls and ("recover_in_place", [1], 4) in HealthGroup.calls
+    # The lost rank's slot becomes a spare only once a step after the restore point completed.
+    refills = [c for c in HealthGroup.calls if c[0] == "refill_spares"]
+    assert len(refills) == 1 and refills[0][1] == [("pg", 1)] and refills[0][2] > 4
+    assert HealthGroup.calls.index(refills[0]) > HealthGroup.calls.index(("recover_in_place", [1], 4))
 
 
 def test_preempted_rank_hands_over_with_no_lost_step(health_driver):
