@@ -115,7 +115,7 @@ class CheckpointConfig(_Section):
     every step while a snapshot costs at most ``memory_stall_budget`` of the step time,
     else the shortest interval that keeps it there (see :mod:`raypod.driver.cadence`).
     A lost rank replays at most this many steps."""
-    memory_stall_budget: float = Field(default=0.03, gt=0, le=1)
+    memory_stall_budget: float = Field(default=0.01, gt=0, le=1)
     """``auto``: the share of the step time that in-memory snapshots may cost."""
     memory_max_every: int = Field(default=20, ge=1)
     """``auto``: the longest snapshot interval it picks."""

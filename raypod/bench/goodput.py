@@ -15,7 +15,7 @@ replays, so all three see the same sequence of ranks. No kill fires in the last
   deadline) with ``mlp.yaml`` as is (``scaling.spares: 1``), MLflow off,
   ``fault.max_failures=1000``, ``checkpoint.memory_every_steps=1`` (a snapshot after
   every step: on a cluster losing a rank a minute, the setting that loses least; the
-  default ``auto`` cadence would snapshot only every ~14 steps on a busy 2-core box). The victim is a rank's actor process
+  default ``auto`` cadence snapshots only every 20 steps on a busy 2-core box). The victim is a rank's actor process
   (``ray::TrainWorker...``), never the warm spare: each live actor's Ray worker log
   (``worker-*-<pid>.err``) names the rank it last joined as ("[rank r] joining ...");
   the spare has joined nothing.

@@ -8,7 +8,7 @@ measured window, MLflow off):
 
 * ``raypod``: raypod with its defaults: in-memory snapshots of every rank's shard,
   replicated to the peer rank, at the ``auto`` cadence (every step while that costs at
-  most 3% of the step time, else every ``k`` steps; :mod:`raypod.driver.cadence`).
+  most 1% of the step time, else every ``k`` steps; :mod:`raypod.driver.cadence`).
 * ``raypod_every``: the same with a snapshot after every step (``checkpoint.memory_every_steps=1``).
 * ``raypod_nosnap``: the same with ``checkpoint.memory_every_steps=0``, so the cost
   of the snapshot shows as the difference.
@@ -273,7 +273,7 @@ def write_results(result: dict[str, Any], out: str | os.PathLike | None, suite: 
 
 # ---- the overhead suite --------------------------------------------------------------
 SYSTEMS = [
-    System("raypod", "raypod (defaults: snapshot cadence auto, 3% budget)", "raypod",
+    System("raypod", "raypod (defaults: snapshot cadence auto, 1% budget)", "raypod",
            ("checkpoint.every_steps=0",)),
     System("raypod_every", "raypod, snapshot + replica every step", "raypod",
            ("checkpoint.every_steps=0", "checkpoint.memory_every_steps=1")),

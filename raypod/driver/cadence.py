@@ -39,7 +39,7 @@ class SnapshotCadence:
         max_every: the longest interval ``auto`` picks.
     """
 
-    def __init__(self, every: int | str, budget: float = 0.03, max_every: int = 20) -> None:
+    def __init__(self, every: int | str, budget: float = 0.01, max_every: int = 20) -> None:
         self.auto = every == "auto"
         self.every = 1 if self.auto else int(every)
         self.budget, self.max_every = budget, max_every
