@@ -119,6 +119,29 @@ class FakeAutoscalingCluster:
     def stop(self) -> None:
         if not self.temp_dir:
             return
+        # Processes that renamed themselves (``ray::DashboardAgent``) no longer show the
+        # temp dir in their command line: take every descendant of those that do, first.
+        import psutil
+
+        family: set[psutil.Process] = set()
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if self.temp_dir in " ".join(proc.info["cmdline"] or []):
+                    family.add(proc)
+                    family.update(proc.children(recursive=True))
+            except psutil.Error:
+                continue
+        for proc in family:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(list(family), timeout=5)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
         for sig in (signal.SIGTERM, signal.SIGKILL):
             _kill_matching(self.temp_dir, sig)
             deadline = time.time() + 10

@@ -218,6 +218,9 @@ class StepFeed:
         self.key: tuple[int, int] | None = None
         self.recent: OrderedDict[int, tuple[np.ndarray, Any]] = OrderedDict()
         self.pump: _Pump | None = None
+        self.stopping: list[_Pump] = []
+        """Stopped streams whose thread has not ended yet (one blocked inside Ray Data,
+        waiting for CPU that the cluster does not have, ends only when it gets some)."""
         self.next_row = 0
         """Step of the next row the stream will deliver."""
         self.live = False
@@ -250,6 +253,14 @@ class StepFeed:
 
     def _start(self, first: int) -> None:
         self._stop()
+        self.stopping = [p for p in self.stopping if p.is_alive()]
+        if len(self.stopping) > 1:
+            # Streams that cannot even get their tasks scheduled (no free CPU) end only
+            # when they do; restarted every few steps they would pile up and their
+            # executors starve training. With more than one still winding down, the
+            # rank serves itself until they end.
+            self.stats["held_back"] = self.stats.get("held_back", 0) + 1
+            return
         rank, world_size = self.key
         ds = self.source.stream(rank, world_size, self.order, first, self.last_step)
         self.pump = _Pump(ds, self.prefetch)
@@ -262,6 +273,7 @@ class StepFeed:
             self.pump.stop.set()
             if wait_s:
                 self.pump.join(wait_s)
+            self.stopping.append(self.pump)
             self.pump = None
 
     # ---- consuming ---------------------------------------------------------------
