@@ -6,8 +6,8 @@ without checkpoints and once with each kind of checkpoint it has:
 
 * raypod (MLflow off, ``python raypod/bench/anchors/raypod_steps.py``):
   ``raypod_none`` (``checkpoint.memory_every_steps=0``, ``checkpoint.every_steps=0``),
-  ``raypod_snapshot`` (the in-memory snapshot + peer replica after every step, raypod's
-  default) and ``raypod_persist`` (an async DCP save every ``every`` steps,
+  ``raypod_snapshot`` (the in-memory snapshot + peer replica after every step,
+  ``checkpoint.memory_every_steps=1``) and ``raypod_persist`` (an async DCP save every ``every`` steps,
   ``checkpoint.every_steps``, snapshots off).
 * Ray Train V2 (:mod:`raypod.bench.anchors.mlp_ray_train_steps`): ``ray_train_none``
   (no report, no checkpoint) and ``ray_train_ckpt`` (every ``every`` steps each worker
@@ -63,7 +63,7 @@ def systems(every: int) -> list[System]:
         System("raypod_none", "raypod, no checkpoints", "raypod",
                ("checkpoint.every_steps=0", "checkpoint.memory_every_steps=0")),
         System("raypod_snapshot", "raypod, in-memory snapshot every step", "raypod",
-               ("checkpoint.every_steps=0",)),
+               ("checkpoint.every_steps=0", "checkpoint.memory_every_steps=1")),
         System("raypod_persist", f"raypod, async DCP save every {every} steps", "raypod",
                (f"checkpoint.every_steps={every}", "checkpoint.memory_every_steps=0")),
         System("ray_train_none", "Ray Train V2, no checkpoints", "ray_train"),

@@ -52,6 +52,10 @@ def build_recipe(config: JobConfig) -> Recipe:
     return import_target(config.recipe.target)(**config.recipe.args)
 
 
+_SECOND_PING_S = 3.0
+"""How long a rank that missed the first ping gets to answer when its loss would cost the in-memory copy."""
+
+
 class Driver:
     """Runs one job to completion or to a clear failure.
 
@@ -618,6 +622,17 @@ class Driver:
         # The failed rank goes (a rank whose step raised holds its peers in a collective
         # until its process ends); the others finish or fail their calls in flight.
         culprit = {f.rank} if f.rank is not None else set()
+        suspects = set(self.dead_ranks) - culprit
+        if suspects and any(group.holder_of(d) in culprit | suspects for d in culprit | suspects):
+            # A rank and the holder of its copy both look lost, which would leave only the
+            # persistent checkpoint. A rank that merely missed the 1 s ping (a busy host)
+            # gets one longer ping before it is given up.
+            order = sorted(suspects)
+            silent = {order[i] for i in group.unresponsive([group.actors[r] for r in order],
+                                                           timeout=_SECOND_PING_S)}
+            if suspects - silent:
+                log.info("ranks %s answered a second ping: not lost", sorted(suspects - silent))
+            self.dead_ranks -= suspects - silent
         culprit |= self.dead_ranks  # every rank found dead, not only the one blamed
         group.kill(culprit)
         lost = group.drain(timeout=min(5.0, self.cfg.fault.pg_timeout_s)) | culprit

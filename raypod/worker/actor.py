@@ -34,11 +34,15 @@ class TrainWorker:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         self.trainer = None
         self.preempted_at: float | None = None
+        self.closed = False
         self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        if self.preempted_at is not None and callable(self._ray_sigterm):
-            self._ray_sigterm(signum, frame)  # the second one: leave now
+        holds_rank = self.trainer is not None and self.trainer.rank >= 0 and not self.closed
+        if (self.preempted_at is not None or not holds_rank) and callable(self._ray_sigterm):
+            # The second one, or nothing to hand over (a spare, a closed rank at the end
+            # of the job, when Ray shuts its workers down): leave now.
+            self._ray_sigterm(signum, frame)
             return
         self.preempted_at = time.time()
         log.warning("[rank %s] SIGTERM: this rank hands its state over, then leaves "
@@ -219,6 +223,7 @@ class TrainWorker:
         return self.trainer.state_digest(export_path)
 
     def close(self) -> None:
+        self.closed = True
         if self.trainer is not None:
             self.trainer.close()
 
