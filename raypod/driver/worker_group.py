@@ -258,15 +258,18 @@ class WorkerGroup:
         """
         lost: set[int] = set()
         deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
-            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
-                                timeout=max(0.0, deadline - time.monotonic()))
+        # A replica wait may hang on an exchange with the dead peer until its own timeout;
+        # it says nothing about its rank, which the regroup releases (not waited for).
+        work = lambda: [ref for ref, (_, what, _) in self._pending.items() if what != "replica"]  # noqa: E731
+        while work() and time.monotonic() < deadline:
+            refs = work()
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 break
             out = PollResult()
             self._collect(ready, out)
             lost |= {e.rank for e in out.errors if e.kind == "worker_died"}
-        lost |= {rank for rank, _, _ in self._pending.values()}
+        lost |= {rank for rank, what, _ in self._pending.values() if what != "replica"}
         self._pending.clear()
         return lost
 
