@@ -803,7 +803,7 @@ class Driver:
                 reports = group.flush_replicas(timeout=self.cfg.fault.hang_timeout_s, latest=True)
                 steps = set.intersection(*(set(reports[r]["own"]) for r in reports if r not in lost))
                 for d in lost:
-                    holder = group.peer_to[d] if group.peer_to else None
+                    holder = group.holder_of(d)
                     if holder is None or holder in lost:
                         steps = set()
                         break
