@@ -44,27 +44,35 @@ def _kill_tree_matching(pattern: str) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray head with 4 logical CPUs, a dashboard and token auth; yields its addresses."""
-    temp_dir = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")
-    port, dash = free_port(), free_port()
-    # Every port of its own, so that no other Ray on the machine (a user's, a benchmark's)
-    # keeps this cluster's dashboard agent, which serves job submission, from starting.
-    agent_ports = [f"--dashboard-agent-listen-port={free_port()}",
-                   f"--dashboard-agent-grpc-port={free_port()}",
-                   f"--runtime-env-agent-port={free_port()}",
-                   f"--metrics-export-port={free_port()}"]
+    """A local Ray head with 4 logical CPUs, a dashboard and token auth; yields its addresses.
+
+    ``ray start`` is tried up to three times (fresh ports and folder each time): on a cold,
+    busy machine it can give up waiting 30 s for its own raylet to register.
+    """
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}",
                RAY_USAGE_STATS_ENABLED="0")
     if not (Path.home() / ".ray" / "auth_token").exists():
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
                        capture_output=True)
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
-           "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
-           "--include-dashboard=true", "--disable-usage-stats", *agent_ports]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
+    for attempt in range(3):
+        temp_dir = tempfile.mkdtemp(prefix="rpt-", dir="/tmp")
+        port, dash = free_port(), free_port()
+        # Every port of its own, so that no other Ray on the machine (a user's, a benchmark's)
+        # keeps this cluster's dashboard agent, which serves job submission, from starting.
+        agent_ports = [f"--dashboard-agent-listen-port={free_port()}",
+                       f"--dashboard-agent-grpc-port={free_port()}",
+                       f"--runtime-env-agent-port={free_port()}",
+                       f"--metrics-export-port={free_port()}"]
+        cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+               "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}",
+               "--include-dashboard=true", "--disable-usage-stats", *agent_ports]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+        if out.returncode == 0:
+            break
         _kill_tree_matching(temp_dir)
-        pytest.fail(f"ray start failed: {out.stderr[-2000:]}")
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if attempt == 2:
+            pytest.fail(f"ray start failed three times: {out.stderr[-2000:]}")
     info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}",
             "env": env, "temp_dir": temp_dir}
     try:

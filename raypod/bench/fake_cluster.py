@@ -61,7 +61,26 @@ class FakeAutoscalingCluster:
         self.temp_dir = ""
         self.address = ""
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 120, attempts: int = 3) -> None:
+        """Start the head (and its autoscaler); retried on fresh ports and a fresh folder.
+
+        On a cold, busy machine ``ray start`` can give up waiting for its own raylet to
+        register (Ray waits 30 s); that says nothing about the cluster, so it is tried again.
+        """
+        for attempt in range(1, attempts + 1):
+            err = self._start_once(timeout)
+            if err is None:
+                return
+            self.stop()
+            if attempt < attempts:
+                print(f"ray start (fake autoscaler) failed, attempt {attempt} of {attempts}; "
+                      f"trying again: {err.strip().splitlines()[-1] if err.strip() else ''}",
+                      file=sys.stderr)
+                time.sleep(2.0)
+        raise RuntimeError(f"ray start (fake autoscaler) failed {attempts} times: {err[-2000:]}")
+
+    def _start_once(self, timeout: float) -> str | None:
+        """One ``ray start --head``; its error output when it failed, else ``None``."""
         import ray
 
         self.temp_dir = tempfile.mkdtemp(prefix="rpfake-", dir="/tmp")
@@ -78,11 +97,15 @@ class FakeAutoscalingCluster:
                "--include-dashboard=false", "--disable-usage-stats",
                f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
                f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            return f"ray start did not return in {timeout:.0f} s: {tail}"
         if out.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start (fake autoscaler) failed: {out.stderr[-2000:]}")
+            return out.stderr
         self.address = f"{ip}:{port}"
+        return None
 
     def alive_workers(self) -> list[dict[str, Any]]:
         """Worker nodes the cluster currently counts as alive."""

@@ -257,18 +257,38 @@ class WorkerGroup:
         ``timeout`` (hung, even though its peers' collectives broke).
         """
         lost: set[int] = set()
-        deadline = time.monotonic() + timeout
         # A replica wait may hang on an exchange with the dead peer until its own timeout;
         # it says nothing about its rank, which the regroup releases (not waited for).
         work = lambda: [ref for ref, (_, what, _) in self._pending.items() if what != "replica"]  # noqa: E731
-        while work() and time.monotonic() < deadline:
-            refs = work()
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            out = PollResult()
-            self._collect(ready, out)
-            lost |= {e.rank for e in out.errors if e.kind == "worker_died"}
+
+        def settle(deadline: float) -> None:
+            while work() and time.monotonic() < deadline:
+                refs = work()
+                ready, _ = ray.wait(refs, num_returns=len(refs),
+                                    timeout=max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    break
+                out = PollResult()
+                self._collect(ready, out)
+                lost.update(e.rank for e in out.errors if e.kind == "worker_died")
+
+        settle(time.monotonic() + timeout)
+        stuck = sorted({rank for rank, what, _ in self._pending.values() if what != "replica"} - lost)
+        if stuck:
+            # Still running: hung, or alive but waiting on something the failure broke (a
+            # replica round with the lost peer). A live rank is told to give up its call; a
+            # rank that then returns keeps its process and its copies.
+            refs = {self.actors[r].interrupt.remote(): r for r in stuck}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=_PING_TIMEOUT_S)
+            for ref in ready:
+                try:
+                    where = ray.get(ref)
+                except Exception:  # noqa: BLE001 - the actor is gone
+                    continue
+                log.warning("rank %d's call still ran %.0f s after the failure (step %s, phase %s "
+                            "for %.1f s): interrupted", refs[ref], timeout, where.get("step"),
+                            where.get("phase"), where.get("in_phase_s", 0.0))
+            settle(time.monotonic() + min(timeout, 3.0))
         lost |= {rank for rank, what, _ in self._pending.values() if what != "replica"}
         self._pending.clear()
         return lost

@@ -60,6 +60,11 @@ class TrainWorker:
                 "phase_name": PHASES[phase], "in_phase_s": time.monotonic() - since,
                 "preempted": self.preempted_at is not None, "pid": os.getpid()}
 
+    @ray.method(concurrency_group="health")
+    def interrupt(self) -> dict[str, Any]:
+        """Release a step call stuck after a failure elsewhere (see ``Trainer.interrupt``)."""
+        return self.trainer.interrupt() if self.trainer is not None else {"rank": -1}
+
     def node_info(self) -> dict[str, Any]:
         """Where this actor runs."""
         ctx = ray.get_runtime_context()

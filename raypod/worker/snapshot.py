@@ -325,11 +325,17 @@ class PeerReplicator:
         if not self.enabled:
             return 0.0
         t0 = time.perf_counter()
-        if self._last is not None:
+        while self._last is not None:
+            if self._closed:  # abandoned (the driver interrupts a rank stuck here)
+                raise RuntimeError(f"replica exchange abandoned before step {step}'s round")
             try:
-                self._last.result()
+                self._last.result(timeout=0.1)
+                break
+            except TimeoutError:
+                continue
             except Exception as e:  # noqa: BLE001 - a lost peer shows up in training too
                 log.warning("replica exchange failed: %s", e)
+                break
         waited = time.perf_counter() - t0
         self._last = self._pool.submit(self._exchange, step, snap, store)
         with self._cv:

@@ -221,6 +221,17 @@ class Trainer:
             dist.destroy_process_group()
         return time.perf_counter() - t0
 
+    def interrupt(self) -> dict[str, Any]:
+        """Make a step call that is stuck waiting (on a replica round with a lost peer)
+        fail now, so that the driver sees this rank alive, with its copies, and can regroup
+        it. The rank takes no further step until it rejoins a group. Returns where it was."""
+        step, phase, since = self.where
+        self.broken = True
+        if self.replicator is not None:
+            self.replicator.abort()
+        return {"rank": self.rank, "step": step, "phase": PHASES[phase],
+                "in_phase_s": round(time.monotonic() - since, 3)}
+
     def leave(self) -> None:
         """Drop the process group and the model shard (snapshots and replicas stay)."""
         if self.replicator is not None:
