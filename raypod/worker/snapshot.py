@@ -82,7 +82,8 @@ class Snapshot(list):
 _POOL: dict[int, list[torch.Tensor]] = {}
 _POOL_LOCK = threading.Lock()
 _POOL_MAX = 4
-"""Free buffers kept per size (a rank keeps 3 own snapshots; one more is being filled)."""
+"""Free buffers kept per size (a rank keeps 3 own snapshots and 3 replicas per peer; one
+more of each is being filled)."""
 
 
 def _give_back(flat: torch.Tensor) -> None:
@@ -96,14 +97,17 @@ _ALLOC_S = [0.0]
 """Seconds spent allocating new buffers since :func:`pop_alloc_s` (a one-off, not a step's cost)."""
 
 
-def _buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
+def _buffer(nbytes: int, pinned: bool = False, timed: bool = True) -> torch.Tensor:
+    """A free buffer of the pool, else a new one (its time counted in :func:`pop_alloc_s`
+    when ``timed``: the step's own snapshot, not the replica thread)."""
     with _POOL_LOCK:
         free = _POOL.get((nbytes, pinned))
         if free:
             return free.pop()
     t0 = time.perf_counter()
     buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    _ALLOC_S[0] += time.perf_counter() - t0
+    if timed:
+        _ALLOC_S[0] += time.perf_counter() - t0
     return buf
 
 
@@ -279,11 +283,17 @@ class SnapshotStore:
                 del self.own[s]
 
     def add_replica(self, src: int, step: int, buf: torch.Tensor) -> None:
+        """Hold ``src``'s snapshot of ``step``; the oldest beyond ``keep`` goes back to the
+        buffer pool, for the next exchange to receive into (no fresh pages to fault in).
+        Replicas are read only while no exchange runs (a recovery, after the replicator
+        closed), so an evicted buffer is never still in use."""
         with self.lock:
             held = self.replicas.setdefault(src, {})
             held[step] = buf
             for s in sorted(held)[: -self.keep]:
-                del held[s]
+                old = held.pop(s)
+                if old.dtype == torch.uint8 and old.dim() == 1 and old._base is None:
+                    _give_back(old)
 
     def report(self) -> dict[str, object]:
         """What the driver needs to plan a recovery."""
@@ -384,7 +394,7 @@ class PeerReplicator:
         rsize = torch.zeros(1, dtype=torch.int64)
         for w in (dist.isend(size, dst=to, group=g), dist.irecv(rsize, src=frm, group=g)):
             w.wait()
-        rbuf = torch.empty(int(rsize.item()), dtype=torch.uint8)
+        rbuf = _buffer(int(rsize.item()), timed=False)
         for w in (dist.isend(buf, dst=to, group=g), dist.irecv(rbuf, src=frm, group=g)):
             w.wait()
         store.add_replica(frm, step, rbuf)
