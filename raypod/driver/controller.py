@@ -625,7 +625,7 @@ class Driver:
         suspects = set(self.dead_ranks) - culprit
         if suspects and any(group.holder_of(d) in culprit | suspects for d in culprit | suspects):
             # A rank and the holder of its copy both look lost, which would leave only the
-            # persistent checkpoint. A rank that merely missed the 1 s ping (a busy host)
+            # persistent checkpoint. A rank that merely missed the 0.5 s ping (a busy host)
             # gets one longer ping before it is given up.
             order = sorted(suspects)
             silent = {order[i] for i in group.unresponsive([group.actors[r] for r in order],

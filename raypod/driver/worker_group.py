@@ -28,7 +28,7 @@ log = logging.getLogger("raypod.driver")
 # answers even inside a collective); a rank that does not answer within this time is
 # taken for dead, so that a dead rank (or a lost node) is blamed rather than the peer
 # whose collective broke because of it.
-_PING_TIMEOUT_S = 1.0
+_PING_TIMEOUT_S = 0.5
 # How long a rank may take to replicate a step's snapshot before the driver stops
 # waiting for it (the step still completes; its replica is just not there).
 _REPLICA_WAIT_S = 60.0
