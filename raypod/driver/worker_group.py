@@ -29,6 +29,10 @@ log = logging.getLogger("raypod.driver")
 # taken for dead, so that a dead rank (or a lost node) is blamed rather than the peer
 # whose collective broke because of it.
 _PING_TIMEOUT_S = 0.5
+# After a failure, calls still running this long are interrupted (a live rank waiting on a
+# peer that gave up returns at once); a call still running ``drain``'s timeout after that
+# is hung, and its rank lost.
+_INTERRUPT_AFTER_S = 1.0
 # How long a rank may take to replicate a step's snapshot before the driver stops
 # waiting for it (the step still completes; its replica is just not there).
 _REPLICA_WAIT_S = 60.0
@@ -272,12 +276,13 @@ class WorkerGroup:
                 self._collect(ready, out)
                 lost.update(e.rank for e in out.errors if e.kind == "worker_died")
 
-        settle(time.monotonic() + timeout)
+        settle(time.monotonic() + min(timeout, _INTERRUPT_AFTER_S))
         stuck = sorted({rank for rank, what, _ in self._pending.values() if what != "replica"} - lost)
         if stuck:
-            # Still running: hung, or alive but waiting on something the failure broke (a
-            # replica round with the lost peer). A live rank is told to give up its call; a
-            # rank that then returns keeps its process and its copies.
+            # Still running: hung, or alive but waiting on something the failure broke (its
+            # peers at the start of a step, when one of them gave up the collective because
+            # of the lost rank; a replica round with the lost peer). A live rank is told to
+            # give up its call; a rank that then returns keeps its process and its copies.
             refs = {self.actors[r].interrupt.remote(): r for r in stuck}
             ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=_PING_TIMEOUT_S)
             for ref in ready:
@@ -285,10 +290,10 @@ class WorkerGroup:
                     where = ray.get(ref)
                 except Exception:  # noqa: BLE001 - the actor is gone
                     continue
-                log.warning("rank %d's call still ran %.0f s after the failure (step %s, phase %s "
-                            "for %.1f s): interrupted", refs[ref], timeout, where.get("step"),
-                            where.get("phase"), where.get("in_phase_s", 0.0))
-            settle(time.monotonic() + min(timeout, 3.0))
+                log.info("rank %d's call still ran %.1f s after the failure (step %s, phase %s "
+                         "for %.1f s): interrupted", refs[ref], min(timeout, _INTERRUPT_AFTER_S),
+                         where.get("step"), where.get("phase"), where.get("in_phase_s", 0.0))
+            settle(time.monotonic() + timeout)
         lost |= {rank for rank, what, _ in self._pending.values() if what != "replica"}
         self._pending.clear()
         return lost

@@ -56,6 +56,9 @@ class InjectedFault(RuntimeError):
 
 # Where a rank is inside a step, in order: a rank that is stuck at a lower
 # ``(step, phase)`` than its peers is the one they are waiting for.
+_SYNC_SLICE = timedelta(seconds=0.25)
+"""How often a rank waiting for its peers at the start of a step checks for an interrupt."""
+
 PHASES = ("start", "sync", "forward_backward", "optimizer", "snapshot", "done")
 
 
@@ -222,9 +225,10 @@ class Trainer:
         return time.perf_counter() - t0
 
     def interrupt(self) -> dict[str, Any]:
-        """Make a step call that is stuck waiting (on a replica round with a lost peer)
-        fail now, so that the driver sees this rank alive, with its copies, and can regroup
-        it. The rank takes no further step until it rejoins a group. Returns where it was."""
+        """Make a step call that is stuck waiting (for its peers at the start of the step,
+        or on a replica round with a lost peer) fail now, so that the driver sees this rank
+        alive, with its copies, and can regroup it. The rank takes no further step until it
+        rejoins a group. Returns where it was."""
         step, phase, since = self.where
         self.broken = True
         if self.replicator is not None:
@@ -307,7 +311,20 @@ class Trainer:
         if not self.cfg.fault.straggler_factor or self.world_size < 2:
             return 0.0
         t0 = time.perf_counter()
-        dist.all_reduce(torch.zeros(1))  # a CPU tensor: gloo, also beside NCCL
+        work = dist.all_reduce(torch.zeros(1), async_op=True)  # a CPU tensor: gloo, also beside NCCL
+        # Waited for in slices, so that the driver can release this rank (``interrupt``)
+        # when a peer failed: a rank whose peer abandoned the collective (its own broke
+        # on a third, lost rank) would otherwise wait here for the group's whole timeout.
+        while True:
+            try:
+                work.wait(_SYNC_SLICE)
+                break
+            except RuntimeError as e:
+                if "timed out" not in str(e):
+                    raise
+                if self.broken:
+                    raise RuntimeError(f"rank {self.rank} was waiting for its peers when one of "
+                                       "them failed; released by the driver") from None
         return time.perf_counter() - t0
 
     def _snapshot(self, step: int, take: bool) -> dict[str, Any]:
