@@ -635,7 +635,8 @@ class Driver:
             self.dead_ranks -= suspects - silent
         culprit |= self.dead_ranks  # every rank found dead, not only the one blamed
         group.kill(culprit)
-        lost = group.drain(timeout=min(5.0, self.cfg.fault.pg_timeout_s)) | culprit
+        # The ranks are still in the attempt before this recovery's (counted already).
+        lost = group.drain(timeout=min(5.0, self.cfg.fault.pg_timeout_s), attempt=self.attempt - 1) | culprit
         alive = [r for r in range(group.world_size) if r not in lost]
         marks.append(("drain", time.perf_counter()))
         try:

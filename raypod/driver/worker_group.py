@@ -254,11 +254,12 @@ class WorkerGroup:
         return to, frm
 
     # ---- in-place recovery -------------------------------------------------------
-    def drain(self, timeout: float) -> set[int]:
+    def drain(self, timeout: float, attempt: int | None = None) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks.
 
         A rank is lost when its actor died, or when its call is still running after
-        ``timeout`` (hung, even though its peers' collectives broke).
+        ``timeout`` (hung, even though its peers' collectives broke). ``attempt`` (the
+        attempt the ranks are in) keeps a late interrupt from reaching a rejoined rank.
         """
         lost: set[int] = set()
         # A replica wait may hang on an exchange with the dead peer until its own timeout;
@@ -283,7 +284,7 @@ class WorkerGroup:
             # peers at the start of a step, when one of them gave up the collective because
             # of the lost rank; a replica round with the lost peer). A live rank is told to
             # give up its call; a rank that then returns keeps its process and its copies.
-            refs = {self.actors[r].interrupt.remote(): r for r in stuck}
+            refs = {self.actors[r].interrupt.remote(attempt): r for r in stuck}
             ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=_PING_TIMEOUT_S)
             for ref in ready:
                 try:

@@ -61,9 +61,9 @@ class TrainWorker:
                 "preempted": self.preempted_at is not None, "pid": os.getpid()}
 
     @ray.method(concurrency_group="health")
-    def interrupt(self) -> dict[str, Any]:
+    def interrupt(self, attempt: int | None = None) -> dict[str, Any]:
         """Release a step call stuck after a failure elsewhere (see ``Trainer.interrupt``)."""
-        return self.trainer.interrupt() if self.trainer is not None else {"rank": -1}
+        return self.trainer.interrupt(attempt) if self.trainer is not None else {"rank": -1}
 
     def node_info(self) -> dict[str, Any]:
         """Where this actor runs."""

@@ -224,12 +224,15 @@ class Trainer:
             dist.destroy_process_group()
         return time.perf_counter() - t0
 
-    def interrupt(self) -> dict[str, Any]:
+    def interrupt(self, attempt: int | None = None) -> dict[str, Any]:
         """Make a step call that is stuck waiting (for its peers at the start of the step,
         or on a replica round with a lost peer) fail now, so that the driver sees this rank
         alive, with its copies, and can regroup it. The rank takes no further step until it
         rejoins a group. Returns where it was."""
         step, phase, since = self.where
+        if attempt is not None and attempt != self.attempt:
+            # Sent during an earlier attempt's drain, arriving after this rank rejoined.
+            return {"rank": self.rank, "step": step, "phase": "rejoined", "in_phase_s": 0.0}
         self.broken = True
         if self.replicator is not None:
             self.replicator.abort()

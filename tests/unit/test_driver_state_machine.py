@@ -84,7 +84,7 @@ class FakeGroup:
     def kill(self, ranks):
         pass
 
-    def drain(self, timeout):
+    def drain(self, timeout, attempt=None):
         self.queue.clear()
         return set()
 
