@@ -407,6 +407,12 @@ class WorkerGroup:
     def add_joiner(self, placement: tuple[Any, int] | None = None) -> None:
         """Start an actor in the background (in ``placement``, or in a new one-bundle
         placement group) that joins the group at a step boundary once it is warm."""
+        if placement is not None and placement[0] in self.extra_pgs:
+            # A lost rank's own one-bundle group: when its node is gone Ray reschedules it,
+            # and the GCS retries that in a busy loop for as long as it stays pending. A new
+            # group goes wherever there is room now, or waits without that cost.
+            self._release_pg(placement[0])
+            placement = None
         if placement is None:
             pg = placement_group([dict(self.bundle)], strategy="PACK",
                                  bundle_label_selector=avoid_nodes(self.excluded_nodes, 1))
@@ -431,8 +437,21 @@ class WorkerGroup:
                 out.append((actor, placement))
             except Exception as e:  # noqa: BLE001 - a joiner that failed to start is dropped
                 log.warning("a joining worker failed to start: %s", _describe(e)[1])
+                self._release_pg(placement[0])
         self.joiners = keep
         return out
+
+    def _release_pg(self, pg: Any) -> None:
+        """Give back a joiner's or a lost rank's own placement group. Kept, it would stay
+        pending once its node is gone, and Ray's GCS retries a pending group in a busy loop
+        (measured: 2.3 million scheduling passes in 60 s, the GCS at 80% of a core, on a
+        2-core machine a 50x slower step)."""
+        if pg in self.extra_pgs:
+            self.extra_pgs.remove(pg)
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - already gone with its node
+                pass
 
     def reshard(self, lost: set[int], added: list[tuple[Any, tuple[Any, int]]], restore_step: int,
                 attempt: int, injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
