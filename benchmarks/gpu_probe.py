@@ -38,7 +38,7 @@ def run(name, fsdp, compile_, micro, steps, snap=False, raf=True, gbatch=64):
     data = torch.randint(0, 256, (gbatch, 1025), device="cuda")
     times, host = [], []
     last = None
-    for s in range(steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
         n = gbatch // micro
         for i in range(n):
