@@ -59,7 +59,8 @@ def run(name, fsdp, compile_, micro, steps, snap=False, raf=True, gbatch=64):
         if snap:
             last = snapshot.take(m, opt)
         th = time.perf_counter() - th
-        float(loss.item()); float(norm.item())
+        float(loss.item())
+        float(norm.item())
         times.append(time.perf_counter() - t0)
         host.append(th)
     w = times[4:]
