@@ -265,6 +265,8 @@ class WorkerGroup:
         # A replica wait may hang on an exchange with the dead peer until its own timeout;
         # it says nothing about its rank, which the regroup releases (not waited for).
         work = lambda: [ref for ref, (_, what, _) in self._pending.items() if what != "replica"]  # noqa: E731
+        busy = lambda: {rank for rank, what, _ in self._pending.values() if what != "replica"}  # noqa: E731
+        first = min(timeout, _INTERRUPT_AFTER_S)
 
         def settle(deadline: float) -> None:
             while work() and time.monotonic() < deadline:
@@ -277,8 +279,8 @@ class WorkerGroup:
                 self._collect(ready, out)
                 lost.update(e.rank for e in out.errors if e.kind == "worker_died")
 
-        settle(time.monotonic() + min(timeout, _INTERRUPT_AFTER_S))
-        stuck = sorted({rank for rank, what, _ in self._pending.values() if what != "replica"} - lost)
+        settle(time.monotonic() + first)
+        stuck = sorted(busy() - lost)
         if stuck:
             # Still running: hung, or alive but waiting on something the failure broke (its
             # peers at the start of a step, when one of them gave up the collective because
@@ -292,10 +294,10 @@ class WorkerGroup:
                 except Exception:  # noqa: BLE001 - the actor is gone
                     continue
                 log.info("rank %d's call still ran %.1f s after the failure (step %s, phase %s "
-                         "for %.1f s): interrupted", refs[ref], min(timeout, _INTERRUPT_AFTER_S),
+                         "for %.1f s): interrupted", refs[ref], first,
                          where.get("step"), where.get("phase"), where.get("in_phase_s", 0.0))
             settle(time.monotonic() + timeout)
-        lost |= {rank for rank, what, _ in self._pending.values() if what != "replica"}
+        lost |= busy()
         self._pending.clear()
         return lost
 

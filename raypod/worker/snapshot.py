@@ -285,15 +285,14 @@ class SnapshotStore:
     def add_replica(self, src: int, step: int, buf: torch.Tensor) -> None:
         """Hold ``src``'s snapshot of ``step``; the oldest beyond ``keep`` goes back to the
         buffer pool, for the next exchange to receive into (no fresh pages to fault in).
+        ``buf`` is a pool buffer (:meth:`PeerReplicator._exchange` receives into one).
         Replicas are read only while no exchange runs (a recovery, after the replicator
         closed), so an evicted buffer is never still in use."""
         with self.lock:
             held = self.replicas.setdefault(src, {})
             held[step] = buf
             for s in sorted(held)[: -self.keep]:
-                old = held.pop(s)
-                if old.dtype == torch.uint8 and old.dim() == 1 and old._base is None:
-                    _give_back(old)
+                _give_back(held.pop(s))
 
     def report(self) -> dict[str, object]:
         """What the driver needs to plan a recovery."""

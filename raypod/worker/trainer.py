@@ -54,11 +54,11 @@ class InjectedFault(RuntimeError):
     """Raised by an injected ``exception`` fault."""
 
 
-# Where a rank is inside a step, in order: a rank that is stuck at a lower
-# ``(step, phase)`` than its peers is the one they are waiting for.
 _SYNC_SLICE = timedelta(seconds=0.25)
 """How often a rank waiting for its peers at the start of a step checks for an interrupt."""
 
+# Where a rank is inside a step, in order: a rank that is stuck at a lower
+# ``(step, phase)`` than its peers is the one they are waiting for.
 PHASES = ("start", "sync", "forward_backward", "optimizer", "snapshot", "done")
 
 
