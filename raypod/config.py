@@ -144,7 +144,15 @@ class FaultConfig(_Section):
     max_failures: int = Field(default=3, ge=0)
     """Recoveries allowed before the job fails."""
     hang_timeout_s: float = Field(default=300.0, gt=0)
-    """A rank with no progress for this long is declared hung."""
+    """No step result from any rank for this long is a hang, whatever the heartbeats say."""
+    hang_factor: float = Field(default=10.0, ge=0)
+    """Declare a hang sooner: once no rank has finished a step for this many times the
+    median of the recent steps (and at least ``hang_min_s``) while the heartbeats show a
+    single rank behind all the others inside its training step, or not answering
+    (0: only ``hang_timeout_s``). A wait that every rank shares, such as a slow save or
+    a first compile, blames no rank and is left to ``hang_timeout_s``."""
+    hang_min_s: float = Field(default=5.0, gt=0)
+    """The shortest stall that ``hang_factor`` declares a hang."""
     pg_timeout_s: float = Field(default=300.0, gt=0)
     """Timeout of the torch process group's collectives (never torch's 30-minute default)."""
     heartbeat_s: float = Field(default=1.0, gt=0)

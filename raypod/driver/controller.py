@@ -9,8 +9,9 @@ changes, and it fires the callbacks. Policies decide (:mod:`raypod.driver.failur
 from __future__ import annotations
 
 import logging
+import statistics
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 import ray
@@ -45,6 +46,10 @@ log = logging.getLogger("raypod.driver")
 
 _POLL_S = 0.05
 _STEPS_IN_FLIGHT = 2  # steps queued on each rank ahead of the slowest one
+_HANG_HISTORY = 3  # steps timed before fault.hang_factor applies
+_TRAINING_PHASES = ("start", "forward_backward", "optimizer", "snapshot")
+"""Phases of ``raypod.worker.trainer.PHASES`` in which a rank works on its step, so the
+others may be waiting on it (in ``sync`` it waits itself; in ``done`` it is between steps)."""
 
 
 def build_recipe(config: JobConfig) -> Recipe:
@@ -118,6 +123,8 @@ class Driver:
         self.health_next: State | None = None
         """A state the health checks of the last results ask for (rolling back, handing over)."""
         self.next_health_check = 0.0
+        self.next_hang_probe = 0.0
+        self.step_durs: deque[float] = deque(maxlen=50)  # recent step times, for fault.hang_factor
         self.excluded_nodes: dict[str, str] = {}
         """Nodes that failed a pre-flight check -> which check and why."""
 
@@ -354,8 +361,15 @@ class Driver:
             return nxt
         if self.done_step >= max_steps:
             return FinishingState()
-        if time.monotonic() - self.last_progress > self.cfg.fault.hang_timeout_s:
+        stalled = time.monotonic() - self.last_progress
+        if stalled > self.cfg.fault.hang_timeout_s:
             return RecoveringState(self._hang_failure())
+        quick = self._quick_hang_s()
+        if quick is not None and stalled > quick and time.monotonic() >= self.next_hang_probe:
+            self.next_hang_probe = time.monotonic() + self.cfg.fault.heartbeat_s
+            failure = self._quick_hang_failure(stalled)
+            if failure is not None:
+                return RecoveringState(failure)
         if time.monotonic() >= self.next_health_check:
             self.next_health_check = time.monotonic() + self.cfg.fault.heartbeat_s
             draining = self._draining_ranks()
@@ -388,11 +402,32 @@ class Driver:
         self.fired |= set(new)
         return new
 
-    def _hang_failure(self) -> Failure:
-        """No step finished for ``fault.hang_timeout_s``: find the rank the others wait for."""
+    def _quick_hang_s(self) -> float | None:
+        """The stall after which the heartbeats are asked for a hung rank (``fault.hang_factor``
+        x the median recent step, at least ``fault.hang_min_s``); None until steps are known."""
+        f = self.cfg.fault
+        if f.hang_factor <= 0 or len(self.step_durs) < _HANG_HISTORY or not hasattr(self.group, "heartbeats"):
+            return None
+        return max(f.hang_min_s, f.hang_factor * statistics.median(self.step_durs))
+
+    def _quick_hang_failure(self, stalled: float) -> Failure | None:
+        """A hang, when one rank is silent or behind every other inside its training step."""
+        beats = self.group.heartbeats(timeout=self.cfg.fault.heartbeat_s)
+        rank, why = hung_rank(beats)
+        hb = beats.get(rank) if rank is not None else None
+        if rank is None or (hb is not None and hb["phase_name"] not in _TRAINING_PHASES):
+            return None  # a wait every rank shares, or a rank between steps (a save): not a hang
+        f = self.cfg.fault
+        return self._hang_failure(
+            (rank, why), f"no step finished for {stalled:.1f} s ({f.hang_factor:g}x the median step, "
+                         f"at least {f.hang_min_s:g} s: fault.hang_factor, fault.hang_min_s)")
+
+    def _hang_failure(self, blamed: tuple[int | None, str] | None = None, after: str | None = None) -> Failure:
+        """No step finished for ``fault.hang_timeout_s`` (or ``after`` says for how long): find
+        the rank the others wait for (``blamed``, when the heartbeats were just read)."""
         timeout = self.cfg.fault.hang_timeout_s
-        rank, why = None, "heartbeats are not available"
-        if hasattr(self.group, "heartbeats"):
+        rank, why = blamed or (None, "heartbeats are not available")
+        if blamed is None and hasattr(self.group, "heartbeats"):
             rank, why = hung_rank(self.group.heartbeats(timeout=self.cfg.fault.heartbeat_s))
         step = self.done_step + 1
         for marker in self._refresh_fired().values():
@@ -400,7 +435,7 @@ class Driver:
                 rank, step = marker["rank"], marker["step"]
         who = f"rank {rank} {why}" if rank is not None else f"no single rank to blame ({why})"
         return Failure(kind="hang", rank=rank, step=step, time_s=self.acct.now(),
-                       message=f"no step finished for {timeout:g} s (fault.hang_timeout_s): {who}")
+                       message=f"{after or f'no step finished for {timeout:g} s (fault.hang_timeout_s)'}: {who}")
 
     def _draining_ranks(self) -> list[int]:
         """Ranks on nodes that Ray is draining (preemption, autoscaler scale-down)."""
@@ -486,6 +521,7 @@ class Driver:
         now = time.time()
         dur = max(1e-9, now - self.last_completion)
         self.last_completion = now
+        self.step_durs.append(dur)
         self.done_step = step
         replayed, resolved = self.acct.step_done(step, dur, [(r["epoch"], r["ids"]) for r in results],
                                                  resolve=resolve)

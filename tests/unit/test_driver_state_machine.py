@@ -269,8 +269,9 @@ class HealthGroup(FakeGroup):
 
     def heartbeats(self, timeout):
         self.calls.append(("heartbeats",))
+        behind = FakeGroup.plan.get("behind", (0, "start"))  # where rank 1 is: (phase, name)
         return {0: {"step": 5, "phase": 1, "phase_name": "sync", "in_phase_s": 1.0},
-                1: {"step": 5, "phase": 0, "phase_name": "start", "in_phase_s": 1.0}}
+                1: {"step": 5, "phase": behind[0], "phase_name": behind[1], "in_phase_s": 1.0}}
 
     def kill(self, ranks):
         self.calls.append(("kill", sorted(ranks)))
@@ -349,6 +350,29 @@ def test_hang_blames_the_rank_behind_and_recovers_it_in_place(health_driver):
     refills = [c for c in HealthGroup.calls if c[0] == "refill_spares"]
     assert len(refills) == 1 and refills[0][1] == [("pg", 1)] and refills[0][2] > 4
     assert HealthGroup.calls.index(refills[0]) > HealthGroup.calls.index(("recover_in_place", [1], 4))
+
+
+def test_a_hang_is_declared_after_hang_factor_steps_not_hang_timeout(health_driver):
+    d = health_driver(fault={"hang_timeout_s": 60, "hang_min_s": 0.3})
+    FakeGroup.plan = {"stall_from": 6}
+    t0 = time.monotonic()
+    transitions = _drive(d)
+    assert transitions[-1] == ("finishing", "finished") and time.monotonic() - t0 < 10
+    ev = d.acct.events[0]
+    assert ev.kind == "hang" and ev.rank == 1 and ev.step == 5 and ev.restored_from == "memory step 4"
+    assert "at least 0.3 s: fault.hang_factor, fault.hang_min_s): rank 1 stuck at step 5 in phase start" \
+        in ev.message
+
+
+@pytest.mark.parametrize("behind", [(1, "sync"), (5, "done")])
+def test_a_wait_that_blames_no_training_rank_is_left_to_hang_timeout(health_driver, behind):
+    # Rank 1 waiting for peers itself, or between steps (a save): not declared hung early.
+    d = health_driver(fault={"hang_timeout_s": 1.5, "hang_min_s": 0.2})
+    FakeGroup.plan = {"stall_from": 6, "behind": behind}
+    _drive(d)
+    ev = d.acct.events[0]
+    assert ev.kind == "hang" and "no step finished for 1.5 s (fault.hang_timeout_s)" in ev.message
+    assert HealthGroup.calls.count(("heartbeats",)) >= 2  # asked early, blamed no one, asked again
 
 
 def test_preempted_rank_hands_over_with_no_lost_step(health_driver):
