@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import tempfile
 import time
 import typing
@@ -144,12 +145,13 @@ def run_chaos(config: str | os.PathLike, faults: int = 50, seed: int = 0, spacin
     plan = plan_faults(faults, max_steps, s.max_workers, seed, spacing)
     storage = storage or tempfile.mkdtemp(prefix="raypod-chaos-")
     common = {"checkpoint.storage": storage, "train.max_steps": max_steps}
-    chaos_cfg = _job(base, name, {**common, "fault.inject": plan,
-                                  "fault.max_failures": max(base.fault.max_failures, faults + 5),
-                                  "mlflow.enabled": True})
     # A ``nan`` fault makes the job skip that step's batch on purpose: the reference skips the
     # same batches (the same nan faults, nothing else), so the two states must still match.
     skipped = [f for f in plan if f["kind"] == "nan"]
+    common["fault.max_bad_steps"] = max(base.fault.max_bad_steps, len(skipped))
+    chaos_cfg = _job(base, name, {**common, "fault.inject": plan,
+                                  "fault.max_failures": max(base.fault.max_failures, faults + 5),
+                                  "mlflow.enabled": True})
     ref_cfg = _job(base, f"{name}-reference", {**common, "fault.inject": skipped, "mlflow.enabled": False})
     started = _dt.datetime.now(_dt.timezone.utc)
     load_before = os.getloadavg()
@@ -170,7 +172,9 @@ def run_chaos(config: str | os.PathLike, faults: int = 50, seed: int = 0, spacin
     from raypod import faults as fault_markers
 
     fired = fault_markers.fired(chaos_cfg.job_dir)
-    events = chaos.get("events") or []
+    everything = chaos.get("events") or []
+    alerts = [e for e in everything if e.get("alert")]  # reported, nothing interrupted (a slow rank)
+    events = [e for e in everything if not e.get("alert")]
     ok = chaos.get("status") == "succeeded" and chaos.get("final_step") == max_steps
     recovered = [e for e in events if e.get("resumed_s") is not None]
     points: dict[str, Any] | None = None
@@ -198,8 +202,14 @@ def run_chaos(config: str | os.PathLike, faults: int = 50, seed: int = 0, spacin
         "faults_planned": len(plan),
         "faults_planned_by_kind": dict(Counter(f["kind"] for f in plan)),
         "faults_fired": len(fired),
-        "failures_seen": chaos.get("failures"),
+        "failures_seen": len(events),
         "recovered": len(recovered),
+        "alerts": dict(Counter(e["kind"] for e in alerts)),
+        "recovery_s": _spread([e["resumed_s"] - e["detected_s"] for e in recovered]),
+        # Training paused: from the last step completed before the fault to the first after it.
+        "pause_s_by_kind": {k: _spread([e["resumed_s"] - e["last_step_s"] for e in recovered
+                                        if e["kind"] == k and e.get("last_step_s") is not None])
+                            for k in sorted({e["kind"] for e in recovered})},
         "all_recovered": ok and len(recovered) == len(events) and len(fired) == len(plan),
         "restored_from": dict(Counter((e.get("restored_from") or "none").split(" step")[0]
                                       for e in events)),
@@ -232,6 +242,15 @@ def run_chaos(config: str | os.PathLike, faults: int = 50, seed: int = 0, spacin
     return report
 
 
+def _spread(xs: list[float]) -> dict[str, float] | None:
+    """Median and max of some seconds, rounded (None for none)."""
+    return {"median": round(statistics.median(xs), 2), "max": round(max(xs), 2), "n": len(xs)} if xs else None
+
+
+def _spread_md(v: dict[str, float] | None) -> str:
+    return f"median {v['median']}, max {v['max']}" if v else "none"
+
+
 def markdown(r: dict[str, Any]) -> str:
     """The report as a Markdown section."""
     pts = r.get("mlflow") or {}
@@ -252,6 +271,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"({', '.join(f'{k} {v}' for k, v in sorted(r['faults_planned_by_kind'].items()))}) |",
         f"| failures seen / recovered | {r['failures_seen']} / {r['recovered']} "
         f"({'all' if r['all_recovered'] else 'NOT all'}) |",
+        f"| alerts (nothing interrupted) | {', '.join(f'{k} {v}' for k, v in sorted(r['alerts'].items())) or 'none'} |",
+        f"| detection to training resumed (s) | {_spread_md(r.get('recovery_s'))} |",
+        "| training paused, last step before to first after (s) | "
+        + "; ".join(f"{k}: {_spread_md(v)}" for k, v in (r.get("pause_s_by_kind") or {}).items()) + " |",
         f"| restored from | {', '.join(f'{k} {v}' for k, v in sorted(r['restored_from'].items()))} |",
         f"| steps redone in all | {r['lost_steps_total']} |",
         f"| job | {r['status']}, final step {r['final_step']} of {r['max_steps']}, wall {r['wall_s']} s "

@@ -9,6 +9,17 @@ most ``checkpoint.memory_stall_budget`` of the step time, and otherwise every ``
 steps with the smallest ``k`` that keeps the amortised cost within the budget (at most
 ``checkpoint.memory_max_every``). A lost rank then replays at most ``k`` steps.
 
+Failures make snapshots worth more: once the job has seen some, ``auto`` also bounds
+the interval by Young's optimum, ``sqrt(2 x cost x MTBF)`` of training time, with the
+MTBF measured over the job so far. That is the interval that loses the least time to
+snapshots and replays together, so a job that keeps failing snapshots more often than
+the budget alone would allow (a chaos run, a flaky node), and one that never fails
+stays within the budget.
+
+A group that was just re-formed (a recovery, a resize) holds no replicas: they are keyed
+by the old group's ranks. So its first step always snapshots, whatever the interval, and
+a second failure soon after the first still finds every rank's state in memory.
+
 The cost of a snapshot is what the ranks report for it: the time the step spent
 taking it (``snapshot_s``), waiting for the previous exchange (``replica_wait_s``),
 the GPU's wait for its copy to host before the next update (``snapshot_stall_s``),
@@ -22,6 +33,7 @@ from __future__ import annotations
 import collections
 import math
 import statistics
+import time
 from typing import Any
 
 CALIBRATION_SNAPSHOTS = 4
@@ -45,9 +57,12 @@ class SnapshotCadence:
         self.budget, self.max_every = budget, max_every
         self.flagged: set[int] = set()
         self.last_flagged = 0
+        self.regrouped = False
         self._costs: collections.deque[float] = collections.deque(maxlen=WINDOW)
         self._steps: collections.deque[float] = collections.deque(maxlen=WINDOW)
         self._snaps_seen = 0
+        self._t0 = time.monotonic()
+        self.failures = 0
 
     @property
     def enabled(self) -> bool:
@@ -57,7 +72,9 @@ class SnapshotCadence:
         """Whether submitted step ``step`` snapshots (called once per step, in order)."""
         if not self.enabled:
             return False
-        if self.auto:
+        if self.regrouped:
+            take, self.regrouped = True, False
+        elif self.auto:
             take = step - self.last_flagged >= self.every
         else:
             take = step % self.every == 0
@@ -72,10 +89,13 @@ class SnapshotCadence:
         """Whether ``step`` was submitted with a snapshot."""
         return step in self.flagged
 
-    def restart(self, step: int) -> None:
-        """Training goes on from ``step`` (a recovery or rollback): count the interval from it."""
+    def restart(self, step: int, regrouped: bool = True) -> None:
+        """Training goes on from ``step``: count the interval from it. After a new group
+        (``regrouped``: a recovery or resize, not a rollback in the same group, which keeps
+        its replicas) the next step snapshots."""
         self.last_flagged = step
         self.flagged = {s for s in self.flagged if s <= step}
+        self.regrouped = regrouped
 
     def observe(self, step: int, results: list[dict[str, Any]]) -> None:
         """Learn from a completed step's per-rank results."""
@@ -92,17 +112,28 @@ class SnapshotCadence:
         if self._snaps_seen >= CALIBRATION_SNAPSHOTS:
             self.every = self.interval()
 
+    def failure(self) -> None:
+        """The job lost work to a failure (a recovery or a rollback): counted for Young's bound."""
+        self.failures += 1
+        if self.auto and self._costs and self._steps:
+            self.every = self.interval()
+
     def interval(self) -> int:
-        """The smallest interval whose amortised snapshot cost fits the budget."""
+        """The smallest interval whose amortised snapshot cost fits the budget, and after
+        failures at most Young's optimum for the failure rate seen so far."""
         if not self._costs or not self._steps:
             return self.every
         cost = statistics.median(self._costs)
         step = max(1e-6, statistics.median(self._steps))
-        return max(1, min(self.max_every, math.ceil(cost / (self.budget * step) - 1e-9)))
+        k = max(1, min(self.max_every, math.ceil(cost / (self.budget * step) - 1e-9)))
+        if self.failures:
+            mtbf = (time.monotonic() - self._t0) / self.failures
+            k = min(k, max(1, round(math.sqrt(2 * cost * mtbf) / step)))
+        return k
 
     def figures(self) -> dict[str, float]:
         """For the summary: the interval in use and what it was worked out from."""
-        out: dict[str, float] = {"every": float(self.every)}
+        out: dict[str, float] = {"every": float(self.every), "failures": float(self.failures)}
         if self._costs:
             out["snapshot_cost_s"] = round(statistics.median(self._costs), 4)
         if self._steps:

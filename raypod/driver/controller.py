@@ -605,6 +605,7 @@ class Driver:
     def _recover(self, state: RecoveringState) -> State:
         f = state.failure
         self.failures += 1
+        self.cadence.failure()
         event = FailureEvent(kind=f.kind, step=f.step, rank=f.rank, detected_s=f.time_s,
                              message=f.message)
         self.acct.failure(event)
@@ -769,6 +770,7 @@ class Driver:
         self.acct.failure(event)
         self._fire("after_failure", event)
         self.bad_steps.add(state.step)
+        self.cadence.failure()
         try:
             write_json_atomic(self._bad_steps_path, {"steps": sorted(self.bad_steps)})
         except OSError as e:
@@ -801,7 +803,7 @@ class Driver:
             del self.save_acks[s]
         self.acct.rolled_back(event, to, group.world_size, f"memory step {to}")
         self.next_step, self.done_step = to + 1, to
-        self.cadence.restart(to)
+        self.cadence.restart(to, regrouped=False)  # the same group: its replicas up to ``to`` stay
         self.rank_step = dict.fromkeys(range(group.world_size), to)
         self.partial.clear()
         self.last_progress, self.last_completion = time.monotonic(), time.time()

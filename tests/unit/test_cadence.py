@@ -1,5 +1,7 @@
 """The snapshot cadence: every step while it is cheap, else the shortest interval that fits."""
 
+import pytest
+
 from raypod.driver.cadence import CALIBRATION_SNAPSHOTS, SnapshotCadence
 
 
@@ -54,3 +56,46 @@ def test_restart_counts_the_interval_from_the_restore_point() -> None:
         c.decide(s)
     c.restart(3)
     assert c.snapshots(3) and not c.snapshots(4)
+
+
+@pytest.mark.parametrize("every", [5, "auto"])
+def test_a_regrouped_job_snapshots_its_first_step_whatever_the_interval(every) -> None:
+    # A new group's replicas start empty: without this, a second failure within the
+    # interval would find no step in memory on every rank and fall back to storage.
+    c = SnapshotCadence(every, budget=0.01, max_every=5)
+    if every == "auto":
+        for step in range(1, 12):
+            snap = c.decide(step)
+            c.observe(step, [{"compute_s": 0.1, "snapshot_s": 0.05 if snap else 0.0}])
+        assert c.every == 5
+        start = 11
+    else:
+        start = 5
+    c.restart(start)
+    assert c.decide(start + 1)  # the first step of the new group
+    assert not any(c.decide(s) for s in range(start + 2, start + 4))
+    c.restart(start + 3, regrouped=False)  # a rollback in the same group keeps its replicas
+    assert not c.decide(start + 4)
+
+
+def test_failures_shorten_the_interval_to_youngs_optimum(monkeypatch) -> None:
+    import raypod.driver.cadence as cadence
+
+    clock = [1000.0]
+    monkeypatch.setattr(cadence.time, "monotonic", lambda: clock[0])
+    # A snapshot costs half a step: the 1% budget alone wants every 50th, capped at 20.
+    c = SnapshotCadence("auto", budget=0.01, max_every=20)
+    for step in range(1, 10):
+        snap = c.decide(step)
+        c.observe(step, [{"compute_s": 0.2, "snapshot_s": 0.1 if snap else 0.0}])
+        clock[0] += 0.2
+    assert c.every == 20
+    # One failure in 60 s: Young's interval is sqrt(2 x 0.1 s x 60 s) = 3.5 s, 17 steps.
+    clock[0] = 1060.0
+    c.failure()
+    assert c.every == 17
+    # A failure every second (a chaos run): every 2nd step.
+    clock[0] = 1100.0
+    for _ in range(99):
+        c.failure()
+    assert c.every == 2
