@@ -113,8 +113,9 @@ class CheckpointConfig(_Section):
     memory_every_steps: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     """In-memory snapshot interval in steps (checkpointless recovery; 0: none). ``auto``:
     every step while a snapshot costs at most ``memory_stall_budget`` of the step time,
-    else the shortest interval that keeps it there (see :mod:`raypod.driver.cadence`).
-    A lost rank replays at most this many steps."""
+    else the shortest interval that keeps it there, and after failures at most Young's
+    optimum for the failure rate seen (see :mod:`raypod.driver.cadence`). A lost rank
+    replays at most this many steps."""
     memory_stall_budget: float = Field(default=0.01, gt=0, le=1)
     """``auto``: the share of the step time that in-memory snapshots may cost."""
     memory_max_every: int = Field(default=20, ge=1)

@@ -42,7 +42,7 @@ def fired(job_dir: str) -> dict[int, dict[str, Any]]:
             data = read_json(join_uri(_dir(job_dir), f"fired_{m.group(1)}.json"))
             if data is not None:
                 out[int(m.group(1))] = data
-    return out
+    return dict(sorted(out.items()))  # in plan order (a listing is in name order: fired_10 < fired_9)
 
 
 def pending(config: JobConfig, already: set[int] | dict[int, Any]) -> list[tuple[int, FaultInjection]]:

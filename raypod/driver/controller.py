@@ -596,7 +596,7 @@ class Driver:
         for i, marker in faults.fired(self.cfg.job_dir).items():
             if i not in self.fired:
                 self.fired.add(i)
-                if marker["rank"] == e.rank:
+                if marker["rank"] == e.rank and marker["kind"] != "slow":  # a slow rank fails nothing
                     kind, step = marker["kind"], marker["step"]
         return Failure(kind=kind, rank=e.rank, step=step, time_s=self.acct.now(),
                        message=f"rank {e.rank} at step {step}: {e.message}")

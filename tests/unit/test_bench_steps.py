@@ -50,6 +50,16 @@ def test_fault_plan_is_seeded_spaced_and_uses_every_kind():
         plan_faults(n, steps_needed(n, spacing) - 6, 2, seed=0, spacing=spacing)
 
 
+def test_fired_faults_come_back_in_plan_order(tmp_path):
+    # The driver names a failure after the last marker of the failed rank: a listing in name
+    # order (fired_10 before fired_9) once made a kill look like the rank's earlier slow fault.
+    from raypod import faults
+
+    for i in (9, 10, 2):
+        faults.record_fired(str(tmp_path), i, FaultInjection(step=i, rank=0, kind="kill"), attempt=0)
+    assert list(faults.fired(str(tmp_path))) == [2, 9, 10]
+
+
 def test_snapshot_is_one_flat_buffer_in_the_exchange_layout_and_reused():
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters())
