@@ -31,6 +31,7 @@ def test_restore_from_checkpoint_replays_and_loses_time():
     assert fig["final_step"] == 40 and fig["kept_steps"] == 39
     assert fig["window_s"] == pytest.approx(48.0)
     assert fig["goodput"] == pytest.approx(39 / 48, abs=1e-4)
+    assert fig["ettr"] == pytest.approx(39 / 48, abs=1e-4)  # every fault-free interval is 1 s
     assert fig["steps_replayed"] == 5  # 21..25 completed twice
     assert fig["recoveries"] == 1
     assert fig["gaps_s"] == [pytest.approx(5.0)]  # last completion 24.0, first after 29.0
@@ -76,3 +77,15 @@ def test_steady_step_is_a_median_without_fault_intervals():
 def test_empty_log_is_an_error():
     with pytest.raises(RuntimeError):
         goodput_figures([(1, 50.0, 0)], [], end=10.0)
+
+
+def test_ettr_counts_slow_steps_as_training_and_goodput_does_not():
+    # 1 s steps with every 5th taking 2 s (a save stall), no kill: the median is 1 s.
+    t, rows = 0.0, []
+    for s in range(1, 51):
+        rows.append((s, t, 0))
+        t += 2.0 if s % 5 == 0 else 1.0
+    fig = goodput_figures(rows, [], end=rows[-1][1])
+    assert fig["steady_step_s"] == pytest.approx(1.0)
+    assert fig["ettr"] == pytest.approx(1.0)
+    assert fig["goodput"] == pytest.approx(49 / 58, abs=1e-4)  # the 9 stalls inside the window count as lost
