@@ -416,22 +416,13 @@ HEADER = ["system", "goodput", "ETTR", "raypod / this", "window (s)", "steady st
           "kills fired", "recoveries", "steps replayed", "mean gap (s)", "ran to deadline"]
 
 
-def _ettr(r: dict[str, Any]) -> float | None:
-    """A result's ETTR (computed from its parts for a result written before it was recorded)."""
-    if r.get("ettr") is not None:
-        return r["ettr"]
-    if r.get("mean_fault_free_step_s") and r.get("window_s"):
-        return round(r["kept_steps"] * r["mean_fault_free_step_s"] / r["window_s"], 4)
-    return None
-
-
 def _rows(result: dict[str, Any]) -> list[list[str]]:
     out = []
     for s in result["systems"]:
         r = result["results"][s]
         ratio = 1.0 if s == "raypod" else result["ratios"].get(f"raypod/{s}")
         step_ms = None if r.get("steady_step_s") is None else r["steady_step_s"] * 1000
-        out.append([LABELS[s], _fmt(r.get("goodput"), 3), _fmt(_ettr(r), 3), _fmt(ratio, 2), _fmt(r.get("window_s"), 1),
+        out.append([LABELS[s], _fmt(r.get("goodput"), 3), _fmt(r.get("ettr"), 3), _fmt(ratio, 2), _fmt(r.get("window_s"), 1),
                     _fmt(step_ms, 0), _fmt(r.get("kept_steps")), _fmt(r.get("kills_fired")),
                     _fmt(r.get("recoveries")), _fmt(r.get("steps_replayed")), _fmt(r.get("mean_gap_s"), 2),
                     "yes" if r["ok"] else f"NO ({(r.get('why') or '?')[:60]})"])

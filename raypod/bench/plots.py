@@ -139,14 +139,12 @@ def plot_elastic(d: dict[str, Any], out: Path) -> Path:
 def plot_goodput(d: dict[str, Any], out: Path) -> Path:
     """ETTR per system (bars, target line at 0.97), the stricter goodput (black ticks) and,
     when present, step number over time."""
-    from raypod.bench.goodput import _ettr
-
     results = d["results"]
     timelines = {s: r.get("timeline") for s, r in results.items() if r.get("timeline")}
     fig, axes = plt.subplots(1, 2 if timelines else 1, figsize=(12 if timelines else 6, 4.2),
                              squeeze=False)
     ax = axes[0][0]
-    _dots_and_bars(ax, {s: [_ettr(r)] for s, r in results.items()}, "ETTR (bars) / goodput (ticks)", "{:.3f}",
+    _dots_and_bars(ax, {s: [r.get("ettr")] for s, r in results.items()}, "ETTR (bars) / goodput (ticks)", "{:.3f}",
                    failed={s: 0 if r.get("goodput") is not None else 1 for s, r in results.items()})
     strict = [(i, r["goodput"]) for i, r in enumerate(results.values()) if r.get("goodput") is not None]
     ax.scatter([i for i, _ in strict], [g for _, g in strict], marker="_", s=600, color="black", zorder=4,
