@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/raypod run jobs/configs/tiny.yaml \
+	@$(VENV)/bin/raypod run jobs/configs/tiny.yaml \
 		--set name=tiny-demo-$$(date +%Y%m%d-%H%M%S) \
 		--set 'fault.inject=[{step: 40, rank: 1, kind: kill}]'
 

@@ -39,6 +39,9 @@ class StepReport:
     """Seconds since job start when the driver saw the step complete."""
     replayed: bool = False
     """True when this step number was completed before and is being redone."""
+    ranks: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Per rank: ``compute_s`` (its own work), ``wait_s`` (for its slowest peer), ``data_s``
+    (for its batch) and ``node_id`` (the Ray node it runs on)."""
 
 
 @dataclass

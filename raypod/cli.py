@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
+from raypod import console
 from raypod.bench import SUITES
 from raypod.config import ConfigError, load_config
+from raypod.redact import install_log_redaction, redact_config, redact_text, redact_uri
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -39,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="run a job on the Ray cluster at RAY_ADDRESS, or on a local Ray",
                            description="Run a job to the end. Connects to RAY_ADDRESS when set, else "
                                        "starts a local Ray. Exit 0 on success, 1 when the job fails, "
-                                       "2 for bad input.")
+                                       "2 for bad input (also when another driver runs the same job), "
+                                       "143 when stopped by SIGTERM (ray job stop), 130 by SIGINT "
+                                       "(Ctrl-C); a stop ends the job cleanly as 'stopped'.")
     _add_config_args(p_run)
     p_run.add_argument("--quiet", action="store_true", help="no progress line")
     p_check = sub.add_parser("check", help="validate a config and print it fully resolved",
-                             description="Validate a config (keys, types, recipe import) without "
+                             description="Validate a config (keys, types, the recipe builds) without "
                                          "starting anything, and print the resolved YAML.")
     _add_config_args(p_check)
     p_doctor = sub.add_parser("doctor", help="health-check every node: torch, devices, storage, all-reduce",
@@ -100,27 +104,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_now(code: int) -> None:
+    """End the process after a stop, skipping the interpreter's teardown and exit handlers.
+
+    ``ray job stop`` SIGKILLs the driver ``RAY_JOB_STOP_WAIT_TIME_S`` (3) seconds after its
+    SIGTERM; Ray's own exit handler takes most of a second on a busy machine and the final
+    garbage collection over torch, Ray and MLflow objects seconds more. Everything the job
+    owns is written by now (summary, MLflow run, lease); the cluster notices the driver is
+    gone as it would after a crash, and its actors are already stopped.
+    """
+    import logging
+
+    out = console.get()
+    if out is not None:  # driver.log complete (a remote job folder gets it now)
+        out.end_status()
+        out.close_log()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _run(args: argparse.Namespace) -> int:
-    from raypod.api import JobFailed, run
+    from raypod.api import JobFailed, JobStopped, run
 
     cfg = load_config(args.config, args.overrides)
     try:
         summary = run(cfg, progress=not args.quiet)
+    except JobStopped as e:  # a user's stop is not a failure: 128 + signal (143 SIGTERM, 130 SIGINT)
+        print(f"raypod | {redact_text(str(e))}", flush=True)
+        _exit_now(e.exit_code)
     except JobFailed as e:
-        print(f"raypod: {e}", file=sys.stderr)
+        print(f"raypod: {redact_text(str(e))}", file=sys.stderr)
         return 1
     print(f"raypod | job {cfg.name} succeeded: step {summary['final_step']}, "
           f"{summary['failures']} failures recovered, goodput {summary['goodput']:.2f}, "
-          f"summary {cfg.job_dir}/summary.json")
+          f"summary {redact_uri(cfg.job_dir)}/summary.json")
     from raypod.tracking.mlflow import resolve_tracking_uri
 
     if cfg.mlflow.enabled:
-        uri = resolve_tracking_uri(cfg, cfg.job_dir)
+        uri = redact_uri(resolve_tracking_uri(cfg, cfg.job_dir))
         exe = Path(sys.executable).parent / "mlflow"
         mlflow_cmd = str(exe) if exe.exists() else "mlflow"
-        print(f"raypod | MLflow run {summary.get('mlflow_run_id')} in {uri}\n"
-              f"raypod | open it with: {mlflow_cmd} ui --backend-store-uri {uri} --port 5000  "
-              f"(then http://127.0.0.1:5000)")
+        page = summary.get("mlflow_url") or "http://127.0.0.1:5000"
+        if uri.startswith(("http://", "https://")):
+            print(f"raypod | MLflow run {summary.get('mlflow_run_id')}: {page}")
+        else:
+            print(f"raypod | MLflow run {summary.get('mlflow_run_id')} in {uri}\n"
+                  f"raypod | open it with: {mlflow_cmd} ui --backend-store-uri {uri} --port 5000  "
+                  f"(then {page})")
     return 0
 
 
@@ -130,7 +162,10 @@ def _doctor(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     connect_ray(cfg)
-    reports = run_doctor(cfg)
+    # Without a config (or a --set checkpoint.storage) there is no storage of the user's to check.
+    storage_given = args.config is not None or any(o.strip().startswith("checkpoint.storage")
+                                                   for o in args.overrides)
+    reports = run_doctor(cfg, check_storage=storage_given)
     print_table(reports)
     if args.json:
         print(json.dumps(reports, indent=2))
@@ -143,15 +178,20 @@ def _doctor(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``raypod`` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("raypod").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    install_log_redaction()  # no credentials in any log line or warning, MLflow's and Ray's included
+    # raypod's lines on the console, Ray's and MLflow's detail in <job_dir>/driver.log
+    console.install(verbose=args.verbose)
     try:
         if args.command == "run":
             return _run(args)
         if args.command == "check":
+            from raypod.driver.controller import build_recipe
+
             cfg = load_config(args.config, args.overrides)
-            print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            from raypod.recipe import check_sharding
+
+            check_sharding(cfg, build_recipe(cfg))  # a constructor that raises is refused here too, as by run
+            print(yaml.safe_dump(redact_config(cfg), sort_keys=False))
             return 0
         if args.command == "doctor":
             return _doctor(args)
@@ -174,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                                out=None if args.out == "-" else args.out, progress=args.progress)
             return 0 if report["nothing_lost"] else 1
     except ConfigError as e:
-        print(f"raypod: error: {e}", file=sys.stderr)
+        print(f"raypod: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
+    finally:
+        console.uninstall()  # only once Ray is gone: until then it may forward worker lines
     return 2
 
 

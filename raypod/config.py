@@ -11,6 +11,7 @@ import copy
 import importlib
 import inspect
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +34,10 @@ class RecipeConfig(_Section):
     """Import path ``package.module:ClassName`` of a :class:`raypod.Recipe` subclass."""
     args: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the recipe's constructor."""
+    import_dirs: list[str] = Field(default_factory=list)
+    """Folders ``recipe.target``'s module is imported from when the Python path lacks it, in
+    order; :func:`load_config` adds the config file's folder and the current folder. The
+    ranks get the folder it was found in on their ``PYTHONPATH``."""
 
 
 class ScalingConfig(_Section):
@@ -90,6 +95,12 @@ class TrainConfig(_Section):
     """Seeds model init and the data order."""
     log_every_s: float = Field(default=5.0, gt=0)
     """Seconds between progress lines when the output is not a terminal."""
+    eval_every_steps: int = Field(default=0, ge=0)
+    """Evaluate on the recipe's eval data (``Recipe.build_eval_data``) after every this many
+    steps and after the last one, logged as ``eval_loss`` (and the recipe's eval metrics as
+    ``eval_<name>``); 0: never. Evaluation leaves the training state untouched."""
+    eval_samples: int = Field(default=256, ge=1)
+    """Samples of the eval data each evaluation uses (the first ones; fewer if it holds fewer)."""
 
 
 class DataConfig(_Section):
@@ -120,6 +131,10 @@ class CheckpointConfig(_Section):
     """``auto``: the share of the step time that in-memory snapshots may cost."""
     memory_max_every: int = Field(default=20, ge=1)
     """``auto``: the longest snapshot interval it picks."""
+    signing_key_env: str | None = None
+    """Name of an environment variable (of the driver) holding a key: each checkpoint's
+    manifest is then signed with HMAC-SHA256 over its file digests, and a checkpoint whose
+    manifest is unsigned or signed otherwise is not loaded. Unset at start: the job is refused."""
 
 
 class FaultInjection(_Section):
@@ -178,6 +193,10 @@ class FaultConfig(_Section):
     """Faults to inject, for demos, tests and chaos runs."""
     max_node_failures: int = Field(default=2, ge=1)
     """A node that lost ranks this many times is not used again by the job."""
+    lease_ttl_s: float = Field(default=30.0, ge=2)
+    """The job's owner lease (``<job_dir>/lease/``) lasts this long without renewal; the
+    driver renews it every quarter of it. A second driver of the same job is refused while
+    it lasts; a dead driver's lease is taken over at once on its own host, else after it."""
 
 
 class DoctorConfig(_Section):
@@ -200,6 +219,10 @@ class MLflowConfig(_Section):
     experiment: str = "raypod"
     run_name: str | None = None
     """Defaults to the job's ``name``."""
+    log_model: bool = True
+    """Log the final model as an MLflow model (transformers flavour for HF recipes, else pytorch)."""
+    registered_model: str | None = Field(default=None, min_length=1)
+    """Register the logged model under this name in the model registry (a new version per job end)."""
 
 
 class JobConfig(_Section):
@@ -219,6 +242,9 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> JobConfig:
+        if self.name.strip(".") == "":  # the pattern keeps '/' out; '.' and '..' are the other ways out
+            raise ValueError(f"name '{self.name}' is not a folder of its own: the job's folder "
+                             "<checkpoint.storage>/<name> would be the storage itself or outside it")
         s = self.scaling
         if s.min_workers > s.max_workers:
             raise ValueError(
@@ -343,6 +369,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data.update(loaded)
     for ov in overrides or []:
         apply_override(data, ov)
+    recipe = data.get("recipe")
+    if recipe is None or isinstance(recipe, dict):  # anything else is refused by validation below
+        recipe = data["recipe"] = dict(recipe or {})
+        dirs = recipe.get("import_dirs")
+        if dirs is None or isinstance(dirs, list):
+            here = [str(Path(path).resolve().parent)] if path is not None else []
+            extra = [d for d in [*here, os.getcwd()] if d not in (dirs or [])]
+            recipe["import_dirs"] = [*(dirs or []), *extra]
     try:
         cfg = JobConfig.model_validate(data)
     except ValidationError as e:
@@ -352,17 +386,41 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
-def import_target(target: str) -> Any:
-    """Import ``package.module:Name`` (or ``package.module.Name``)."""
+_FOUND_IN: dict[str, str] = {}
+"""Top-level module -> the ``recipe.import_dirs`` folder it was imported from (this process)."""
+
+
+def import_target(target: str, dirs: list[str] | tuple[str, ...] = ()) -> Any:
+    """Import ``package.module:Name`` (or ``package.module.Name``).
+
+    The module is looked up on the Python path first, then in ``dirs`` (in order): a
+    ``my_recipe.py`` beside the config file or in the current folder imports without
+    ``PYTHONPATH``. The folder it came from is remembered for the ranks
+    (:func:`recipe_pythonpath`).
+    """
     mod_name, sep, attr = target.partition(":")
     if not sep:
         mod_name, _, attr = target.rpartition(".")
     if not mod_name or not attr:
         raise ConfigError(f"recipe.target '{target}' is not an import path like 'pkg.module:Class'")
+    top = mod_name.split(".")[0]
     try:
-        module = importlib.import_module(mod_name)
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            where = [str(Path(d).expanduser().resolve()) for d in dirs]
+            home = next((d for d in where if (Path(d) / f"{top}.py").is_file()
+                         or (Path(d) / top).is_dir()), None)
+            if e.name != top or home is None:
+                raise
+            if home not in sys.path:
+                sys.path.append(home)
+            module = importlib.import_module(mod_name)
+            _FOUND_IN[top] = home
     except Exception as e:  # noqa: BLE001 - any import failure is the user's recipe
-        raise ConfigError(f"recipe.target '{target}' cannot be imported: {type(e).__name__}: {e}") from None
+        looked = f" (looked on the Python path and in {', '.join(dirs)})" if dirs else ""
+        raise ConfigError(f"recipe.target '{target}' cannot be imported: {type(e).__name__}: {e}"
+                          f"{looked}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -373,10 +431,20 @@ def check_recipe(cfg: JobConfig) -> None:
     """Check that the recipe imports, is a Recipe, and accepts ``recipe.args``."""
     from raypod.recipe import Recipe
 
-    cls = import_target(cfg.recipe.target)
+    cls = import_target(cfg.recipe.target, cfg.recipe.import_dirs)
     if not (inspect.isclass(cls) and issubclass(cls, Recipe)):
         raise ConfigError(f"recipe.target '{cfg.recipe.target}' is not a raypod.Recipe subclass")
     try:
         inspect.signature(cls).bind(**cfg.recipe.args)
     except TypeError as e:
         raise ConfigError(f"recipe.args do not fit {cls.__name__}: {e}") from None
+
+
+def recipe_pythonpath(cfg: JobConfig) -> list[str]:
+    """The folders the ranks need on ``PYTHONPATH`` to import ``recipe.target`` (and so to
+    unpickle the recipe): the ``recipe.import_dirs`` folder this process imported it from,
+    if it was not on the Python path."""
+    mod_name = cfg.recipe.target.partition(":")[0] if ":" in cfg.recipe.target \
+        else cfg.recipe.target.rpartition(".")[0]
+    home = _FOUND_IN.get(mod_name.split(".")[0])
+    return [home] if home else []

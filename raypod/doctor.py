@@ -10,8 +10,10 @@ milliseconds plus one all-reduce of ``doctor.allreduce_mb``). A node that fails 
 excluded from the next placement (a ``ray.io/node-id`` label selector) with the check
 named; when every node fails the same way the job is refused with that sentence.
 
-``raypod doctor`` places one probe actor per alive node (at least two, so that a
-single machine still measures an all-reduce) and prints a table.
+``raypod doctor`` places one probe actor per alive node and prints one row per node; a
+single node gets a second probe that only joins the all-reduce (so that one machine
+still measures it) and has no row of its own. Without a config it checks no storage
+(the default ``./raypod_runs`` is not the user's; nothing is created in the current folder).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from raypod.redact import redact_text, redact_uri
 
 CHECKS = ("torch", "devices", "storage", "allreduce")
 
@@ -98,16 +102,20 @@ def storage_check(storage: str) -> Check:
         fs.rm(path)
         ms = (time.perf_counter() - t0) * 1000
     except Exception as e:  # noqa: BLE001 - any storage error is the finding
-        return Check("storage", False, f"'{storage}' is not writable: {type(e).__name__}: {e}")
+        return Check("storage", False, redact_text(f"'{storage}' is not writable: {type(e).__name__}: {e}"))
     if back != b"raypod doctor":
-        return Check("storage", False, f"'{storage}' did not read back what was written")
+        return Check("storage", False, f"'{redact_uri(storage)}' did not read back what was written")
     return Check("storage", True, f"writable ({ms:.0f} ms round trip)")
 
 
-def node_checks(storage: str, use_gpu: bool) -> list[Check]:
-    """torch, devices and storage checks, on the node this runs on."""
+STORAGE_SKIPPED = "skipped: no config given (raypod doctor CONFIG checks its checkpoint.storage)"
+
+
+def node_checks(storage: str | None, use_gpu: bool) -> list[Check]:
+    """torch, devices and storage checks (``storage`` None: skipped), on the node this runs on."""
     torch_check, torch = _torch_check()
-    return [torch_check, _devices_check(torch, use_gpu), storage_check(storage)]
+    store = storage_check(storage) if storage is not None else Check("storage", True, STORAGE_SKIPPED)
+    return [torch_check, _devices_check(torch, use_gpu), store]
 
 
 def allreduce_check(size_mb: float, min_mb_s: float, group: Any = None) -> Check:
@@ -178,13 +186,14 @@ class DoctorProbe:
             port = s.getsockname()[1]
         return {"ip": ray.util.get_node_ip_address(), "port": port}
 
-    def run(self, storage: str, use_gpu: bool, init_method: str, rank: int, world_size: int,
-            size_mb: float, min_mb_s: float, timeout_s: float) -> dict[str, Any]:
+    def run(self, storage: str | None, use_gpu: bool, init_method: str, rank: int, world_size: int,
+            size_mb: float, min_mb_s: float, timeout_s: float, partner: bool = False) -> dict[str, Any]:
+        """The node checks (not for a ``partner``, which only joins the all-reduce), then the all-reduce."""
         from datetime import timedelta
 
         import ray
 
-        checks = node_checks(storage, use_gpu)
+        checks = [] if partner else node_checks(storage, use_gpu)
         try:
             import torch
             import torch.distributed as dist
@@ -201,8 +210,11 @@ class DoctorProbe:
         return NodeReport(ray.get_runtime_context().get_node_id(), socket.gethostname(), checks).to_dict()
 
 
-def run_doctor(config: Any, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-    """Probe every alive node of the connected Ray cluster; one report per probe."""
+def run_doctor(config: Any, timeout_s: float = 120.0, check_storage: bool = True) -> list[dict[str, Any]]:
+    """Probe every alive node of the connected Ray cluster; one report per node.
+
+    ``check_storage`` False skips the storage check (``raypod doctor`` without a config).
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -221,10 +233,19 @@ def run_doctor(config: Any, timeout_s: float = 120.0) -> list[dict[str, Any]]:
     try:
         first = ray.get(probes[0].info.remote(), timeout=timeout_s)
         init = f"tcp://{first['ip']}:{first['port']}"
-        refs = [p.run.remote(config.job_dir, use_gpu, init, r, len(probes), config.doctor.allreduce_mb,
-                             config.doctor.min_allreduce_mb_s, min(timeout_s, config.fault.pg_timeout_s))
+        storage = config.job_dir if check_storage else None
+        refs = [p.run.remote(storage, use_gpu, init, r, len(probes), config.doctor.allreduce_mb,
+                             config.doctor.min_allreduce_mb_s, min(timeout_s, config.fault.pg_timeout_s),
+                             r >= len(nodes))
                 for r, p in enumerate(probes)]
-        return ray.get(refs, timeout=timeout_s)
+        reports = ray.get(refs, timeout=timeout_s)
+        out = reports[:len(nodes)]
+        for extra in reports[len(nodes):]:  # a partner's failed all-reduce is its node's
+            bad = [c for c in extra["checks"] if not c["ok"]]
+            mine = next((d for d in out if d["node_id"] == extra["node_id"]), None)
+            if bad and mine is not None and all(c["ok"] for c in mine["checks"] if c["name"] == "allreduce"):
+                mine["checks"] = [c for c in mine["checks"] if c["name"] != "allreduce"] + bad
+        return out
     finally:
         for p in probes:
             ray.kill(p, no_restart=True)

@@ -12,6 +12,7 @@ import time
 from typing import Any, TextIO
 
 from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
+from raypod.redact import redact_uri
 
 
 def _fmt_s(s: float) -> str:
@@ -37,17 +38,34 @@ class ProgressPrinter(Callback):
     """
 
     def __init__(self, stream: TextIO | None = None, live: bool | None = None) -> None:
+        from raypod import console
+
+        # The ``raypod`` command's console, unless told where: it keeps other lines off the
+        # progress line (raypod.console).
+        self.console = console.get() if stream is None and live is None else None
         self.stream = stream or sys.stdout
-        self.live = self.stream.isatty() if live is None else live
+        if self.console is not None:
+            self.live = self.console.live
+        else:
+            self.live = self.stream.isatty() if live is None else live
         self.max_steps = 0
         self.every_s = 5.0
         self.last_print = 0.0
         self.failures = 0
         self.tokens = False
         self._rate: float | None = None
+        self._eval: float | None = None
+        """The latest ``eval_loss``, shown on every line once there is one."""
         self._line_open = False
+        self._logged = 0.0  # when a live progress line last went to driver.log
 
     def _emit(self, line: str, transient: bool = False) -> None:
+        if self.console is not None:
+            if transient:
+                self.console.status(line)
+            else:
+                self.console.say(line)
+            return
         if self.live and transient:
             self.stream.write("\r\x1b[2K" + line)
             self._line_open = True
@@ -65,7 +83,7 @@ class ProgressPrinter(Callback):
         self.start_step = job.start_step
         where = f"resuming after step {job.start_step}" if job.start_step else "from scratch"
         self._emit(f"raypod | job {cfg.name} | {cfg.scaling.min_workers}-{cfg.scaling.max_workers} "
-                   f"workers | {cfg.parallel.strategy} | {where} | storage {job.job_dir}")
+                   f"workers | {cfg.parallel.strategy} | {where} | storage {redact_uri(job.job_dir)}")
 
     def after_state_change(self, previous: str, new: str, time_s: float) -> None:
         if new in ("recovering", "errored", "finished"):
@@ -78,7 +96,10 @@ class ProgressPrinter(Callback):
         self._rate = rate if self._rate is None else 0.9 * self._rate + 0.1 * rate
         now = time.monotonic()
         last = report.step == self.max_steps
-        if not (self.live or last or now - self.last_print >= self.every_s or report.step == 1):
+        evaluated = "eval_loss" in m
+        if evaluated:
+            self._eval = m["eval_loss"]
+        if not (self.live or last or evaluated or now - self.last_print >= self.every_s or report.step == 1):
             return
         self.last_print = now
         steps_left = self.max_steps - report.step
@@ -88,14 +109,23 @@ class ProgressPrinter(Callback):
         line = (f"step {report.step:>6}/{self.max_steps} {pct:5.1f}% | loss {m['loss']:.4f} | "
                 f"{_fmt_rate(self._rate)} {unit} | {m['step_time_s'] * 1000:6.0f} ms/step | "
                 f"eta {_fmt_s(eta)} | world {int(m['world_size'])} | failures {self.failures}"
+                + (f" | eval_loss {self._eval:.4f}" if self._eval is not None else "")
                 + (" | replay" if report.replayed else ""))
+        if self.console is not None:
+            if last:
+                self.console.status(line, final=True)
+                return
+            if self.live and (report.step == 1 or evaluated or now - self._logged >= self.every_s):
+                self._logged = now  # driver.log gets the progress a pipe would show
+                self.console.to_log(line)
         self._emit(line, transient=not last)
 
     def after_failure(self, event: FailureEvent) -> None:
         self.failures += 1
         who = f"rank {event.rank}" if event.rank is not None else "the group"
+        what = event.message.removeprefix(f"{who} at step {event.step}: ")  # said already
         self._emit(f"raypod | {event.detected_s:7.2f}s | FAILURE {event.kind} on {who} at step "
-                   f"{event.step}: {event.message}")
+                   f"{event.step}: {what}")
 
     def after_resize(self, resize: dict[str, Any]) -> None:
         self._emit(f"raypod | {resize['at_s']:7.2f}s | {resize['kind']} from {resize['from']} to "

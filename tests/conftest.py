@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,126 @@ def ray_connected(ray_cluster):
     if not ray.is_initialized():
         ray.init(address=ray_cluster["address"], log_to_driver=False)
     yield ray_cluster
+
+
+# ---- a real MLflow tracking server -----------------------------------------------------
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1 with a SQLite store and a local artifact root.
+
+    Args:
+        root: Folder for ``db.sqlite``, ``artifacts/`` and ``server.log``.
+        port: Port to listen on (kept across :meth:`stop` / :meth:`start`).
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child keeps it
+        cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root}/db.sqlite",
+               "--default-artifact-root", str(self.root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                     start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"mlflow server not healthy after {timeout:.0f} s: {self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the server and every process it started (its own process group)."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid  # start_new_session: the group id is the server's pid
+        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and self._alive(pgid):
+                time.sleep(0.1)
+            if not self._alive(pgid):
+                break
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def _alive(self, pgid: int) -> bool:
+        """Whether any process of the group still runs (zombies do not count)."""
+        assert self.proc is not None
+        self.proc.poll()  # reap the leader once it exited
+        out = subprocess.run(["ps", "-e", "-o", "pgid=,stat="], capture_output=True, text=True)
+        return any(line.split()[0] == str(pgid) and not line.split()[1].startswith("Z")
+                   for line in out.stdout.splitlines() if len(line.split()) == 2)
+
+    def log_tail(self) -> str:
+        try:
+            return (self.root / "server.log").read_text()[-3000:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real ``mlflow server`` for the test session (tests that stop it start it again);
+    always stopped at teardown."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    with pytest.MonkeyPatch.context() as mp:
+        # What the callback would set for an http URI; set here so it is undone afterwards.
+        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+# ---- one raypod job on a 2-node cluster, logged to the session's MLflow server ---------------
+
+MLFLOW_CLUSTER_JOB = "mlflow-nodes"
+MLFLOW_CLUSTER_EXPERIMENT = "raypod-nodes"
+MLFLOW_REGISTERED_MODEL = "raypod-mlp"
+MLFLOW_CLUSTER_MODEL = "recipe.args={n_blocks: 2, dim: 32, hidden: 64, num_samples: 4096}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_cluster_job(mlflow_server, tmp_path_factory):
+    """The MLP for 30 steps, one rank on each of two worker nodes of a ``ray.cluster_utils.Cluster``
+    (in a subprocess: ``tests/integration/mlflow_cluster_job.py``), logged to ``mlflow_server``
+    with the final model registered as ``MLFLOW_REGISTERED_MODEL``; yields its summary."""
+    import json
+
+    storage = tmp_path_factory.mktemp("mlflow-nodes")
+    out = storage / "summary.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    settings = [f"name={MLFLOW_CLUSTER_JOB}", "train.max_steps=30", "checkpoint.every_steps=100",
+                MLFLOW_CLUSTER_MODEL,
+                f"mlflow.tracking_uri={mlflow_server.uri}", f"mlflow.experiment={MLFLOW_CLUSTER_EXPERIMENT}",
+                f"mlflow.registered_model={MLFLOW_REGISTERED_MODEL}"]
+    cmd = [sys.executable, str(REPO / "tests" / "integration" / "mlflow_cluster_job.py"),
+           "--out", str(out), "--storage", str(storage)]
+    for s in settings:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert proc.returncode == 0, summary.get("error") or proc.stderr[-3000:]
+    summary["log"] = proc.stderr
+    return summary

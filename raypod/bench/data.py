@@ -1,9 +1,13 @@
 """Data pipeline: what the Ray Data stream delivers against what training consumes.
 
-For each config (``jobs/configs/tiny.yaml`` and ``small.yaml``, 2 ranks on a local Ray):
+For each config (``jobs/configs/tiny.yaml``, ``small.yaml`` and ``hf_llama.yaml``, 2 ranks
+on a local Ray):
 
 1. **Preparation**: the recipe's Ray Data pass (``read_parquet → map_batches``
-   tokenising) into a fresh cache; tokens per second.
+   tokenising) into a fresh cache; tokens per second, and samples per second (tokens/s
+   over the sample length) against the samples per second training consumes. The GPT
+   configs tokenise UTF-8 bytes; ``hf_llama.yaml`` a byte-level BPE tokenizer (vocabulary
+   512, trained here on the demo corpus first) through ``tokenizers``' ``encode_batch``.
 2. **Pipeline**: one rank's stream (:meth:`raypod.data.stream.TokenWindows.stream`,
    the same Ray Data pipeline a rank runs) iterated as fast as it goes, alone: time
    to its first row and samples per second after it.
@@ -16,6 +20,7 @@ ahead and steps do not wait. ``small.yaml`` runs at 2 ranks here (its config all
 2 to 4) and for fewer steps, since a step of its 10M-parameter GPT takes seconds on CPU.
 
     raypod bench data            # or: python -m raypod.bench.data
+    python -m raypod.bench.data --configs tiny,hf_llama --no-recovery --out DIR   # some rows only
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = {"tiny": 60, "small": 8}
+CONFIGS = {"tiny": 60, "small": 8, "hf_llama": 40}
 """Config name (``jobs/configs/<name>.yaml``) -> training steps timed."""
 STREAM_STEPS = 400
-FEED_STEPS = {"tiny": 60, "small": 40}
+FEED_STEPS = {"tiny": 60, "small": 40, "hf_llama": 60}
 """Steps of the rank-like consumer of a :class:`StepFeed` (after the training run)."""
 
 
@@ -44,12 +49,23 @@ def _loadavg() -> list[float]:
         return []
 
 
+def _seq_len(recipe: Any) -> int:
+    """Tokens per sample of the GPT (``model_cfg.seq_len``) or the HF recipe (``seq_len``)."""
+    return recipe.model_cfg.seq_len if hasattr(recipe, "model_cfg") else recipe.seq_len
+
+
+def _windows(recipe: Any) -> Any:
+    """The recipe's training windows (without a held-out eval share)."""
+    from raypod.data.stream import TokenWindows
+
+    return TokenWindows(recipe.corpus, _seq_len(recipe), 0, getattr(recipe, "num_train", None))
+
+
 def _pipeline(recipe: Any, cfg: Any, world: int) -> dict[str, Any]:
     """Iterate rank 0's stream alone: first-row latency and steady samples/s."""
     from raypod.data.order import SampleOrder
-    from raypod.data.stream import TokenWindows
 
-    source = TokenWindows(recipe.corpus, recipe.model_cfg.seq_len)
+    source = _windows(recipe)
     order = SampleOrder(len(source), cfg.train.global_batch, cfg.train.seed)
     t0 = time.perf_counter()
     first = None
@@ -69,9 +85,9 @@ def _pipeline(recipe: Any, cfg: Any, world: int) -> dict[str, Any]:
 def _feed(recipe: Any, cfg: Any, world: int, step_s: float, steps: int) -> dict[str, Any]:
     """A :class:`StepFeed` consumed like a rank that computes for ``step_s`` a step."""
     from raypod.data.order import SampleOrder
-    from raypod.data.stream import StepFeed, TokenWindows
+    from raypod.data.stream import StepFeed
 
-    source = TokenWindows(recipe.corpus, recipe.model_cfg.seq_len)
+    source = _windows(recipe)
     order = SampleOrder(len(source), cfg.train.global_batch, cfg.train.seed)
     feed = StepFeed(source, order, last_step=steps)
     waits = []
@@ -108,6 +124,15 @@ def bench_config(name: str, steps: int, root: Path) -> dict[str, Any]:
                  f"train.max_steps={steps}", "checkpoint.every_steps=0", "checkpoint.memory_every_steps=0",
                  "scaling.min_workers=2", "scaling.max_workers=2", "scaling.spares=0",
                  f"recipe.args.cache_dir={root / f'cache-{name}'}"]
+    if name.startswith("hf_"):  # the HF recipe's tokenizer, trained here (not timed)
+        from raypod.data.corpus import build_stdlib_corpus
+        from raypod.recipes.hf import build_tokenizer
+
+        demo = Path(os.path.expanduser("~/.cache/raypod/data/stdlib_corpus.parquet"))
+        if not demo.exists():
+            build_stdlib_corpus(str(demo))
+        build_tokenizer(str(demo), 512, str(root / "tokenizer"))
+        overrides += [f"recipe.args.tokenizer={root / 'tokenizer'}", "train.eval_every_steps=0"]
     cfg = load_config(REPO / "jobs" / "configs" / f"{name}.yaml", overrides)
     recipe = build_recipe(cfg)
     recipe.check_data(cfg)  # builds the demo corpus on first use (not timed)
@@ -126,13 +151,18 @@ def bench_config(name: str, steps: int, root: Path) -> dict[str, Any]:
     consumed = statistics.median(m["samples_per_s"] for m in later) / world
     return {
         "config": f"jobs/configs/{name}.yaml",
-        "model": dict(cfg.recipe.args),
+        "model": {k: v for k, v in cfg.recipe.args.items() if k not in ("demo_corpus", "cache_dir", "tokenizer")},
+        "tokenizer": getattr(getattr(recipe, "tokens", None), "name", "utf8-bytes/v1"),
         "world_size": world,
         "global_batch": cfg.train.global_batch,
-        "samples": recipe.corpus.num_samples(recipe.model_cfg.seq_len),
+        "samples": recipe.corpus.num_samples(_seq_len(recipe)),
+        "seq_len": _seq_len(recipe),
         "tokens": recipe.corpus.num_tokens,
         "prepare_s": round(prepare_s, 2),
         "prepare_tokens_per_s": round(recipe.corpus.num_tokens / prepare_s),
+        "prepare_samples_per_s": round(recipe.corpus.num_tokens / prepare_s / _seq_len(recipe), 1),
+        "train_samples_per_s": round(consumed * world, 2),
+        "prepare_headroom": round(recipe.corpus.num_tokens / prepare_s / _seq_len(recipe) / (consumed * world), 1),
         "stream": pipe,
         "train_steps": len(rec.metrics),
         "train_samples_per_s_per_rank": round(consumed, 2),
@@ -183,7 +213,7 @@ def bench_recovery(root: Path, steps: int = 40, kill_at: int = 20) -> dict[str, 
 
 
 def run_data_bench(configs: dict[str, int] | None = None,
-                   out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
+                   out: str | os.PathLike | None = "benchmarks/results", recovery_run: bool = True) -> dict[str, Any]:
     """Run the data bench; write ``<out>/data.json`` and ``data.md``."""
     import ray
 
@@ -197,8 +227,9 @@ def run_data_bench(configs: dict[str, int] | None = None,
             for name, steps in configs.items():
                 rows.append(bench_config(name, steps, Path(tmp)))
                 print(_line(rows[-1]), flush=True)
-            recovery = bench_recovery(Path(tmp))
-            print(f"data bench recovery: {recovery}", flush=True)
+            if recovery_run:
+                recovery = bench_recovery(Path(tmp))
+                print(f"data bench recovery: {recovery}", flush=True)
         finally:
             if started_ray:
                 ray.shutdown()
@@ -236,14 +267,18 @@ def markdown(r: dict[str, Any]) -> str:
         f"{r['date']}; {r['cpu_count']} CPUs (shared), load average {r['loadavg_before']} -> "
         f"{r['loadavg_after']}; Ray {r['versions']['ray']}, CPU-only torch; 2 ranks on a local Ray.",
         "",
-        "| config | samples/step | tokenise (Ray Data) | stream first row | stream samples/s per rank "
+        "| config | tokenizer | samples/step | tokenise (Ray Data) | tokenised samples/s vs training "
+        "(all ranks) | stream first row | stream samples/s per rank "
         "| training samples/s per rank | headroom | step time | data_wait_frac mean / max |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for x in r["rows"]:
         w = x["data_wait_frac"]
         lines.append(
-            f"| `{x['config']}` | {x['global_batch']} | {x['tokens'] / 1e6:.1f} M tokens in {x['prepare_s']} s "
+            f"| `{x['config']}` | {x.get('tokenizer', 'utf8-bytes/v1')} | {x['global_batch']} "
+            f"| {x['tokens'] / 1e6:.2f} M tokens in {x['prepare_s']} s "
+            f"| {x.get('prepare_samples_per_s', 0):.0f} vs {x.get('train_samples_per_s', 0):.1f} "
+            f"({x.get('prepare_headroom', 0):.0f}x) "
             f"| {x['stream']['first_row_s']} s | {x['stream']['samples_per_s']:.0f} "
             f"| {x['train_samples_per_s_per_rank']:.1f} | {x['headroom']:.0f}x | {x['step_time_s_median']:.2f} s "
             f"| {w['mean'] * 100:.3f}% / {w['max'] * 100:.3f}% |")
@@ -284,9 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny-steps", type=int, default=CONFIGS["tiny"])
     p.add_argument("--small-steps", type=int, default=CONFIGS["small"])
+    p.add_argument("--hf-steps", type=int, default=CONFIGS["hf_llama"])
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated rows to run (default: all)")
+    p.add_argument("--no-recovery", action="store_true", help="skip the recovery run")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    run_data_bench({"tiny": args.tiny_steps, "small": args.small_steps}, out=args.out)
+    steps = {"tiny": args.tiny_steps, "small": args.small_steps, "hf_llama": args.hf_steps}
+    run_data_bench({c: steps[c] for c in args.configs.split(",") if c}, out=args.out,
+                   recovery_run=not args.no_recovery)
     return 0
 
 

@@ -66,7 +66,12 @@ class FakeAutoscalingCluster:
 
         On a cold, busy machine ``ray start`` can give up waiting for its own raylet to
         register (Ray waits 30 s); that says nothing about the cluster, so it is tried again.
+        The head enforces token authentication and this process sends the token (generated
+        when missing): see :func:`raypod.ray_auth.for_new_cluster`.
         """
+        from raypod import ray_auth
+
+        ray_auth.for_new_cluster()
         for attempt in range(1, attempts + 1):
             err = self._start_once(timeout)
             if err is None:

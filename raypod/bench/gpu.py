@@ -62,6 +62,7 @@ def device_name() -> str:
 def systems(config: str, shared: Path) -> list[System]:
     common = ("scaling.spares=0", "scaling.min_workers=1", "scaling.max_workers=1",
               "checkpoint.every_steps=0", f"data.path={shared / 'corpus.parquet'}",
+              f"recipe.args.demo_corpus={shared / 'corpus.parquet'}",
               f"recipe.args.cache_dir={shared / 'tokens'}", "recipe.args.corpus_bytes=8000000")
     return [  # raypod first: it prepares the shared token cache the plain loop reads
         System("raypod", "raypod (defaults: FSDP2, snapshots auto)", "raypod", common, config=config),

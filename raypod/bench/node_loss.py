@@ -81,6 +81,9 @@ def run_trial(config: str | os.PathLike = MLP, overrides: list[str] | None = Non
     cfg = load_config(config, [f"checkpoint.storage={storage}", "name=node-loss", "checkpoint.memory_every_steps=1",
                                "scaling.placement_strategy=SPREAD", "mlflow.enabled=false",
                                *(overrides or [])])
+    from raypod import ray_auth
+
+    ray_auth.for_new_cluster()  # its nodes enforce token authentication; this driver sends it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     try:
         nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]

@@ -34,7 +34,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -46,8 +46,34 @@ from raypod.config import ConfigError
 log = logging.getLogger("raypod.data")
 
 TOKENIZER = "utf8-bytes/v1"
-"""Name of the tokenizer: UTF-8 bytes (vocabulary 256), documents separated by a blank line."""
+"""Name of the default tokenizer: UTF-8 bytes (vocabulary 256), documents separated by a blank line."""
 DOC_SEPARATOR = b"\n\n"
+
+
+class TextTokenizer(Protocol):
+    """What :func:`prepare_tokens` tokenises with; picklable (it travels to Ray Data tasks)."""
+
+    name: str
+    """Identity of the tokenizer (part of the cache key): the same name must mean the same tokens."""
+    dtype: str
+    """numpy dtype of one token in the token file."""
+
+    def encode_docs(self, texts: list[str]) -> bytes:
+        """The tokens of ``texts`` (documents, in order, each followed by its separator), as
+        the raw bytes of a ``dtype`` array."""
+        ...
+
+
+class ByteTokenizer:
+    """The GPT recipe's tokenizer, :data:`TOKENIZER`: UTF-8 bytes (vocabulary 256), a blank
+    line after each document."""
+
+    name = TOKENIZER
+    dtype = "uint8"
+    vocab_size = 256
+
+    def encode_docs(self, texts: list[str]) -> bytes:
+        return b"".join(t.encode("utf-8") + DOC_SEPARATOR for t in texts if t)
 
 DATA_TASK_CPUS = 0.25
 """Logical CPUs each Ray Data task asks for. Small, so data tasks fit beside the ranks
@@ -76,10 +102,11 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)), ""
 
 
-def check_parquet(path: str, columns: list[str]) -> ParquetSource:
+def check_parquet(path: str, columns: list[str], tokenizer: str = TOKENIZER) -> ParquetSource:
     """Check that ``path`` is parquet with the text ``columns``, or raise one sentence.
 
-    Reads only the listing and the parquet footers, so it is quick and needs no Ray.
+    Reads only the listing and the parquet footers, so it is quick and needs no Ray. The
+    source's fingerprint covers the files, the columns and the ``tokenizer``'s name.
 
     Raises:
         ConfigError: the path is missing or empty, a file is not parquet, a column is
@@ -103,7 +130,7 @@ def check_parquet(path: str, columns: list[str]) -> ParquetSource:
     else:
         infos = [info]
     rows = 0
-    h = hashlib.sha256(f"{TOKENIZER}|{','.join(columns)}".encode())
+    h = hashlib.sha256(f"{tokenizer}|{','.join(columns)}".encode())
     for f in infos:
         name = f.path if len(infos) == 1 else posixpath.relpath(f.path, inner)
         try:
@@ -151,14 +178,14 @@ class TokenCorpus:
         return max(0, (self.num_tokens - 1) // seq_len)
 
 
-def _tokenize(batch: pa.Table, column: str) -> dict[str, Any]:
-    """Ray Data task: the batch's documents as UTF-8 bytes, each followed by a separator.
+def _tokenize(batch: pa.Table, column: str, tokenizer: TextTokenizer | None = None) -> dict[str, Any]:
+    """Ray Data task: the batch's documents tokenised, each followed by its separator.
 
-    Returns one row per batch (the concatenated tokens), so the driver receives few,
-    large rows.
+    Returns one row per batch (the concatenated tokens as bytes), so the driver receives
+    few, large rows.
     """
     texts = batch.column(column).to_pylist()
-    data = b"".join(t.encode("utf-8") + DOC_SEPARATOR for t in texts if t)
+    data = (tokenizer or ByteTokenizer()).encode_docs(texts)
     return {"tokens": np.array([data], dtype=object), "docs": np.array([len(texts)])}
 
 
@@ -178,19 +205,24 @@ def find_tokens(cache_root: str, fingerprint: str) -> TokenCorpus | None:
                        dtype=manifest["dtype"], fingerprint=fingerprint)
 
 
-def prepare_tokens(source: ParquetSource, column: str, cache_root: str) -> TokenCorpus:
+def prepare_tokens(source: ParquetSource, column: str, cache_root: str,
+                   tokenizer: TextTokenizer | None = None) -> TokenCorpus:
     """Tokenise ``source`` with Ray Data into a cached token file (reused when present).
 
     Needs a connected Ray. Runs ``read_parquet`` and the tokenising ``map_batches`` as
-    Ray Data tasks of :data:`DATA_TASK_CPUS` CPUs each.
+    Ray Data tasks of :data:`DATA_TASK_CPUS` CPUs each. ``tokenizer`` defaults to
+    :class:`ByteTokenizer`; ``source`` must have been checked with its name
+    (``check_parquet(..., tokenizer=tokenizer.name)``), which keys the cache.
 
     Raises:
         ConfigError: the text holds no tokens at all.
     """
+    tokenizer = tokenizer or ByteTokenizer()
     found = find_tokens(cache_root, source.fingerprint)
     if found is not None:
         log.info("data: reusing %s (%d tokens)", found.uri, found.num_tokens)
         return found
+    itemsize = np.dtype(tokenizer.dtype).itemsize
     import ray.data
 
     from raypod.checkpoint.fs import get_fs, write_json_atomic
@@ -201,10 +233,10 @@ def prepare_tokens(source: ParquetSource, column: str, cache_root: str) -> Token
     ctx.enable_progress_bars = False
     ds = ray.data.read_parquet([source.uri_prefix + f for f in source.files], columns=[column],
                                file_extensions=None, num_cpus=DATA_TASK_CPUS)
-    ds = ds.map_batches(_tokenize, fn_kwargs={"column": column}, batch_format="pyarrow",
-                        batch_size=4096, num_cpus=DATA_TASK_CPUS)
+    ds = ds.map_batches(_tokenize, fn_kwargs={"column": column, "tokenizer": tokenizer},
+                        batch_format="pyarrow", batch_size=4096, num_cpus=DATA_TASK_CPUS)
     d = _cache_dir(cache_root, source.fingerprint)
-    name = f"tokens-{uuid.uuid4().hex[:12]}.u8"
+    name = f"tokens-{uuid.uuid4().hex[:12]}.{tokenizer.dtype}"
     fs, inner = get_fs(d + "/" + name)
     _, root = get_fs(cache_root)
     created = [p for p in (root, posixpath.dirname(inner)) if not fs.exists(p)]
@@ -215,7 +247,7 @@ def prepare_tokens(source: ParquetSource, column: str, cache_root: str) -> Token
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 for data, n in zip(batch["tokens"], batch["docs"], strict=True):
                     out.write(data)
-                    total += len(data)
+                    total += len(data) // itemsize
                     docs += int(n)
         if total == 0:
             raise ConfigError(f"data.path '{source.path}' holds no text to train on (0 tokens)")
@@ -225,10 +257,10 @@ def prepare_tokens(source: ParquetSource, column: str, cache_root: str) -> Token
             fs.rm(p, recursive=True)
         raise
     write_json_atomic(d + "/manifest.json", {
-        "fingerprint": source.fingerprint, "file": name, "num_tokens": total, "dtype": "uint8",
-        "tokenizer": TOKENIZER, "source": source.path, "documents": docs,
+        "fingerprint": source.fingerprint, "file": name, "num_tokens": total, "dtype": tokenizer.dtype,
+        "tokenizer": tokenizer.name, "source": source.path, "documents": docs,
         "prepare_s": round(time.perf_counter() - t0, 3)})
     log.info("data: tokenised %d documents into %d tokens in %.1f s", docs, total,
              time.perf_counter() - t0)
-    return TokenCorpus(uri=d + "/" + name, num_tokens=total, dtype="uint8",
+    return TokenCorpus(uri=d + "/" + name, num_tokens=total, dtype=tokenizer.dtype,
                        fingerprint=source.fingerprint)

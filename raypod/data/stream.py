@@ -84,17 +84,20 @@ def _order(num_samples: int, global_batch: int, seed: int) -> SampleOrder:
 class TokenWindows:
     """Fixed-length windows of a :class:`TokenCorpus`, addressable by id, streamable per rank.
 
-    Sample ``i`` is ``tokens[i*L : i*L + L + 1]`` (inputs and shifted targets). Small and
-    picklable: it holds the token file's address, not the tokens.
+    Sample ``i`` is ``tokens[j*L : j*L + L + 1]`` with ``j = first + i`` (inputs and shifted
+    targets). Small and picklable: it holds the token file's address, not the tokens.
 
     Args:
         corpus: the prepared token file.
         seq_len: ``L``.
+        first: the file's window that is sample 0 (a held-out split starts further on).
+        count: samples, at most those from ``first`` to the end of the file (default).
     """
 
-    def __init__(self, corpus: TokenCorpus, seq_len: int) -> None:
-        self.corpus, self.seq_len = corpus, seq_len
-        self.n = corpus.num_samples(seq_len)
+    def __init__(self, corpus: TokenCorpus, seq_len: int, first: int = 0, count: int | None = None) -> None:
+        self.corpus, self.seq_len, self.first = corpus, seq_len, first
+        left = max(0, corpus.num_samples(seq_len) - first)
+        self.n = left if count is None else min(count, left)
 
     def __len__(self) -> int:
         return self.n
@@ -102,7 +105,8 @@ class TokenWindows:
     def windows(self, ids: np.ndarray) -> np.ndarray:
         """``[len(ids), L + 1]`` tokens (the file's dtype), ids in the order given."""
         tokens = _tokens(self.corpus.uri, self.corpus.dtype)
-        idx = np.asarray(ids, dtype=np.int64).reshape(-1, 1) * self.seq_len + np.arange(self.seq_len + 1)
+        idx = ((np.asarray(ids, dtype=np.int64).reshape(-1, 1) + self.first) * self.seq_len
+               + np.arange(self.seq_len + 1))
         return np.asarray(tokens[idx])
 
     def to_batch(self, windows: np.ndarray) -> torch.Tensor:

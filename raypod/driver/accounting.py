@@ -129,7 +129,7 @@ class JobAccounting:
             "final_step": final_step,
             "mlflow_run_id": run_id,
             "world_sizes": list(self.world_sizes),
-            "failures": sum(1 for e in self.events if not e.extra.get("alert")),
+            "failures": sum(1 for e in self.events if not e.extra.get("alert") and e.kind != "stop"),
             "events": [e.to_summary() for e in self.events],
             "goodput": round(goodput, 4),
             "wall_s": round(wall, 3),

@@ -9,6 +9,7 @@ changes, and it fires the callbacks. Policies decide (:mod:`raypod.driver.failur
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections import defaultdict, deque
@@ -16,16 +17,18 @@ from typing import Any
 
 import ray
 
-from raypod import faults
+from raypod import console, faults
 from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
-from raypod.checkpoint import CheckpointStore
-from raypod.checkpoint.fs import read_json, write_json_atomic
+from raypod.checkpoint import CheckpointStore, CommittedCheckpoint
+from raypod.checkpoint.fs import StorageError, read_json, storage_error, write_json_atomic
+from raypod.checkpoint.lease import JobLease
 from raypod.config import JobConfig, import_target, join_uri
 from raypod.data.order import SampleOrder
 from raypod.driver.accounting import JobAccounting
 from raypod.driver.cadence import SnapshotCadence
 from raypod.driver.failures import Failure, FailureDecision, FailurePolicy
 from raypod.driver.health import LossRule, StragglerTracker, ThroughputWatch, hung_rank
+from raypod.driver.recovery_source import CHECKPOINT, MEMORY, SourceChoice, choose_source, estimate
 from raypod.driver.scaling import ResizeDecision, ScalingPolicy
 from raypod.driver.state import (
     ErroredState,
@@ -38,9 +41,12 @@ from raypod.driver.state import (
     SchedulingState,
     State,
     StateKind,
+    StoppedState,
 )
+from raypod.driver.stop import StopRequested, StopSignals, signal_name
 from raypod.driver.worker_group import GroupStartError, PollResult, WorkerError, WorkerGroup
 from raypod.recipe import Recipe
+from raypod.redact import redact_json
 
 log = logging.getLogger("raypod.driver")
 
@@ -53,12 +59,58 @@ others may be waiting on it (in ``sync`` it waits itself; in ``done`` it is betw
 
 
 def build_recipe(config: JobConfig) -> Recipe:
-    """Instantiate ``recipe.target`` with ``recipe.args``."""
-    return import_target(config.recipe.target)(**config.recipe.args)
+    """Instantiate ``recipe.target`` with ``recipe.args``.
+
+    Raises:
+        ConfigError: the constructor raised; one sentence naming ``recipe.target`` and the error.
+    """
+    from raypod.config import ConfigError
+
+    cls = import_target(config.recipe.target, config.recipe.import_dirs)
+    try:
+        return cls(**config.recipe.args)
+    except ConfigError:  # already one sentence naming the key (a missing package, a bad argument)
+        raise
+    except Exception as e:  # noqa: BLE001 - any constructor failure is the user's recipe or its args
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"recipe.target '{config.recipe.target}' could not be built with recipe.args: "
+                          f"{type(e).__name__}: {msg}".rstrip(": ")) from None
+
+
+FINAL_MODEL_HF = "final_model_hf"
+"""``<job_dir>/final_model_hf/``: the recipe's :meth:`Recipe.export_pretrained` output."""
+
+
+def _exports(recipe: Recipe) -> bool:
+    """Whether the recipe overrides :meth:`Recipe.export_pretrained`."""
+    return type(recipe).export_pretrained is not Recipe.export_pretrained
 
 
 _SECOND_PING_S = 3.0
 """How long a rank that missed the first ping gets to answer when its loss would cost the in-memory copy."""
+_DEFAULT_LOAD_S = 30.0
+"""Assumed seconds to load a checkpoint when this job has measured neither a load nor a save."""
+
+
+def recipe_metrics(results: list[dict[str, Any]], samples: int) -> dict[str, float]:
+    """The recipe's own metrics of one step, over all ranks: the extra metrics its ``loss``
+    returned (means over the step's samples) and, on an eval step, ``eval_loss``, its
+    other ``eval_<name>`` metrics (means over the eval samples) and ``eval_s``."""
+    out: dict[str, float] = {}
+    for r in results:
+        for k, v in r.get("metrics_sum", {}).items():
+            out[k] = out.get(k, 0.0) + v
+    out = {k: v / max(1, samples) for k, v in out.items()}
+    evaluated = [r for r in results if r.get("eval_samples") is not None]
+    n = sum(r["eval_samples"] for r in evaluated)
+    if n:
+        sums: dict[str, float] = {}
+        for r in evaluated:
+            for k, v in r["eval_sums"].items():
+                sums[k] = sums.get(k, 0.0) + v
+        out.update({f"eval_{k}": v / n for k, v in sums.items()})
+        out["eval_s"] = max(r["eval_s"] for r in evaluated)
+    return out
 
 
 class Driver:
@@ -75,11 +127,24 @@ class Driver:
     alive_nodes = staticmethod(lambda: {n["NodeID"] for n in ray.nodes() if n.get("Alive")})
 
     def __init__(self, config: JobConfig, callbacks: list[Callback] | None = None,
-                 recipe: Recipe | None = None) -> None:
+                 recipe: Recipe | None = None, lease: JobLease | None = None,
+                 stop: StopSignals | None = None) -> None:
         self.cfg = config
+        self.lease = lease
+        """The job's owner lease (:mod:`raypod.checkpoint.lease`); once lost, the driver
+        stops and writes nothing more for the job."""
+        self.stop = stop if stop is not None else StopSignals()
+        """Where SIGTERM / SIGINT are recorded (:mod:`raypod.driver.stop`)."""
         self.recipe = recipe if recipe is not None else build_recipe(config)
         self.callbacks = list(callbacks or [])
-        self.store = CheckpointStore(config.job_dir, config.checkpoint.keep)
+        from raypod.checkpoint.verify import signing_key
+
+        self.store = CheckpointStore(config.job_dir, config.checkpoint.keep, signing_key(config))
+        self._first_choice: tuple[CommittedCheckpoint | None, list[Any]] | None = None
+        """The checkpoint verified at start, used by the first group (one verification per choice)."""
+        self._corrupt_seen: set[tuple[int, str]] = set()
+        self.storage_failed = False
+        """The job ends because ``checkpoint.storage`` cannot be written (full, read-only)."""
         replicas = config.parallel.replicas if config.parallel.strategy == "hsdp" else 1
         self.failure_policy = FailurePolicy(config.fault.max_failures)
         self.scaling_policy = ScalingPolicy(config.scaling, replicas)
@@ -127,11 +192,19 @@ class Driver:
         self.step_durs: deque[float] = deque(maxlen=50)  # recent step times, for fault.hang_factor
         self.excluded_nodes: dict[str, str] = {}
         """Nodes that failed a pre-flight check -> which check and why."""
+        # What a recovery from the persistent checkpoint costs (see recovery_source).
+        self.load_s: float | None = None
+        """Seconds the last checkpoint load took (slowest rank), when this job did one."""
+        self.save_s: dict[int, float] = {}
+        """Per rank: seconds its last persistent save took."""
+        self.group_start_s: float | None = None
+        """Seconds the last group start took (placement, processes, setup)."""
 
     # ---- the loop ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Train to ``train.max_steps``; returns the summary (also written to storage)."""
-        latest = self.store.latest()
+        self._first_choice = self.store.latest_verified()
+        latest = self._first_choice[0]
         self.acct = JobAccounting(self.start_time, latest.step if latest else 0)
         self.committed_step = latest.step if latest else 0
         self.fired = set(faults.fired(self.cfg.job_dir))
@@ -143,16 +216,30 @@ class Driver:
         log.info("state -> %s", self.state.name)
         try:
             while not self.state.is_terminal:
-                self.step()
-        except KeyboardInterrupt:
-            self._set_state(ErroredState("interrupted by the user"))
+                if self.stop.requested:
+                    self._set_state(self._stopped(self.stop.name))
+                elif self.lease is not None and not self.lease.held():
+                    self._ownership_lost()
+                else:
+                    self.step()
+        except (KeyboardInterrupt, StopRequested) as e:
+            self._set_state(self._stopped(self.stop.name or (
+                "SIGINT" if isinstance(e, KeyboardInterrupt) else signal_name(e.signum))))
         except Exception as e:  # noqa: BLE001 - the summary must be written whatever happened
-            log.exception("driver error")
-            self._set_state(ErroredState(f"driver error: {type(e).__name__}: {e}"))
+            full = storage_error(e, self.cfg.checkpoint.storage, "writing the job's files")
+            if full is not None:  # a commit, the final save or the final model: one sentence
+                self._set_state(self._storage_failure(full))
+            else:
+                log.exception("driver error")
+                self._set_state(ErroredState(f"driver error: {type(e).__name__}: {e}"))
         finally:
+            self.stop.deferred = True  # a signal now does not interrupt the job's ending
             if self.group is not None:
                 self.group.shutdown()
                 self.group = None
+            if self.storage_failed and not (self.lease is not None and self.lease.lost is not None):
+                for step in self.store.remove_uncommitted():  # room for summary.json, no leftovers
+                    log.info("removed the uncommitted checkpoint step %d", step)
             self._write_summary()
         return self.summary or {}
 
@@ -167,6 +254,9 @@ class Driver:
             StateKind.HANDING_OVER: self._hand_over,
             StateKind.FINISHING: self._finish,
         }
+        # In RUNNING the loop polls every 50 ms and reacts to a stop itself; elsewhere a
+        # stop signal interrupts what the driver waits for (StopRequested).
+        self.stop.deferred = prev.kind is StateKind.RUNNING
         nxt = handlers[prev.kind](prev)
         if nxt is not prev:
             self._set_state(nxt)
@@ -195,14 +285,24 @@ class Driver:
         deadline = time.monotonic() + self.cfg.scaling.schedule_timeout_s
         best, reason = 0, ""
         settle = time.monotonic() + 2.0  # resources of a group just torn down come back
+        note = settle + 1.0  # say what it waits for once the wait is more than a hiccup
         while True:
-            decision = self.scaling_policy.decide(self.available_resources())
+            free = self.available_resources()
+            decision = self.scaling_policy.decide(free)
             if isinstance(decision, ResizeDecision):
                 best = decision.num_workers
                 if best == self.cfg.scaling.max_workers or time.monotonic() > settle:
                     return best
             else:
                 reason = decision.reason
+                if time.monotonic() >= note:
+                    note = time.monotonic() + 30.0
+                    bundle = self.scaling_policy.bundle
+                    log.warning("waiting for capacity: %d x %s for scaling.min_workers; the cluster has "
+                                "%s free; giving up in %.0f s (scaling.schedule_timeout_s)",
+                                self.cfg.scaling.min_workers, bundle,
+                                {k: round(free.get(k, 0.0), 2) for k in bundle},
+                                max(0.0, deadline - time.monotonic()))
             if time.monotonic() > deadline:
                 return best or reason
             time.sleep(0.1)
@@ -211,17 +311,23 @@ class Driver:
         n = self._decide_world_size()
         if isinstance(n, str):
             return ErroredState(f"no room to schedule the job: {n}")
-        restore = self.store.latest()
+        restore, refused = self._choose_checkpoint()
+        if refused is not None:
+            return ErroredState(refused)
         restore_step = restore.step if restore else 0
         active = faults.pending(self.cfg, self.fired)
         self.group = self.worker_group_cls(self.cfg, self.recipe)
         self.group.excluded_nodes = set(self.excluded_nodes)
         self.ready, self.growing = [], False
+        t_start = time.perf_counter()
         try:
             info = self.group.start(n, state.attempt, restore, active)
         except GroupStartError as e:
             return RecoveringState(Failure(kind=e.kind, rank=e.rank, step=restore_step + 1,
                                            message=str(e), time_s=self.acct.now()))
+        self.group_start_s = time.perf_counter() - t_start
+        if info.get("load_s") is not None:
+            self.load_s = info["load_s"]
         refused = self._preflight(info.get("doctor", []), restore_step)
         if refused is not None:
             return refused
@@ -231,7 +337,7 @@ class Driver:
         self.acct.group_started(n)
         source = f"checkpoint step {restore_step}" if restore else "scratch"
         for ev in self.acct.events:
-            if ev.world_size_after is None:
+            if ev.world_size_after is None and not ev.extra.get("alert"):
                 self.acct.rolled_back(ev, restore_step, n, source)
         self._reset_group_progress(restore_step)
         self._request_capacity()
@@ -496,6 +602,8 @@ class Driver:
             self.rank_step[r["rank"]] = r["step"]
             self.last_progress = time.monotonic()
             self._ack_saves(r["rank"], r.get("saved", []))
+            if r.get("save_s") is not None:
+                self.save_s[r["rank"]] = r["save_s"]
         for rank, steps in result.saved:
             self._ack_saves(rank, steps)
         for rank, step, _ok in result.replicated:
@@ -541,15 +649,26 @@ class Driver:
             "goodput": min(1.0, self.acct.productive_s() / after_first) if after_first > 0 else 1.0,
             "failures": float(self.failures),
         }
+        metrics = {**recipe_metrics(results, samples), **metrics}  # raypod's own names win a clash
         self.cadence.observe(step, results)
         self._check_health(step, results, metrics)
         self._commit_saved()  # a save of this step may have been held back until it counted
         self._fire("after_step", StepReport(step=step, metrics=metrics, time_s=self.acct.now(),
-                                            replayed=replayed))
+                                            replayed=replayed, ranks=self._rank_figures(results)))
         for ev in resolved:
             log.info("recovered from %s at step %d: resumed %.2f s after detection, %s lost steps",
                      ev.kind, ev.step, ev.resumed_s - ev.detected_s, ev.lost_steps)
             self._fire("after_recovery", ev)
+
+    def _rank_figures(self, results: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Each rank's own compute, its waits (peers, data) and its node, for the step report."""
+        nodes = list(getattr(self.group, "nodes", None) or [])
+        out: dict[int, dict[str, Any]] = {}
+        for r in results:
+            wait, data = r.get("wait_s", 0.0), r.get("data_s", 0.0)
+            out[r["rank"]] = {"compute_s": max(0.0, r["compute_s"] - wait - data), "wait_s": wait,
+                              "data_s": data, "node_id": nodes[r["rank"]] if r["rank"] < len(nodes) else None}
+        return out
 
     def _ack_saves(self, rank: int, steps: list[int]) -> None:
         """Note finished saves; commit a step all ranks saved, once the step itself counted.
@@ -566,14 +685,28 @@ class Driver:
             if s > self.done_step:
                 break
             if len(self.save_acks[s]) == self.group.world_size and s > self.committed_step:
-                path = self.store.commit(s, self.group.world_size)
+                if self.lease is not None and not self.lease.held():
+                    return  # another driver owns the job now; the loop stops at its next turn
+                try:
+                    path = self.store.commit(s, self.group.world_size)
+                except OSError as e:
+                    full = storage_error(e, self.cfg.checkpoint.storage, f"committing checkpoint step {s}")
+                    if full is None:
+                        raise
+                    raise full from None
                 self.committed_step = s
                 del self.save_acks[s]
                 log.info("checkpoint step %d committed", s)
                 self._fire("after_checkpoint", s, path)
 
     def _failure_from(self, errors: list[WorkerError]) -> Failure:
-        """The root cause among the errors: a dead rank, then an injected fault, then the rest."""
+        """The root cause among the errors: storage that cannot be written, a dead rank, then an
+        injected fault, then the rest."""
+        full = [x for x in errors if x.kind == "storage"]
+        if full:  # full, read-only or forbidden storage: no restart makes room (never retried)
+            e = min(full, key=lambda x: x.step)
+            return Failure(kind="storage", rank=e.rank, step=e.step, time_s=self.acct.now(),
+                           message=e.message, retryable=False)
         priority = {"worker_died": 0, "injected": 1, "exception": 2}
         e = min(errors, key=lambda e: (priority.get(e.kind, 3), e.step))
         timed_out = [x for x in errors if x.kind == "exception" and "timed out" in x.message.lower()]
@@ -598,8 +731,16 @@ class Driver:
                 self.fired.add(i)
                 if marker["rank"] == e.rank and marker["kind"] != "slow":  # a slow rank fails nothing
                     kind, step = marker["kind"], marker["step"]
+        what = e.message
+        if e.kind == "worker_died":  # name the node; Ray's guess at the cause stays in driver.log
+            node_of = getattr(self.group, "node_of", None)
+            what += f" on {node_of(e.rank)}" if node_of else ""
+            if kind == "kill":
+                what += " (fault.inject)"
+            elif console.get() is not None:
+                what += f" (Ray's report of the exit: {console.LOG_NAME})"
         return Failure(kind=kind, rank=e.rank, step=step, time_s=self.acct.now(),
-                       message=f"rank {e.rank} at step {step}: {e.message}")
+                       message=f"rank {e.rank} at step {step}: {what}")
 
     # ---- RECOVERING --------------------------------------------------------------
     def _recover(self, state: RecoveringState) -> State:
@@ -612,6 +753,9 @@ class Driver:
         self._fire("after_failure", event)
         self._count_node_failures(f)
         decision = self.failure_policy.decide(f, self.failures)
+        if decision is FailureDecision.RAISE and f.kind == "storage":
+            self.storage_failed = True
+            return ErroredState(f.message)
         if decision is FailureDecision.RAISE:
             budget = self.cfg.fault.max_failures
             why = (f"{f.message} (fault.max_failures={budget} exhausted)" if f.retryable
@@ -647,10 +791,13 @@ class Driver:
             self.group.excluded_nodes = set(self.excluded_nodes)
 
     def _recover_in_memory(self, f: Failure, event: FailureEvent) -> bool:
-        """Keep the surviving processes, replace lost ranks, restore from in-memory copies.
+        """Keep the surviving processes, replace lost ranks, restore from in-memory copies
+        or from the newest committed checkpoint, whichever gets training back soonest
+        (:func:`raypod.driver.recovery_source.choose_source`; the decision goes in the event).
 
-        Returns False (and the caller restarts from the persistent checkpoint) when a
-        lost rank's replica went with it, or the recovery itself fails.
+        Returns False (and the caller restarts every rank from the persistent checkpoint)
+        when no survivor is left, the checkpoint was chosen but cannot be loaded in place,
+        or the recovery itself fails.
         """
         if not self.cadence.enabled:
             return False
@@ -685,38 +832,47 @@ class Driver:
         for r in alive:
             own = set(reports[r]["own"])
             steps = own if steps is None else steps & own
+        no_memory = None
         for d in sorted(lost):
             twins = getattr(group, "twins", None)
             holder = group.holder_of(d)
             if holder is None or holder in lost:
                 event.message += f"; rank {d}'s in-memory replica was lost with it"
-                log.warning("rank %d and the holder of its replica are both lost: using the "
-                            "persistent checkpoint", d)
-                return False
+                no_memory = f"rank {d} and the holder of its replica are both lost"
+                steps = set()
+                break
             # An HSDP twin's own snapshots are the lost rank's state; else the replica it holds.
             held = set(reports[holder]["own"] if twins else reports[holder]["replicas"].get(d, []))
             steps = held if steps is None else steps & held
-        if not steps:
-            log.warning("no step is held in memory by every rank: using the persistent checkpoint")
-            return False
         # Steps every rank finished whose replicas were still on their way are complete
         # too when the restore point includes them; later ones are redone.
         finished = self.done_step
         while len(self.partial.get(finished + 1, ())) == group.world_size:
             finished += 1
-        usable = [s for s in steps if s <= finished]
-        if not usable:
-            log.warning("no finished step is held in memory by every rank: using the persistent "
-                        "checkpoint")
+        usable = [s for s in steps or () if s <= finished]
+        if not usable and no_memory is None:
+            no_memory = "no finished step is held in memory by every rank"
+        spares = group.live_spares() if alive and (usable or hasattr(group, "load_in_place")) else 0
+        shrink = (self.scaling_policy.shrink_to(group.world_size, len(lost), spares)
+                  if spares < len(lost) else None)
+        # Loaded in place: by the survivors and the replacements (a shrink restarts every rank).
+        in_place = bool(alive) and shrink is None and hasattr(group, "load_in_place")
+        choice, ckpt = self._pick_source(max(usable) if usable else None, finished, in_place)
+        event.extra["source_choice"] = choice.record()
+        if no_memory is not None:
+            log.warning("in-memory recovery: %s", no_memory)
+        if choice.chosen is None or choice.chosen.kind == CHECKPOINT:
+            if choice.chosen is not None and in_place:
+                return self._load_in_place(event, lost, ckpt, marks)
+            if choice.chosen is not None:
+                log.warning("recovering from %s: every rank restarts (%s)", choice.chosen.label,
+                            choice.reason)
             return False
-        restore_step = max(usable)
+        restore_step = choice.chosen.step
         while self.done_step < restore_step:
             self._complete_step(self.done_step + 1, resolve=False)
         marks.append(("plan", time.perf_counter()))
         before = group.world_size
-        spares = group.live_spares()
-        shrink = (self.scaling_policy.shrink_to(before, len(lost), spares)
-                  if spares < len(lost) else None)
         try:
             if shrink is not None:
                 # Not enough warm spares: continue with fewer ranks now (state resharded in
@@ -736,19 +892,129 @@ class Driver:
         except GroupStartError as e:
             log.warning("in-memory recovery failed (%s): using the persistent checkpoint", e)
             return False
+        self._rebuilt(event, info, marks, restore_step, f"memory step {restore_step}")
+        log.info("attempt %d: recovered in place from memory step %d in %.2f s (replaced %s, "
+                 "%d bytes from peers; slowest rank %s)", self.attempt, restore_step,
+                 info["recover_s"], info["replaced"], info["received_bytes"],
+                 {k: round(v, 3) for k, v in info["slowest_rank_phases_s"].items()})
+        return True
+
+    def _rebuilt(self, event: FailureEvent, info: dict[str, Any], marks: list[tuple[str, float]],
+                 step: int, source: str) -> None:
+        """Book a group rebuilt in place at ``step`` from ``source``: phases into the event, progress reset."""
         self.dead_ranks = set()
         marks.append(("rebuild", time.perf_counter()))
         phases = {name: round(t - marks[i][1], 3) for i, (name, t) in enumerate(marks[1:])}
         phases.update({f"rebuild_{k}": round(v, 3) for k, v in info.get("driver_phases_s", {}).items()})
         phases.update({f"rank_{k}": round(v, 3) for k, v in info["slowest_rank_phases_s"].items()})
         event.extra["recovery_phases_s"] = phases
-        self.acct.group_started(group.world_size)
-        self.acct.rolled_back(event, restore_step, group.world_size, f"memory step {restore_step}")
-        self._reset_group_progress(restore_step)
-        log.info("attempt %d: recovered in place from memory step %d in %.2f s (replaced %s, "
-                 "%d bytes from peers; slowest rank %s)", self.attempt, restore_step,
-                 info["recover_s"], info["replaced"], info["received_bytes"],
-                 {k: round(v, 3) for k, v in info["slowest_rank_phases_s"].items()})
+        self.acct.group_started(self.group.world_size)
+        self.acct.rolled_back(event, step, self.group.world_size, source)
+        self._reset_group_progress(step)
+
+    # ---- recovery sources ----------------------------------------------------------
+    def _latest_checkpoint(self) -> CommittedCheckpoint | None:
+        """The newest committed checkpoint a recovery may load (the one place that asks)."""
+        return self._choose_checkpoint()[0]
+
+    def _choose_checkpoint(self) -> tuple[CommittedCheckpoint | None, str | None]:
+        """The newest committed checkpoint whose files match its manifest (verified here, on the
+        driver, before any rank touches a file), or None to start from scratch.
+
+        Each newer checkpoint that fails is recorded once as a ``checkpoint_corrupt`` event
+        naming the file. Returns ``(None, why)`` when checkpoints exist but none passes:
+        the job does not start from scratch over them.
+        """
+        chosen, rejected = self._first_choice or self.store.latest_verified()
+        self._first_choice = None
+        source = f"checkpoint step {chosen.step}" if chosen else "scratch"
+        for bad in rejected:
+            if (bad.step, bad.reason) in self._corrupt_seen:
+                continue
+            self._corrupt_seen.add((bad.step, bad.reason))
+            now = self.acct.now()
+            ev = FailureEvent(kind="checkpoint_corrupt", step=bad.step, rank=None, detected_s=now,
+                              message=f"{bad.reason}; using {source} instead", resumed_s=now,
+                              lost_steps=0, restored_from=source,
+                              extra={"alert": True, "file": bad.file, "checkpoint": bad.path})
+            self.acct.failure(ev)
+            log.warning("%s", ev.message)
+            self._fire("after_failure", ev)
+            self._fire("after_recovery", ev)
+        if chosen is None and rejected:
+            return None, (f"{rejected[0].reason}, and no older committed checkpoint passes "
+                          f"verification: not starting from scratch over them (move {self.store.root} "
+                          "aside to start afresh)")
+        return chosen, None
+
+    def _storage_failure(self, err: StorageError) -> ErroredState:
+        """``checkpoint.storage`` cannot be written: the job ends now, in one sentence (no
+        recovery can make room), with a ``storage`` event."""
+        self.storage_failed = True
+        if not any(ev.kind == "storage" for ev in self.acct.events):
+            self.acct.failure(FailureEvent(kind="storage", step=self.done_step + 1, rank=None,
+                                           detected_s=self.acct.now(), message=str(err)))
+        return ErroredState(str(err))
+
+    def _load_estimate(self) -> float:
+        """Seconds a checkpoint load is expected to take: the last load this job measured,
+        else its slowest rank's last save, else a conservative default."""
+        if self.load_s is not None:
+            return self.load_s
+        if self.save_s:
+            return max(self.save_s.values())
+        return _DEFAULT_LOAD_S
+
+    def _pick_source(self, memory_step: int | None, target: int,
+                     in_place: bool) -> tuple[SourceChoice, CommittedCheckpoint | None]:
+        """Where to restore from, and the checkpoint to load when that is the choice.
+
+        The choice is made on the newest committed checkpoint as its manifest says (cheap);
+        its files are verified only when it is chosen, and a checkpoint that fails gives way
+        to the one verification picks instead (the choice is then made again).
+        """
+        ckpt = self.store.latest()
+        choice = self._choose_source(memory_step, ckpt, target, in_place)
+        if choice.chosen is not None and choice.chosen.kind == CHECKPOINT:
+            verified = self._latest_checkpoint()
+            if verified is None or ckpt is None or verified.step != ckpt.step:
+                ckpt = verified
+                choice = self._choose_source(memory_step, ckpt, target, in_place)
+        return choice, ckpt
+
+    def _choose_source(self, memory_step: int | None, ckpt: CommittedCheckpoint | None, target: int,
+                       in_place: bool) -> SourceChoice:
+        """Estimate each source's cost to get back to step ``target`` and let the policy choose."""
+        step_s = statistics.median(self.step_durs) if self.step_durs else 0.0
+        cands = []
+        if memory_step is not None:
+            cands.append(estimate(MEMORY, memory_step, target, step_s))
+        if ckpt is not None:
+            restart_s = 0.0 if in_place else (self.group_start_s or _DEFAULT_LOAD_S)
+            cands.append(estimate(CHECKPOINT, ckpt.step, target, step_s, self._load_estimate(), restart_s))
+        choice = choose_source(cands)
+        log.info("recovery source: %s", choice.reason)
+        return choice
+
+    def _load_in_place(self, event: FailureEvent, lost: set[int], ckpt: CommittedCheckpoint,
+                       marks: list[tuple[str, float]]) -> bool:
+        """Replace ``lost`` ranks and load ``ckpt`` on every rank of the group, in place.
+
+        Returns False (every rank then restarts from the checkpoint) when that fails.
+        """
+        group = self.group
+        marks.append(("plan", time.perf_counter()))
+        try:
+            info = group.load_in_place(lost, ckpt, self.attempt, faults.pending(self.cfg, self.fired))
+        except GroupStartError as e:
+            log.warning("loading checkpoint step %d in place failed (%s): every rank restarts from it",
+                        ckpt.step, e)
+            return False
+        if info["slowest_rank_phases_s"].get("restore") is not None:
+            self.load_s = info["slowest_rank_phases_s"]["restore"]
+        self._rebuilt(event, info, marks, ckpt.step, f"checkpoint step {ckpt.step}")
+        log.info("attempt %d: recovered in place from checkpoint step %d in %.2f s (replaced %s)",
+                 self.attempt, ckpt.step, info["recover_s"], info["replaced"])
         return True
 
     # ---- ROLLING_BACK ------------------------------------------------------------
@@ -791,12 +1057,20 @@ class Driver:
         held = set.intersection(*(set(r["own"]) for r in reports.values()))
         good = [s for s in held if s < state.step]
         if not good:
-            log.warning("no snapshot before step %d in memory: using the persistent checkpoint", state.step)
+            log.warning("no snapshot before step %d in memory", state.step)
+        in_place = hasattr(group, "load_in_place")
+        choice, ckpt = self._pick_source(max(good) if good else None, self.done_step, in_place)
+        event.extra["source_choice"] = choice.record()
+        if choice.chosen is None or choice.chosen.kind == CHECKPOINT:
             self.attempt += 1
+            if (choice.chosen is not None and in_place
+                    and self._load_in_place(event, set(), ckpt, [("start", time.perf_counter())])):
+                log.warning("step %d: %s", state.step, event.message)
+                return RunningState()
             group.shutdown()
             self.group = None
             return SchedulingState(attempt=self.attempt)
-        to = max(good)
+        to = choice.chosen.step
         for rank, steps in group.rollback(to, timeout=f.hang_timeout_s):
             self._ack_saves(rank, steps)
         for s in [s for s in self.save_acks if s > to]:
@@ -876,12 +1150,44 @@ class Driver:
                  sorted(lost), restore_step, state.reason, info["recover_s"])
         return RunningState()
 
+    # ---- a user's stop, a lost lease -----------------------------------------------
+    def _stopped(self, signame: str) -> StoppedState:
+        """Abandon the steps in flight, commit a save every rank already finished, record a
+        ``stop`` event; never starts a save (``ray job stop`` SIGKILLs after a few seconds)."""
+        in_flight = max(0, self.next_step - 1 - self.done_step)
+        if self.group is not None and self.state.kind is StateKind.RUNNING:
+            try:  # what finished by now still counts (steps, save acks -> commits)
+                result = self.group.poll(timeout=0)
+                if not result.errors:
+                    self._absorb(result)
+                    in_flight = max(0, self.next_step - 1 - self.done_step)
+            except Exception as e:  # noqa: BLE001 - stopping anyway
+                log.warning("collecting the steps in flight at the stop: %s", e)
+        step = self.acct.last_step
+        now = self.acct.now()
+        msg = (f"stopped by {signame} after step {step}; {in_flight} step(s) in flight abandoned; "
+               f"latest committed checkpoint: step {self.committed_step}")
+        ev = FailureEvent(kind="stop", step=step, rank=None, detected_s=now, message=msg,
+                          lost_steps=0, extra={"signal": signame, "abandoned_steps": in_flight,
+                                               "committed_step": self.committed_step})
+        self.acct.failure(ev)
+        log.info("job '%s' %s", self.cfg.name, msg)  # not a failure: no after_failure hook
+        return StoppedState(signal=signame, step=step)
+
+    def _ownership_lost(self) -> None:
+        """Another driver owns the job now: stop at once, tell no callback, write nothing."""
+        assert self.lease is not None and self.lease.lost is not None
+        self.callbacks = []  # the MLflow run and the progress belong to the new owner
+        self._set_state(ErroredState(self.lease.lost))
+
     # ---- FINISHING ---------------------------------------------------------------
     def _finish(self, state: FinishingState) -> State:
         for rank, steps in self.group.finish_saves():
             self._ack_saves(rank, steps)
-        # The consolidated model goes beside the checkpoints; MLflow logs it as an artifact.
-        self.digest = self.group.state_digest(join_uri(self.cfg.job_dir, "final_model.pt"))
+        # The consolidated model goes beside the checkpoints (and, for a recipe that exports its
+        # own format, such as save_pretrained output, to final_model_hf/); MLflow logs it.
+        hf = join_uri(self.cfg.job_dir, FINAL_MODEL_HF) if _exports(self.recipe) else None
+        self.digest = self.group.state_digest(join_uri(self.cfg.job_dir, "final_model.pt"), hf)
         self.group.close()
         self.group = None
         return FinishedState()
@@ -890,8 +1196,13 @@ class Driver:
     def _write_summary(self) -> None:
         ok = self.state.kind is StateKind.FINISHED
         error = self.state.error if isinstance(self.state, ErroredState) else None
+        if self.lease is not None and self.lease.lost is not None:  # not ours to write any more
+            self.summary = self.acct.summary(status="failed", final_step=self.acct.last_step,
+                                             run_id=None, digest=None, error=self.lease.lost)
+            return
+        stopped = isinstance(self.state, StoppedState)
         summary = self.acct.summary(
-            status="succeeded" if ok else "failed",
+            status="succeeded" if ok else "stopped" if stopped else "failed",
             final_step=self.acct.last_step,
             run_id=None,
             digest=self.digest,
@@ -902,10 +1213,19 @@ class Driver:
         summary["excluded_nodes"] = dict(self.excluded_nodes)
         summary["memory_snapshots"] = self.cadence.figures()
         self._fire("before_summary", summary)
+        summary = redact_json(summary)  # no credentials (in an error's URI, say) reach storage or MLflow
         path = join_uri(self.cfg.job_dir, "summary.json")
         try:
             write_json_atomic(path, summary)
         except OSError as e:
-            log.error("could not write %s: %s", path, e)
+            # Where it still fits: a local file beside the driver's other state, named here.
+            fallback = os.path.join(os.path.expanduser("~/.raypod/summary"),
+                                    f"{self.cfg.name}-{int(self.start_time)}.json")
+            try:
+                write_json_atomic(fallback, summary)
+                log.error("could not write %s (%s): the job's summary is in %s instead", path, e, fallback)
+                path = fallback
+            except OSError as e2:
+                log.error("could not write %s (%s) nor %s (%s)", path, e, fallback, e2)
         self.summary = summary
         self._fire("after_job", summary, path)

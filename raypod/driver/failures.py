@@ -12,7 +12,8 @@ class Failure:
 
     Attributes:
         kind: ``kill`` / ``exception`` for injected faults, else ``worker_died``,
-            ``exception``, ``setup_failed`` or ``scheduling``.
+            ``exception``, ``setup_failed``, ``scheduling`` or ``storage`` (a write to
+            ``checkpoint.storage`` failed for good: full, over quota, read-only; never retried).
         rank: the rank at fault, when known.
         step: the step that was running.
         message: one line for the user.
@@ -36,7 +37,8 @@ class FailureDecision(enum.Enum):
 class FailurePolicy:
     """Retry up to ``max_failures`` recoveries, then fail the job.
 
-    A failure that is not retryable fails the job at once.
+    A failure that is not retryable, and a storage failure (re-forming the group
+    cannot make room on the storage), fails the job at once.
     """
 
     def __init__(self, max_failures: int) -> None:
@@ -44,6 +46,6 @@ class FailurePolicy:
 
     def decide(self, failure: Failure, failures_so_far: int) -> FailureDecision:
         """``failures_so_far`` counts this one."""
-        if not failure.retryable or failures_so_far > self.max_failures:
+        if not failure.retryable or failure.kind == "storage" or failures_so_far > self.max_failures:
             return FailureDecision.RAISE
         return FailureDecision.RETRY

@@ -5,6 +5,7 @@
         └─ RECOVERING ◀┘ ├── ROLLING_BACK  (NaN or spiking loss: back one snapshot, skip the batch)
                       │  └── HANDING_OVER  (preempted, draining or straggling rank: replaced, no lost step)
                       └──▶ ERRORED        (budget spent, or unrecoverable)
+    any non-terminal state ──▶ STOPPED           (a user's stop: SIGTERM / ``ray job stop``, Ctrl-C)
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ class StateKind(enum.Enum):
     FINISHING = "finishing"
     FINISHED = "finished"
     ERRORED = "errored"
+    STOPPED = "stopped"
 
     @property
     def is_terminal(self) -> bool:
-        return self in (StateKind.FINISHED, StateKind.ERRORED)
+        return self in (StateKind.FINISHED, StateKind.ERRORED, StateKind.STOPPED)
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,13 @@ class ErroredState(State):
 
     kind: ClassVar[StateKind] = StateKind.ERRORED
     error: str
+
+
+@dataclass(frozen=True)
+class StoppedState(State):
+    """A user stopped the job (``signal``: ``SIGTERM`` or ``SIGINT``) after step ``step``;
+    not a failure."""
+
+    kind: ClassVar[StateKind] = StateKind.STOPPED
+    signal: str
+    step: int

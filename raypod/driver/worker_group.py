@@ -7,6 +7,7 @@ The driver talks to the group only through this class, so unit tests swap in a f
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raypod.checkpoint import CommittedCheckpoint
-from raypod.config import FaultInjection, JobConfig
+from raypod.config import FaultInjection, JobConfig, recipe_pythonpath
 from raypod.driver.scaling import worker_bundle
 from raypod.recipe import Recipe
 from raypod.worker.actor import remote_worker_class
@@ -45,7 +46,8 @@ class WorkerError:
     rank: int
     step: int
     kind: str
-    """``worker_died``, ``exception`` (the rank's code raised) or ``injected``."""
+    """``worker_died``, ``exception`` (the rank's code raised), ``injected`` or ``storage``
+    (a write to ``checkpoint.storage`` failed for good: full, over quota, read-only)."""
     message: str
 
 
@@ -77,6 +79,8 @@ def _describe(e: BaseException) -> tuple[str, str]:
         return "worker_died", "the worker process died"
     if isinstance(e, RayTaskError):
         cause = e.cause if e.cause is not None else e
+        if type(cause).__name__ == "StorageError":  # raypod.checkpoint.fs: one sentence already
+            return "storage", str(cause)
         kind = "injected" if type(cause).__name__ == "InjectedFault" else "exception"
         return kind, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
     return "exception", f"{type(e).__name__}: {e}"
@@ -128,6 +132,13 @@ class WorkerGroup:
     def __init__(self, config: JobConfig, recipe: Recipe) -> None:
         self.cfg = config
         self.recipe = recipe
+        path = recipe_pythonpath(config)
+        self.runtime_env: dict[str, Any] | None = None
+        """The ranks' runtime env: ``PYTHONPATH`` holds the folder of a recipe module that the
+        driver imported from ``recipe.import_dirs`` (the ranks unpickle the recipe from it)."""
+        if path:
+            old = os.environ.get("PYTHONPATH")
+            self.runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([*path, *([old] if old else [])])}}
         self.bundle = worker_bundle(config.scaling)
         self.actors: list[Any] = []
         self.placement: list[tuple[Any, int]] = []
@@ -141,6 +152,7 @@ class WorkerGroup:
         self.spare_pg = None
         self.world_size = 0
         self.nodes: list[str] = []
+        self.node_ips: list[str] = []
         self.peer_to: list[int | None] = []
         """Per rank: the rank its snapshots are replicated to (``None``: no replication)."""
         self.twins: list[int | None] | None = None
@@ -158,7 +170,7 @@ class WorkerGroup:
         extra = {k: v for k, v in self.bundle.items() if k not in ("CPU", "GPU")}
         return remote_worker_class().options(
             num_cpus=self.bundle.get("CPU", 0), num_gpus=self.bundle.get("GPU", 0),
-            resources=extra or None,
+            resources=extra or None, runtime_env=self.runtime_env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
         ).remote(int(self.bundle.get("CPU", 1)) or 1)
 
@@ -214,9 +226,10 @@ class WorkerGroup:
             self.actors = [self.actors[i] for i in order]
             self.placement = [self.placement[i] for i in order]
             self.nodes = [infos[i]["node_id"] for i in order]
+            self.node_ips = [infos[i]["ip"] for i in order]
             self._plan_peers()
             init_method = self._rendezvous(infos[order[0]]["ip"], timeout)
-            restore_arg = (restore.path, restore.step) if restore else None
+            restore_arg = (restore.path, restore.step, restore.metadata_sha256) if restore else None
             refs = [a.setup.remote(self.cfg, self.recipe, r, world_size, init_method, injections,
                                    attempt, restore_arg, self._peers(r))
                     for r, a in enumerate(self.actors)]
@@ -226,8 +239,10 @@ class WorkerGroup:
         except Exception as e:  # noqa: BLE001 - any setup failure is reported as one
             kind, msg = _describe(e)
             raise GroupStartError(f"a rank failed to start: {msg}", kind=kind) from None
+        loads = [r["load_s"] for r in results if r.get("load_s") is not None]
         return {"num_samples": results[0]["num_samples"],
                 "setup_s": max(r["setup_s"] for r in results),
+                "load_s": max(loads) if loads else None,
                 "doctor": [r["doctor"] for r in results if r.get("doctor")]}
 
     def _rendezvous(self, ip: str, timeout: float) -> str:
@@ -317,6 +332,13 @@ class WorkerGroup:
                 dead.add(refs[r])
         return dead
 
+    def node_of(self, rank: int) -> str:
+        """``node IP (node id)`` of ``rank``, for the lines that name a lost rank."""
+        if not 0 <= rank < len(self.nodes):
+            return "an unknown node"
+        ip = self.node_ips[rank] if rank < len(self.node_ips) else "?"
+        return f"node {ip} ({self.nodes[rank][:8]})"
+
     def kill(self, ranks: set[int]) -> None:
         """End the processes of ``ranks`` now (their slots are refilled by recover_in_place)."""
         for r in ranks:
@@ -341,20 +363,8 @@ class WorkerGroup:
             GroupStartError: a replacement or the new rendezvous failed.
         """
         t0 = time.perf_counter()
-        moves = []
-        self.kill(lost)
-        self.live_spares()  # a spare on a lost node went with it
-        for d in sorted(lost):
-            freed = self.placement[d]
-            if self.spares:
-                actor, placement = self.spares.pop(0)
-            else:
-                actor, placement = self._new_actor(*freed), freed
-                freed = None
-            self.actors[d], self.placement[d] = actor, placement
-            moves.append((self.holder_of(d), d, d))
-            if freed is not None:
-                self.freed.append(freed)  # the lost rank's slot becomes the next spare
+        moves = [(self.holder_of(d), d, d) for d in sorted(lost)]
+        self._replace(lost)
         t1 = time.perf_counter()
         try:
             info = self._regroup(lambda r, a, init: a.reconfigure.remote(
@@ -369,6 +379,47 @@ class WorkerGroup:
         info["driver_phases_s"]["replace"] = t1 - t0
         return {**info, "replaced": sorted(lost), "spares_left": len(self.spares)}
 
+    def load_in_place(self, lost: set[int], restore: CommittedCheckpoint, attempt: int,
+                      injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
+        """Replace ``lost`` ranks (spares first), re-form the group, and load the committed
+        checkpoint ``restore`` on every rank: survivors keep their processes.
+
+        Raises:
+            GroupStartError: a replacement, the new rendezvous or a rank's load failed.
+        """
+        t0 = time.perf_counter()
+        self._replace(lost)
+        t1 = time.perf_counter()
+        try:
+            info = self._regroup(lambda r, a, init: a.reload.remote(
+                self.cfg, self.recipe, r, self.world_size, init, injections, attempt, self._peers(r),
+                restore.path, restore.step))
+        except GroupStartError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            kind, msg = _describe(e)
+            raise GroupStartError(f"loading checkpoint step {restore.step} in place failed: {msg}",
+                                  kind=kind) from None
+        info["recover_s"] = time.perf_counter() - t0
+        info["driver_phases_s"]["replace"] = t1 - t0
+        return {**info, "replaced": sorted(lost), "spares_left": len(self.spares)}
+
+    def _replace(self, lost: set[int]) -> None:
+        """End the ``lost`` ranks' processes and put a spare (or a new actor in the rank's
+        own slot) in their place; a slot a spare took over becomes the next spare."""
+        self.kill(lost)
+        self.live_spares()  # a spare on a lost node went with it
+        for d in sorted(lost):
+            freed = self.placement[d]
+            if self.spares:
+                actor, placement = self.spares.pop(0)
+            else:
+                actor, placement = self._new_actor(*freed), freed
+                freed = None
+            self.actors[d], self.placement[d] = actor, placement
+            if freed is not None:
+                self.freed.append(freed)  # the lost rank's slot becomes the next spare
+
     def _regroup(self, call: Any) -> dict[str, Any]:
         """Locate every rank, open a rendezvous on rank 0, run ``call(rank, actor, init_method)``
         on every rank (a ``reconfigure`` or ``reshape``) and sum up its results."""
@@ -376,6 +427,7 @@ class WorkerGroup:
         t0 = time.perf_counter()
         infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
         self.nodes = [i["node_id"] for i in infos]
+        self.node_ips = [i["ip"] for i in infos]
         self._plan_peers()
         init_method = self._rendezvous(infos[0]["ip"], timeout)
         t1 = time.perf_counter()
@@ -654,6 +706,8 @@ class WorkerGroup:
         done = ray.get([a.finish_saves.remote() for a in self.actors], timeout=600)
         return list(enumerate(done))
 
-    def state_digest(self, export_path: str | None = None) -> str | None:
-        """World-size-independent digest of the model and optimizer (a collective)."""
-        return ray.get([a.state_digest.remote(export_path) for a in self.actors], timeout=600)[0]
+    def state_digest(self, export_path: str | None = None, pretrained_dir: str | None = None) -> str | None:
+        """World-size-independent digest of the model and optimizer (a collective); rank 0 writes
+        the consolidated model to ``export_path`` and the recipe's own format to ``pretrained_dir``."""
+        return ray.get([a.state_digest.remote(export_path, pretrained_dir) for a in self.actors],
+                       timeout=600)[0]

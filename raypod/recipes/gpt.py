@@ -17,6 +17,10 @@ from raypod.models.gpt import GPT, GPTConfig
 from raypod.recipe import RankContext, Recipe
 
 
+def _local(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class GPTRecipe(Recipe):
     """Next-byte prediction with :class:`raypod.models.gpt.GPT`.
 
@@ -27,26 +31,33 @@ class GPTRecipe(Recipe):
 
     Args:
         n_layer, n_head, n_embd, seq_len: the model's shape.
-        prepare_corpus: build the stdlib corpus at ``data.path`` when it is missing
-            (a local path only).
-        corpus_bytes: size of the prepared corpus.
+        demo_corpus: the shipped demo configs set this to their ``data.path`` (a local
+            path): when ``data.path`` is exactly this path and missing, the Python
+            standard library's source is written there as the demo corpus. Any other
+            missing ``data.path`` is refused before Ray starts (never silently replaced).
+        corpus_bytes: size of the demo corpus.
         cache_dir: where the tokenised data is cached (reachable from every node);
             default ``<checkpoint.storage>/.raypod_data``.
     """
 
     def __init__(self, n_layer: int = 2, n_head: int = 4, n_embd: int = 128, seq_len: int = 128,
-                 prepare_corpus: bool = True, corpus_bytes: int = 8_000_000,
+                 demo_corpus: str | None = None, corpus_bytes: int = 8_000_000,
                  cache_dir: str | None = None) -> None:
         self.model_cfg = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, seq_len=seq_len)
-        self.prepare_corpus = prepare_corpus
+        self.demo_corpus = demo_corpus
         self.corpus_bytes = corpus_bytes
         self.cache_dir = cache_dir
         self.corpus: TokenCorpus | None = None
         """Set by :meth:`prepare_data` on the driver; travels to the ranks with the recipe."""
 
     def _ensure_corpus(self, path: str) -> None:
-        if self.prepare_corpus and "://" not in path and not os.path.exists(os.path.expanduser(path)):
-            build_stdlib_corpus(path, self.corpus_bytes)
+        """Build the demo corpus at ``path`` when it is missing and it is ``demo_corpus``."""
+        if "://" in path or os.path.exists(os.path.expanduser(path)) or not self.demo_corpus:
+            return
+        if _local(path) != _local(self.demo_corpus):
+            raise ConfigError(f"data.path '{path}' does not exist (the demo corpus is only built at "
+                              f"recipe.args.demo_corpus '{self.demo_corpus}')")
+        build_stdlib_corpus(path, self.corpus_bytes)
 
     def _cache_root(self, config: JobConfig) -> str:
         if self.cache_dir:

@@ -9,11 +9,15 @@ when steps are replayed after a failure, secrets in the config are redacted befo
 they become params. A tracking store that is down or unreachable never stops
 training and loses no point: what cannot be sent goes to an on-disk spool
 (:mod:`raypod.tracking.spool`) and is sent when the store is back, by this driver or
-the next submission of the job. MLflow's own system metrics (``system/*``) are logged
-beside raypod's. Failures, recoveries and resizes become ``raypod.event.<n>.*`` tags
+the next submission of the job. MLflow's own system metrics (``system/*``, the driver's
+node) are logged beside raypod's, and so are those of every node of the job's ranks
+(``system/<node>/*``, :mod:`raypod.tracking.system`) and each rank's step times
+(``rank/<r>/*``). Failures, recoveries and resizes become ``raypod.event.<n>.*`` tags
 and rows of the ``events_table.json`` table; the end of the job logs ``config.yaml``,
-``summary.json``, ``events.json``, ``timeline.png`` and, when the driver left one,
-the final model as a plain torch state dict (``model/state_dict.pt``).
+``summary.json``, ``events.json``, ``timeline.png`` and the final model as an MLflow
+logged model (:mod:`raypod.tracking.model`), registered when ``mlflow.registered_model``
+is set; only when that model cannot be logged does the plain torch state dict go in
+as ``model/state_dict.pt``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import queue
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -33,7 +38,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
+from raypod.redact import REDACTED, redact, redact_text, redact_uri  # noqa: F401 - REDACTED: re-exported
+from raypod.tracking import model as _model
+from raypod.tracking.model import FINAL_MODEL_FILE  # noqa: F401 - re-exported
 from raypod.tracking.spool import FINISH_FILE, Spool, spool_dir
+from raypod.tracking.system import NodeMetrics, rank_metrics
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -46,31 +55,19 @@ RUN_ID_FILE = "mlflow_run_id"
 """Name of the file under the job folder that holds the job's MLflow run id."""
 JOB_NAME_TAG = "raypod.job_name"
 """Tag that keys a run to its job name."""
-REDACTED = "***REDACTED***"
 EVENTS_TABLE = "events_table.json"
 """Run artifact (an MLflow table) with one row per failure, recovery and resize."""
-FINAL_MODEL_FILE = "final_model.pt"
-"""A plain torch state dict the driver may leave in the job folder; logged as ``model/state_dict.pt``."""
 
 _MAX_PARAM_VAL = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_TAG_VAL = 5000  # below MLflow 3's 8000, which older servers do not accept
 _MAX_KEY = 250
 _PARAMS_TAGS_PER_BATCH = 100
-_SECRET_KEY_RE = re.compile(
-    r"token(?!izer|s)|passw(or)?d|secret|credential|api[_-]?key|access[_-]?key|private[_-]?key",
-    re.IGNORECASE,
-)
-_SECRET_VALUE_RE = re.compile(
-    r"^(sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
-    r"|xox[abposr]-[A-Za-z0-9-]{10,}|(AKIA|ASIA)[A-Z0-9]{16}|glpat-[A-Za-z0-9_-]{20,}"
-    r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*)$"
-    r"|://[^/\s:@]+:[^/\s@]+@"  # credentials inside a URL
-    r"|^\s*bearer\s+\S{8,}",
-    re.IGNORECASE,
-)
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
 _EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-_MODEL_TRAINING = "custom_model_development"  # MLflow 3's UI shows runs and charts, not GenAI views
+_MODEL_TRAINING = "custom_model_development"  # the experiment's kind in MLflow 3's header selector
+_UI_MODEL_TRAINING = "workflowType=machine_learning"
+"""MLflow 3.17's UI picks GenAI or model-training pages from this URL parameter (else from the
+browser's last choice, GenAI at first), not from the experiment's ``mlflow.experimentKind`` tag."""
 _EVENT_TAG_RE = re.compile(r"^raypod\.event\.(\d+)\.(\w+)$")
 _EVENT_COLUMNS = ("kind", "step", "rank", "detected_s", "resumed_s", "lost_steps",
                   "world_size_before", "world_size_after", "restored_from", "cause", "message")
@@ -105,28 +102,20 @@ def resolve_tracking_uri(cfg: JobConfig, job_dir: str) -> str:
     return f"sqlite:///{Path(os.path.expanduser('~/.raypod/mlflow.db'))}"
 
 
-def redact(key: str, value: Any) -> Any:
-    """Return ``value``, or :data:`REDACTED` when the key or the value looks secret.
+def run_url(tracking_uri: str, experiment_id: str, run_id: str,
+            ui: str = "http://127.0.0.1:5000") -> str:
+    """The run's page in the MLflow UI, on its model-training views.
 
     Args:
-        key: A (dotted) config key; keys naming tokens, passwords, secrets,
-            credentials, API or access keys are redacted whatever their value.
-        value: The value; strings that look like tokens, keys or URLs with
-            credentials are redacted whatever their key. Dicts and lists are
-            redacted element by element.
-
-    Returns:
-        The value with secrets replaced.
+        tracking_uri: The store; an ``http(s)`` server is the UI itself (credentials dropped).
+        experiment_id: The run's experiment.
+        run_id: The run.
+        ui: Where ``mlflow ui`` serves a local store.
     """
-    if _SECRET_KEY_RE.search(key) and value not in (None, "", {}, []):
-        return REDACTED
-    if isinstance(value, dict):
-        return {k: redact(f"{key}.{k}", v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(key, v) for v in value]
-    if isinstance(value, str) and _SECRET_VALUE_RE.search(value):
-        return REDACTED
-    return value
+    base = redact_uri(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else ui
+    if "@" in base.split("//", 1)[-1].split("/", 1)[0]:  # user:***@host: not a URL to open
+        base = base.split("//", 1)[0] + "//" + base.split("@", 1)[1]
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{_UI_MODEL_TRAINING}"
 
 
 def params_from_config(cfg: JobConfig) -> dict[str, str]:
@@ -241,10 +230,13 @@ class MLflowCallback(Callback):
             what is not sent by then stays in the spool.
         max_backoff_s: Longest wait between retries when the store fails.
         system_metrics: Log MLflow's system metrics (``system/*``: CPU, memory, disk,
-            network, GPU) of the driver's node; needs ``psutil``. Off as well when
-            ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``.
+            network, GPU) of the driver's node and ``system/<node>/*`` (CPU, memory, GPU)
+            of every node of the job's ranks (with Ray connected); needs ``psutil``. Off
+            as well when ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``.
         system_metrics_interval_s: Seconds between system-metric samples
             (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` wins).
+        model_timeout_s: How much longer ``after_job`` waits while the final model is
+            being logged (a large model takes minutes to upload).
         http_retries: MLflow's own retries per HTTP call (see above).
         http_timeout_s: Seconds an HTTP call to the tracking server may take.
     """
@@ -253,7 +245,7 @@ class MLflowCallback(Callback):
                  max_pending: int = 100_000, join_timeout_s: float = 30.0,
                  max_backoff_s: float = 30.0, system_metrics: bool = True,
                  system_metrics_interval_s: float = 10.0, http_retries: int = 0,
-                 http_timeout_s: int = 15) -> None:
+                 http_timeout_s: int = 15, model_timeout_s: float = 600.0) -> None:
         self.flush_interval_s = flush_interval_s
         self.max_batch = max(1, min(max_batch, 900))  # + one step's metrics stays <= 1000
         self.max_pending = max(1, max_pending)
@@ -263,6 +255,7 @@ class MLflowCallback(Callback):
         self.system_metrics_interval_s = system_metrics_interval_s
         self.http_retries = http_retries
         self.http_timeout_s = http_timeout_s
+        self.model_timeout_s = model_timeout_s
 
         # Driver-side state (touched by the hooks only).
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue()
@@ -273,10 +266,14 @@ class MLflowCallback(Callback):
         self._closed = False
         self._failures: list[FailureEvent] = []
         self._timeline: list[tuple[float, int, float | None, float | None]] = []
+        self._node_metrics: NodeMetrics | None = None
+        self._rank_nodes: frozenset[str] = frozenset()
+        self._last_step = 0
 
         # Thread-side state.
         self._run_ready = threading.Event()
         self._run_id: str | None = None
+        self._experiment: str | None = None
         self._stored_run_id: str | None = None
         self._client: MlflowClient | None = None
         self._tracking_uri: str | None = None
@@ -301,6 +298,9 @@ class MLflowCallback(Callback):
         self._finish_dir: Path | None = None
         self._finish_done = False
         self._table_done = False
+        self._model_done = False
+        self._model_logged = False
+        self._model_busy = threading.Event()
         self._monitor: Any = None
         self._stop = False
         self._staged = False
@@ -341,6 +341,7 @@ class MLflowCallback(Callback):
         if self._closed:
             return
         self._closed = True
+        self._stop_node_metrics()
         self._shutdown(timeout if timeout is not None else self.join_timeout_s)
 
     # ---- hooks ---------------------------------------------------------------------
@@ -358,10 +359,15 @@ class MLflowCallback(Callback):
         if uri.startswith(("http://", "https://")):
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(self.http_retries))
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.http_timeout_s))
+        if redact_uri(uri) != uri:  # MLflow prints the run's URL, credentials included, to stdout
+            os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        # MLflow's own link opens GenAI pages; raypod gives its own (summary.json's mlflow_url).
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self._spool = Spool(spool_dir(job.job_dir, cfg.name))
         self._queue.put(("setup", uri, params_from_config(cfg)))
         self._thread = threading.Thread(target=self._main, name="raypod-mlflow", daemon=True)
         self._thread.start()
+        self._start_node_metrics()
 
     def after_state_change(self, previous: str, new: str, time_s: float) -> None:
         """Tag ``raypod.state`` with the new state."""
@@ -377,7 +383,13 @@ class MLflowCallback(Callback):
         self._timeline.append((report.time_s, report.step, _num(m.get("loss")),
                                _num(m.get("samples_per_s"))))
         ts_ms = int((self._job.start_time + report.time_s) * 1000)
-        self._queue.put(("metrics", report.step, dict(m), ts_ms, report.time_s))
+        self._last_step = report.step
+        if report.ranks:
+            nodes = frozenset(f["node_id"] for f in report.ranks.values() if f.get("node_id"))
+            if nodes != self._rank_nodes:
+                self._rank_nodes = nodes
+        self._queue.put(("metrics", report.step, {**m, **rank_metrics(report.step, report.ranks)},
+                         ts_ms, report.time_s))
 
     def after_failure(self, event: FailureEvent) -> None:
         """Record the failure as ``raypod.event.<n>.*`` tags and a row of the events table."""
@@ -419,16 +431,51 @@ class MLflowCallback(Callback):
         while not self._run_ready.wait(0.05) and not self._failing and time.monotonic() < deadline:
             pass
         summary["mlflow_run_id"] = self._run_id or self._stored_run_id
+        if self._run_id and self._experiment:
+            summary["mlflow_url"] = run_url(self._tracking_uri or "", self._experiment, self._run_id)
 
     def after_job(self, summary: dict[str, Any], summary_path: str) -> None:
         """Log the artifacts, end the run, flush and join the thread (bounded wait)."""
         if not self._enabled or self._closed or self._job is None:
             return
+        self._stop_node_metrics()
         self._queue.put(("finish", dict(summary), summary_path, list(self._timeline)))
         self._closed = True
         self._shutdown(self.join_timeout_s)
 
     # ---- driver-side helpers -------------------------------------------------------
+    def _start_node_metrics(self) -> None:
+        """Sample every node of the job's ranks (with Ray connected and system metrics on)."""
+        ray = sys.modules.get("ray")
+        if (not self.system_metrics or ray is None or not ray.is_initialized()
+                or os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0")):
+            return
+        try:
+            interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or
+                             self.system_metrics_interval_s)
+        except ValueError:
+            interval = self.system_metrics_interval_s
+        self._node_metrics = NodeMetrics(lambda: self._rank_nodes, self._emit_node_metrics, interval)
+        self._node_metrics.start()
+
+    def _emit_node_metrics(self, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        """Called by the node-metrics thread: the samples join the step metrics' queue, at the
+        job's current step (one point per node, metric and step)."""
+        if tags:
+            self._queue.put(("tags", tags))
+        if metrics and self._job is not None:
+            now = time.time()
+            self._queue.put(("metrics", self._last_step, metrics, int(now * 1000),
+                             now - self._job.start_time))
+
+    def _stop_node_metrics(self) -> None:
+        nm, self._node_metrics = self._node_metrics, None
+        if nm is not None:
+            try:
+                nm.stop()
+            except Exception as e:  # noqa: BLE001 - never in the way of the job's end
+                logger.debug("stopping node metrics: %s", e)
+
     def _failure_index(self, event: FailureEvent) -> int:
         for i, e in enumerate(self._failures):
             if e is event:
@@ -445,6 +492,10 @@ class MLflowCallback(Callback):
             return
         self._queue.put(("stop", time.monotonic() + max(0.0, timeout - 0.5)))
         self._thread.join(timeout)
+        if self._thread.is_alive() and self._model_busy.is_set():
+            logger.info("waiting up to %.0f s more while the final model is logged to MLflow",
+                        self.model_timeout_s)
+            self._thread.join(self.model_timeout_s)
         if self._thread.is_alive():
             logger.warning("MLflow tracking did not finish within %.0f s; what is unsent stays in %s",
                            timeout, self.spool_path)
@@ -519,7 +570,7 @@ class MLflowCallback(Callback):
                 else:
                     if self._failing:
                         logger.warning("MLflow tracking store reachable again (%s); spooled "
-                                       "points sent", self._tracking_uri)
+                                       "points sent", redact_uri(self._tracking_uri))
                         self._failing = False
                         self._start_monitor()  # MLflow's monitor stops when the store fails
                     backoff = 1.0
@@ -589,7 +640,7 @@ class MLflowCallback(Callback):
         }, dirty=True)
 
     def _on_failure(self, exc: Exception, backoff: float) -> None:
-        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        msg = redact_text(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")[:300]
         if getattr(exc, "error_code", "") in ("INVALID_STATE", "RESOURCE_DOES_NOT_EXIST") \
                 and self._run_id is not None:
             logger.warning("MLflow run %s is gone or not active (%s); setting the run up again",
@@ -597,7 +648,7 @@ class MLflowCallback(Callback):
             self._reset_run()
         if not self._failing:
             logger.warning("MLflow tracking store %s failed (%s); training goes on, points "
-                           "are kept in %s and sent when it is back", self._tracking_uri, msg,
+                           "are kept in %s and sent when it is back", redact_uri(self._tracking_uri), msg,
                            self.spool_path)
             self._failing = True
         else:
@@ -619,7 +670,7 @@ class MLflowCallback(Callback):
         if waiting or self._run_id is None or (self._finish is not None and not self._finish_done):
             logger.warning(
                 "MLflow tracking store %s still unreachable at the end: %s%d metric points%s kept "
-                "in %s; they are sent when job '%s' runs again", self._tracking_uri,
+                "in %s; they are sent when job '%s' runs again", redact_uri(self._tracking_uri),
                 "the run was never set up; " if self._run_id is None else "", waiting,
                 " and the run's end" if self._finish is not None and not self._finish_done else "",
                 self.spool_path, self._job.config.name if self._job else "?")
@@ -744,7 +795,7 @@ class MLflowCallback(Callback):
                 db_dir.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(tracking_uri=self._tracking_uri)
         client = self._client
-        exp_id = self._experiment_id(client, cfg.mlflow.experiment)
+        exp_id = self._experiment = self._experiment_id(client, cfg.mlflow.experiment)
 
         run = None
         stored_id = self._read_run_id(job.job_dir)
@@ -1022,12 +1073,18 @@ class MLflowCallback(Callback):
         summary, summary_path, timeline = self._finish
         self._stage_finish()
         self._check_deadline()
+        if not self._model_done:
+            self._log_model(summary)
         if self._finish_dir is not None and self._finish_dir.exists():
+            if self._model_logged:  # the logged model holds the weights: no second copy
+                shutil.rmtree(self._finish_dir / "artifacts" / "model", ignore_errors=True)
             self._log_artifact_dir(self._finish_dir)
         elif self._finish_dir is None:  # the spool is not writable: stage in a temp folder
             with tempfile.TemporaryDirectory(prefix="raypod-mlflow-") as tmp:
                 (Path(tmp) / "artifacts").mkdir()
                 self._write_artifacts(Path(tmp) / "artifacts", summary, summary_path, timeline)
+                if self._model_logged:
+                    shutil.rmtree(Path(tmp) / "artifacts" / "model", ignore_errors=True)
                 self._log_artifact_dir(Path(tmp))
         if not self._table_done:
             self._check_deadline()
@@ -1038,6 +1095,27 @@ class MLflowCallback(Callback):
         if self._finish_dir is not None:
             Spool.remove(self._finish_dir)
         self._finish_done = True
+
+    def _log_model(self, summary: dict[str, Any]) -> None:
+        """The final model as an MLflow logged model (one try; see :mod:`raypod.tracking.model`)."""
+        assert self._client is not None and self._run_id is not None and self._job is not None
+        self._model_done = True
+        if not self._job.config.mlflow.log_model:
+            return
+        self._model_busy.set()
+        try:
+            model_id = _model.log_final_model(self._client, self._run_id, self._job,
+                                              self._tracking_uri or "", summary.get("final_step"))
+        except Exception as e:  # noqa: BLE001 - the plain state dict is logged instead
+            logger.warning("%s; logging the plain state dict as model/state_dict.pt instead",
+                           redact_text(str(e)) if isinstance(e, _model.ModelNotLogged) else
+                           f"cannot log the final model to MLflow: {type(e).__name__}: {redact_text(str(e))[:300]}")
+            return
+        finally:
+            self._model_busy.clear()
+        if model_id is not None:
+            self._model_logged = True
+            self._log_tags({"raypod.model_id": model_id})
 
     def _log_artifact_dir(self, folder: Path) -> None:
         assert self._client is not None and self._run_id is not None
@@ -1077,10 +1155,13 @@ class MLflowCallback(Callback):
         (out / "summary.json").write_bytes(_read_summary(summary, summary_path))
         (out / "events.json").write_text(json.dumps(rows, indent=2, default=str))
         try:
-            _plot_timeline(out / "timeline.png", cfg.name, timeline, rows)
+            # A stopped job has seconds before SIGKILL (ray job stop): no plot (about a second of
+            # matplotlib); the next driver of the job draws its own when it ends.
+            if summary.get("status") != "stopped":
+                _plot_timeline(out / "timeline.png", cfg.name, timeline, rows)
         except Exception as e:  # noqa: BLE001 - a plot is not worth losing the run's end
             logger.warning("cannot draw timeline.png: %s", e)
-        _stage_final_model(self._job, out / "model")
+        _model.stage_state_dict(self._job, out / "model")
 
 
 # ---- artifact helpers ----------------------------------------------------------------
@@ -1088,39 +1169,6 @@ class MLflowCallback(Callback):
 
 def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _stage_final_model(job: JobInfo, dest: Path) -> None:
-    """Put ``<job_dir>/final_model.pt`` (if this driver wrote it) at ``dest/state_dict.pt``."""
-    import fsspec
-
-    src = f"{job.job_dir.rstrip('/')}/{FINAL_MODEL_FILE}"
-    try:
-        fs, path = fsspec.core.url_to_fs(src)
-        if not fs.exists(path):
-            return
-        mtime = fs.modified(path).timestamp() if hasattr(fs, "modified") else None
-    except NotImplementedError:
-        mtime = None
-    except Exception as e:  # noqa: BLE001 - the model is optional
-        logger.warning("cannot look at %s: %s", src, e)
-        return
-    if mtime is not None and mtime < job.start_time - 5:
-        logger.info("%s is older than this job's start; not logging it", src)
-        return
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / "state_dict.pt"
-    try:
-        if "://" not in src or src.startswith("file://"):
-            try:
-                os.link(path, target)  # the spool sits in the job folder: no copy
-            except OSError:
-                shutil.copy2(path, target)
-        else:
-            fs.get(path, str(target))
-    except Exception as e:  # noqa: BLE001
-        logger.warning("cannot stage %s for MLflow: %s", src, e)
-        shutil.rmtree(dest, ignore_errors=True)
 
 
 def _num(value: Any) -> float | None:

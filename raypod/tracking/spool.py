@@ -79,14 +79,21 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         name = f"seg-{time_ns():020d}-{os.getpid()}-{next(_counter):06d}.jsonl"
         tmp = self.root / f".{name}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, separators=(",", ":")))
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
         final = self.root / name
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps(rec, separators=(",", ":")))
+                    f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:  # a full disk leaves no empty or partial segment behind
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
         return final
 
     def segments(self) -> list[Path]:

@@ -31,7 +31,9 @@ class TrainWorker:
         import torch  # the expensive import happens while the driver does other work
 
         torch.set_num_threads(max(1, num_threads))
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        # With its level, so that the driver's console shows warnings and keeps the rest in
+        # driver.log (raypod.console).
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.trainer = None
         self.preempted_at: float | None = None
         self.closed = False
@@ -127,10 +129,13 @@ class TrainWorker:
             from raypod.doctor import rank_preflight
 
             doctor = rank_preflight(config)
+        load_s = None
         if restore is not None:
+            t1 = time.perf_counter()
             self.trainer.load(*restore)
+            load_s = time.perf_counter() - t1
         self.trainer.feed.seek(rank, world_size, self.trainer.step + 1)  # start the data stream
-        return {"rank": rank, "setup_s": time.perf_counter() - t0,
+        return {"rank": rank, "setup_s": time.perf_counter() - t0, "load_s": load_s,
                 "num_samples": len(self.trainer.data), "doctor": doctor}
 
     def _rejoin(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
@@ -157,6 +162,14 @@ class TrainWorker:
         """Leave the broken group, join the new one and restore ``restore_step`` from memory."""
         return self._rejoin(config, recipe, rank, world_size, init_method, injections, attempt, peers,
                             lambda: self.trainer.restore_memory(restore_step, moves))
+
+    def reload(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
+               injections: list, attempt: int, peers: tuple[int | None, int | None],
+               path: str, step: int) -> dict[str, Any]:
+        """Leave the broken group, join the new one and load the committed checkpoint ``path``
+        (of ``step``) from storage: an in-place recovery that restores no in-memory copy."""
+        return self._rejoin(config, recipe, rank, world_size, init_method, injections, attempt, peers,
+                            lambda: self.trainer.restore_checkpoint(path, step))
 
     def export_reshard(self, step: int, sources: list[int], old_world: int,
                        new_world: int) -> dict[int, list[Any]]:
@@ -224,8 +237,8 @@ class TrainWorker:
     def finish_saves(self) -> list[int]:
         return self.trainer.finish_saves()
 
-    def state_digest(self, export_path: str | None = None) -> str | None:
-        return self.trainer.state_digest(export_path)
+    def state_digest(self, export_path: str | None = None, pretrained_dir: str | None = None) -> str | None:
+        return self.trainer.state_digest(export_path, pretrained_dir)
 
     def close(self) -> None:
         self.closed = True

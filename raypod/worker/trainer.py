@@ -46,8 +46,42 @@ def export_model(state_dict: dict[str, Any], path: str) -> None:
     fs, p = get_fs(path)
     tmp = f"{p}.tmp-{os.getpid()}"
     fs.makedirs(os.path.dirname(p), exist_ok=True)
-    fs.pipe_file(tmp, buf.getvalue())
-    fs.mv(tmp, p)
+    try:
+        fs.pipe_file(tmp, buf.getvalue())
+        fs.mv(tmp, p)
+    except BaseException:
+        try:  # nothing half-written stays behind
+            fs.rm(tmp)
+        except (OSError, FileNotFoundError):
+            pass
+        raise
+
+
+def export_pretrained(recipe: Recipe, state_dict: dict[str, Any], dest: str) -> bool:
+    """Have ``recipe`` write its own format of the final model into a local folder and publish
+    it at ``dest`` (a local path or URI) whole: written aside, then moved into place."""
+    import shutil
+    import tempfile
+
+    from raypod.checkpoint.fs import get_fs
+
+    with tempfile.TemporaryDirectory(prefix="raypod-export-") as tmp:
+        if not recipe.export_pretrained(state_dict, tmp):
+            return False
+        fs, p = get_fs(dest)
+        aside = f"{p.rstrip('/')}.tmp-{os.getpid()}"
+        if fs.exists(aside):
+            fs.rm(aside, recursive=True)
+        fs.makedirs(os.path.dirname(p.rstrip("/")), exist_ok=True)
+        if "://" not in dest or dest.startswith("file://"):
+            shutil.copytree(tmp, aside)
+            if os.path.exists(p):
+                shutil.rmtree(p)
+            os.replace(aside, p)
+        else:
+            fs.put(tmp.rstrip("/") + "/", p.rstrip("/") + "/", recursive=True)
+    log.info("[rank 0] %s wrote %s", type(recipe).__name__, dest)
+    return True
 
 
 class InjectedFault(RuntimeError):
@@ -91,6 +125,21 @@ def _rows(batch: Any, start: int, stop: int) -> Any:
     return batch[start:stop]
 
 
+def split_loss(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A recipe's ``loss``/``evaluate`` result as ``(loss, extra metrics)``."""
+    if isinstance(out, tuple):
+        loss, extra = out
+        return loss, dict(extra or {})
+    return out, {}
+
+
+def _accumulate(sums: dict[str, torch.Tensor], values: dict[str, Any], weight: float) -> None:
+    """Add ``value * weight`` to ``sums[name]`` for each metric (kept on the device: no sync)."""
+    for name, value in values.items():
+        v = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        sums[name] = sums[name] + v * weight if name in sums else v * weight
+
+
 class Trainer:
     """One rank of a job.
 
@@ -122,11 +171,19 @@ class Trainer:
         ctx = RankContext(rank=0, world_size=1, device=self.device, config=config)
         self.data = recipe.build_data(ctx)
         t = config.train
+        self.eval_data = recipe.build_eval_data(ctx) if t.eval_every_steps else None
+        """The recipe's eval samples (``train.eval_every_steps``), fetched in this process."""
+        if t.eval_every_steps and self.eval_data is None:
+            log.warning("train.eval_every_steps is %d but %s.build_eval_data gives no eval data: no eval",
+                        t.eval_every_steps, type(recipe).__name__)
         self.order = SampleOrder(len(self.data), t.global_batch, t.seed)
         self.feed = StepFeed(self.data, self.order, t.max_steps)
         if hasattr(self.data, "warm"):
             self.data.warm()  # a spare's first batches come from the page cache
         self.pending_saves: dict[int, Future] = {}
+        self.save_started: dict[int, float] = {}
+        self.save_s: float | None = None
+        """Seconds the last persistent save took (reported with steps: the driver's load estimate)."""
         self.step = 0
         self.model = self.optimizer = None
         self.snapshots = SnapshotStore(keep=3)
@@ -214,7 +271,7 @@ class Trainer:
             optimizer = self.recipe.build_optimizer(model, ctx)
             batch = self.data.get_batch([0])
             with autocast(self.cfg.parallel, model, self.device):
-                self.recipe.loss(model, batch, self.device).backward()
+                split_loss(self.recipe.loss(model, batch, self.device))[0].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             snapshot.take(model, optimizer)
@@ -245,6 +302,7 @@ class Trainer:
             self.replicator.close()
             self.replicator = None
         self.pending_saves.clear()
+        self.save_started.clear()
         self.model = self.optimizer = None
         if dist.is_initialized():
             try:
@@ -260,8 +318,8 @@ class Trainer:
         for i, f in self.injections:
             if f.step == step:
                 faults.record_fired(self.cfg.job_dir, i, f, self.attempt)
-                log.warning("[rank %d attempt %d] injecting %s at step %d", self.rank,
-                            self.attempt, f.kind, step)
+                log.info("[rank %d attempt %d] injecting %s at step %d", self.rank,  # the driver reports it
+                         self.attempt, f.kind, step)
                 if f.kind == "kill":
                     os._exit(137)
                 if f.kind == "hang":
@@ -365,6 +423,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
+        extra_sums: dict[str, torch.Tensor] = {}
         for i, chunk in enumerate(micros):
             weight = float(len(chunk))
             if len(chunk):
@@ -376,9 +435,10 @@ class Trainer:
             with grad_sync(self.model, i == len(micros) - 1), autocast(
                 self.cfg.parallel, self.model, self.device
             ):
-                loss = self.recipe.loss(self.model, part, self.device)
+                loss, extra = split_loss(self.recipe.loss(self.model, part, self.device))
                 (loss * (weight * scale)).backward()
             loss_sum += loss.detach() * weight
+            _accumulate(extra_sums, extra, weight)
         self._mark(step, "optimizer")
         if self.poison:
             self.poison = False
@@ -392,7 +452,11 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
+        compute_s = time.perf_counter() - t0
+        evaluated = self._evaluate() if self._eval_due(step) else {}
         return {
+            **evaluated,
+            "metrics_sum": {k: float(v.item()) for k, v in extra_sums.items()},
             "step": step,
             "rank": self.rank,
             "loss_sum": float(loss_sum.item()),  # waits for the step's kernels
@@ -400,13 +464,57 @@ class Trainer:
             "samples": int(len(ids)),
             "grad_norm": grad_norm,
             "lr": lr,
-            "compute_s": time.perf_counter() - t0,
+            "compute_s": compute_s,
             "wait_s": wait_s,
             "data_s": data_s,
             "epoch": self.order.epoch_of(step),
             "ids": np.asarray(ids, dtype=np.int64),
             "saved": self._reap_saves(),
+            "save_s": self.save_s,
         }
+
+    def _eval_due(self, step: int) -> bool:
+        every = self.cfg.train.eval_every_steps
+        return bool(every and self.eval_data is not None and len(self.eval_data)
+                    and (step % every == 0 or step == self.cfg.train.max_steps))
+
+    def _evaluate(self) -> dict[str, Any]:
+        """Evaluate the model after this step on the first ``train.eval_samples`` eval samples.
+
+        Each rank takes its strided share in micro-batches (as many on every rank: FSDP2's
+        forward has collectives), under ``torch.no_grad`` in eval mode; the RNG state and the
+        module's mode are put back, so the training state is the same as without it.
+
+        Returns:
+            ``eval_sums`` (``loss`` and the recipe's eval metrics, summed over this rank's
+            samples), ``eval_samples`` and ``eval_s``.
+        """
+        t0 = time.perf_counter()
+        t = self.cfg.train
+        n = min(len(self.eval_data), t.eval_samples)
+        ids = SampleOrder.rank_share(np.arange(n, dtype=np.int64), self.rank, self.world_size)
+        micros = micro_batches(np.arange(len(ids)), math.ceil(n / self.world_size), t.micro_batch)
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
+        training = self.model.training
+        sums: dict[str, torch.Tensor] = {}
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for chunk in micros:
+                    weight = float(len(chunk))
+                    part = ids[chunk] if len(chunk) else np.zeros(1, dtype=np.int64)  # weight 0: in step
+                    batch = self.eval_data.get_batch(part)
+                    with autocast(self.cfg.parallel, self.model, self.device):
+                        loss, extra = split_loss(self.recipe.evaluate(self.model, batch, self.device))
+                    _accumulate(sums, {"loss": loss, **extra}, weight)
+        finally:
+            self.model.train(training)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng)
+        return {"eval_sums": {k: float(v.item()) for k, v in sums.items()}, "eval_samples": int(len(ids)),
+                "eval_s": time.perf_counter() - t0}
 
     def _clip(self) -> float:
         max_norm = self.cfg.train.grad_clip or float("inf")
@@ -420,31 +528,75 @@ class Trainer:
         done = []
         for step, fut in list(self.pending_saves.items()):
             if wait or fut.done():
-                fut.result()  # re-raises a failed write
+                try:
+                    fut.result()  # re-raises a failed write
+                except BaseException as e:  # DCP's CheckpointException is a BaseException
+                    self._storage_failure(e, step)
+                    raise
                 done.append(step)
                 del self.pending_saves[step]
+                started = self.save_started.pop(step, None)
+                if started is not None:  # at most a step late: an upper bound of the write
+                    self.save_s = time.perf_counter() - started
         return done
 
     def save(self, step: int, path: str) -> list[int]:
         """Start saving the state after ``step``; returns saves finished meanwhile."""
         done = self._reap_saves(wait=True)  # one write in flight at a time
-        fut = ckpt.save(self.model, self.optimizer, path, async_save=self.cfg.checkpoint.async_save,
-                        process_group=self.ckpt_group)
+        t0 = time.perf_counter()
+        try:
+            fut = ckpt.save(self.model, self.optimizer, path, async_save=self.cfg.checkpoint.async_save,
+                            process_group=self.ckpt_group)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            self._storage_failure(e, step)
+            raise
         if fut is None:
             done.append(step)
+            self.save_s = time.perf_counter() - t0
         else:
             self.pending_saves[step] = fut
+            self.save_started[step] = t0
         return done
+
+    def _storage_failure(self, e: BaseException, step: int) -> None:
+        """Raise a full, read-only or forbidden storage as one :class:`StorageError` sentence."""
+        from raypod.checkpoint.fs import probe_storage, storage_error
+
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            return
+        doing = f"writing checkpoint step {step}"
+        err = (storage_error(e, self.cfg.checkpoint.storage, doing)
+               or probe_storage(self.cfg.job_dir, self.cfg.checkpoint.storage, doing))
+        if err is not None:
+            raise err from None
 
     def finish_saves(self) -> list[int]:
         """Wait for every save in flight; returns their steps."""
         return self._reap_saves(wait=True)
 
-    def load(self, path: str, step: int) -> None:
-        """Restore model and optimizer from a committed checkpoint."""
-        ckpt.load(self.model, self.optimizer, path)
+    def load(self, path: str, step: int, metadata_sha256: str | None = None) -> None:
+        """Restore model and optimizer from a committed checkpoint (the driver verified its files;
+        ``metadata_sha256`` is the manifest's digest of ``.metadata``, checked again as it is read)."""
+        ckpt.load(self.model, self.optimizer, path, metadata_sha256)
         self.step = step
         self.feed.seek(self.rank, self.world_size, step + 1)
+
+    def restore_checkpoint(self, path: str, step: int) -> int:
+        """Load a committed checkpoint in a group just joined (an in-place recovery).
+
+        Every rank of the group loads its shard of ``path`` (a collective); snapshots of
+        later steps and the old group's replicas are dropped, as after a memory restore.
+
+        Returns:
+            The bytes received from peers (none: everything comes from storage).
+        """
+        snapshot.init_state(self.optimizer)
+        self.load(path, step)
+        with self.snapshots.lock:
+            for s in [s for s in self.snapshots.own if s > step]:
+                del self.snapshots.own[s]  # steps after the restore point are being redone
+        self.snapshots.clear_replicas()
+        return 0
 
     # ---- in-memory recovery ------------------------------------------------------
     def restore_memory(self, step: int, moves: list[tuple[int, int, int]]) -> int:
@@ -577,18 +729,29 @@ class Trainer:
                 log.warning("[rank %d] replica exchange failed: %s", self.rank, e)
 
     # ---- inspection --------------------------------------------------------------
-    def state_digest(self, export_path: str | None = None) -> str | None:
+    def state_digest(self, export_path: str | None = None, pretrained_dir: str | None = None) -> str | None:
         """SHA-256 of the full model and optimizer state (rank 0), independent of world size.
 
         With ``export_path``, rank 0 also writes the consolidated model state dict there
-        (plain ``torch.save``; loads without raypod).
+        (plain ``torch.save``; loads without raypod). With ``pretrained_dir``, rank 0 also
+        has the recipe write its own format there (:meth:`Recipe.export_pretrained`).
         """
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
         if self.rank != 0:
             return None
         if export_path:
-            export_model(msd, export_path)
+            try:
+                export_model(msd, export_path)
+            except OSError as e:
+                from raypod.checkpoint.fs import storage_error
+
+                err = storage_error(e, self.cfg.checkpoint.storage, f"writing {export_path}")
+                if err is not None:
+                    raise err from None
+                raise
+        if pretrained_dir:
+            export_pretrained(self.recipe, msd, pretrained_dir)
         h = hashlib.sha256()
 
         def feed(key: str, value: Any) -> None:

@@ -130,7 +130,7 @@ def test_bad_data_is_refused_in_one_sentence_before_anything_starts(tmp_path):
         path, storage = _bad(tmp_path, name), tmp_path / f"store-{name}"
         cmd = [str(Path(sys.executable).parent / "raypod"), "run", str(TINY), "--quiet",
                f"--set=data.path={path}", f"--set=checkpoint.storage={storage}", "--set=mlflow.enabled=false",
-               "--set=recipe.args.prepare_corpus=false"]
+               "--set=recipe.args.demo_corpus=null"]
         procs[name] = (path, storage, subprocess.Popen(cmd, env=env, cwd=REPO, text=True,
                                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for name, (path, storage, proc) in procs.items():

@@ -102,6 +102,26 @@ def test_rank_and_replica_holder_lost_falls_back_to_checkpoint(ray_connected, ba
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 
 
+def test_newer_checkpoint_beats_an_older_snapshot(ray_connected, baseline, tmp_path):
+    """Snapshots every 14 steps, checkpoints every 5, a kill at step 13: loading the step-10
+    checkpoint in place (survivor and spare) redoes 2 steps where memory step 1 would redo 11."""
+    cfg = tiny(tmp_path, "checkpoint.memory_every_steps=14", "fault.inject=[{step: 13, rank: 1, kind: kill}]")
+    summary = run(cfg, callbacks=[])
+    assert summary["status"] == "succeeded" and summary["final_step"] == 20
+    [ev] = summary["events"]
+    # The step-10 save may still be in flight (async) when step 13 fails; then step 5 is used.
+    assert ev["restored_from"] in ("checkpoint step 10", "checkpoint step 5"), ev
+    assert ev["lost_steps"] == 12 - int(ev["restored_from"].split()[-1])
+    choice = ev["source_choice"]
+    assert choice["chosen"] == "checkpoint" and choice["memory_step"] == 1
+    assert choice["checkpoint_step"] == int(ev["restored_from"].split()[-1])
+    assert choice["est_checkpoint_s"] < choice["est_memory_s"]
+    # In place: the survivor kept its process, the spare took rank 1 (no group restart).
+    assert summary["world_sizes"] == [2, 2] and "rank_restore" in ev["recovery_phases_s"]
+    assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
+    assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
+
+
 def test_restart_from_checkpoint_without_memory_snapshots(ray_connected, baseline, tmp_path):
     """With in-memory snapshots off, a kill restarts every rank from the persistent checkpoint."""
     cfg = tiny(tmp_path, "checkpoint.memory_every_steps=0", "scaling.spares=0",

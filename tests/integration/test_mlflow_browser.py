@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_mlflow_server import MlflowServer
+from conftest import MLFLOW_CLUSTER_JOB, MLFLOW_REGISTERED_MODEL, MlflowServer
 
 from raypod.callbacks import FailureEvent, JobInfo, StepReport
 from raypod.config import load_config
@@ -162,3 +162,59 @@ def _with_chromium_cli(server: MlflowServer, exp_id: str, run_id: str,
     subprocess.run([*base, budget_arg, f"--screenshot={chart_png}", url], capture_output=True,
                    timeout=300, check=True)
     return [chart_png]
+
+
+@pytest.mark.timeout(600)  # the 2-node Cluster job runs in the fixture
+def test_mlflow_ui_shows_the_logged_model_and_every_nodes_system_metrics(mlflow_cluster_job, tmp_path):
+    """The link raypod gives (summary ``mlflow_url``) opens the run on model-training pages: its
+    logged model, registered, and the system metrics of both worker nodes of the Cluster job."""
+    url = mlflow_cluster_job["mlflow_url"]
+    labels = [n[:8] for n in mlflow_cluster_job["worker_nodes"]]
+    run_id = mlflow_cluster_job["mlflow_run_id"]
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        use_cli = True
+    else:
+        use_cli = os.environ.get("RAYPOD_BROWSER_DRIVER") == "cli"
+    overview_png, system_png = tmp_path / "mlflow-ui-model.png", tmp_path / "mlflow-ui-nodes.png"
+    if use_cli:
+        base = [CHROMIUM, "--headless", *CHROME_ARGS, f"--user-data-dir={tmp_path / 'profile'}",
+                "--window-size=1400,1000", "--virtual-time-budget=60000"]
+        system_url = url.replace(f"/runs/{run_id}?", f"/runs/{run_id}/system-metrics?")
+        for page_url, png in ((url, overview_png), (system_url, system_png)):
+            dom = subprocess.run([*base, "--dump-dom", page_url], capture_output=True, text=True,
+                                 timeout=300).stdout
+            if png is overview_png:
+                assert "Logged models" in dom and MLFLOW_REGISTERED_MODEL in dom, "no logged model"
+            else:
+                assert all(f"system/{label}" in dom for label in labels), "not every node's metrics"
+            subprocess.run([*base, f"--screenshot={png}", page_url], capture_output=True, timeout=300,
+                           check=True)
+    else:
+        from playwright.sync_api import expect, sync_playwright
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.set_default_timeout(60_000)
+                page.goto(url, wait_until="domcontentloaded")
+                # Model-training pages (not GenAI): the run's tabs, its logged model, registered.
+                expect(page.get_by_role("tab", name="Model metrics")).to_be_visible(timeout=30_000)
+                expect(page.get_by_text("Logged models (1)")).to_be_visible(timeout=30_000)
+                expect(page.get_by_role("link", name=MLFLOW_REGISTERED_MODEL).first).to_be_visible(timeout=30_000)
+                page.screenshot(path=str(overview_png), full_page=True)
+                page.get_by_role("tab", name="System metrics").click()
+                for label in labels:  # a chart section per node, with its CPU chart
+                    expect(page.get_by_text(f"system/{label}", exact=True)).to_be_visible(timeout=30_000)
+                    expect(page.get_by_text(f"{MLFLOW_CLUSTER_JOB} (system/{label}/cpu_utilization_percentage)")
+                           ).to_be_visible(timeout=30_000)
+                page.wait_for_timeout(1000)  # let the plots finish drawing
+                page.screenshot(path=str(system_png))
+            finally:
+                browser.close()
+    out = _artifacts_dir()
+    for shot in (overview_png, system_png):
+        assert shot.stat().st_size > 10_000, f"{shot} looks empty"
+        shutil.copy2(shot, out / shot.name)

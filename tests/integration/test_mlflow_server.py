@@ -1,127 +1,31 @@
 """raypod's MLflow tracking against a real ``mlflow server`` (SQLite backend, on loopback).
 
-A module fixture starts the server as a subprocess in its own process group and always
-stops it. Whole raypod jobs on the session's real Ray cluster log into it: an injected
-kill still gives one run with one point per step, and a resubmission with more steps
-continues that run. Then the server is stopped mid-run and started again on the same
-port and database, and no point is lost.
+The session fixture ``mlflow_server`` (tests/conftest.py) starts the server as a
+subprocess in its own process group and always stops it. Whole raypod jobs on the
+session's real Ray cluster log into it: an injected kill still gives one run with one
+point per step, and a resubmission with more steps continues that run. Then the
+server is stopped mid-run and started again on the same port and database, and no
+point is lost.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MlflowServer
 
 from raypod.callbacks import FailureEvent, JobInfo, StepReport
 from raypod.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
-MLFLOW = Path(sys.executable).parent / "mlflow"
 EXPERIMENT = "raypod-it"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 with a SQLite store and a local artifact root.
-
-    Args:
-        root: Folder for ``db.sqlite``, ``artifacts/`` and ``server.log``.
-        port: Port to listen on (kept across :meth:`stop` / :meth:`start`).
-    """
-
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root = root
-        self.port = port or _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 90.0) -> None:
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - the child keeps it
-        cmd = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{self.root}/db.sqlite",
-               "--default-artifact-root", str(self.root / "artifacts"),
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                     start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"mlflow server not healthy after {timeout:.0f} s: {self.log_tail()}")
-
-    def stop(self) -> None:
-        """Stop the server and every process it started (its own process group)."""
-        if self.proc is None:
-            return
-        pgid = self.proc.pid  # start_new_session: the group id is the server's pid
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and self._alive(pgid):
-                time.sleep(0.1)
-            if not self._alive(pgid):
-                break
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-    def _alive(self, pgid: int) -> bool:
-        """Whether any process of the group still runs (zombies do not count)."""
-        assert self.proc is not None
-        self.proc.poll()  # reap the leader once it exited
-        out = subprocess.run(["ps", "-e", "-o", "pgid=,stat="], capture_output=True, text=True)
-        return any(line.split()[0] == str(pgid) and not line.split()[1].startswith("Z")
-                   for line in out.stdout.splitlines() if len(line.split()) == 2)
-
-    def log_tail(self) -> str:
-        try:
-            return (self.root / "server.log").read_text()[-3000:]
-        except OSError:
-            return ""
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` for this module; always stopped at teardown."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
-    with pytest.MonkeyPatch.context() as mp:
-        # What the callback would set for an http URI; set here so it is undone afterwards.
-        mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        mp.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
 
 
 def _client(server: MlflowServer):

@@ -77,11 +77,24 @@ def test_cli_refuses_bad_config_before_anything_starts(tmp_path, capsys, overrid
 def test_cli_refuses_missing_data(tmp_path, capsys):
     storage = tmp_path / "store"
     args = ["run", str(TINY), f"--set=checkpoint.storage={storage}",
-            f"--set=data.path={tmp_path}/missing.parquet", "--set=recipe.args.prepare_corpus=false"]
+            f"--set=data.path={tmp_path}/missing.parquet"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "data.path" in err and "does not exist" in err
-    assert not storage.exists()
+    # Refused, not replaced by the demo corpus that tiny.yaml builds at its own data.path.
+    assert f"data.path '{tmp_path}/missing.parquet' does not exist" in err
+    assert not storage.exists() and not (tmp_path / "missing.parquet").exists()
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_name_cannot_leave_the_storage(tmp_path, capsys, name):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [f"name={name}", f"checkpoint.storage={tmp_path}"])
+    assert str(e.value).startswith(f"name '{name}' is not a folder of its own")
+    assert "\n" not in str(e.value)
+    assert main(["run", str(TINY), f"--set=name={name}", f"--set=checkpoint.storage={tmp_path}/s"]) == 2
+    assert "raypod: error: name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert load_config(TINY, ["name=.hidden..job"]).job_dir.endswith("/.hidden..job")  # still a name
 
 
 def test_cli_check_prints_resolved_config(capsys):
@@ -96,3 +109,27 @@ def test_help_describes_every_command(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "run" in out and "RAY_ADDRESS" in out and "startup" in out
+
+
+BOOM = '''
+from raypod.recipes.mlp import MLPRecipe
+
+
+class Boom(MLPRecipe):
+    def __init__(self, width: int = 4) -> None:
+        raise ValueError(f"width {width} is not a power of two")
+'''
+
+
+def test_recipe_constructor_error_is_one_sentence(tmp_path, monkeypatch, capsys):
+    (tmp_path / "boomrecipe_unit.py").write_text(BOOM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    storage = tmp_path / "store"
+    sets = ["--set=recipe.target=boomrecipe_unit:Boom", "--set=recipe.args={width: 3}",
+            f"--set=checkpoint.storage={storage}"]
+    for command in ("check", "run"):
+        assert main([command, str(REPO / "jobs" / "configs" / "mlp.yaml"), *sets]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == ("raypod: error: recipe.target 'boomrecipe_unit:Boom' could not be built "
+                                        "with recipe.args: ValueError: width 3 is not a power of two"), command
+        assert captured.out == "" and not storage.exists()

@@ -95,7 +95,7 @@ class FakeGroup:
     def finish_saves(self):
         return []
 
-    def state_digest(self, export_path=None):
+    def state_digest(self, export_path=None, pretrained_dir=None):
         return "f" * 64
 
     def close(self):
@@ -406,3 +406,45 @@ def test_preflight_failure_on_every_node_refuses_the_job(health_driver):
     _drive(d)
     assert d.state.kind is StateKind.ERRORED
     assert "fails check storage: '/x' is not writable" in d.state.error and "no other node" in d.state.error
+
+
+class OldSnapshotGroup(HealthGroup):
+    """Snapshots only at step 1 (a long ``memory_every_steps``); saves report how long they took;
+    a committed checkpoint can be loaded in place."""
+
+    def poll(self, timeout):
+        out = super().poll(timeout)
+        for r in out.steps:
+            r["save_s"] = 0.0  # a quick store: loading is cheap
+        return out
+
+    def memory_reports(self, ranks):
+        own = [1] if 1 in self.finished else []
+        return {r: {"own": own, "replicas": {q: own for q in range(self.world_size)}} for r in ranks}
+
+    def load_in_place(self, lost, restore, attempt, injections):
+        self.calls.append(("load_in_place", sorted(lost), restore.step))
+        self.queue.clear()
+        self.finished = [s for s in self.finished if s <= restore.step]
+        return {"recover_s": 0.0, "slowest_rank_phases_s": {"restore": 0.01}, "received_bytes": 0,
+                "replaced": sorted(lost), "spares_left": 0, "driver_phases_s": {}}
+
+
+@pytest.mark.parametrize("fault", ["kill", "nan"])
+def test_a_newer_checkpoint_is_loaded_in_place_over_an_older_snapshot(health_driver, fault):
+    """Memory holds step 1 only, step 8 is committed: a failure at step 10 loads step 8 in
+    place (no group restart) and the event records the decision."""
+    d = health_driver(train={"max_steps": 12})
+    d.worker_group_cls = OldSnapshotGroup
+    FakeGroup.plan = {"fail_at": (10, 1)} if fault == "kill" else {"nan_at": (10, 1)}
+    summary = d.run()
+    assert summary["status"] == "succeeded" and summary["final_step"] == 12
+    [ev] = summary["events"]
+    assert ev["restored_from"] == "checkpoint step 8" and ev["lost_steps"] == 1
+    assert ev["source_choice"]["chosen"] == "checkpoint" and ev["source_choice"]["memory_step"] == 1
+    assert ("load_in_place", [1] if fault == "kill" else [], 8) in HealthGroup.calls
+    assert FakeGroup.starts == [(2, None)]  # in place: the group was never started again
+    assert d.load_s == 0.01  # the load just measured is the next estimate
+    skipped_bad = {"skipped_bad": 8} if fault == "nan" else {}
+    assert summary["samples"] == {"consumed": 96 - len(skipped_bad) * 8, "duplicated": 0, "skipped": 0,
+                                  **skipped_bad}
