@@ -54,6 +54,9 @@ NOISE = tuple(re.compile(p) for p in (
     # MLflow on the model raypod logs for the user: how it pins torch, that pickles run code
     r"contains a local version label",
     r"Saving pytorch model by Pickle or CloudPickle",
+    # MLflow's registry news for mlflow.registered_model (the run's page shows the version)
+    r"Successfully registered model '",
+    r"Created version '\d+' of model '",
 ))
 """Messages no user acts on: they go to ``driver.log`` only."""
 

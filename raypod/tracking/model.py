@@ -193,6 +193,8 @@ def _hf_pipeline(folder: Path) -> Any:
     """
     import transformers
 
+    # Its loading and (inside log_model) shard-writing bars are no news on the driver's console.
+    transformers.utils.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return transformers.pipeline(HF_TASK, model=model, tokenizer=tok)
