@@ -22,6 +22,23 @@ from raypod.config import ConfigError
 TEXT_COLUMN = "text"
 
 
+def ensure_demo_corpus(path: str, demo_corpus: str | None, max_bytes: int = 8_000_000) -> None:
+    """Build the demo corpus at ``path`` when it is missing and is the recipe's ``demo_corpus``.
+
+    Any other missing local path is refused: a typo in ``data.path`` never trains on the demo data.
+
+    Raises:
+        ConfigError: ``path`` does not exist and is not ``recipe.args.demo_corpus``.
+    """
+    if "://" in path or os.path.exists(os.path.expanduser(path)) or not demo_corpus:
+        return
+    local = os.path.abspath(os.path.expanduser(path))
+    if local != os.path.abspath(os.path.expanduser(demo_corpus)):
+        raise ConfigError(f"data.path '{path}' does not exist (the demo corpus is only built at "
+                          f"recipe.args.demo_corpus '{demo_corpus}')")
+    build_stdlib_corpus(path, max_bytes)
+
+
 def build_stdlib_corpus(path: str, max_bytes: int = 8_000_000) -> int:
     """Write the standard library's ``.py`` files (sorted, up to ``max_bytes``) to parquet.
 

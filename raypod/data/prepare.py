@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raypod.config import ConfigError
+from raypod.config import ConfigError, JobConfig, join_uri, resolve_storage
 
 log = logging.getLogger("raypod.data")
 
@@ -264,3 +264,10 @@ def prepare_tokens(source: ParquetSource, column: str, cache_root: str,
              time.perf_counter() - t0)
     return TokenCorpus(uri=d + "/" + name, num_tokens=total, dtype=tokenizer.dtype,
                        fingerprint=source.fingerprint)
+
+
+def token_cache_root(cache_dir: str | None, config: JobConfig) -> str:
+    """Where a recipe's token caches live: ``cache_dir``, else ``<checkpoint.storage>/.raypod_data``."""
+    if cache_dir:
+        return resolve_storage(cache_dir)
+    return join_uri(resolve_storage(config.checkpoint.storage), ".raypod_data")

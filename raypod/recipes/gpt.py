@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raypod.config import ConfigError, JobConfig, join_uri, resolve_storage
-from raypod.data.corpus import TEXT_COLUMN, build_stdlib_corpus
-from raypod.data.prepare import TokenCorpus, check_parquet, find_tokens, prepare_tokens
+from raypod.config import ConfigError, JobConfig
+from raypod.data.corpus import TEXT_COLUMN, ensure_demo_corpus
+from raypod.data.prepare import TokenCorpus, check_parquet, find_tokens, prepare_tokens, token_cache_root
 from raypod.data.stream import TokenWindows
 from raypod.models.gpt import GPT, GPTConfig
 from raypod.recipe import RankContext, Recipe
-
-
-def _local(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path))
 
 
 class GPTRecipe(Recipe):
@@ -51,18 +46,10 @@ class GPTRecipe(Recipe):
         """Set by :meth:`prepare_data` on the driver; travels to the ranks with the recipe."""
 
     def _ensure_corpus(self, path: str) -> None:
-        """Build the demo corpus at ``path`` when it is missing and it is ``demo_corpus``."""
-        if "://" in path or os.path.exists(os.path.expanduser(path)) or not self.demo_corpus:
-            return
-        if _local(path) != _local(self.demo_corpus):
-            raise ConfigError(f"data.path '{path}' does not exist (the demo corpus is only built at "
-                              f"recipe.args.demo_corpus '{self.demo_corpus}')")
-        build_stdlib_corpus(path, self.corpus_bytes)
+        ensure_demo_corpus(path, self.demo_corpus, self.corpus_bytes)
 
     def _cache_root(self, config: JobConfig) -> str:
-        if self.cache_dir:
-            return resolve_storage(self.cache_dir)
-        return join_uri(resolve_storage(config.checkpoint.storage), ".raypod_data")
+        return token_cache_root(self.cache_dir, config)
 
     def check_data(self, config: JobConfig) -> None:
         self._ensure_corpus(config.data.path)
