@@ -393,7 +393,7 @@ class WorkerGroup:
         try:
             info = self._regroup(lambda r, a, init: a.reload.remote(
                 self.cfg, self.recipe, r, self.world_size, init, injections, attempt, self._peers(r),
-                restore.path, restore.step))
+                restore.path, restore.step, restore.metadata_sha256))
         except GroupStartError:
             raise
         except Exception as e:  # noqa: BLE001

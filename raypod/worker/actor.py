@@ -165,11 +165,12 @@ class TrainWorker:
 
     def reload(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
                injections: list, attempt: int, peers: tuple[int | None, int | None],
-               path: str, step: int) -> dict[str, Any]:
+               path: str, step: int, metadata_sha256: str | None = None) -> dict[str, Any]:
         """Leave the broken group, join the new one and load the committed checkpoint ``path``
-        (of ``step``) from storage: an in-place recovery that restores no in-memory copy."""
+        (of ``step``) from storage: an in-place recovery that restores no in-memory copy.
+        ``metadata_sha256`` is the manifest's digest of ``.metadata``, checked as it is read."""
         return self._rejoin(config, recipe, rank, world_size, init_method, injections, attempt, peers,
-                            lambda: self.trainer.restore_checkpoint(path, step))
+                            lambda: self.trainer.restore_checkpoint(path, step, metadata_sha256))
 
     def export_reshard(self, step: int, sources: list[int], old_world: int,
                        new_world: int) -> dict[int, list[Any]]:

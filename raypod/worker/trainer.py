@@ -581,7 +581,7 @@ class Trainer:
         self.step = step
         self.feed.seek(self.rank, self.world_size, step + 1)
 
-    def restore_checkpoint(self, path: str, step: int) -> int:
+    def restore_checkpoint(self, path: str, step: int, metadata_sha256: str | None = None) -> int:
         """Load a committed checkpoint in a group just joined (an in-place recovery).
 
         Every rank of the group loads its shard of ``path`` (a collective); snapshots of
@@ -591,7 +591,7 @@ class Trainer:
             The bytes received from peers (none: everything comes from storage).
         """
         snapshot.init_state(self.optimizer)
-        self.load(path, step)
+        self.load(path, step, metadata_sha256)
         with self.snapshots.lock:
             for s in [s for s in self.snapshots.own if s > step]:
                 del self.snapshots.own[s]  # steps after the restore point are being redone
