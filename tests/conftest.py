@@ -23,8 +23,7 @@ import pytest
 # Ray reads this when it is first imported; the session cluster has token auth on.
 os.environ["RAY_AUTH_MODE"] = "token"
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from support import BIN, REPO
 
 
 def free_port() -> int:

@@ -12,11 +12,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from support import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -19,13 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import MLP, REPO, TINY
 
 from raypod.config import load_config
 from raypod.recipes.gpt import GPTRecipe
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
-MLP = REPO / "jobs" / "configs" / "mlp.yaml"
 RAYPOD = str(Path(sys.executable).parent / "raypod")
 
 BOOM = '''

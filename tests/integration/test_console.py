@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
-BIN = Path(sys.executable).parent
+from support import BIN, TINY
 
 pytestmark = pytest.mark.slow
 

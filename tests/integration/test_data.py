@@ -14,13 +14,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support import REPO, TINY, tiny_job
 
 from raypod.api import run
-from raypod.config import load_config
 from raypod.data.corpus import build_stdlib_corpus
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +40,7 @@ def data(tmp_path_factory):
 
 def cfg(data, storage: Path, *overrides: str):
     shards, cache = data
-    base = [f"checkpoint.storage={storage}", "name=d", "train.max_steps=20", "checkpoint.every_steps=5",
-            "mlflow.enabled=false", "fault.hang_timeout_s=60", f"data.path={shards}",
-            f"recipe.args.cache_dir={cache}"]
-    return load_config(TINY, base + list(overrides))
+    return tiny_job(storage, f"data.path={shards}", f"recipe.args.cache_dir={cache}", *overrides, name="d")
 
 
 @pytest.fixture(scope="module")

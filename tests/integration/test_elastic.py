@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import pytest
+from support import TINY
 
 from raypod.api import run
 from raypod.callbacks import Callback, StepReport
 from raypod.config import load_config
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.slow
 

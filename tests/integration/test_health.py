@@ -12,16 +12,13 @@ import os
 import stat
 import subprocess
 import sys
-from pathlib import Path
+from functools import partial
 
 import pytest
+from support import REPO, TINY, tiny_job
 
 from raypod.api import run
 from raypod.callbacks import Callback, StepReport
-from raypod.config import load_config
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +31,7 @@ class Steps(Callback):
         self.steps.append(report)
 
 
-def tiny(storage: Path, *overrides: str, name: str = "health"):
-    base = [f"checkpoint.storage={storage}", f"name={name}", "train.max_steps=16",
-            "checkpoint.every_steps=5", "mlflow.enabled=false", "fault.hang_timeout_s=60"]
-    return load_config(TINY, base + list(overrides))
+tiny = partial(tiny_job, name="health", max_steps=16)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from support import REPO
 
 from raypod.api import run
 from raypod.config import load_config
@@ -20,7 +21,7 @@ from raypod.data.corpus import build_stdlib_corpus
 
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[2]
+
 HF_LLAMA = REPO / "jobs" / "configs" / "hf_llama.yaml"
 STEPS, EVAL_EVERY, KILL_AT = 12, 4, 6
 

@@ -9,14 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from support import REPO, tiny_job
 
 from raypod.api import JobFailed, run
 from raypod.callbacks import Callback, StepReport
-from raypod.config import load_config
 from raypod.progress import ProgressPrinter
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +30,7 @@ class Recorder(Callback):
         self.states.append((previous, new))
 
 
-def tiny(storage: Path, *overrides: str, name: str = "it"):
-    base = [f"checkpoint.storage={storage}", f"name={name}", "train.max_steps=20",
-            "checkpoint.every_steps=5", "mlflow.enabled=false", "fault.hang_timeout_s=60"]
-    return load_config(TINY, base + list(overrides))
+tiny = tiny_job
 
 
 @pytest.fixture(scope="module")

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import pytest
 from conftest import MLFLOW_CLUSTER_JOB, MLFLOW_REGISTERED_MODEL, MlflowServer
+from support import REPO, TINY
 
 from raypod.callbacks import FailureEvent, JobInfo, StepReport
 from raypod.config import load_config
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 JOB = "browser-job"
 EXPERIMENT = "raypod-ui"
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"),

@@ -21,8 +21,7 @@ from conftest import (
     MLFLOW_CLUSTER_MODEL,
     MLFLOW_REGISTERED_MODEL,
 )
-
-MLP = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "mlp.yaml"
+from support import MLP
 
 pytestmark = pytest.mark.slow
 

@@ -17,12 +17,11 @@ from typing import Any
 
 import pytest
 from conftest import MlflowServer
+from support import TINY, tiny_job
 
 from raypod.callbacks import FailureEvent, JobInfo, StepReport
 from raypod.config import load_config
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 EXPERIMENT = "raypod-it"
 
 pytestmark = pytest.mark.slow
@@ -39,10 +38,8 @@ def _steps(client: Any, run_id: str, key: str = "loss") -> list[int]:
 
 
 def _tiny(storage: Path, server: MlflowServer, *overrides: str):
-    base = [f"checkpoint.storage={storage}", "name=mlflow-it", "train.max_steps=16",
-            "checkpoint.every_steps=5", "fault.hang_timeout_s=60",
-            f"mlflow.tracking_uri={server.uri}", f"mlflow.experiment={EXPERIMENT}"]
-    return load_config(TINY, base + list(overrides))
+    return tiny_job(storage, f"mlflow.tracking_uri={server.uri}", f"mlflow.experiment={EXPERIMENT}",
+                    *overrides, name="mlflow-it", max_steps=16, mlflow=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support import MLP, REPO
 
 from raypod.api import run
 from raypod.config import load_config
 
-REPO = Path(__file__).resolve().parents[2]
-MLP = REPO / "jobs" / "configs" / "mlp.yaml"
 SETTINGS = ["train.max_steps=24", "checkpoint.every_steps=10", "mlflow.enabled=false"]
 
 pytestmark = pytest.mark.slow

@@ -12,14 +12,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from support import BIN, REPO
 
 
 def _sets(storage: Path, name: str, *extra: str) -> list[str]:

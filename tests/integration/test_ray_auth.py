@@ -7,11 +7,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from support import REPO
 
 pytestmark = pytest.mark.slow
 

@@ -2,30 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from functools import partial
 
 import pytest
+from support import tiny_job
 
 from raypod.api import run
-from raypod.config import load_config
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.slow
 
 
-def tiny(storage: Path, name: str, *overrides: str):
-    base = [f"checkpoint.storage={storage}", f"name={name}", "train.max_steps=14",
-            "checkpoint.every_steps=5", "mlflow.enabled=false", "fault.hang_timeout_s=60"]
-    return load_config(TINY, base + list(overrides))
+tiny = partial(tiny_job, max_steps=14)
 
 
 def test_hsdp_twin_supplies_the_lost_shard(ray_connected, tmp_path):
     """With HSDP the lost rank's state is its twin's own snapshot: no replication, 0 lost steps."""
     hsdp = ["parallel.strategy=hsdp", "parallel.replicas=2"]
-    reference = run(tiny(tmp_path, "ref", *hsdp), callbacks=[])
-    summary = run(tiny(tmp_path, "kill", *hsdp, "fault.inject=[{step: 9, rank: 1, kind: kill}]"),
+    reference = run(tiny(tmp_path, *hsdp, name="ref"), callbacks=[])
+    summary = run(tiny(tmp_path, *hsdp, "fault.inject=[{step: 9, rank: 1, kind: kill}]", name="kill"),
                   callbacks=[])
     assert summary["status"] == "succeeded" and summary["final_step"] == 14
     [ev] = summary["events"]

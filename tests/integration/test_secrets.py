@@ -17,10 +17,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support import BIN, MLP
 
-REPO = Path(__file__).resolve().parents[2]
-MLP = REPO / "jobs" / "configs" / "mlp.yaml"
-BIN = Path(sys.executable).parent
 SECRET = "s3cr3t-Pa55w0rd"
 HF_TOKEN = "hf_" + "Zq7" * 10
 

@@ -9,13 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support import tiny_job
 
 from raypod.api import JobFailed, run
 from raypod.checkpoint import CheckpointStore
-from raypod.config import load_config
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +24,8 @@ def tokens(tmp_path_factory):
 
 
 def tiny(storage: Path, tokens: Path, *overrides: str):
-    base = [f"checkpoint.storage={storage}", "name=sf", "checkpoint.every_steps=5",
-            "mlflow.enabled=false", "fault.hang_timeout_s=60", "checkpoint.memory_every_steps=0",
-            f"recipe.args.cache_dir={tokens}"]
-    return load_config(TINY, base + list(overrides))
+    return tiny_job(storage, "checkpoint.memory_every_steps=0", f"recipe.args.cache_dir={tokens}",
+                    *overrides, name="sf")
 
 
 class _Marker:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from support import REPO, TINY
 
 from raypod.cli import main
 from raypod.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 
 def test_shipped_configs_load():

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from support import MLP
 from torch import nn
 
 from raypod.config import ConfigError, load_config
@@ -21,8 +22,7 @@ from raypod.recipes.mlp import GaussianSamples, MLPRecipe
 
 transformers = pytest.importorskip("transformers")
 
-REPO = Path(__file__).resolve().parents[2]
-MLP = REPO / "jobs" / "configs" / "mlp.yaml"
+
 TEXTS = ["def f(x):\n    return x + 1\n", "", "class A:\n    pass\n", "héllo wörld ✓", "import os"]
 
 
