@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from raypod.storage import join_uri, resolve_storage
+
 
 class ConfigError(ValueError):
     """A config problem, worded as one sentence that names the key or path at fault."""
@@ -125,7 +127,7 @@ class CheckpointConfig(_Section):
     """In-memory snapshot interval in steps (checkpointless recovery; 0: none). ``auto``:
     every step while a snapshot costs at most ``memory_stall_budget`` of the step time,
     else the shortest interval that keeps it there, and after failures at most Young's
-    optimum for the failure rate seen (see :mod:`raypod.driver.cadence`). A lost rank
+    optimum for the failure rate seen (see :mod:`raypod.policies.cadence`). A lost rank
     replays at most this many steps."""
     memory_stall_budget: float = Field(default=0.01, gt=0, le=1)
     """``auto``: the share of the step time that in-memory snapshots may cost."""
@@ -280,21 +282,6 @@ class JobConfig(_Section):
 
 
 # ---- helpers -------------------------------------------------------------------------
-
-
-def resolve_storage(storage: str) -> str:
-    """Make a local storage path absolute (URIs are kept as they are)."""
-    if "://" in storage:
-        return storage.rstrip("/")
-    return str(Path(os.path.expanduser(storage)).resolve())
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """Join a local path or URI with path components."""
-    out = base.rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return out
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

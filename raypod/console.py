@@ -183,8 +183,7 @@ class Console:
         when it is closed (:meth:`close_log`, at exit at the latest). Returns the file's URI."""
         from fsspec.implementations.local import LocalFileSystem
 
-        from raypod.checkpoint.fs import get_fs
-        from raypod.config import join_uri
+        from raypod.storage import get_fs, join_uri
 
         uri = join_uri(job_dir, LOG_NAME)
         fs, path = get_fs(uri)
@@ -224,7 +223,7 @@ class Console:
             return
         try:
             if uri is not None:
-                from raypod.checkpoint.fs import get_fs
+                from raypod.storage import get_fs
 
                 f.seek(0)
                 fs, path = get_fs(uri)

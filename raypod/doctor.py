@@ -90,7 +90,7 @@ def _devices_check(torch: Any, use_gpu: bool) -> Check:
 
 def storage_check(storage: str) -> Check:
     """Write, read back and delete a small file under ``storage``."""
-    from raypod.checkpoint.fs import get_fs
+    from raypod.storage import get_fs
 
     probe = f"{storage.rstrip('/')}/.raypod-doctor/{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     try:

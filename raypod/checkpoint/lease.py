@@ -53,8 +53,8 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from raypod.checkpoint.fs import get_fs, read_json, write_json_atomic
-from raypod.config import ConfigError, join_uri
+from raypod.config import ConfigError
+from raypod.storage import get_fs, join_uri, read_json, write_json_atomic
 
 log = logging.getLogger("raypod.lease")
 

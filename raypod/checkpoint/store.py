@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raypod.checkpoint import verify
-from raypod.checkpoint.fs import get_fs, read_json, write_json_atomic
-from raypod.config import join_uri
+from raypod.storage import get_fs, join_uri, read_json, write_json_atomic
 
 log = logging.getLogger("raypod.checkpoint")
 

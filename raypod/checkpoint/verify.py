@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from raypod.checkpoint.fs import get_fs
 from raypod.config import ConfigError
+from raypod.storage import get_fs
 
 if TYPE_CHECKING:
     from raypod.checkpoint.store import CommittedCheckpoint

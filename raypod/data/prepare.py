@@ -41,7 +41,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raypod.config import ConfigError, JobConfig, join_uri, resolve_storage
+from raypod.config import ConfigError, JobConfig
+from raypod.storage import arrow_fs, join_uri, resolve_storage
 
 log = logging.getLogger("raypod.data")
 
@@ -94,14 +95,6 @@ class ParquetSource:
     fingerprint: str
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str, str]:
-    """``(filesystem, inner path, uri prefix)`` for a local path or a URI."""
-    if "://" in path:
-        fs, inner = pafs.FileSystem.from_uri(path)
-        return fs, inner, path.split("://", 1)[0] + "://"
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)), ""
-
-
 def check_parquet(path: str, columns: list[str], tokenizer: str = TOKENIZER) -> ParquetSource:
     """Check that ``path`` is parquet with the text ``columns``, or raise one sentence.
 
@@ -113,7 +106,7 @@ def check_parquet(path: str, columns: list[str], tokenizer: str = TOKENIZER) -> 
             missing or not text, or there are no rows.
     """
     try:
-        fs, inner, prefix = _filesystem(path)
+        fs, inner, prefix = arrow_fs(path)
         info = fs.get_file_info(inner)
     except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise ConfigError(f"data.path '{path}' cannot be opened: {str(e).splitlines()[0]}") from None
@@ -195,7 +188,7 @@ def _cache_dir(cache_root: str, fingerprint: str) -> str:
 
 def find_tokens(cache_root: str, fingerprint: str) -> TokenCorpus | None:
     """The committed cache entry for ``fingerprint`` under ``cache_root``, if there is one."""
-    from raypod.checkpoint.fs import read_json
+    from raypod.storage import read_json
 
     d = _cache_dir(cache_root, fingerprint)
     manifest = read_json(d + "/manifest.json")
@@ -225,7 +218,7 @@ def prepare_tokens(source: ParquetSource, column: str, cache_root: str,
     itemsize = np.dtype(tokenizer.dtype).itemsize
     import ray.data
 
-    from raypod.checkpoint.fs import get_fs, write_json_atomic
+    from raypod.storage import get_fs, write_json_atomic
 
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()

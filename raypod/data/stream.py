@@ -68,7 +68,7 @@ MAX_SKIP = 256
 @functools.lru_cache(maxsize=4)
 def _tokens(uri: str, dtype: str) -> np.ndarray:
     """The token file, memory-mapped when local, else read once into this process."""
-    from raypod.checkpoint.fs import get_fs
+    from raypod.storage import get_fs
 
     if "://" not in uri or uri.startswith("file://"):
         return np.memmap(uri.removeprefix("file://"), dtype=np.dtype(dtype), mode="r")

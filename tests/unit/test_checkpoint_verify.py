@@ -18,10 +18,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from raypod.checkpoint import CheckpointStore
 from raypod.checkpoint import dcp as ckpt
-from raypod.checkpoint.fs import StorageError, probe_storage, storage_error, write_json_atomic
 from raypod.checkpoint.verify import signing_key, verify
 from raypod.config import ConfigError, JobConfig
 from raypod.driver.controller import Driver
+from raypod.storage import StorageError, probe_storage, storage_error, write_json_atomic
 from raypod.tracking.spool import Spool
 
 

@@ -13,9 +13,9 @@ import uuid
 
 import pytest
 
-from raypod.checkpoint.fs import read_json
 from raypod.checkpoint.lease import JobLease, JobOwned, _boot_id, _pid_ns, _start_time
 from raypod.config import ConfigError
+from raypod.storage import read_json
 
 
 def _write_lease(job_dir: str, gen: int, **fields) -> None:
