@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import ray, torch, pyarrow; print('ray', ray.__version__, 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" 2>&1 | tail -3
 
 step "unit: the CUDA snapshot path"
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_snapshot_cuda.py tests/unit/test_cadence.py 2>&1 | tail -5
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/worker/test_snapshot_cuda.py tests/unit/policies/test_cadence.py 2>&1 | tail -5
 
 step "NCCL: one rank on the GPU, killed at step 30, a warm spare takes over"
 timeout 240 $PY -m raypod.cli run jobs/configs/tiny.yaml --quiet --set scaling.use_gpu=true \

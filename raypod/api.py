@@ -12,10 +12,13 @@ import ray
 from raypod import console
 from raypod.callbacks import Callback
 from raypod.checkpoint.lease import JobLease, JobOwned  # noqa: F401 - JobOwned: raised by run()
-from raypod.config import ConfigError, JobConfig, join_uri
-from raypod.driver.controller import Driver, build_recipe
+from raypod.config import ConfigError, JobConfig
+from raypod.driver.controller import Driver
 from raypod.driver.stop import StopRequested, StopSignals, exit_code, signal_name
+from raypod.policies import policies_for
 from raypod.progress import ProgressPrinter
+from raypod.recipe import Recipe, build_recipe, check_sharding
+from raypod.storage import join_uri
 
 log = logging.getLogger("raypod")
 
@@ -104,7 +107,7 @@ def check_local_fit(config: JobConfig) -> None:
         return
     import psutil
 
-    from raypod.driver.scaling import worker_bundle
+    from raypod.policies.scaling import worker_bundle
 
     s = config.scaling
     n = s.min_workers
@@ -178,19 +181,7 @@ def run(config: JobConfig, callbacks: list[Callback] | None = None, progress: bo
         JobStopped: a user stopped it (the summary and the signal are on the exception).
     """
     recipe = build_recipe(config)
-    check_local_fit(config)
-    _data_step(recipe.check_data, config)
-    from raypod.recipe import check_sharding
-
-    check_sharding(config, recipe)  # FSDP2 would wrap only the root: refused before Ray starts
-    from raypod.checkpoint.verify import signing_key
-    from raypod.doctor import storage_check
-
-    signing_key(config)  # checkpoint.signing_key_env names a variable that is set, before Ray starts
-
-    storage = storage_check(config.job_dir)  # the driver writes there too; ms, before any worker
-    if not storage.ok:
-        raise ConfigError(f"checkpoint.storage: {storage.detail}")
+    _refuse_early(config, recipe)
     lease = JobLease(config.job_dir, config.name, config.fault.lease_ttl_s).acquire()
     out = console.get()
     if out is not None:  # the job owns its folder now: driver.log there (raypod.console)
@@ -204,13 +195,38 @@ def run(config: JobConfig, callbacks: list[Callback] | None = None, progress: bo
             stop.install()  # again: ray.init sets a SIGTERM handler of its own
         _data_step(recipe.prepare_data, config)
         cbs = default_callbacks(config, progress) if callbacks is None else callbacks
-        summary = Driver(config, callbacks=cbs, recipe=recipe, lease=lease, stop=stop).run()
+        summary = Driver(config, callbacks=cbs, recipe=recipe, lease=lease, stop=stop,
+                         policies=policies_for(config)).run()
     except StopRequested as e:
         raise JobStopped(f"job {config.name} stopped by {signal_name(e.signum)} before training started; "
                          "no step ran", {}, e.signum) from None
     finally:
         stop.restore()
         lease.release()
+    return _outcome(config, summary)
+
+
+def _refuse_early(config: JobConfig, recipe: Recipe) -> None:
+    """Every check that needs no worker, before Ray starts: the job fits a private local Ray,
+    the recipe's data checks, FSDP2 sharding, the signing key, the storage is writable.
+
+    Raises:
+        ConfigError: one sentence.
+    """
+    check_local_fit(config)
+    _data_step(recipe.check_data, config)
+    from raypod.checkpoint.verify import signing_key
+    from raypod.doctor import storage_check
+
+    check_sharding(config, recipe)  # FSDP2 would wrap only the root: refused before Ray starts
+    signing_key(config)  # checkpoint.signing_key_env names a variable that is set, before Ray starts
+    storage = storage_check(config.job_dir)  # the driver writes there too; ms, before any worker
+    if not storage.ok:
+        raise ConfigError(f"checkpoint.storage: {storage.detail}")
+
+
+def _outcome(config: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary of a job that succeeded; else the exception that says how it ended."""
     if summary.get("status") == "stopped":
         ev = next((e for e in reversed(summary.get("events", [])) if e.get("kind") == "stop"), {})
         sig = str(ev.get("signal", "SIGTERM"))

@@ -19,9 +19,32 @@ from pathlib import Path
 import yaml
 
 from raypod import console
-from raypod.bench import SUITES
 from raypod.config import ConfigError, load_config
 from raypod.redact import install_log_redaction, redact_config, redact_text, redact_uri
+
+BENCH_SUITES = ("startup", "recovery", "logging", "node_loss", "overhead", "checkpoint", "data", "elastic",
+                "goodput", "gpu")
+"""The names of :data:`raypod.bench.SUITES`, spelled here so that the parser does not import the
+benchmarks (a unit test holds the two equal)."""
+RESULTS = "benchmarks/results"
+
+
+_ABOUT_RUN = """Run a job to the end. Connects to RAY_ADDRESS when set, else starts a local Ray. Exit 0
+on success, 1 when the job fails, 2 for bad input (also when another driver runs the same job), 143 when
+stopped by SIGTERM (ray job stop), 130 by SIGINT (Ctrl-C); a stop ends the job cleanly as 'stopped'."""
+_ABOUT_CHECK = """Validate a config (keys, types, the recipe builds) without starting anything, and print
+the resolved YAML."""
+_ABOUT_DOCTOR = """On every alive node of the Ray cluster at RAY_ADDRESS (else a local one): torch
+imports, devices are visible, the config's checkpoint storage is writable, and an all-reduce across the
+nodes measures bandwidth. Prints a table; exit 0 when every check passes, 1 naming the failing check
+otherwise. The same checks run before every job (doctor.enabled)."""
+_ABOUT_BENCH = """Benchmarks print absolute figures and ratios against anchors run in the same
+invocation."""
+_ABOUT_CHAOS = """Run CONFIG with --faults seeded random faults of every kind fault.inject supports
+(MLflow on), then the same job without faults, and report faults injected and recovered, the final state
+digest against the fault-free run, samples duplicated and skipped, and MLflow points missing. Exit 0 when
+nothing was lost."""
+"""What ``raypod <command> --help`` says (argparse folds the lines)."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +54,67 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "e.g. --set train.max_steps=200 --set 'fault.inject=[]'")
 
 
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a job on the Ray cluster at RAY_ADDRESS, or on a local Ray",
+                       description=_ABOUT_RUN)
+    _add_config_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="validate a config and print it fully resolved",
+                       description=_ABOUT_CHECK)
+    _add_config_args(p)
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("doctor", help="health-check every node: torch, devices, storage, all-reduce",
+                       description=_ABOUT_DOCTOR)
+    p.add_argument("config", nargs="?", default=None,
+                   help="job config YAML whose storage and devices to check (default: the defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON after the table")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="run a benchmark suite side by side with its anchors",
+                       description=_ABOUT_BENCH)
+    p.add_argument("suite", choices=list(BENCH_SUITES),
+                   help="startup: launch to first step vs Ray Train V2 TorchTrainer and torchrun; "
+                        "recovery: a worker killed after step 25 of the MLP workload, recovery gap "
+                        "and steps replayed vs the same; logging: MLflow overhead vs logging off; "
+                        "node_loss: a whole node of a multi-node cluster removed, in-place recovery "
+                        "gap; overhead: steady-state step time vs torchrun and a plain loop; "
+                        "checkpoint: the stall of an in-memory snapshot and of a persistent save "
+                        "vs Ray Train V2's report with a checkpoint; data: the Ray Data stream's "
+                        "samples/s vs training's and data_wait_frac; elastic: node-to-step seconds "
+                        "and shrink gap on Ray's fake autoscaler vs Ray Train V2's elastic mode; "
+                        "goodput: a 10-minute run with a rank SIGKILLed every 60 s, the share of "
+                        "time kept training vs the same; gpu: one GPU, tokens/s and MFU vs a plain PyTorch loop")
+    p.add_argument("--trials", type=int, default=None, help="trials per system (default: the suite's, "
+                                                            "3 for most; goodput runs once)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="goodput: seconds per system (default 600)")
+    p.add_argument("--kill-every", type=float, default=None,
+                   help="goodput: seconds between kills (default 60)")
+    p.add_argument("--out", default=RESULTS, help="where to write the table")
+
+
+def _add_chaos(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chaos", help="a long run with seeded random faults, then a report",
+                       description=_ABOUT_CHAOS)
+    _add_config_args(p)
+    p.add_argument("--faults", type=int, default=50, help="faults to inject")
+    p.add_argument("--seed", type=int, default=0, help="seeds where, on which rank, which kind")
+    p.add_argument("--spacing", type=int, default=4, help="fewest steps between two faults")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train.max_steps (default: the config's, raised to fit the faults)")
+    p.add_argument("--storage", default=None, help="checkpoint.storage (default: a temporary folder)")
+    p.add_argument("--out", default=RESULTS, help="where to write chaos.json/.md ('-': nowhere)")
+    p.add_argument("--progress", action="store_true", help="print the jobs' progress lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raypod",
@@ -38,69 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "job training through worker, node and hang failures and logs to one MLflow run.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the driver's decisions")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p_run = sub.add_parser("run", help="run a job on the Ray cluster at RAY_ADDRESS, or on a local Ray",
-                           description="Run a job to the end. Connects to RAY_ADDRESS when set, else "
-                                       "starts a local Ray. Exit 0 on success, 1 when the job fails, "
-                                       "2 for bad input (also when another driver runs the same job), "
-                                       "143 when stopped by SIGTERM (ray job stop), 130 by SIGINT "
-                                       "(Ctrl-C); a stop ends the job cleanly as 'stopped'.")
-    _add_config_args(p_run)
-    p_run.add_argument("--quiet", action="store_true", help="no progress line")
-    p_check = sub.add_parser("check", help="validate a config and print it fully resolved",
-                             description="Validate a config (keys, types, the recipe builds) without "
-                                         "starting anything, and print the resolved YAML.")
-    _add_config_args(p_check)
-    p_doctor = sub.add_parser("doctor", help="health-check every node: torch, devices, storage, all-reduce",
-                              description="On every alive node of the Ray cluster at RAY_ADDRESS (else a "
-                                          "local one): torch imports, devices are visible, the config's "
-                                          "checkpoint storage is writable, and an all-reduce across the "
-                                          "nodes measures bandwidth. Prints a table; exit 0 when every "
-                                          "check passes, 1 naming the failing check otherwise. The same "
-                                          "checks run before every job (doctor.enabled).")
-    p_doctor.add_argument("config", nargs="?", default=None,
-                          help="job config YAML whose storage and devices to check (default: the defaults)")
-    p_doctor.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                          help="override a config key (repeatable)")
-    p_doctor.add_argument("--json", action="store_true", help="print the reports as JSON after the table")
-    p_bench = sub.add_parser("bench", help="run a benchmark suite side by side with its anchors",
-                             description="Benchmarks print absolute figures and ratios against "
-                                         "anchors run in the same invocation.")
-    p_bench.add_argument("suite", choices=list(SUITES),
-                         help="startup: launch to first step vs Ray Train V2 TorchTrainer and torchrun; "
-                              "recovery: a worker killed after step 25 of the MLP workload, recovery gap "
-                              "and steps replayed vs the same; logging: MLflow overhead vs logging off; "
-                              "node_loss: a whole node of a multi-node cluster removed, in-place recovery "
-                              "gap; overhead: steady-state step time vs torchrun and a plain loop; "
-                              "checkpoint: the stall of an in-memory snapshot and of a persistent save "
-                              "vs Ray Train V2's report with a checkpoint; data: the Ray Data stream's "
-                              "samples/s vs training's and data_wait_frac; elastic: node-to-step seconds "
-                              "and shrink gap on Ray's fake autoscaler vs Ray Train V2's elastic mode; "
-                              "goodput: a 10-minute run with a rank SIGKILLed every 60 s, the share of "
-                              "time kept training vs the same; gpu: one GPU, tokens/s and MFU vs a plain PyTorch loop")
-    p_bench.add_argument("--trials", type=int, default=None, help="trials per system (default: the suite's, "
-                                                                  "3 for most; goodput runs once)")
-    p_bench.add_argument("--duration", type=float, default=None,
-                         help="goodput: seconds per system (default 600)")
-    p_bench.add_argument("--kill-every", type=float, default=None,
-                         help="goodput: seconds between kills (default 60)")
-    p_bench.add_argument("--out", default="benchmarks/results", help="where to write the table")
-    p_chaos = sub.add_parser("chaos", help="a long run with seeded random faults, then a report",
-                             description="Run CONFIG with --faults seeded random faults of every kind "
-                                         "fault.inject supports (MLflow on), then the same job without "
-                                         "faults, and report faults injected and recovered, the final "
-                                         "state digest against the fault-free run, samples duplicated "
-                                         "and skipped, and MLflow points missing. Exit 0 when nothing "
-                                         "was lost.")
-    _add_config_args(p_chaos)
-    p_chaos.add_argument("--faults", type=int, default=50, help="faults to inject")
-    p_chaos.add_argument("--seed", type=int, default=0, help="seeds where, on which rank, which kind")
-    p_chaos.add_argument("--spacing", type=int, default=4, help="fewest steps between two faults")
-    p_chaos.add_argument("--steps", type=int, default=None,
-                         help="train.max_steps (default: the config's, raised to fit the faults)")
-    p_chaos.add_argument("--storage", default=None, help="checkpoint.storage (default: a temporary folder)")
-    p_chaos.add_argument("--out", default="benchmarks/results", help="where to write chaos.json/.md "
-                                                                     "('-': nowhere)")
-    p_chaos.add_argument("--progress", action="store_true", help="print the jobs' progress lines")
+    for add in (_add_run, _add_check, _add_doctor, _add_bench, _add_chaos):
+        add(sub)
     return parser
 
 
@@ -175,6 +198,40 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    from raypod.recipe import build_recipe, check_sharding
+
+    cfg = load_config(args.config, args.overrides)
+    check_sharding(cfg, build_recipe(cfg))  # a constructor that raises is refused here too, as by run
+    print(yaml.safe_dump(redact_config(cfg), sort_keys=False))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from raypod.bench import run_suite
+
+    extra = {k: v for k, v in (("duration", args.duration), ("kill_every", args.kill_every)) if v is not None}
+    if extra and args.suite != "goodput":
+        print(f"raypod: error: --duration and --kill-every are for the goodput suite, "
+              f"not '{args.suite}'", file=sys.stderr)
+        return 2
+    print(json.dumps(run_suite(args.suite, trials=args.trials, out=args.out, **extra), indent=2))
+    return 0
+
+
+def _chaos(args: argparse.Namespace) -> int:
+    from raypod.bench.chaos import run_chaos
+
+    report = run_chaos(args.config, faults=args.faults, seed=args.seed, spacing=args.spacing,
+                       steps=args.steps, overrides=args.overrides, storage=args.storage,
+                       out=None if args.out == "-" else args.out, progress=args.progress)
+    return 0 if report["nothing_lost"] else 1
+
+
+_COMMANDS = {"run": _run, "check": _check, "doctor": _doctor, "bench": _bench, "chaos": _chaos}
+"""Sub-command -> its handler (``args`` in, exit code out)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``raypod`` console script."""
     args = build_parser().parse_args(argv)
@@ -182,43 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     # raypod's lines on the console, Ray's and MLflow's detail in <job_dir>/driver.log
     console.install(verbose=args.verbose)
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "check":
-            from raypod.driver.controller import build_recipe
-
-            cfg = load_config(args.config, args.overrides)
-            from raypod.recipe import check_sharding
-
-            check_sharding(cfg, build_recipe(cfg))  # a constructor that raises is refused here too, as by run
-            print(yaml.safe_dump(redact_config(cfg), sort_keys=False))
-            return 0
-        if args.command == "doctor":
-            return _doctor(args)
-        if args.command == "bench":
-            from raypod.bench import run_suite
-
-            extra = {k: v for k, v in (("duration", args.duration), ("kill_every", args.kill_every))
-                     if v is not None}
-            if extra and args.suite != "goodput":
-                print(f"raypod: error: --duration and --kill-every are for the goodput suite, "
-                      f"not '{args.suite}'", file=sys.stderr)
-                return 2
-            print(json.dumps(run_suite(args.suite, trials=args.trials, out=args.out, **extra), indent=2))
-            return 0
-        if args.command == "chaos":
-            from raypod.chaos import run_chaos
-
-            report = run_chaos(args.config, faults=args.faults, seed=args.seed, spacing=args.spacing,
-                               steps=args.steps, overrides=args.overrides, storage=args.storage,
-                               out=None if args.out == "-" else args.out, progress=args.progress)
-            return 0 if report["nothing_lost"] else 1
+        return _COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"raypod: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     finally:
         console.uninstall()  # only once Ray is gone: until then it may forward worker lines
-    return 2
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import re
 import time
 from typing import Any
 
-from raypod.checkpoint.fs import get_fs, read_json, write_json_atomic
-from raypod.config import FaultInjection, JobConfig, join_uri
+from raypod.config import FaultInjection, JobConfig
+from raypod.storage import get_fs, join_uri, read_json, write_json_atomic
 
 _MARKER = re.compile(r"fired_(\d+)\.json$")
 

@@ -9,6 +9,7 @@ test fakes) agree on the fields by name and type rather than by dictionary keys.
 - :class:`Heartbeat`: where a rank is (step and :class:`Phase`), answered mid-step.
 - :class:`MemoryReport`: which steps a rank holds in memory (its own snapshots, the
   replicas it keeps for its peers).
+- :class:`Interrupted`: where a rank's call was when the driver released it after a failure.
 - :class:`WorkerError` with an :class:`ErrorKind`: a rank call that failed.
 - :class:`WorkerGroupProtocol`: every call the driver makes on its group of ranks,
   implemented by :class:`raypod.driver.worker_group.WorkerGroup` and by the unit tests'
@@ -65,26 +66,8 @@ class ErrorKind(str, enum.Enum):
         return self.value
 
 
-class _Message:
-    """Transitional read access by key (``msg["rank"]``, ``msg.get("x")``) while callers move
-    to attributes; removed once no caller indexes a message."""
-
-    def __getitem__(self, key: str) -> Any:
-        try:
-            return getattr(self, key)
-        except AttributeError:
-            raise KeyError(key) from None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self, key, None)
-        return default if value is None else value
-
-    def __contains__(self, key: str) -> bool:
-        return getattr(self, key, None) is not None
-
-
 @dataclass
-class MemoryReport(_Message):
+class MemoryReport:
     """The steps a rank holds in memory: what the driver plans an in-memory recovery from."""
 
     own: list[int] = field(default_factory=list)
@@ -94,7 +77,7 @@ class MemoryReport(_Message):
 
 
 @dataclass
-class StepResult(_Message):
+class StepResult:
     """One rank's figures of one optimizer step (``WorkerActor.train_step``)."""
 
     step: int
@@ -141,7 +124,7 @@ class StepResult(_Message):
 
 
 @dataclass
-class Heartbeat(_Message):
+class Heartbeat:
     """Where a rank is; answered on the actor's health thread, also mid-collective."""
 
     rank: int
@@ -158,7 +141,23 @@ class Heartbeat(_Message):
 
 
 @dataclass
-class WorkerError(_Message):
+class Interrupted:
+    """A rank's answer to the driver's interrupt (``WorkerGroup.drain``): where its call was."""
+
+    rank: int
+    step: int = 0
+    phase: Phase | None = None
+    """``None``: nothing was interrupted (no trainer yet, or the interrupt came from an earlier
+    attempt's drain after the rank rejoined a group)."""
+    in_phase_s: float = 0.0
+
+    @property
+    def phase_name(self) -> str:
+        return Phase(self.phase).label if self.phase is not None else "rejoined"
+
+
+@dataclass
+class WorkerError:
     """An error raised by one rank's call."""
 
     rank: int
@@ -238,6 +237,12 @@ class WorkerGroupProtocol(Protocol):
     def take_spares(self, n: int) -> list[Any]: ...
     def refill_spares(self) -> None: ...
     def add_joiner(self, placement: Any = None) -> None: ...
+    def joining(self) -> int:
+        """How many joiners are starting (not warm yet, not handed out by :meth:`ready_joiners`)."""
+        ...
     def ready_joiners(self) -> list[Any]: ...
+    def drop_joiners(self, joiners: list[Any]) -> None:
+        """Stop warm joiners (from :meth:`ready_joiners`) that the group has no room for."""
+        ...
     def reshard(self, lost: set[int], added: list[Any], restore_step: int, attempt: int,
                 injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]: ...

@@ -203,3 +203,27 @@ def check_sharding(config: JobConfig, recipe: Recipe) -> None:
         f"{type(model).__name__}), so parallel.strategy '{config.parallel.strategy}' would wrap only the "
         "root module (the whole model gathered on every rank at each forward): return the blocks from "
         "shard_units, set shard_root_only = True on the recipe to accept that, or use parallel.strategy ddp")
+
+
+def build_recipe(config: JobConfig) -> Recipe:
+    """Instantiate ``recipe.target`` with ``recipe.args``.
+
+    Raises:
+        ConfigError: the constructor raised; one sentence naming ``recipe.target`` and the error.
+    """
+    from raypod.config import ConfigError, import_target
+
+    cls = import_target(config.recipe.target, config.recipe.import_dirs)
+    try:
+        return cls(**config.recipe.args)
+    except ConfigError:  # already one sentence naming the key (a missing package, a bad argument)
+        raise
+    except Exception as e:  # noqa: BLE001 - any constructor failure is the user's recipe or its args
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"recipe.target '{config.recipe.target}' could not be built with recipe.args: "
+                          f"{type(e).__name__}: {msg}".rstrip(": ")) from None
+
+
+def exports_pretrained(recipe: Recipe) -> bool:
+    """Whether the recipe overrides :meth:`Recipe.export_pretrained` (its own export format)."""
+    return type(recipe).export_pretrained is not Recipe.export_pretrained

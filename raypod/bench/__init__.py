@@ -15,6 +15,14 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench gpu                     # one GPU: tokens/s and MFU vs a plain PyTorch loop
 
 ``python -m raypod.bench.plots`` draws one PNG per suite from the JSON files.
+
+Layout: one module per suite (``elastic_suite`` for ``elastic``; ``elastic`` and
+``node_loss`` also run one in-process trial for the tests), all on one skeleton:
+``trials`` (a session, a tagged trial in its own folder, the cold subprocess, the
+interleaved loop, draining), ``table`` (cells, medians, ratios, Markdown and rich
+tables, the result files) and, for the step-time suites (overhead, checkpoint, gpu),
+``steptime``. ``chaos`` is ``raypod chaos``; ``gpu_probe`` a one-GPU step-time probe
+without Ray; ``fake_cluster`` Ray's fake autoscaler; ``anchors/`` the other systems.
 """
 
 from __future__ import annotations

@@ -34,18 +34,22 @@ mean step time it adds.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 from typing import Any
 
-from raypod.bench.overhead import (
+from raypod.bench.steptime import (
     MLP_WORKLOAD,
     System,
-    _fmt,
     medians,
+    ms,
+    named_systems,
+    page_md,
+    parser,
+    print_rows,
     run_interleaved,
+    systems_record,
     write_results,
 )
 
@@ -129,14 +133,14 @@ def run_checkpoint_bench(trials: int = 3, steps: int = STEPS_CKPT, warmup: int =
         "definition": "stall per checkpoint = (mean step interval with checkpoints - mean without, same "
                       f"system, same trial round) x intervals / checkpoints in the window (steps {warmup}.."
                       f"{steps}); median over trials",
-        "systems": {s.name: {"label": s.label, "kind": s.kind, "args": list(s.args)} for s in chosen},
+        "systems": systems_record(chosen),
         "trials": by_system,
         "median_step_ms": medians(by_system, "median_ms"),
         "mean_step_ms": medians(by_system, "mean_ms"),
         "stall_per_checkpoint": st,
         "ratios_vs_ray_train": {n: vs_rt(n) for n in st},
     }
-    print("\n".join(["", *table(result), ""]), file=sys.stderr)
+    print_rows(table(result))
     write_results(result, out, "checkpoint", markdown)
     return result
 
@@ -146,54 +150,32 @@ def table(r: dict[str, Any]) -> list[str]:
             "stall / Ray Train's |", "|---|---:|---:|---:|---:|"]
     for s in r["trials"]:
         st = r["stall_per_checkpoint"].get(s)
-        stall = "—" if st is None else f"{_fmt(st['median_ms'])} ({', '.join(_fmt(x) for x in st['per_trial_ms'])})"
-        rows.append(f"| {r['systems'][s]['label']} | {_fmt(r['mean_step_ms'][s])} | "
-                    f"{_fmt(r['median_step_ms'][s])} | {stall} | "
-                    f"{_fmt(r['ratios_vs_ray_train'].get(s), '.3f')} |")
+        stall = "—" if st is None else f"{ms(st['median_ms'])} ({', '.join(ms(x) for x in st['per_trial_ms'])})"
+        rows.append(f"| {r['systems'][s]['label']} | {ms(r['mean_step_ms'][s])} | "
+                    f"{ms(r['median_step_ms'][s])} | {stall} | "
+                    f"{ms(r['ratios_vs_ray_train'].get(s), '.3f')} |")
     return rows
 
 
 def markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
-    failed = [f"- {r['systems'][s]['label']} trial {t['trial']}: {t.get('why')}"
-              for s, recs in r["trials"].items() for t in recs if not t["ok"]]
-    return "\n".join([
-        "# checkpoint: the stall a checkpoint adds to training",
-        "",
-        f"Date: {r['date']}. Machine: {m['platform']}, {m['nproc']} CPUs, Python {m['python']}, "
-        f"torch {m['torch']}, Ray {m['ray']}; load average (1 min) {m['loadavg_before'][0]} before, "
-        f"{m['loadavg_after'][0]} after (per trial in the JSON).",
-        f"Command: `{r['command']}`. Trials interleaved, each a cold subprocess.",
-        "",
-        f"Workload: {r['workload']}.",
-        "",
-        *table(r),
-        "",
+    return page_md("checkpoint: the stall a checkpoint adds to training", r, table(r), [
         f"- **stall per checkpoint**: {r['definition']}; per-trial values in brackets.",
         "- The snapshot is taken after every step, so its stall is the mean step time it adds.",
         "",
-        *(["Failed trials:", "", *failed, ""] if failed else []),
     ])
 
 
-def run(trials: int = 3, out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
-    """Entry point for ``raypod bench checkpoint``."""
-    return run_checkpoint_bench(trials=trials, out=out)
+run = run_checkpoint_bench
+"""Entry point for ``raypod bench checkpoint`` (called with ``trials=`` and ``out=``)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="raypod vs Ray Train V2: the stall a checkpoint adds")
-    p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--steps", type=int, default=STEPS_CKPT)
-    p.add_argument("--warmup", type=int, default=WARMUP_CKPT)
+    p = parser("raypod vs Ray Train V2: the stall a checkpoint adds", 3, STEPS_CKPT, WARMUP_CKPT,
+               [s.name for s in systems(EVERY)])
     p.add_argument("--every", type=int, default=EVERY, help="persistent checkpoint interval")
-    p.add_argument("--systems", default=None, help="comma-separated subset of " +
-                   ",".join(s.name for s in systems(EVERY)))
-    p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     run_checkpoint_bench(trials=args.trials, steps=args.steps, warmup=args.warmup, every=args.every,
-                         out=None if args.out == "-" else args.out,
-                         only=args.systems.split(",") if args.systems else None)
+                         out=None if args.out == "-" else args.out, only=named_systems(args.systems))
     return 0
 
 

@@ -26,7 +26,6 @@ ahead and steps do not wait. ``small.yaml`` runs at 2 ranks here (its config all
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -34,19 +33,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from raypod.bench.table import loadavg, module_versions, write_results
+from raypod.bench.trials import REPO
+
 CONFIGS = {"tiny": 60, "small": 8, "hf_llama": 40}
 """Config name (``jobs/configs/<name>.yaml``) -> training steps timed."""
 STREAM_STEPS = 400
 FEED_STEPS = {"tiny": 60, "small": 40, "hf_llama": 60}
 """Steps of the rank-like consumer of a :class:`StepFeed` (after the training run)."""
-
-
-def _loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def _seq_len(recipe: Any) -> int:
@@ -111,7 +105,7 @@ def bench_config(name: str, steps: int, root: Path) -> dict[str, Any]:
     from raypod.api import connect_ray, run
     from raypod.callbacks import Callback, StepReport
     from raypod.config import load_config
-    from raypod.driver.controller import build_recipe
+    from raypod.recipe import build_recipe
 
     class Recorder(Callback):
         def __init__(self) -> None:
@@ -219,7 +213,7 @@ def run_data_bench(configs: dict[str, int] | None = None,
 
     configs = configs or CONFIGS
     started_ray = not ray.is_initialized()
-    load_before, t0 = _loadavg(), time.perf_counter()
+    load_before, t0 = loadavg(), time.perf_counter()
     rows = []
     recovery = None
     with tempfile.TemporaryDirectory(prefix="raypod-bench-data-") as tmp:
@@ -234,22 +228,11 @@ def run_data_bench(configs: dict[str, int] | None = None,
             if started_ray:
                 ray.shutdown()
     result = {"suite": "data", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": _loadavg(),
-              "rows": rows, "recovery": recovery, "bench_wall_s": round(time.perf_counter() - t0, 1), "versions": _versions()}
-    if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "data.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out_dir / "data.md").write_text(markdown(result))
+              "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": loadavg(),
+              "rows": rows, "recovery": recovery, "bench_wall_s": round(time.perf_counter() - t0, 1),
+              "versions": module_versions("ray", "pyarrow", "torch")}
+    write_results(result, out, "data", markdown(result))
     return result
-
-
-def _versions() -> dict[str, str]:
-    import pyarrow
-    import ray
-    import torch
-
-    return {"ray": ray.__version__, "pyarrow": pyarrow.__version__, "torch": torch.__version__}
 
 
 def _line(r: dict[str, Any]) -> str:

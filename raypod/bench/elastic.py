@@ -26,16 +26,15 @@ Each trial runs in its own process (it owns a Ray connection)::
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import os
 import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from raypod.bench.trials import REPO, one_trial_main
+
 TINY = REPO / "jobs" / "configs" / "tiny.yaml"
 
 
@@ -58,7 +57,7 @@ def _watch(driver: Any, cluster: Any, steps_at_max: int, log: dict[str, Any], st
         time.sleep(0.1)
 
 
-def run_trial(config: str | Path = TINY, overrides: list[str] | None = None,
+def run_trial(config: str | os.PathLike = TINY, overrides: list[str] | None = None,
               steps_at_max: int = 10) -> dict[str, Any]:
     import ray
 
@@ -139,12 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-at-max", type=int, default=10)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("raypod").setLevel(logging.INFO)
-    summary = run_trial(a.config, a.overrides, a.steps_at_max)
-    Path(a.trial_out).write_text(json.dumps(summary, indent=2, default=str))
-    print(json.dumps(figures(summary)))
-    return 0 if summary.get("status") == "succeeded" else 1
+    return one_trial_main(lambda: run_trial(a.config, a.overrides, a.steps_at_max), a.trial_out, figures)
 
 
 if __name__ == "__main__":

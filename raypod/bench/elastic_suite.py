@@ -42,38 +42,28 @@ waited for (killed by pid if it lingers) and ``pgrep -f rpfake-`` must come back
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from raypod.bench.trials import TAG_VAR, drain, kill_group, tail, versions
+from raypod.bench import table
+from raypod.bench import trials as harness
 
-SYSTEMS = ("raypod", "ray_train_v2", "ray_train_v2_5s")
-LABELS = {
-    "raypod": "raypod",
-    "ray_train_v2": "Ray Train V2 elastic (monitor 60 s, default)",
-    "ray_train_v2_5s": "Ray Train V2 elastic (monitor 5 s)",
-}
+LABELS = table.labels(ray_train_v2="Ray Train V2 elastic (monitor 60 s, default)",
+                      ray_train_v2_5s="Ray Train V2 elastic (monitor 5 s)")
+SYSTEMS = tuple(LABELS)
 STEPS = 200
 STEPS_AT_MAX = 10
 TRIAL_TIMEOUT_S = 900.0
 QUIET_TIMEOUT_S = 30.0
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _log(msg: str) -> None:
-    print(f"bench elastic | {msg}", file=sys.stderr, flush=True)
+_log = harness.logger("bench elastic")
 
 
 def _command(system: str, out: Path, steps: int, steps_at_max: int) -> tuple[list[str], dict[str, str]]:
@@ -132,27 +122,16 @@ def _rpfake() -> list[int]:
 
 
 def run_trial(system: str, i: int, logs: Path, steps: int, steps_at_max: int) -> dict[str, Any]:
-    tag = uuid.uuid4().hex[:12]
-    tmp = Path(tempfile.mkdtemp(prefix="rpes-", dir="/tmp"))
-    out = tmp / "trial.json"
-    log_path = logs / f"{system}-{i}.log"
+    trial = harness.Trial.new("rpes-", logs / f"{system}-{i}.log")
+    out = trial.tmp / "trial.json"
     cmd, extra = _command(system, out, steps, steps_at_max)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_V2_ENABLED")}
-    env.update(extra, PYTHONUNBUFFERED="1", **{TAG_VAR: tag})
+    env = trial.env(extra, ("RAY_ADDRESS", "RAY_TRAIN_V2_ENABLED"), ray_tmp=False)
     env.setdefault("RAY_AUTH_MODE", "token")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     rec: dict[str, Any] = {"system": system, "trial": i, "node_to_step_s": [], "shrink_gap_s": [],
                            "replayed": None, "succeeded": False}
-    with open(log_path, "wb") as log:
-        t0 = time.time()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=TRIAL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            rc = None
+    with harness.launched(cmd, env, trial.log_path) as (proc, t0):
+        rc = harness.wait_rc(proc, TRIAL_TIMEOUT_S)
         rec["process_s"] = round(time.time() - t0, 2)
-        kill_group(proc)
     rec["exit_code"] = rc
     try:
         data = json.loads(out.read_text())
@@ -167,46 +146,36 @@ def run_trial(system: str, i: int, logs: Path, steps: int, steps_at_max: int) ->
     if not rec.get("terminated") and "why" not in rec:
         rec["why"] = "the node was never terminated (the job did not run the steps at 3 workers)"
     if not rec["succeeded"] or rec.get("why"):
-        rec["log_tail"] = tail(log_path, 3000)
-    rec["log"] = str(log_path)
-    rec.update(drain(tag, QUIET_TIMEOUT_S, _log))
+        rec["log_tail"] = harness.tail(trial.log_path, 3000)
+    rec["log"] = str(trial.log_path)
+    if out.exists():  # the raw trial record (summary / step log) stays beside the log
+        raw = logs / f"{system}-{i}.trial.json"
+        shutil.copy(out, raw)
+        rec["raw"] = str(raw)
+    trial.finish(rec, QUIET_TIMEOUT_S, _log)
     left = _rpfake()
     deadline = time.monotonic() + QUIET_TIMEOUT_S
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
         left = _rpfake()
     rec["rpfake_left"] = left
-    if out.exists():  # the raw trial record (summary / step log) stays beside the log
-        raw = logs / f"{system}-{i}.trial.json"
-        shutil.copy(out, raw)
-        rec["raw"] = str(raw)
-    shutil.rmtree(tmp, ignore_errors=True)
     return rec
 
 
 # ---- summary and tables ------------------------------------------------------------
-def _median(xs: list[float]) -> float | None:
-    return round(statistics.median(xs), 3) if xs else None
-
-
 def summarise(by_system: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Medians over all trials (node to step: over every grown node of every trial) and ratios."""
     medians: dict[str, dict[str, Any]] = {}
     for s, recs in by_system.items():
         medians[s] = {
-            "node_to_step_s": _median([x for r in recs for x in r.get("node_to_step_s") or []]),
-            "shrink_gap_s": _median([x for r in recs for x in r.get("shrink_gap_s") or []]),
-            "replayed": _median([r["replayed"] for r in recs if r.get("replayed") is not None]),
-            "step_s": _median([r["step_s"] for r in recs if r.get("step_s") is not None]),
+            "node_to_step_s": table.median(x for r in recs for x in r.get("node_to_step_s") or []),
+            "shrink_gap_s": table.median(x for r in recs for x in r.get("shrink_gap_s") or []),
+            "replayed": table.median(r["replayed"] for r in recs if r.get("replayed") is not None),
+            "step_s": table.median(r["step_s"] for r in recs if r.get("step_s") is not None),
             "succeeded": f"{sum(1 for r in recs if r.get('succeeded'))}/{len(recs)}",
         }
-    ratios: dict[str, float | None] = {}
-    for s in by_system:
-        if s == "raypod":
-            continue
-        for k in ("node_to_step_s", "shrink_gap_s"):
-            a, b = medians.get("raypod", {}).get(k), medians[s][k]
-            ratios[f"{k} raypod/{s}"] = round(a / b, 3) if a is not None and b else None
+    ratios = {f"{k} raypod/{s}": table.ratio(medians.get("raypod", {}).get(k), medians[s][k])
+              for s in by_system if s != "raypod" for k in ("node_to_step_s", "shrink_gap_s")}
     return {"median": medians, "ratios": ratios}
 
 
@@ -214,10 +183,8 @@ def _fmt_list(xs: list[float] | None) -> str:
     return ", ".join(f"{x:.2f}" for x in xs) if xs else "—"
 
 
-def _fmt(x: Any, digits: int = 2) -> str:
-    if x is None:
-        return "—"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+def _fmt(x: Any) -> str:
+    return table.fmt(x, ".2f" if isinstance(x, float) else None)
 
 
 HEADER = ["system", "trial", "node to step (s)", "shrink gap (s)", "steps replayed", "median step (s)",
@@ -246,25 +213,28 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|---|---|---:|---:|---:|---:|---|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
-    return "\n".join(lines)
+    return table.markdown_table(HEADER, _rows(result), "|---|---|---:|---:|---:|---:|---|---|---|")
 
 
 def print_table(result: dict[str, Any]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is a dependency
-        print(markdown_table(result))
-        return
-    table = Table(title=f"elastic: tiny GPT, min 1 max 3 workers on Ray's fake autoscaler, {result['steps']} "
-                        f"steps, highest rank's node terminated after {result['steps_at_max']} steps at 3")
-    for k, h in enumerate(HEADER):
-        table.add_column(h, justify="right" if k in (2, 3, 4, 5) else "left")
-    for r in _rows(result):
-        table.add_row(*[c.replace("**", "") for c in r])
-    Console(width=180).print(table)
+    table.print_table(f"elastic: tiny GPT, min 1 max 3 workers on Ray's fake autoscaler, {result['steps']} "
+                      f"steps, highest rank's node terminated after {result['steps_at_max']} steps at 3",
+                      HEADER, _rows(result), lambda k: k in (2, 3, 4, 5), width=180)
+
+
+DEFINITIONS = {
+    "node_to_step_s": "per worker node that came up after the job started: seconds from the harness "
+                      "first seeing it alive to the first step completed with a rank on it",
+    "shrink_gap_s": "seconds from the completion of the last step before the node was terminated to "
+                    "the completion of the first step after it",
+    "replayed": "step numbers completed more than once over the run (raypod: sum of events' "
+                "lost_steps; Ray Train: from rank 0's step log)",
+    "step_s": "median seconds between consecutive steps at the same world size (and attempt)",
+}
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def run_elastic_bench(trials: int = 1, out: str | os.PathLike | None = "benchmarks/results",
@@ -273,41 +243,24 @@ def run_elastic_bench(trials: int = 1, out: str | os.PathLike | None = "benchmar
     """Run the suite: ``trials`` interleaved trials per system; write JSON and Markdown to ``out``."""
     if trials < 1:
         raise ValueError("trials must be at least 1")
-    logs = Path(tempfile.mkdtemp(prefix="raypod-bench-elastic-"))
-    _log(f"{trials} trial(s) per system, interleaved; subprocess logs in {logs}")
-    started = _dt.datetime.now(_dt.timezone.utc)
-    load_before = os.getloadavg()
-    uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    by_system: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
-    order = []
-    for i in range(1, trials + 1):
-        for s in systems:
-            rec = run_trial(s, i, logs, steps, steps_at_max)
-            by_system[s].append(rec)
-            order.append(f"{s}-{i}")
-            _log(f"trial {i} {s}: node to step {_fmt_list(rec.get('node_to_step_s'))} s, shrink gap "
-                 f"{_fmt_list(rec.get('shrink_gap_s'))} s, replayed {rec.get('replayed')}, world sizes "
-                 f"{rec.get('world_sizes')}, {'finished' if rec.get('succeeded') else 'NOT finished: ' + str(rec.get('why'))}"
-                 f" (process {rec['process_s']:.0f}s)")
-    uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    command = f"raypod bench elastic --trials {trials}"
+    session = harness.Session.open("elastic", lambda logs: f"{trials} trial(s) per system, interleaved; "
+                                                   f"subprocess logs in {logs}", _log, None)
+    uptime_before = _uptime()
+
+    def describe(rec: dict[str, Any]) -> str:
+        done = "finished" if rec.get("succeeded") else "NOT finished: " + str(rec.get("why"))
+        return (f"node to step {_fmt_list(rec.get('node_to_step_s'))} s, shrink gap "
+                f"{_fmt_list(rec.get('shrink_gap_s'))} s, replayed {rec.get('replayed')}, world sizes "
+                f"{rec.get('world_sizes')}, {done} (process {rec['process_s']:.0f}s)")
+
+    by_system, order = harness.interleave(
+        systems, trials, lambda s, i: run_trial(s, i, session.logs, steps, steps_at_max), describe, _log, width=0)
     result: dict[str, Any] = {
         "suite": "elastic",
-        "definitions": {
-            "node_to_step_s": "per worker node that came up after the job started: seconds from the harness "
-                              "first seeing it alive to the first step completed with a rank on it",
-            "shrink_gap_s": "seconds from the completion of the last step before the node was terminated to "
-                            "the completion of the first step after it",
-            "replayed": "step numbers completed more than once over the run (raypod: sum of events' "
-                        "lost_steps; Ray Train: from rank 0's step log)",
-            "step_s": "median seconds between consecutive steps at the same world size (and attempt)",
-        },
-        "date": started.isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **versions(),
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                    "uptime_before": uptime_before, "uptime_after": uptime_after},
-        "command": command,
+        "definitions": DEFINITIONS,
+        "date": session.date,
+        "machine": session.machine(uptime_before=uptime_before, uptime_after=_uptime()),
+        "command": f"raypod bench elastic --trials {trials}",
         "steps": steps, "steps_at_max": steps_at_max,
         "system_commands": {s: _shown(s, steps, steps_at_max) for s in systems},
         "workload": f"jobs/configs/tiny.yaml GPT (2 layers, 4 heads, 128 wide, seq 128), FSDP2 on gloo, 1 CPU "
@@ -320,12 +273,7 @@ def run_elastic_bench(trials: int = 1, out: str | os.PathLike | None = "benchmar
         **summarise(by_system),
     }
     print_table(result)
-    if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "elastic.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        (out_dir / "elastic.md").write_text(markdown(result))
-        _log(f"wrote {out_dir / 'elastic.json'} and {out_dir / 'elastic.md'}")
+    table.write_results(result, out, "elastic", markdown(result), _log, default=str)
     return result
 
 
@@ -367,15 +315,12 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(md)
 
 
-def run(trials: int = 1, out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
-    """Entry point for ``raypod bench elastic``."""
-    return run_elastic_bench(trials=trials, out=out)
+run = run_elastic_bench
+"""Entry point for ``raypod bench elastic`` (called with ``trials=`` and ``out=``)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="raypod vs Ray Train V2 elastic mode: grow and shrink")
-    p.add_argument("--trials", type=int, default=1)
-    p.add_argument("--out", default="benchmarks/results")
+    p = harness.suite_parser("raypod vs Ray Train V2 elastic mode: grow and shrink", trials=1)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--steps-at-max", type=int, default=STEPS_AT_MAX)
     p.add_argument("--systems", default=",".join(SYSTEMS))

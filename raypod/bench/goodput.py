@@ -63,43 +63,26 @@ harness's kill times:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import glob
 import json
 import os
-import platform
 import random
 import re
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
+from raypod.bench import table
+from raypod.bench import trials as harness
 from raypod.bench.recovery import read_step_log
-from raypod.bench.trials import (
-    TAG_VAR,
-    cause,
-    drain,
-    kill_group,
-    tagged_pids,
-    tail,
-    versions,
-    wait_no_raylets,
-    warm_page_cache,
-)
+from raypod.bench.table import fmt
 
-SYSTEMS = ("raypod", "ray_train_v2", "torchrun")
-LABELS = {
-    "raypod": "raypod",
-    "ray_train_v2": "Ray Train V2 TorchTrainer",
-    "torchrun": "torchrun --max-restarts 1000",
-}
+LABELS = table.labels(ray_train_v2="Ray Train V2 TorchTrainer", torchrun="torchrun --max-restarts 1000")
+SYSTEMS = tuple(LABELS)
 DURATION_S = 600.0
 KILL_EVERY_S = 60.0
 SEED = 0
@@ -110,7 +93,6 @@ KEEP = 2
 GRACE_S = 60.0
 """After the deadline: time to stop and shut down before the harness ends the process group."""
 QUIET_TIMEOUT_S = 60.0
-REPO = Path(__file__).resolve().parents[2]
 
 COMMANDS = {
     "raypod": "python raypod/bench/anchors/raypod_steps.py jobs/configs/mlp.yaml --log <tmp>/first.log "
@@ -126,8 +108,7 @@ COMMANDS = {
 }
 
 
-def _log(msg: str) -> None:
-    print(f"bench goodput | {msg}", file=sys.stderr, flush=True)
+_log = harness.logger("bench goodput")
 
 
 # ---- figures (pure) ----------------------------------------------------------------
@@ -231,7 +212,7 @@ def raypod_ranks(tag: str, ray_tmp: Path) -> dict[int, int]:
     spare has joined no group. When two live actors claim a rank, the later join wins.
     """
     claims: dict[int, tuple[float, int]] = {}
-    for pid in tagged_pids(tag):
+    for pid in harness.tagged_pids(tag):
         if not _cmdline(pid).startswith("ray::TrainWorker"):
             continue
         files = glob.glob(str(ray_tmp / "**" / "session_latest" / "logs" / f"worker-*-{pid}.err"),
@@ -252,7 +233,7 @@ def raypod_ranks(tag: str, ray_tmp: Path) -> dict[int, int]:
 
 def pidfile_ranks(tag: str, workdir: Path) -> dict[int, int]:
     """``rank -> pid`` from the anchors' ``<work>/pids/rank<r>`` files, live trial processes only."""
-    live = set(tagged_pids(tag))
+    live = set(harness.tagged_pids(tag))
     out = {}
     for path in glob.glob(str(workdir / "pids" / "rank*")):
         try:
@@ -275,7 +256,7 @@ def _command(system: str, tmp: Path, deadline: float, torchrun_fresh_store: bool
              ) -> tuple[list[str], dict[str, str]]:
     py = sys.executable
     extra: dict[str, str] = {}
-    anchors = REPO / "raypod/bench/anchors"
+    anchors = harness.REPO / "raypod/bench/anchors"
     if system == "raypod":
         cmd = [py, str(anchors / "raypod_steps.py"), "jobs/configs/mlp.yaml", "--log", str(tmp / "first.log"),
                "--live-log", str(tmp / "work" / "steps.log"), "--deadline", f"{deadline:.3f}",
@@ -350,33 +331,21 @@ def _drive(system: str, proc: subprocess.Popen, tag: str, tmp: Path, steps_log: 
 def run_system(system: str, logs: Path, duration: float = DURATION_S, kill_every: float = KILL_EVERY_S,
                seed: int = SEED, torchrun_fresh_store: bool = False) -> dict[str, Any]:
     """Run ``system`` for ``duration`` s, SIGKILLing a rank every ``kill_every`` s; returns its figures."""
-    tag = uuid.uuid4().hex[:12]
-    tmp = Path(tempfile.mkdtemp(prefix="rpg-", dir="/tmp"))  # short: Ray socket paths
-    for d in ("storage", "work"):
-        (tmp / d).mkdir()
-    log_path = logs / f"{system}.log"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_TRAIN_V2_ENABLED",
-                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
-    env.update(RAY_TMPDIR=str(tmp), PYTHONUNBUFFERED="1", **{TAG_VAR: tag})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    trial = harness.Trial.new("rpg-", logs / f"{system}.log", ("storage", "work"))
+    tmp = trial.tmp
     rng = random.Random(seed)
     steps_log = tmp / "work" / "steps.log"
     kills: list[dict[str, Any]] = []
     rec: dict[str, Any] = {"system": system, "ok": False}
-    with open(log_path, "wb") as log:
-        t0 = time.time()
-        deadline = t0 + duration
-        cmd, extra = _command(system, tmp, deadline, torchrun_fresh_store)
-        env.update(extra)
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + duration
+    cmd, extra = _command(system, tmp, deadline, torchrun_fresh_store)
+    env = trial.env(extra, (*harness.SCRUB, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"))
+    with harness.launched(cmd, env, trial.log_path) as (proc, t0):
         try:
-            rc = _drive(system, proc, tag, tmp, steps_log, deadline, kill_every, rng, kills, t0)
+            rc = _drive(system, proc, trial.tag, tmp, steps_log, deadline, kill_every, rng, kills, t0)
         finally:  # also when the harness itself is interrupted
             rec["process_s"] = round(time.time() - t0, 2)
             rec["stopped_s_after_deadline"] = round(time.time() - deadline, 2)
-            kill_group(proc)
     rec.update(exit_code=rc, started=t0, deadline=deadline,
                kill_log=[{**k, "t": round(k["t"], 3)} for k in kills])
     try:
@@ -395,23 +364,13 @@ def run_system(system: str, logs: Path, duration: float = DURATION_S, kill_every
         rec["why"] = f"{type(e).__name__}: {e}"
         rec["goodput"] = None
     if not rec["ok"]:
-        rec["cause"] = cause(log_path)
-        rec["log_tail"] = tail(log_path)
-    rec["log"] = str(log_path)
-    rec.update(drain(tag, QUIET_TIMEOUT_S, _log))
-    shutil.rmtree(tmp, ignore_errors=True)
-    return rec
+        rec["cause"] = harness.cause(trial.log_path)
+        rec["log_tail"] = harness.tail(trial.log_path)
+    rec["log"] = str(trial.log_path)
+    return trial.finish(rec, QUIET_TIMEOUT_S, _log)
 
 
 # ---- the suite -----------------------------------------------------------------------
-def _fmt(x: Any, digits: int | None = None) -> str:
-    if x is None:
-        return "—"
-    if digits is not None:
-        return f"{x:.{digits}f}"
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
 HEADER = ["system", "goodput", "ETTR", "raypod / this", "window (s)", "steady step (ms)", "kept steps",
           "kills fired", "recoveries", "steps replayed", "mean gap (s)", "ran to deadline"]
 
@@ -422,33 +381,22 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
         r = result["results"][s]
         ratio = 1.0 if s == "raypod" else result["ratios"].get(f"raypod/{s}")
         step_ms = None if r.get("steady_step_s") is None else r["steady_step_s"] * 1000
-        out.append([LABELS[s], _fmt(r.get("goodput"), 3), _fmt(r.get("ettr"), 3), _fmt(ratio, 2), _fmt(r.get("window_s"), 1),
-                    _fmt(step_ms, 0), _fmt(r.get("kept_steps")), _fmt(r.get("kills_fired")),
-                    _fmt(r.get("recoveries")), _fmt(r.get("steps_replayed")), _fmt(r.get("mean_gap_s"), 2),
+        out.append([LABELS[s], fmt(r.get("goodput"), ".3f"), fmt(r.get("ettr"), ".3f"), fmt(ratio, ".2f"),
+                    fmt(r.get("window_s"), ".1f"), fmt(step_ms, ".0f"), fmt(r.get("kept_steps")),
+                    fmt(r.get("kills_fired")), fmt(r.get("recoveries")), fmt(r.get("steps_replayed")),
+                    fmt(r.get("mean_gap_s"), ".2f"),
                     "yes" if r["ok"] else f"NO ({(r.get('why') or '?')[:60]})"])
     return out
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|---|" + "---:|" * (len(HEADER) - 2) + "---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
-    return "\n".join(lines)
+    return table.markdown_table(HEADER, _rows(result), "|---|" + "---:|" * (len(HEADER) - 2) + "---|")
 
 
 def print_table(result: dict[str, Any]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is a dependency
-        print(markdown_table(result))
-        return
-    table = Table(title=f"goodput: {result['duration_s']:.0f} s, a rank SIGKILLed every "
-                        f"{result['kill_every_s']:.0f} s (mlp.yaml, 2 CPU ranks, checkpoint every 10 steps)")
-    for k, h in enumerate(HEADER):
-        table.add_column(h, justify="left" if k in (0, len(HEADER) - 1) else "right")
-    for r in _rows(result):
-        table.add_row(*r)
-    Console(width=180).print(table)
+    table.print_table(f"goodput: {result['duration_s']:.0f} s, a rank SIGKILLed every "
+                      f"{result['kill_every_s']:.0f} s (mlp.yaml, 2 CPU ranks, checkpoint every 10 steps)",
+                      HEADER, _rows(result), lambda k: k not in (0, len(HEADER) - 1), width=180)
 
 
 DEFINITIONS = {
@@ -477,36 +425,27 @@ def run_goodput_bench(duration: float = DURATION_S, kill_every: float = KILL_EVE
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system(s) {unknown} (known: {', '.join(SYSTEMS)})")
-    warm_page_cache()
-    logs = Path(tempfile.mkdtemp(prefix="raypod-bench-goodput-"))
-    _log(f"{', '.join(systems)}: {duration:.0f} s each, a kill every {kill_every:.0f} s; logs in {logs}")
-    stray = wait_no_raylets(QUIET_TIMEOUT_S, _log)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    load_before = os.getloadavg()
+    harness.warm_page_cache()
+    session = harness.Session.open(
+        "goodput", lambda logs: f"{', '.join(systems)}: {duration:.0f} s each, a kill every {kill_every:.0f} s; "
+                                f"logs in {logs}", _log, QUIET_TIMEOUT_S)
     results = {}
     for s in systems:
-        r = run_system(s, logs, duration, kill_every, seed, torchrun_fresh_store)
+        r = run_system(s, session.logs, duration, kill_every, seed, torchrun_fresh_store)
         results[s] = r
-        _log(f"{s}: goodput {_fmt(r.get('goodput'), 3)}, {r.get('kills_fired')} kills, "
+        _log(f"{s}: goodput {fmt(r.get('goodput'), '.3f')}, {r.get('kills_fired')} kills, "
              f"{r.get('recoveries')} recoveries, {r.get('steps_replayed')} steps replayed, mean gap "
-             f"{_fmt(r.get('mean_gap_s'), 2)} s" + ("" if r["ok"] else f" (NOT OK: {r.get('why')})"))
-    ratios = {}
-    for s in systems:
-        if s == "raypod" or "raypod" not in results:
-            continue
-        a, b = results["raypod"].get("goodput"), results[s].get("goodput")
-        ratios[f"raypod/{s}"] = round(a / b, 3) if a is not None and b else None
+             f"{fmt(r.get('mean_gap_s'), '.2f')} s" + ("" if r["ok"] else f" (NOT OK: {r.get('why')})"))
+    ratios = {} if "raypod" not in results else table.ratios_vs(
+        {s: r.get("goodput") for s, r in results.items()}, "raypod", systems)
     cmd = (f"python -m raypod.bench.goodput --duration {duration:g} --kill-every {kill_every:g} --seed {seed}"
            + (f" --systems {','.join(systems)}" if tuple(systems) != SYSTEMS else "")
            + (" --torchrun-fresh-store" if torchrun_fresh_store else ""))
     result: dict[str, Any] = {
         "suite": "goodput",
         "definitions": DEFINITIONS,
-        "date": started.isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **versions(),
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                    "other_raylets_at_start": stray},
+        "date": session.date,
+        "machine": session.machine(),
         "command": cmd,
         "duration_s": duration,
         "kill_every_s": kill_every,
@@ -524,11 +463,7 @@ def run_goodput_bench(duration: float = DURATION_S, kill_every: float = KILL_EVE
     }
     print_table(result)
     if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "goodput.json").write_text(json.dumps(result, indent=2) + "\n")
-        write_markdown(result, out_dir)
-        _log(f"wrote {out_dir / 'goodput.json'} and {out_dir / 'goodput.md'}")
+        table.write_results(result, out, "goodput", markdown(result), _log)
         if plot is not None:
             try:
                 from raypod.bench.plots import plot_goodput
@@ -539,17 +474,15 @@ def run_goodput_bench(duration: float = DURATION_S, kill_every: float = KILL_EVE
     return result
 
 
-def write_markdown(result: dict[str, Any], out_dir: Path) -> None:
-    """``<out_dir>/goodput.md`` from a result (as ``goodput.json`` holds it)."""
+def markdown(result: dict[str, Any]) -> str:
+    """``goodput.md`` from a result (as ``goodput.json`` holds it)."""
     m = result["machine"]
-    cmd = result["command"]
-    md = [
+    return "\n".join([
         "# goodput: a rank SIGKILLed every minute",
         "",
-        f"Date: {result['date']}. Machine: {m['platform']}, {m['nproc']} CPUs, Python {m['python']}, "
-        f"torch {m['torch']}, Ray {m['ray']}; load average {m['loadavg_before'][0]} before, "
+        f"{table.machine_line(result['date'], m)}; load average {m['loadavg_before'][0]} before, "
         f"{m['loadavg_after'][0]} after.",
-        f"Command: `{cmd}`. Systems one after the other, each a cold subprocess.",
+        f"Command: `{result['command']}`. Systems one after the other, each a cold subprocess.",
         "",
         f"Workload: {result['workload']}.",
         "",
@@ -560,12 +493,8 @@ def write_markdown(result: dict[str, Any], out_dir: Path) -> None:
         "training). Target (issue 8): raypod's effective training time ratio >= 0.97; goodput "
         "is the stricter figure.",
         "",
-        "Commands:",
-        "",
-        *[f"- {LABELS[s]}: `{c}`" for s, c in result["system_commands"].items()],
-        "",
-    ]
-    (out_dir / "goodput.md").write_text("\n".join(md))
+        *table.commands_md(LABELS, result["system_commands"]),
+    ])
 
 
 def run(trials: int = 1, out: str | os.PathLike | None = "benchmarks/results", duration: float = DURATION_S,

@@ -22,21 +22,15 @@ x sequence length / step time; MFU = tokens/s x the recipe's training FLOPs per 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from raypod.bench.overhead import (
-    System,
-    _fmt,
-    medians,
-    ratio,
-    run_interleaved,
-    write_results,
-)
+from raypod.bench import steptime
+from raypod.bench.steptime import System, ms
+from raypod.bench.table import ratio
 
 CONFIG = "jobs/configs/350m.yaml"
 STEPS = 40
@@ -76,8 +70,7 @@ def workload(config: str) -> dict[str, Any]:
     import torch
 
     from raypod.config import load_config
-    from raypod.driver.controller import build_recipe
-    from raypod.recipe import RankContext
+    from raypod.recipe import RankContext, build_recipe
 
     cfg = load_config(config, [])
     recipe = build_recipe(cfg)
@@ -99,9 +92,9 @@ def run_gpu_bench(trials: int = 1, steps: int = STEPS, warmup: int = WARMUP, con
     w = workload(config)
     name = device_name()
     peak = peak_flops(name)
-    by_system, machine = run_interleaved(chosen, trials, steps, warmup, "gpu")
+    by_system, machine = steptime.run_interleaved(chosen, trials, steps, warmup, "gpu")
     machine["gpu"] = name
-    mean = medians(by_system, "mean_ms")
+    mean = steptime.medians(by_system, "mean_ms")
     tokens = {s: (round(w["tokens_per_step"] / (ms / 1e3)) if ms else None) for s, ms in mean.items()}
     mfu = {s: (round(tok * w["flops_per_token"] / peak, 4) if tok and peak and w["flops_per_token"] else None)
            for s, tok in tokens.items()}
@@ -113,17 +106,17 @@ def run_gpu_bench(trials: int = 1, steps: int = STEPS, warmup: int = WARMUP, con
         "workload": w,
         "ranks": "one rank on one GPU (world size 1, NCCL process group)",
         "peak_flops": peak,
-        "systems": {s.name: {"label": s.label, "kind": s.kind, "args": list(s.args)} for s in chosen},
+        "systems": steptime.systems_record(chosen),
         "trials": by_system,
         "mean_step_ms": mean,
-        "median_step_ms": medians(by_system, "median_ms"),
+        "median_step_ms": steptime.medians(by_system, "median_ms"),
         "tokens_per_s": tokens,
         "mfu": mfu,
         "ratio_vs_plain": {s: ratio(tokens[s], tokens.get("plain")) for s in tokens},
         "targets": "MFU >= 0.45 on an H100; raypod tokens/s / plain >= 0.98",
     }
-    print("\n".join(["", *table(result), ""]), file=sys.stderr)
-    write_results(result, out, "gpu", markdown)
+    steptime.print_rows(table(result))
+    steptime.write_results(result, out, "gpu", markdown)
     return result
 
 
@@ -132,8 +125,8 @@ def table(r: dict[str, Any]) -> list[str]:
             "|---|---:|---:|---:|---:|"]
     for s, info in r["systems"].items():
         m = r["mfu"][s]
-        rows.append(f"| {info['label']} | {_fmt(r['mean_step_ms'][s])} | {_fmt(r['tokens_per_s'][s], ',.0f')} | "
-                    f"{'—' if m is None else f'{m:.1%}'} | {_fmt(r['ratio_vs_plain'][s], '.3f')} |")
+        rows.append(f"| {info['label']} | {ms(r['mean_step_ms'][s])} | {ms(r['tokens_per_s'][s], ',.0f')} | "
+                    f"{'—' if m is None else f'{m:.1%}'} | {ms(r['ratio_vs_plain'][s], '.3f')} |")
     return rows
 
 
@@ -158,18 +151,13 @@ def markdown(r: dict[str, Any]) -> str:
     ])
 
 
-def run(trials: int = 1, out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
-    """Entry point for ``raypod bench gpu``."""
-    return run_gpu_bench(trials=trials, out=out)
+run = run_gpu_bench
+"""Entry point for ``raypod bench gpu`` (called with ``trials=`` and ``out=``)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="raypod vs a plain loop on one GPU: tokens/s and MFU")
-    p.add_argument("--trials", type=int, default=1)
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--warmup", type=int, default=WARMUP)
+    p = steptime.parser("raypod vs a plain loop on one GPU: tokens/s and MFU", 1, STEPS, WARMUP)
     p.add_argument("--config", default=CONFIG)
-    p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args(argv)
     run_gpu_bench(a.trials, a.steps, a.warmup, a.config, None if a.out == "-" else a.out)
     return 0

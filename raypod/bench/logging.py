@@ -18,7 +18,6 @@ synchronous MLflow call per step (``log_batch`` of the step's metrics) on the sa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -26,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from raypod.bench.table import loadavg, module_versions, write_results
 
 JOB = "bench-logging"
 
@@ -80,13 +81,6 @@ def _threads_cpu_s(tids: list[int]) -> float | None:
     return total
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _sync_anchor(uri: str, run_id: str, calls: int = 30) -> float:
     """Mean seconds of one synchronous ``log_batch`` of a step's metrics on the store."""
     from mlflow.entities import Metric
@@ -138,7 +132,7 @@ def run_logging_bench(steps: int = 600, out: str | os.PathLike | None = "benchma
         "mlflow": {"tracking_uri": uri, "experiment": "raypod-bench"},
     })
     reps, a, b = _calibrate(step_ms)
-    load_before = _loadavg()
+    load_before = loadavg()
     times: dict[str, list[float]] = {"off": [], "on": []}
     hook_s: list[float] = []
     step = 0
@@ -200,7 +194,7 @@ def run_logging_bench(steps: int = 600, out: str | os.PathLike | None = "benchma
         "store": "local SQLite (the demo's default)" if tracking_uri is None else tracking_uri,
         "cpu_count": os.cpu_count(),
         "loadavg_before": load_before,
-        "loadavg_after": _loadavg(),
+        "loadavg_after": loadavg(),
         "off": {"mean_ms": round(mean_off * 1e3, 3), "median_ms": round(med_off * 1e3, 3)},
         "on": {"mean_ms": round(mean_on * 1e3, 3), "median_ms": round(med_on * 1e3, 3)},
         "overhead_mean_pct": round((mean_on / mean_off - 1) * 100, 3),
@@ -215,22 +209,11 @@ def run_logging_bench(steps: int = 600, out: str | os.PathLike | None = "benchma
         "sync_log_batch_ms": None if sync_s is None else round(sync_s * 1e3, 3),
         "sync_overhead_pct": None if sync_s is None else round(sync_s / mean_off * 100, 2),
         "bench_wall_s": round(wall, 1),
-        "versions": _versions(),
+        "versions": module_versions("mlflow", "torch"),
     }
     _print(result)
-    if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "logging.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out_dir / "logging.md").write_text(markdown(result))
+    write_results(result, out, "logging", markdown(result))
     return result
-
-
-def _versions() -> dict[str, str]:
-    import mlflow
-    import torch
-
-    return {"mlflow": mlflow.__version__, "torch": torch.__version__}
 
 
 def markdown(r: dict[str, Any]) -> str:

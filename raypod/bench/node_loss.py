@@ -22,10 +22,8 @@ Ray connection, such as pytest's session cluster)::
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
-import logging
 import os
 import platform
 import statistics
@@ -37,7 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from raypod.bench.table import write_results
+from raypod.bench.trials import REPO, one_trial_main, suite_parser
+
 MLP = REPO / "jobs" / "configs" / "mlp.yaml"
 
 
@@ -151,10 +151,7 @@ def run_suite(trials: int = 3, out: str | os.PathLike | None = "benchmarks/resul
     }
     table = markdown(result)
     print(table)
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "node_loss.json").write_text(json.dumps(result, indent=2))
-        (Path(out) / "node_loss.md").write_text(table)
+    write_results(result, out, "node_loss", table, newline=False)
     return result
 
 
@@ -170,25 +167,19 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def run(trials: int = 3, out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
+    """Entry point for ``raypod bench node_loss``."""
     return run_suite(trials=trials, out=out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="raypod: recovery from the loss of a whole Ray node")
-    p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results")
+    p = suite_parser("raypod: recovery from the loss of a whole Ray node")
     p.add_argument("--trial-out", help="run one trial in this process and write its summary here")
     p.add_argument("--config", default=str(MLP))
     p.add_argument("--after-step", type=int, default=25)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("raypod").setLevel(logging.INFO)
     if a.trial_out:
-        summary = run_trial(a.config, a.overrides, a.after_step)
-        Path(a.trial_out).write_text(json.dumps(summary, indent=2, default=str))
-        print(json.dumps(figures(summary)))
-        return 0 if summary.get("status") == "succeeded" else 1
+        return one_trial_main(lambda: run_trial(a.config, a.overrides, a.after_step), a.trial_out, figures)
     run_suite(a.trials, a.out)
     return 0
 

@@ -52,44 +52,24 @@ waits for ``pgrep -f raylet`` to come back empty before the next one.
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import json
 import os
-import platform
-import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from raypod.bench.trials import (
-    TAG_VAR,
-    cause,
-    drain,
-    kill_group,
-    tagged_pids,
-    tail,
-    versions,
-    wait_no_raylets,
-    warm_page_cache,
-)
+from raypod.bench import table
+from raypod.bench import trials as harness
+from raypod.bench.table import fmt
 
-SYSTEMS = ("raypod", "ray_train_v2", "torchrun")
-LABELS = {
-    "raypod": "raypod",
-    "ray_train_v2": "Ray Train V2 TorchTrainer",
-    "torchrun": "torchrun --max-restarts 2",
-}
+LABELS = table.labels(ray_train_v2="Ray Train V2 TorchTrainer", torchrun="torchrun --max-restarts 2")
+SYSTEMS = tuple(LABELS)
 MAX_STEPS = 60
 KILL_AFTER = 25
 """Rank 1 dies right after completing this step (raypod: ``inject`` at step 26)."""
-REPO = Path(__file__).resolve().parents[2]
 TRIAL_TIMEOUT_S = 300.0
 QUIET_TIMEOUT_S = 60.0
 
@@ -104,8 +84,7 @@ COMMANDS = {
 }
 
 
-def _log(msg: str) -> None:
-    print(f"bench recovery | {msg}", file=sys.stderr, flush=True)
+_log = harness.logger("bench recovery")
 
 
 # ---- figures -----------------------------------------------------------------------
@@ -175,7 +154,7 @@ def _dump_stacks(tag: str, log_path: Path) -> str | None:
         return None
     where = None
     with open(log_path, "w") as log:
-        for pid in tagged_pids(tag):
+        for pid in harness.tagged_pids(tag):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -208,13 +187,13 @@ def _command(system: str, i: int, tmp: Path, torchrun_fresh_store: bool = False
                "--set", "checkpoint.memory_every_steps=1",
                "--set", f"fault.inject=[{{step: {KILL_AFTER + 1}, rank: 1, kind: kill}}]"]
     elif system == "ray_train_v2":
-        cmd = [py, str(REPO / "raypod/bench/anchors/mlp_ray_train.py"), "--workdir", str(tmp / "work"),
+        cmd = [py, str(harness.REPO / "raypod/bench/anchors/mlp_ray_train.py"), "--workdir", str(tmp / "work"),
                "--storage", str(tmp / "storage"), "--name", f"rec-ray-train-{i}",
                "--steps", str(MAX_STEPS)]
         extra["RAY_TRAIN_V2_ENABLED"] = "1"
     elif system == "torchrun":
         cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "--max-restarts", "2", str(REPO / "raypod/bench/anchors/mlp_torchrun.py"),
+               "--max-restarts", "2", str(harness.REPO / "raypod/bench/anchors/mlp_torchrun.py"),
                "--workdir", str(tmp / "work"), "--steps", str(MAX_STEPS)]
         if torchrun_fresh_store:
             extra["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -225,32 +204,17 @@ def _command(system: str, i: int, tmp: Path, torchrun_fresh_store: bool = False
 
 def run_trial(system: str, i: int, logs: Path, torchrun_fresh_store: bool = False) -> dict[str, Any]:
     """Run ``system`` once with the kill; returns its gap, replayed steps and recovered flag."""
-    tag = uuid.uuid4().hex[:12]
-    tmp = Path(tempfile.mkdtemp(prefix="rpr-", dir="/tmp"))  # short: Ray socket paths
-    (tmp / "storage").mkdir()
-    (tmp / "work").mkdir()
-    log_path = logs / f"{system}-{i}.log"
+    trial = harness.Trial.new("rpr-", logs / f"{system}-{i}.log", ("storage", "work"))
+    tmp = trial.tmp
     cmd, extra = _command(system, i, tmp, torchrun_fresh_store)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_TRAIN_V2_ENABLED",
-                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
-    env.update(extra, RAY_TMPDIR=str(tmp), PYTHONUNBUFFERED="1", **{TAG_VAR: tag})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = trial.env(extra, (*harness.SCRUB, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"))
     rec: dict[str, Any] = {"system": system, "trial": i, "gap_s": None, "replayed": None,
                            "recovered": False}
-    with open(log_path, "wb") as log:
-        t0 = time.time()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=TRIAL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            rc = None
+    with harness.launched(cmd, env, trial.log_path) as (proc, t0):
+        rc = harness.wait_rc(proc, TRIAL_TIMEOUT_S)
         rec["process_s"] = round(time.time() - t0, 2)
         if rc is None:
-            log.flush()
-            rec["stuck_in"] = _dump_stacks(tag, logs / f"{system}-{i}.stacks.txt")
-        kill_group(proc)
+            rec["stuck_in"] = _dump_stacks(trial.tag, logs / f"{system}-{i}.stacks.txt")
     rec["exit_code"] = rc
     try:
         if system == "raypod":
@@ -270,54 +234,38 @@ def run_trial(system: str, i: int, logs: Path, torchrun_fresh_store: bool = Fals
         rec["why"] = f"{type(e).__name__}: {e}" + (f" (timed out after {TRIAL_TIMEOUT_S:.0f}s)"
                                                    if rc is None else "")
     if not rec["recovered"]:
-        rec["cause"] = cause(log_path)
-        rec["log_tail"] = tail(log_path)
-    rec["log"] = str(log_path)
-    rec.update(drain(tag, QUIET_TIMEOUT_S, _log))
-    shutil.rmtree(tmp, ignore_errors=True)
-    return rec
+        rec["cause"] = harness.cause(trial.log_path)
+        rec["log_tail"] = harness.tail(trial.log_path)
+    rec["log"] = str(trial.log_path)
+    return trial.finish(rec, QUIET_TIMEOUT_S, _log)
 
 
 # ---- the suite ---------------------------------------------------------------------
-def _median(xs: list[float]) -> float | None:
-    return round(statistics.median(xs), 3) if xs else None
-
-
 def _summarise(by_system: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     medians: dict[str, dict[str, Any]] = {}
     for s, recs in by_system.items():
         medians[s] = {
-            "gap_s": _median([r["gap_s"] for r in recs if r["recovered"] and r["gap_s"] is not None]),
-            "replayed": _median([r["replayed"] for r in recs if r["recovered"] and r["replayed"] is not None]),
+            "gap_s": table.median(r["gap_s"] for r in recs if r["recovered"] and r["gap_s"] is not None),
+            "replayed": table.median(r["replayed"] for r in recs
+                                     if r["recovered"] and r["replayed"] is not None),
             "recovered": f"{sum(1 for r in recs if r['recovered'])}/{len(recs)}",
         }
-    ratios = {}
-    for s in SYSTEMS[1:]:
-        a, b = medians["raypod"]["gap_s"], medians[s]["gap_s"]
-        ratios[f"raypod/{s}"] = round(a / b, 3) if a is not None and b else None
-    return {"median": medians, "ratios": ratios}
-
-
-def _fmt(x: Any, digits: int | None = None) -> str:
-    if x is None:
-        return "—"
-    if digits is not None:
-        return f"{x:.{digits}f}"
-    return f"{x:g}" if isinstance(x, float) else str(x)
+    gaps = {s: m["gap_s"] for s, m in medians.items()}
+    return {"median": medians, "ratios": table.ratios_vs(gaps, "raypod", SYSTEMS)}
 
 
 def _rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for s in SYSTEMS:
         for r in result["trials"][s]:
-            rows.append([LABELS[s], str(r["trial"]), _fmt(r["gap_s"], 2), _fmt(r["replayed"]),
+            rows.append([LABELS[s], str(r["trial"]), fmt(r["gap_s"], ".2f"), fmt(r["replayed"]),
                          "yes" if r["recovered"] else f"NO ({r.get('why', '?')[:80]})",
-                         _fmt(r.get("restored_from"))])
+                         fmt(r.get("restored_from"))])
     for s in SYSTEMS:
         m = result["median"][s]
         ratio = result["ratios"].get(f"raypod/{s}")
-        rows.append([f"**{LABELS[s]}**", "median", _fmt(m["gap_s"], 2), _fmt(m["replayed"]), m["recovered"],
-                     "gap ratio 1.00" if s == "raypod" else f"gap ratio raypod/this {_fmt(ratio, 2)}"])
+        rows.append([f"**{LABELS[s]}**", "median", fmt(m["gap_s"], ".2f"), fmt(m["replayed"]), m["recovered"],
+                     "gap ratio 1.00" if s == "raypod" else f"gap ratio raypod/this {fmt(ratio, '.2f')}"])
     return rows
 
 
@@ -325,25 +273,25 @@ HEADER = ["system", "trial", "gap (s)", "steps replayed", "recovered", "restored
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|---|---|---:|---:|---|---|"]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
-    return "\n".join(lines)
+    return table.markdown_table(HEADER, _rows(result), "|---|---|---:|---:|---|---|")
 
 
 def print_table(result: dict[str, Any]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is a dependency
-        print(markdown_table(result))
-        return
-    table = Table(title=f"recovery: rank 1 killed after step {KILL_AFTER} (mlp.yaml, 2 CPU ranks, "
-                        "checkpoint every 10 steps)")
-    for k, h in enumerate(HEADER):
-        table.add_column(h, justify="right" if k in (2, 3) else "left")
-    for r in _rows(result):
-        table.add_row(*[c.replace("**", "") for c in r])
-    Console(width=160).print(table)
+    table.print_table(f"recovery: rank 1 killed after step {KILL_AFTER} (mlp.yaml, 2 CPU ranks, "
+                      "checkpoint every 10 steps)", HEADER, _rows(result), lambda k: k in (2, 3))
+
+
+DEFINITIONS = {
+    "gap_s": f"seconds from the completion of the last step before the kill (step {KILL_AFTER}) "
+             "to the completion of the first step after it (raypod: summary events[0] "
+             "resumed_s - last_step_s on the driver; anchors: rank 0's step log, right after "
+             "optimizer.step())",
+    "replayed": "step numbers completed before the kill and again after it, + 1 for the "
+                "interrupted step (raypod: events[0].lost_steps + 1; anchors: step numbers "
+                "logged more than once + 1)",
+    "recovered": f"exit 0 and last step {MAX_STEPS} (raypod: status succeeded, final_step "
+                 f"{MAX_STEPS})",
+}
 
 
 def run_recovery_bench(trials: int = 3, out: str | os.PathLike | None = "benchmarks/results",
@@ -355,41 +303,23 @@ def run_recovery_bench(trials: int = 3, out: str | os.PathLike | None = "benchma
     """
     if trials < 1:
         raise ValueError("trials must be at least 1")
-    warm_page_cache()
-    logs = Path(tempfile.mkdtemp(prefix="raypod-bench-recovery-"))
-    _log(f"{trials} trial(s) per system, interleaved; subprocess logs in {logs}")
-    stray = wait_no_raylets(QUIET_TIMEOUT_S, _log)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    load_before = os.getloadavg()
-    by_system: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
-    order = []
-    for i in range(1, trials + 1):
-        for s in SYSTEMS:
-            rec = run_trial(s, i, logs, torchrun_fresh_store)
-            by_system[s].append(rec)
-            order.append(f"{s}-{i}")
-            what = (f"gap {rec['gap_s']:.2f}s, {rec['replayed']} steps replayed, recovered"
-                    if rec["recovered"] else f"NOT RECOVERED ({rec.get('why')}; cause: {rec.get('cause')})")
-            _log(f"trial {i} {s:>12}: {what} (process ran {rec['process_s']:.1f}s, "
-                 f"drained in {rec['drain_s']:.1f}s)")
+    harness.warm_page_cache()
+    session = harness.Session.open("recovery", lambda logs: f"{trials} trial(s) per system, interleaved; "
+                                                    f"subprocess logs in {logs}", _log, QUIET_TIMEOUT_S)
+
+    def describe(rec: dict[str, Any]) -> str:
+        what = (f"gap {rec['gap_s']:.2f}s, {rec['replayed']} steps replayed, recovered"
+                if rec["recovered"] else f"NOT RECOVERED ({rec.get('why')}; cause: {rec.get('cause')})")
+        return f"{what} (process ran {rec['process_s']:.1f}s, drained in {rec['drain_s']:.1f}s)"
+
+    by_system, order = harness.interleave(SYSTEMS, trials, lambda s, i: run_trial(s, i, session.logs,
+                                                                          torchrun_fresh_store),
+                                  describe, _log)
     result: dict[str, Any] = {
         "suite": "recovery",
-        "definitions": {
-            "gap_s": f"seconds from the completion of the last step before the kill (step {KILL_AFTER}) "
-                     "to the completion of the first step after it (raypod: summary events[0] "
-                     "resumed_s - last_step_s on the driver; anchors: rank 0's step log, right after "
-                     "optimizer.step())",
-            "replayed": "step numbers completed before the kill and again after it, + 1 for the "
-                        "interrupted step (raypod: events[0].lost_steps + 1; anchors: step numbers "
-                        "logged more than once + 1)",
-            "recovered": f"exit 0 and last step {MAX_STEPS} (raypod: status succeeded, final_step "
-                         f"{MAX_STEPS})",
-        },
-        "date": started.isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **versions(),
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                    "other_raylets_at_start": stray},
+        "definitions": DEFINITIONS,
+        "date": session.date,
+        "machine": session.machine(),
         "command": f"run_recovery_bench(trials={trials}, torchrun_fresh_store={torchrun_fresh_store})",
         "torchrun_env": {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if torchrun_fresh_store else {},
         "system_commands": COMMANDS,
@@ -403,60 +333,51 @@ def run_recovery_bench(trials: int = 3, out: str | os.PathLike | None = "benchma
         **_summarise(by_system),
     }
     print_table(result)
-    if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recovery.json").write_text(json.dumps(result, indent=2) + "\n")
-        m = result["machine"]
-        md = [
-            "# recovery: a worker killed mid-run",
-            "",
-            f"Date: {result['date']}. Machine: {m['platform']}, {m['nproc']} CPUs, Python "
-            f"{m['python']}, torch {m['torch']}, Ray {m['ray']}; load average "
-            f"{m['loadavg_before'][0]} before, {m['loadavg_after'][0]} after.",
-            f"Command: `{result['command']}` (`python -m raypod.bench.recovery --trials {trials}"
-            f"{' --torchrun-fresh-store' if torchrun_fresh_store else ''}`). "
-            f"Trials interleaved in the order {', '.join(SYSTEMS)}, ...; each a cold subprocess.",
-            "",
-            f"Workload: {result['workload']}.",
-            "",
-            markdown_table(result),
-            "",
-            f"- **gap**: {result['definitions']['gap_s']}.",
-            f"- **steps replayed**: {result['definitions']['replayed']}.",
-            f"- **recovered**: {result['definitions']['recovered']}.",
-            "- torchrun ran " + ("with `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (a fresh rendezvous "
-                                 "store per restart)" if torchrun_fresh_store else
-                                 "as shipped (its rendezvous store shared with the workers; a restart "
-                                 "can read the dead group's gloo addresses, pytorch/pytorch#135712)") + ".",
-            "- Medians are over recovered trials; the ratio is raypod's median gap over the "
-            "system's (below 1: raypod recovers faster).",
-            "",
-            *(["Trials that did not recover:", ""] + [
-                f"- {LABELS[r['system']]} trial {r['trial']}: {r.get('why')}"
-                + (f"; cause: `{r['cause']}`" if r.get("cause") else "")
-                + (f"; stuck in `{r['stuck_in']}`" if r.get("stuck_in") else "")
-                for s in SYSTEMS for r in result["trials"][s] if not r["recovered"]] + [""]
-              if any(not r["recovered"] for s in SYSTEMS for r in result["trials"][s]) else []),
-            "Commands:",
-            "",
-            *[f"- {LABELS[s]}: `{c}`" for s, c in COMMANDS.items()],
-            "",
-        ]
-        (out_dir / "recovery.md").write_text("\n".join(md))
-        _log(f"wrote {out_dir / 'recovery.json'} and {out_dir / 'recovery.md'}")
+    table.write_results(result, out, "recovery", markdown(result, torchrun_fresh_store), _log)
     return result
 
 
-def run(trials: int = 3, out: str | os.PathLike | None = "benchmarks/results") -> dict[str, Any]:
-    """Entry point for ``raypod bench recovery``."""
-    return run_recovery_bench(trials=trials, out=out)
+def markdown(result: dict[str, Any], torchrun_fresh_store: bool = False) -> str:
+    """``recovery.md``: the table, the definitions, the trials that did not recover, the commands."""
+    m = result["machine"]
+    failed = [f"{LABELS[r['system']]} trial {r['trial']}: {r.get('why')}"
+              + (f"; cause: `{r['cause']}`" if r.get("cause") else "")
+              + (f"; stuck in `{r['stuck_in']}`" if r.get("stuck_in") else "")
+              for s in SYSTEMS for r in result["trials"][s] if not r["recovered"]]
+    return "\n".join([
+        "# recovery: a worker killed mid-run",
+        "",
+        f"{table.machine_line(result['date'], m)}; load average "
+        f"{m['loadavg_before'][0]} before, {m['loadavg_after'][0]} after.",
+        f"Command: `{result['command']}` (`python -m raypod.bench.recovery --trials "
+        f"{result['trials_per_system']}{' --torchrun-fresh-store' if torchrun_fresh_store else ''}`). "
+        f"Trials interleaved in the order {', '.join(SYSTEMS)}, ...; each a cold subprocess.",
+        "",
+        f"Workload: {result['workload']}.",
+        "",
+        markdown_table(result),
+        "",
+        f"- **gap**: {result['definitions']['gap_s']}.",
+        f"- **steps replayed**: {result['definitions']['replayed']}.",
+        f"- **recovered**: {result['definitions']['recovered']}.",
+        "- torchrun ran " + ("with `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` (a fresh rendezvous "
+                             "store per restart)" if torchrun_fresh_store else
+                             "as shipped (its rendezvous store shared with the workers; a restart "
+                             "can read the dead group's gloo addresses, pytorch/pytorch#135712)") + ".",
+        "- Medians are over recovered trials; the ratio is raypod's median gap over the "
+        "system's (below 1: raypod recovers faster).",
+        "",
+        *table.problems_md("Trials that did not recover:", failed),
+        *table.commands_md(LABELS, COMMANDS),
+    ])
+
+
+run = run_recovery_bench
+"""Entry point for ``raypod bench recovery`` (called with ``trials=`` and ``out=``)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="raypod vs Ray Train V2 vs torchrun: recovery from a killed worker")
-    p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--out", default="benchmarks/results")
+    p = harness.suite_parser("raypod vs Ray Train V2 vs torchrun: recovery from a killed worker")
     p.add_argument("--torchrun-fresh-store", action="store_true",
                    help="run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see the module doc)")
     args = p.parse_args(argv)

@@ -26,38 +26,20 @@ they were, since on a shared 2-core machine other programs skew startup times.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from raypod.bench.trials import (
-    TAG_VAR,
-    drain,
-    kill_group,
-    tail,
-    versions,
-    wait_no_raylets,
-)
+from raypod.bench import table
+from raypod.bench import trials as harness
 
-SYSTEMS = ("raypod", "ray_train_v2", "torchrun")
-LABELS = {
-    "raypod": "raypod",
-    "ray_train_v2": "Ray Train V2",
-    "torchrun": "torchrun",
-}
+LABELS = table.labels(ray_train_v2="Ray Train V2", torchrun="torchrun")
+SYSTEMS = tuple(LABELS)
 STEPS = 3
 CORPUS = "~/.cache/raypod/data/stdlib_corpus.parquet"
-REPO = Path(__file__).resolve().parents[2]
 TRIAL_TIMEOUT_S = 300.0
 QUIET_TIMEOUT_S = 30.0
 IDLE_BUSY_MAX = 0.25
@@ -72,8 +54,7 @@ COMMANDS = {
 }
 
 
-def _log(msg: str) -> None:
-    print(f"bench startup | {msg}", file=sys.stderr, flush=True)
+_log = harness.logger("bench startup")
 
 
 # ---- the machine --------------------------------------------------------------------
@@ -115,13 +96,13 @@ def _command(system: str, i: int, storage: Path, mark: Path) -> tuple[list[str],
                "--set", f"train.max_steps={STEPS}", "--set", f"checkpoint.storage={storage}",
                "--set", f"name=bench-startup-{i}", "--quiet"]
     elif system == "ray_train_v2":
-        cmd = [py, str(REPO / "raypod/bench/anchors/ray_train_v2.py"), "--mark", str(mark),
+        cmd = [py, str(harness.REPO / "raypod/bench/anchors/ray_train_v2.py"), "--mark", str(mark),
                "--storage", str(storage), "--name", f"bench-startup-ray-train-{i}",
                "--steps", str(STEPS)]
         extra["RAY_TRAIN_V2_ENABLED"] = "1"
     elif system == "torchrun":
         cmd = [py, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(REPO / "raypod/bench/anchors/torchrun_gpt.py"), "--mark", str(mark),
+               str(harness.REPO / "raypod/bench/anchors/torchrun_gpt.py"), "--mark", str(mark),
                "--steps", str(STEPS)]
     else:
         raise ValueError(f"unknown system '{system}'")
@@ -139,29 +120,16 @@ def _first_step_time(system: str, i: int, storage: Path, mark: Path) -> float:
 
 def run_trial(system: str, i: int, logs: Path) -> dict[str, Any]:
     """Launch ``system`` cold once; returns seconds from launch to first step and details."""
-    tag = uuid.uuid4().hex[:12]
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rpb-", dir="/tmp"))  # short: Ray socket paths
-    storage = ray_tmp / "storage"
-    storage.mkdir()
-    mark = ray_tmp / "first_step"
-    log_path = logs / f"{system}-{i}.log"
+    trial = harness.Trial.new("rpb-", logs / f"{system}-{i}.log", ("storage",))
+    storage = trial.tmp / "storage"
+    mark = trial.tmp / "first_step"
     cmd, extra = _command(system, i, storage, mark)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_TRAIN_V2_ENABLED")}
-    env.update(extra, RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1", **{TAG_VAR: tag})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = trial.env(extra)
     rec: dict[str, Any] = {"system": system, "trial": i, "seconds": None}
     rec["cpu_busy_before"] = round(_wait_idle(), 2)
-    with open(log_path, "wb") as log:
-        t0 = time.time()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=TRIAL_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            rc = None
+    with harness.launched(cmd, env, trial.log_path) as (proc, t0):
+        rc = harness.wait_rc(proc, TRIAL_TIMEOUT_S)
         exit_s = time.time() - t0
-        kill_group(proc)
     rec["exit_code"] = rc
     rec["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
     rec["process_s"] = round(exit_s, 2)
@@ -178,10 +146,8 @@ def run_trial(system: str, i: int, logs: Path) -> dict[str, Any]:
             rec["driver_to_first_step_s"] = round(float(summary["first_step_s"]), 3)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         rec["error"] = f"{type(e).__name__}: {e}"
-        rec["log_tail"] = tail(log_path)
-    rec.update(drain(tag, QUIET_TIMEOUT_S, _log))
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    return rec
+        rec["log_tail"] = harness.tail(trial.log_path)
+    return trial.finish(rec, QUIET_TIMEOUT_S, _log)
 
 
 # ---- the suite ---------------------------------------------------------------------
@@ -194,12 +160,9 @@ def _ensure_corpus() -> None:
         build_stdlib_corpus(CORPUS)
 
 
-def _warm_page_cache() -> None:
-    """Import every system's stack once, untimed, so the first trial does not pay a cold disk."""
-    code = ("import torch, torch.distributed.run, torch.distributed.fsdp, ray, ray.train.torch, "
-            "mlflow, raypod.api, raypod.worker.trainer, raypod.bench.anchors.common")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False, timeout=300)
+GPT_STACK = ("torch, torch.distributed.run, torch.distributed.fsdp, ray, ray.train.torch, "
+             "mlflow, raypod.api, raypod.worker.trainer, raypod.bench.anchors.common")
+"""What this suite's systems import (warmed once, untimed)."""
 
 
 def _fmt(x: float | None) -> str:
@@ -212,10 +175,9 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
     for s in SYSTEMS:
         per = [_fmt(t["seconds"]) for t in result["trials"][s]]
         per += [""] * (n - len(per))
-        med = result["median_s"][s]
-        ratio = "1.00" if s == "raypod" else (
-            "n/a" if result["ratios"].get(f"raypod/{s}") is None else f"{result['ratios'][f'raypod/{s}']:.2f}")
-        rows.append([LABELS[s], *per, _fmt(med), ratio])
+        r = result["ratios"].get(f"raypod/{s}")
+        ratio = "1.00" if s == "raypod" else ("n/a" if r is None else f"{r:.2f}")
+        rows.append([LABELS[s], *per, _fmt(result["median_s"][s]), ratio])
     return rows
 
 
@@ -224,11 +186,7 @@ def _header(n: int) -> list[str]:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    head = _header(result["trials_per_system"])
-    lines = ["| " + " | ".join(head) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
-    return "\n".join(lines)
+    return table.markdown_table(_header(result["trials_per_system"]), _rows(result))
 
 
 def _contention_line(result: dict[str, Any]) -> str:
@@ -240,18 +198,9 @@ def _contention_line(result: dict[str, Any]) -> str:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # pragma: no cover - rich is a dependency
-        print(markdown_table(result))
-        return
-    table = Table(title="startup: launch to first optimizer step (tiny.yaml, 2 CPU ranks)")
-    for k, h in enumerate(_header(result["trials_per_system"])):
-        table.add_column(h, justify="left" if k == 0 else "right")
-    for r in _rows(result):
-        table.add_row(*r)
-    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    table.print_table("startup: launch to first optimizer step (tiny.yaml, 2 CPU ranks)",
+                      _header(result["trials_per_system"]), _rows(result), lambda k: k != 0,
+                      width=None if sys.stdout.isatty() else 120)
 
 
 def run(trials: int = 3, out: str | os.PathLike = "benchmarks/results") -> dict[str, Any]:
@@ -259,40 +208,25 @@ def run(trials: int = 3, out: str | os.PathLike = "benchmarks/results") -> dict[
     if trials < 1:
         raise ValueError("trials must be at least 1")
     _ensure_corpus()
-    _warm_page_cache()
-    logs = Path(tempfile.mkdtemp(prefix="raypod-bench-startup-"))
-    _log(f"{trials} trial(s) per system, interleaved; subprocess logs in {logs}")
-    stray = wait_no_raylets(QUIET_TIMEOUT_S, _log)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    load_before = os.getloadavg()
-    by_system: dict[str, list[dict[str, Any]]] = {s: [] for s in SYSTEMS}
-    order = []
-    for i in range(1, trials + 1):
-        for s in SYSTEMS:
-            rec = run_trial(s, i, logs)
-            by_system[s].append(rec)
-            order.append(f"{s}-{i}")
-            what = f"{rec['seconds']:.2f}s" if rec["seconds"] is not None else f"FAILED ({rec['error']})"
-            _log(f"trial {i} {s:>12}: {what} to first step (process ran {rec['process_s']:.1f}s, "
-                 f"drained in {rec['drain_s']:.1f}s)")
-    medians: dict[str, float | None] = {}
-    for s in SYSTEMS:
-        ok = [t["seconds"] for t in by_system[s] if t["seconds"] is not None]
-        medians[s] = round(statistics.median(ok), 3) if ok else None
-    ratios = {}
-    for s in SYSTEMS[1:]:
-        a, b = medians["raypod"], medians[s]
-        ratios[f"raypod/{s}"] = round(a / b, 3) if a is not None and b else None
+    harness.warm_page_cache(GPT_STACK)
+    session = harness.Session.open("startup", lambda logs: f"{trials} trial(s) per system, interleaved; "
+                                                   f"subprocess logs in {logs}", _log, QUIET_TIMEOUT_S)
+
+    def describe(rec: dict[str, Any]) -> str:
+        what = f"{rec['seconds']:.2f}s" if rec["seconds"] is not None else f"FAILED ({rec['error']})"
+        return f"{what} to first step (process ran {rec['process_s']:.1f}s, drained in {rec['drain_s']:.1f}s)"
+
+    by_system, order = harness.interleave(SYSTEMS, trials, lambda s, i: run_trial(s, i, session.logs),
+                                          describe, _log)
+    medians = {s: table.median(t["seconds"] for t in by_system[s] if t["seconds"] is not None)
+               for s in SYSTEMS}
     result: dict[str, Any] = {
         "suite": "startup",
         "metric": "seconds from time.time() just before subprocess.Popen to the first optimizer "
                   "step (raypod: summary started_at + first_step_s, all ranks' step-1 results at "
                   "the driver; anchors: rank 0 right after optimizer.step())",
-        "date": started.isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "nproc": os.cpu_count(), **versions(),
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-                    "other_raylets_at_start": stray},
+        "date": session.date,
+        "machine": session.machine(),
         "command": "raypod bench startup --trials " + str(trials),
         "system_commands": COMMANDS,
         "workload": "jobs/configs/tiny.yaml model: GPT n_layer 2, n_head 4, n_embd 128, seq_len 128, "
@@ -302,30 +236,27 @@ def run(trials: int = 3, out: str | os.PathLike = "benchmarks/results") -> dict[
         "order": order,
         "trials": by_system,
         "median_s": medians,
-        "ratios": ratios,
+        "ratios": table.ratios_vs(medians, "raypod", SYSTEMS),
     }
     print_table(result)
-    if out is not None:
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "startup.json").write_text(json.dumps(result, indent=2) + "\n")
-        md = [
-            "# startup: launch to first optimizer step",
-            "",
-            f"Date: {result['date']}. Machine: {result['machine']['platform']}, "
-            f"{result['machine']['nproc']} CPUs, Python {result['machine']['python']}, "
-            f"torch {result['machine']['torch']}, Ray {result['machine']['ray']}.",
-            f"Command: `{result['command']}`. Trials interleaved in the order "
-            f"{', '.join(SYSTEMS)}, ...; each launched cold as a subprocess.",
-            "",
-            markdown_table(result),
-            "",
-            _contention_line(result),
-            "",
-            "Seconds from just before `subprocess.Popen` to the first optimizer step; "
-            "the ratio is raypod's median over the system's median (below 1: raypod is faster).",
-            "",
-        ]
-        (out_dir / "startup.md").write_text("\n".join(md))
-        _log(f"wrote {out_dir / 'startup.json'} and {out_dir / 'startup.md'}")
+    table.write_results(result, out, "startup", markdown(result), _log)
     return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """``startup.md``: the table and what loaded the machine."""
+    return "\n".join([
+        "# startup: launch to first optimizer step",
+        "",
+        f"{table.machine_line(result['date'], result['machine'])}.",
+        f"Command: `{result['command']}`. Trials interleaved in the order "
+        f"{', '.join(SYSTEMS)}, ...; each launched cold as a subprocess.",
+        "",
+        markdown_table(result),
+        "",
+        _contention_line(result),
+        "",
+        "Seconds from just before `subprocess.Popen` to the first optimizer step; "
+        "the ratio is raypod's median over the system's median (below 1: raypod is faster).",
+        "",
+    ])

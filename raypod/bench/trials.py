@@ -1,18 +1,35 @@
-"""Process bookkeeping shared by the benchmark suites: tag a trial's processes, end them,
-and wait until no Ray cluster is up before the next trial starts."""
+"""The trial skeleton every benchmark suite runs on.
+
+A suite opens a :class:`Session` (a logs folder, no stray Ray cluster, the load before),
+runs its systems interleaved with :func:`interleave`, and each trial is a
+:class:`Trial`: a tag in the environment of every process it starts, a private
+folder (its ``RAY_TMPDIR``), a cold subprocess :func:`launched` in its own session,
+and at the end :meth:`Trial.finish`, which waits for every tagged process to exit
+(killing stragglers by pid) and for no Ray cluster to be up before the next trial.
+"""
 
 from __future__ import annotations
 
+import argparse
+import datetime as _dt
+import json
+import logging
 import os
-import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from raypod.bench.table import machine
 
 TAG_VAR = "RAYPOD_BENCH_TRIAL"
 """Environment variable that marks every process a trial starts."""
@@ -111,13 +128,6 @@ def tail(path: Path, n: int = 2000) -> str:
         return ""
 
 
-def versions() -> dict[str, str]:
-    import ray
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__}
-
-
 _ERROR_LINE = re.compile(r"\b(\w+(?:Error|Exception)): (\S.*)")
 
 
@@ -135,9 +145,155 @@ def cause(path: Path) -> str | None:
     return found[:240] if found else None
 
 
-def warm_page_cache() -> None:
+MLP_STACK = ("torch, torch.distributed.run, torch.distributed.fsdp, torch.distributed.checkpoint, "
+             "ray, ray.train.torch, raypod.api, raypod.worker.trainer, raypod.bench.anchors.mlp_common")
+"""What the MLP suites' systems import."""
+
+
+def warm_page_cache(modules: str = MLP_STACK) -> None:
     """Import every system's stack once, untimed, so the first trial does not pay a cold disk."""
-    code = ("import torch, torch.distributed.run, torch.distributed.fsdp, torch.distributed.checkpoint, "
-            "ray, ray.train.torch, raypod.api, raypod.worker.trainer, raypod.bench.anchors.mlp_common")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.DEVNULL,
+    subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=REPO, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL, check=False, timeout=300)
+
+
+# ---- the skeleton: a log, a session, a trial, the interleaved loop -----------------------
+SCRUB = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_TRAIN_V2_ENABLED")
+"""Variables a trial never inherits: it starts its own Ray, logs nowhere, picks its own mode."""
+
+
+def logger(prefix: str) -> Callable[[str], None]:
+    """A suite's progress line on stderr: ``<prefix> | <msg>``."""
+    def log(msg: str) -> None:
+        print(f"{prefix} | {msg}", file=sys.stderr, flush=True)
+    return log
+
+
+@dataclass
+class Session:
+    """A suite run: its logs folder, the raylets up at the start, when and under what load."""
+
+    logs: Path
+    stray: list[int] | None
+    started: _dt.datetime = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc))
+    load_before: tuple[float, float, float] = field(default_factory=os.getloadavg)
+
+    @classmethod
+    def open(cls, suite: str, note: Callable[[Path], str], log: Callable[[str], None],
+             quiet_timeout_s: float | None) -> Session:
+        """Make ``raypod-bench-<suite>-*``, log ``note(logs)``, then (unless ``quiet_timeout_s``
+        is None) wait for no raylet to be up."""
+        logs = Path(tempfile.mkdtemp(prefix=f"raypod-bench-{suite}-"))
+        log(note(logs))
+        stray = None if quiet_timeout_s is None else wait_no_raylets(quiet_timeout_s, log)
+        return cls(logs, stray)
+
+    @property
+    def date(self) -> str:
+        return self.started.isoformat(timespec="seconds")
+
+    def machine(self, **extra: Any) -> dict[str, Any]:
+        """The result's machine record (with ``other_raylets_at_start`` when it waited for them)."""
+        if self.stray is not None:
+            extra = {"other_raylets_at_start": self.stray, **extra}
+        return machine(self.load_before, **extra)
+
+
+@dataclass
+class Trial:
+    """One trial's tag, private folder (short: Ray socket paths live in it) and log file."""
+
+    tag: str
+    tmp: Path
+    log_path: Path
+
+    @classmethod
+    def new(cls, prefix: str, log_path: Path, subdirs: Sequence[str] = ()) -> Trial:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        for d in subdirs:
+            (tmp / d).mkdir()
+        return cls(uuid.uuid4().hex[:12], tmp, log_path)
+
+    def env(self, extra: Mapping[str, str] | None = None, scrub: Sequence[str] = SCRUB,
+            ray_tmp: bool = True) -> dict[str, str]:
+        """This process's environment less ``scrub``, plus ``extra``, the tag, unbuffered output,
+        the repository on ``PYTHONPATH`` and (``ray_tmp``) the trial's folder as ``RAY_TMPDIR``."""
+        env = {k: v for k, v in os.environ.items() if k not in scrub}
+        env.update(extra or {}, PYTHONUNBUFFERED="1", **{TAG_VAR: self.tag})
+        if ray_tmp:
+            env["RAY_TMPDIR"] = str(self.tmp)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        return env
+
+    def finish(self, rec: dict[str, Any], quiet_timeout_s: float,
+               log: Callable[[str], None]) -> dict[str, Any]:
+        """Drain the trial's processes into ``rec`` and remove its folder; returns ``rec``."""
+        rec.update(drain(self.tag, quiet_timeout_s, log))
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return rec
+
+
+@contextmanager
+def launched(cmd: list[str], env: Mapping[str, str], log_path: Path
+             ) -> Iterator[tuple[subprocess.Popen, float]]:
+    """Start ``cmd`` in the repository, in its own session, output to ``log_path``; yields the
+    process and ``time.time()`` taken just before it started; ends its process group on exit."""
+    with open(log_path, "wb") as log:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc, t0
+        finally:
+            kill_group(proc)
+
+
+def wait_rc(proc: subprocess.Popen, timeout_s: float) -> int | None:
+    """The exit code, or None when the process still runs after ``timeout_s``."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def interleave(names: Sequence[str], trials: int, run_one: Callable[[str, int], dict[str, Any]],
+               describe: Callable[[dict[str, Any]], str], log: Callable[[str], None], width: int = 12
+               ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """Run every system once, then again, ``trials`` rounds; log ``describe(rec)`` per trial.
+
+    Returns:
+        The trials per system and the order they ran in (``<system>-<i>``).
+    """
+    by_system: dict[str, list[dict[str, Any]]] = {s: [] for s in names}
+    order = []
+    for i in range(1, trials + 1):
+        for s in names:
+            rec = run_one(s, i)
+            by_system[s].append(rec)
+            order.append(f"{s}-{i}")
+            log(f"trial {i} {s:>{width}}: {describe(rec)}")
+    return by_system, order
+
+
+# ---- command lines -------------------------------------------------------------------------
+RESULTS = "benchmarks/results"
+"""Where the suites write ``<suite>.json`` and ``<suite>.md`` by default."""
+
+
+def suite_parser(description: str, trials: int = 3) -> argparse.ArgumentParser:
+    """A suite's ``python -m`` parser with its ``--trials`` and ``--out``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--trials", type=int, default=trials)
+    p.add_argument("--out", default=RESULTS)
+    return p
+
+
+def one_trial_main(run: Callable[[], dict[str, Any]], trial_out: str,
+                   figures: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """Run one in-process trial (``--trial-out``): raypod's decisions logged, the job summary
+    written to ``trial_out``, its figures printed; exit 0 when the job succeeded."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("raypod").setLevel(logging.INFO)
+    summary = run()
+    Path(trial_out).write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(figures(summary)))
+    return 0 if summary.get("status") == "succeeded" else 1

@@ -6,6 +6,8 @@ Everything in ``summary.json`` comes from here, built from what the ranks report
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -14,6 +16,9 @@ import numpy as np
 
 from raypod.callbacks import FailureEvent
 from raypod.data.order import SampleOrder
+from raypod.storage import join_uri, write_json_atomic
+
+log = logging.getLogger("raypod.driver")
 
 
 class JobAccounting:
@@ -44,6 +49,10 @@ class JobAccounting:
 
     def now(self) -> float:
         return time.time() - self.start_time
+
+    def resumed_after(self, step: int) -> None:
+        """The job resumes after committed step ``step`` (before anything is recorded)."""
+        self.start_step = self.last_step = self.completed_ever = step
 
     # ---- recording ---------------------------------------------------------------
     def group_started(self, world_size: int) -> None:
@@ -143,3 +152,21 @@ class JobAccounting:
         if error:
             out["error"] = error
         return out
+
+
+def write_summary(job_dir: str, name: str, start_time: float, summary: dict[str, Any]) -> str:
+    """Write ``summary.json`` into the job's folder or, where that fails, to a local file beside
+    the driver's other state (``~/.raypod/summary/<name>-<start>.json``, named in the log);
+    returns where it went."""
+    path = join_uri(job_dir, "summary.json")
+    try:
+        write_json_atomic(path, summary)
+    except OSError as e:
+        fallback = os.path.join(os.path.expanduser("~/.raypod/summary"), f"{name}-{int(start_time)}.json")
+        try:
+            write_json_atomic(fallback, summary)
+            log.error("could not write %s (%s): the job's summary is in %s instead", path, e, fallback)
+            path = fallback
+        except OSError as e2:
+            log.error("could not write %s (%s) nor %s (%s)", path, e, fallback, e2)
+    return path

@@ -14,7 +14,7 @@ import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
-from raypod.driver.failures import Failure
+from raypod.policies.failures import Failure
 
 
 class StateKind(enum.Enum):

@@ -68,25 +68,11 @@ def log_final_model(client: MlflowClient, run_id: str, job: JobInfo, tracking_ur
     Raises:
         ModelNotLogged: The model exists but could not be built, loaded or logged.
     """
-    from raypod.config import import_target
-
     cfg = job.config
-    cls = import_target(cfg.recipe.target, cfg.recipe.import_dirs)
-    flavor = str(getattr(cls, "mlflow_flavor", "pytorch") or "pytorch")
-    hf_dir = _fresh(job, FINAL_MODEL_HF_DIR)
-    if flavor == "transformers" and hf_dir is not None:
-        source: Any = hf_dir
-    elif flavor == "transformers":
-        sd = _fresh(job, FINAL_MODEL_FILE)
-        if sd is None:
-            return None
-        raise ModelNotLogged(f"recipe.target '{cfg.recipe.target}' logs the transformers flavour but "
-                             f"the driver left no {FINAL_MODEL_HF_DIR}/ beside {FINAL_MODEL_FILE}")
-    else:
-        source = _fresh(job, FINAL_MODEL_FILE)
-        if source is None:
-            return None
-        flavor = "pytorch"
+    picked = _source(job)
+    if picked is None:
+        return None
+    flavor, source = picked
 
     from mlflow.entities import LoggedModelOutput
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
@@ -100,23 +86,7 @@ def log_final_model(client: MlflowClient, run_id: str, job: JobInfo, tracking_ur
             params={"recipe.target": cfg.recipe.target, "flavor": flavor},
             tags={"raypod.job_name": cfg.name})
         try:
-            if flavor == "transformers":
-                import mlflow.transformers
-
-                with _quiet("mlflow.transformers"):  # no model card or licence on the hub: not news
-                    mlflow.transformers.log_model(
-                        _hf_pipeline(local), name=MODEL_NAME, task=HF_TASK, model_id=model.model_id,
-                        registered_model_name=name,
-                        pip_requirements=_pins("transformers", "tokenizers", "torch"))
-            else:
-                import mlflow.pytorch
-
-                with _quiet("mlflow.pytorch"):  # its pickle caution: the README says so once
-                    mlflow.pytorch.log_model(
-                        pytorch_model, name=MODEL_NAME, model_id=model.model_id,
-                        registered_model_name=name, code_paths=_code_paths(pytorch_model),
-                        serialization_format="pickle",  # "pt2" needs an input example to trace
-                        pip_requirements=_pins("torch", "cloudpickle"))
+            _save_flavor(flavor, local, pytorch_model, model.model_id, name)
         except Exception as e:
             with contextlib.suppress(Exception):  # no FAILED model left beside the run
                 client.delete_logged_model(model.model_id)
@@ -126,6 +96,54 @@ def log_final_model(client: MlflowClient, run_id: str, job: JobInfo, tracking_ur
     logger.info("logged the final model as MLflow model %s (%s flavour)%s", model.model_id, flavor,
                 f", registered as '{name}'" if name else "")
     return model.model_id
+
+
+def _source(job: JobInfo) -> tuple[str, str] | None:
+    """The flavour to log and where its files are, or None when this driver left no final model.
+
+    Raises:
+        ModelNotLogged: An HF recipe left a state dict but no ``save_pretrained`` folder.
+    """
+    from raypod.config import import_target
+
+    cfg = job.config
+    cls = import_target(cfg.recipe.target, cfg.recipe.import_dirs)
+    flavor = str(getattr(cls, "mlflow_flavor", "pytorch") or "pytorch")
+    hf_dir = _fresh(job, FINAL_MODEL_HF_DIR)
+    if flavor == "transformers" and hf_dir is not None:
+        return flavor, hf_dir
+    if flavor == "transformers":
+        sd = _fresh(job, FINAL_MODEL_FILE)
+        if sd is None:
+            return None
+        raise ModelNotLogged(f"recipe.target '{cfg.recipe.target}' logs the transformers flavour but "
+                             f"the driver left no {FINAL_MODEL_HF_DIR}/ beside {FINAL_MODEL_FILE}")
+    source = _fresh(job, FINAL_MODEL_FILE)
+    if source is None:
+        return None
+    return "pytorch", source
+
+
+def _save_flavor(flavor: str, local: Path, pytorch_model: Any, model_id: str,
+                 registered_name: str | None) -> None:
+    """Save the model into the logged model ``model_id`` with its flavour's ``log_model``."""
+    if flavor == "transformers":
+        import mlflow.transformers
+
+        with _quiet("mlflow.transformers"):  # no model card or licence on the hub: not news
+            mlflow.transformers.log_model(
+                _hf_pipeline(local), name=MODEL_NAME, task=HF_TASK, model_id=model_id,
+                registered_model_name=registered_name,
+                pip_requirements=_pins("transformers", "tokenizers", "torch"))
+    else:
+        import mlflow.pytorch
+
+        with _quiet("mlflow.pytorch"):  # its pickle caution: the README says so once
+            mlflow.pytorch.log_model(
+                pytorch_model, name=MODEL_NAME, model_id=model_id,
+                registered_model_name=registered_name, code_paths=_code_paths(pytorch_model),
+                serialization_format="pickle",  # "pt2" needs an input example to trace
+                pip_requirements=_pins("torch", "cloudpickle"))
 
 
 def _fresh(job: JobInfo, name: str) -> str | None:
@@ -170,8 +188,7 @@ def _build_pytorch_model(job: JobInfo, state_path: Path) -> Any:
     """The recipe's model, built on CPU, with the final state dict in it."""
     import torch
 
-    from raypod.driver.controller import build_recipe
-    from raypod.recipe import RankContext
+    from raypod.recipe import RankContext, build_recipe
 
     try:
         model = build_recipe(job.config).build_model(RankContext(rank=0, world_size=1, device=torch.device("cpu"),

@@ -12,13 +12,15 @@ utilisation and memory. The names are MLflow's (``cpu_utilization_percentage``,
 
 A driver-side thread (:class:`NodeMetrics`) asks every node each interval and hands the
 samples to the MLflow callback's sender thread, which batches them with the step
-metrics; no Ray call ever runs in a driver hook or in the sender.
+metrics; no Ray call ever runs in a driver hook or in the sender. :class:`DriverMonitor`
+runs MLflow's own monitor (``system/*``, the driver's node) for the sender.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -230,3 +232,57 @@ class NodeMetrics:
         # Hard affinity: Ray 2.60 places a zero-CPU actor with soft affinity on another node.
         # On a node that is gone the sampler fails and is dropped.
         return self._remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+
+
+class DriverMonitor:
+    """MLflow's own system-metrics monitor (``system/*``, the driver's node) for the job's run.
+
+    Started when the run is set up and again after the store comes back (MLflow's monitor
+    stops when the store fails); off when ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``
+    or without ``psutil``.
+
+    Args:
+        enabled: Log them at all.
+        interval_s: Seconds between samples.
+    """
+
+    def __init__(self, enabled: bool, interval_s: float) -> None:
+        self.enabled = enabled
+        self.interval_s = interval_s
+        self._monitor: Any = None
+
+    def start(self, run_id: str | None, tracking_uri: str | None) -> None:
+        """Start sampling into ``run_id`` (no-op when running already or off)."""
+        if not self.enabled or run_id is None:
+            return
+        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0"):
+            return
+        mon = self._monitor
+        if mon is not None and getattr(mon, "_process", None) is not None and mon._process.is_alive():
+            return
+        try:
+            import psutil  # noqa: F401 - MLflow's system metrics need it
+        except ImportError:
+            logger.warning("MLflow system metrics are off: psutil is not installed (pip install psutil)")
+            self.enabled = False
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=self.interval_s,
+                resume_logging=True, tracking_uri=tracking_uri)
+            self._monitor.start()
+        except Exception as e:  # noqa: BLE001 - system metrics are a bonus
+            logger.warning("cannot start MLflow system metrics: %s", e)
+            self._monitor = None
+
+    def stop(self, timeout: float) -> None:
+        """Stop sampling, waiting ``timeout`` seconds at most for MLflow's last sample."""
+        mon, self._monitor = self._monitor, None
+        if mon is None:
+            return
+        stopper = threading.Thread(target=mon.finish, name="raypod-mlflow-sysmetrics-stop",
+                                   daemon=True)
+        stopper.start()
+        stopper.join(timeout)

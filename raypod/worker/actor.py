@@ -17,9 +17,12 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
+
+from raypod.protocol import GroupSpec, Heartbeat, Interrupted, MemoryReport, Phase, StepResult
 
 log = logging.getLogger("raypod.worker")
 
@@ -52,20 +55,18 @@ class TrainWorker:
                     self.trainer.rank if self.trainer else "-")
 
     @ray.method(concurrency_group="health")
-    def heartbeat(self) -> dict[str, Any]:
+    def heartbeat(self) -> Heartbeat:
         """Where this rank is (answered even while a step runs or hangs)."""
-        from raypod.worker.trainer import PHASES
-
         t = self.trainer
-        step, phase, since = t.where if t is not None else (0, len(PHASES) - 1, time.monotonic())
-        return {"rank": t.rank if t is not None else -1, "step": step, "phase": phase,
-                "phase_name": PHASES[phase], "in_phase_s": time.monotonic() - since,
-                "preempted": self.preempted_at is not None, "pid": os.getpid()}
+        step, phase, since = t.where if t is not None else (0, Phase.DONE, time.monotonic())
+        return Heartbeat(rank=t.rank if t is not None else -1, step=step, phase=phase,
+                         in_phase_s=time.monotonic() - since, preempted=self.preempted_at is not None,
+                         pid=os.getpid())
 
     @ray.method(concurrency_group="health")
-    def interrupt(self, attempt: int | None = None) -> dict[str, Any]:
+    def interrupt(self, attempt: int | None = None) -> Interrupted:
         """Release a step call stuck after a failure elsewhere (see ``Trainer.interrupt``)."""
-        return self.trainer.interrupt(attempt) if self.trainer is not None else {"rank": -1}
+        return self.trainer.interrupt(attempt) if self.trainer is not None else Interrupted(rank=-1)
 
     def node_info(self) -> dict[str, Any]:
         """Where this actor runs."""
@@ -116,61 +117,56 @@ class TrainWorker:
         return {"warm_s": time.perf_counter() - t0, "rehearsal_s": rehearsal,
                 "node_id": ray.get_runtime_context().get_node_id()}
 
-    def setup(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
-              injections: list, attempt: int, restore: tuple[str, int] | None,
-              peers: tuple[int | None, int | None] = (None, None)) -> dict[str, Any]:
-        """Join the process group, build the model shard, restore a checkpoint when asked."""
+    def _join(self, spec: GroupSpec, initialize: bool = True) -> None:
+        """Join the group ``spec`` describes (this actor is warm: :meth:`warm`)."""
+        store = self._store_for(spec.init_method, spec.world_size, spec.config.fault.pg_timeout_s)
+        self.trainer.join(spec.rank, spec.world_size, store, spec.injections, spec.attempt, *spec.peers,
+                          initialize=initialize)
+
+    def setup(self, spec: GroupSpec, restore: tuple[str, int, str | None] | None) -> dict[str, Any]:
+        """Join the process group, build the model shard, restore a checkpoint when asked
+        (``restore``: path, step and the manifest's digest of its ``.metadata``)."""
         t0 = time.perf_counter()
-        self.warm(config, recipe)
-        self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
-                          injections, attempt, *peers)
+        self.warm(spec.config, spec.recipe)
+        self._join(spec)
         doctor = None
-        if config.doctor.enabled:  # the pre-job health checks, in the group just joined
+        if spec.config.doctor.enabled:  # the pre-job health checks, in the group just joined
             from raypod.doctor import rank_preflight
 
-            doctor = rank_preflight(config)
+            doctor = rank_preflight(spec.config)
         load_s = None
         if restore is not None:
             t1 = time.perf_counter()
             self.trainer.load(*restore)
             load_s = time.perf_counter() - t1
-        self.trainer.feed.seek(rank, world_size, self.trainer.step + 1)  # start the data stream
-        return {"rank": rank, "setup_s": time.perf_counter() - t0, "load_s": load_s,
+        self.trainer.feed.seek(spec.rank, spec.world_size, self.trainer.step + 1)  # start the data stream
+        return {"rank": spec.rank, "setup_s": time.perf_counter() - t0, "load_s": load_s,
                 "num_samples": len(self.trainer.data), "doctor": doctor}
 
-    def _rejoin(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
-                injections: list, attempt: int, peers: tuple[int | None, int | None],
-                restore: Any) -> dict[str, Any]:
+    def _rejoin(self, spec: GroupSpec, restore: Callable[[], int]) -> dict[str, Any]:
         """Leave the old group, join the new one (model built for a restore), then ``restore()``
         the state; returns the timings of the three phases and the bytes received."""
         t = [time.perf_counter()]
-        self.warm(config, recipe)
+        self.warm(spec.config, spec.recipe)
         self.trainer.leave()
         t.append(time.perf_counter())
-        self.trainer.join(rank, world_size, self._store_for(init_method, world_size, config.fault.pg_timeout_s),
-                          injections, attempt, *peers, initialize=False)
+        self._join(spec, initialize=False)
         t.append(time.perf_counter())
         received = restore()
         t.append(time.perf_counter())
-        return {"rank": rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
+        return {"rank": spec.rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
                 "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2],
                              **{f"join_{k}": v for k, v in self.trainer.join_phases.items()}}}
 
-    def reconfigure(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
-                    injections: list, attempt: int, peers: tuple[int | None, int | None],
-                    restore_step: int, moves: list[tuple[int, int, int]]) -> dict[str, Any]:
+    def reconfigure(self, spec: GroupSpec, restore_step: int, moves: list[tuple[int, int, int]]) -> dict[str, Any]:
         """Leave the broken group, join the new one and restore ``restore_step`` from memory."""
-        return self._rejoin(config, recipe, rank, world_size, init_method, injections, attempt, peers,
-                            lambda: self.trainer.restore_memory(restore_step, moves))
+        return self._rejoin(spec, lambda: self.trainer.restore_memory(restore_step, moves))
 
-    def reload(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
-               injections: list, attempt: int, peers: tuple[int | None, int | None],
-               path: str, step: int, metadata_sha256: str | None = None) -> dict[str, Any]:
+    def reload(self, spec: GroupSpec, path: str, step: int, metadata_sha256: str | None = None) -> dict[str, Any]:
         """Leave the broken group, join the new one and load the committed checkpoint ``path``
         (of ``step``) from storage: an in-place recovery that restores no in-memory copy.
         ``metadata_sha256`` is the manifest's digest of ``.metadata``, checked as it is read."""
-        return self._rejoin(config, recipe, rank, world_size, init_method, injections, attempt, peers,
-                            lambda: self.trainer.restore_checkpoint(path, step, metadata_sha256))
+        return self._rejoin(spec, lambda: self.trainer.restore_checkpoint(path, step, metadata_sha256))
 
     def export_reshard(self, step: int, sources: list[int], old_world: int,
                        new_world: int) -> dict[int, list[Any]]:
@@ -182,9 +178,8 @@ class TrainWorker:
         bufs = self.trainer.export_reshard(step, sources, old_world, new_world)
         return {src: [ray.put(b.numpy()) for b in per_rank] for src, per_rank in bufs.items()}
 
-    def reshape(self, config: Any, recipe: Any, rank: int, world_size: int, init_method: str,
-                injections: list, attempt: int, peers: tuple[int | None, int | None],
-                restore_step: int, old_world: int, piece_refs: list[Any]) -> dict[str, Any]:
+    def reshape(self, spec: GroupSpec, restore_step: int, old_world: int,
+                piece_refs: list[Any]) -> dict[str, Any]:
         """Join a group of another size and assemble this rank's shard from the old ranks' pieces."""
 
         def restore() -> int:
@@ -198,22 +193,22 @@ class TrainWorker:
                 bufs = [torch.from_numpy(a) for a in arrays]
             return self.trainer.restore_reshard(restore_step, old_world, bufs)
 
-        return self._rejoin(config, recipe, rank, world_size, init_method, injections, attempt, peers, restore)
+        return self._rejoin(spec, restore)
 
-    def memory_report(self) -> dict[str, Any]:
+    def memory_report(self) -> MemoryReport:
         """Steps of the snapshots this rank holds, its own and its peers' replicas."""
-        return self.trainer.snapshots.report() if self.trainer else {"own": [], "replicas": {}}
+        return self.trainer.snapshots.report() if self.trainer else MemoryReport()
 
-    def train_step(self, step: int, snapshot: bool = True) -> dict[str, Any]:
+    def train_step(self, step: int, snapshot: bool = True) -> StepResult:
         out = self.trainer.train_step(step, snapshot)
-        out["preempted"] = self.preempted_at is not None
+        out.preempted = self.preempted_at is not None
         return out
 
     def rollback(self, step: int) -> list[int]:
         """Back to this rank's snapshot of ``step`` (a bad loss); see ``Trainer.rollback``."""
         return self.trainer.rollback(step)
 
-    def flush_replicas(self, latest: bool = False) -> dict[str, Any]:
+    def flush_replicas(self, latest: bool = False) -> MemoryReport:
         """Finish the replica exchange in flight (first snapshotting the last step, with
         ``latest``), then report what is held in memory."""
         self.trainer.flush_replicas(latest)

@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from raypod.protocol import MemoryReport
+
 log = logging.getLogger("raypod.worker")
 
 
@@ -294,11 +296,11 @@ class SnapshotStore:
             for s in sorted(held)[: -self.keep]:
                 _give_back(held.pop(s))
 
-    def report(self) -> dict[str, object]:
+    def report(self) -> MemoryReport:
         """What the driver needs to plan a recovery."""
         with self.lock:
-            return {"own": sorted(self.own),
-                    "replicas": {src: sorted(steps) for src, steps in self.replicas.items()}}
+            return MemoryReport(own=sorted(self.own),
+                                replicas={src: sorted(steps) for src, steps in self.replicas.items()})
 
     def clear_replicas(self) -> None:
         """Replicas are keyed by the ranks of a group; a new group starts afresh."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from raypod.chaos import fault_kinds, run_chaos
+from raypod.bench.chaos import fault_kinds, run_chaos
 
 REPO = Path(__file__).resolve().parents[2]
 MLP = REPO / "jobs" / "configs" / "mlp.yaml"

@@ -142,7 +142,7 @@ def test_token_file_is_what_the_tokenizer_gives(hf_job, hf_files):
     root, corpus, _ = hf_files
     tok = transformers.AutoTokenizer.from_pretrained(root / "tok")
     _, _, cfg = hf_job
-    from raypod.driver.controller import build_recipe
+    from raypod.recipe import build_recipe
 
     name = build_recipe(cfg).tokens.name
     found = find_tokens(str(root / "cache"), check_parquet(str(corpus), ["text"], tokenizer=name).fingerprint)

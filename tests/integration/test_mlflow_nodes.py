@@ -35,8 +35,7 @@ def test_cluster_job_logs_a_registered_model_every_node_and_every_rank(mlflow_se
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     from raypod.config import load_config
-    from raypod.driver.controller import build_recipe
-    from raypod.recipe import RankContext
+    from raypod.recipe import RankContext, build_recipe
 
     summary = mlflow_cluster_job
     assert summary["status"] == "succeeded" and summary["final_step"] == 30

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from pathlib import Path
 
 from raypod.console import Console, _ConsoleHandler, _Forward, _LogFileHandler, is_noise
 from raypod.progress import ProgressPrinter
@@ -95,7 +94,7 @@ def test_main_gives_the_process_back(capsys):
 
     root = logging.getLogger()
     before = (sys.stdout, sys.stderr, list(root.handlers), root.level)
-    tiny = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny.yaml"
+    from support import TINY as tiny
     assert main(["check", str(tiny)]) == 0
     assert "name: tiny-gpt" in capsys.readouterr().out
     assert (sys.stdout, sys.stderr, list(root.handlers), root.level) == before

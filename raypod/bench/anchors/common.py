@@ -10,20 +10,15 @@ setup differs: the launcher (torchrun or Ray Train) has already initialised gloo
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from raypod.bench.anchors.sharded import ShardedRun
 from raypod.data.corpus import ByteTokenSamples
-from raypod.data.order import SampleOrder
 from raypod.models.gpt import GPT, GPTConfig
 
 CORPUS = "~/.cache/raypod/data/stdlib_corpus.parquet"
@@ -47,22 +42,15 @@ class TinyJob:
     data_path: str = CORPUS
 
 
-class Run:
+class Run(ShardedRun):
     """One rank's model shard, optimizer and data (the process group must exist)."""
 
     def __init__(self, job: TinyJob = TinyJob()) -> None:
         self.job = job
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cpu")
-        mesh = init_device_mesh("cpu", (self.world_size,), mesh_dim_names=("dp",))
-        torch.manual_seed(job.seed)
-        model = GPT(GPTConfig(n_layer=job.n_layer, n_head=job.n_head, n_embd=job.n_embd,
-                              seq_len=job.seq_len))
-        mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
-        self.model: nn.Module = model
+        super().__init__(job.seed, lambda: GPT(GPTConfig(n_layer=job.n_layer, n_head=job.n_head,
+                                                         n_embd=job.n_embd, seq_len=job.seq_len)))
+        model = self.model
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -70,38 +58,21 @@ class Run:
              {"params": no_decay, "weight_decay": 0.0}],
             lr=job.lr, betas=(0.9, 0.95), fused=False)
         self.data = ByteTokenSamples(job.data_path, job.seq_len)
-        self.order = SampleOrder(len(self.data), job.global_batch, job.seed)
-        self.per_rank_max = math.ceil(job.global_batch / self.world_size)
+        self.set_order(len(self.data), job.global_batch, job.seed)
 
     def step(self, step: int) -> float:
         """Optimizer step ``step`` (1-based); returns this rank's mean loss."""
         job = self.job
-        ids = SampleOrder.rank_share(self.order.ids(step), self.rank, self.world_size)
-        n_micro = max(1, math.ceil(self.per_rank_max / job.micro_batch))
-        micros = [ids[i * job.micro_batch:(i + 1) * job.micro_batch] for i in range(n_micro)]
-        scale = self.world_size / job.global_batch
         lr = job.lr * step / job.warmup_steps if step <= job.warmup_steps else job.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, seen = 0.0, 0
-        for i, chunk in enumerate(micros):
-            weight = float(len(chunk))
-            if len(chunk) == 0:
-                chunk, weight = self.order.ids(step)[:1], 0.0
-            self.model.set_requires_gradient_sync(i == len(micros) - 1)
-            batch = self.data.get_batch(chunk.tolist())
-            x, y = batch[:, :-1], batch[:, 1:]
-            logits = self.model(x)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-            (loss * (weight * scale)).backward()
-            loss_sum += float(loss.detach()) * weight
-            seen += int(weight)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), job.grad_clip)
-        if hasattr(norm, "full_tensor"):
-            norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / max(1, seen)
+        return self.micro_step(step, job.global_batch, job.micro_batch, self._loss, job.grad_clip)
+
+    def _loss(self, ids: list[int]) -> torch.Tensor:
+        batch = self.data.get_batch(ids)
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = self.model(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 def write_mark(path: str, t: float) -> None:

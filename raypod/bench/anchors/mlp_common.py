@@ -28,7 +28,6 @@ SIGKILL a rank from outside, and the ranks agree on stopping at the deadline
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -40,10 +39,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from raypod.data.order import SampleOrder
+from raypod.bench.anchors.sharded import ShardedRun
 from raypod.recipes.mlp import MLP, GaussianSamples, mlp_loss
 
 
@@ -80,48 +77,23 @@ class AppState(Stateful):
                        optim_state_dict=state_dict["optim"])
 
 
-class MLPRun:
+class MLPRun(ShardedRun):
     """One rank's model shard, optimizer and data (the gloo process group must exist)."""
 
     def __init__(self, job: MLPJob = MLPJob()) -> None:
         self.job = job
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        mesh = init_device_mesh("cpu", (self.world_size,), mesh_dim_names=("dp",))
-        torch.manual_seed(job.seed)
-        model = MLP(job.n_blocks, job.dim, job.hidden)
-        mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
-        self.model: nn.Module = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr)
+        super().__init__(job.seed, lambda: MLP(job.n_blocks, job.dim, job.hidden))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=job.lr)
         self.data = GaussianSamples(job.num_samples, job.dim, job.seed)
-        self.order = SampleOrder(len(self.data), job.global_batch, job.seed)
-        self.per_rank_max = math.ceil(job.global_batch / self.world_size)
+        self.set_order(len(self.data), job.global_batch, job.seed)
 
     def step(self, step: int) -> float:
         """Optimizer step ``step`` (1-based); returns this rank's mean loss."""
         job = self.job
-        ids = SampleOrder.rank_share(self.order.ids(step), self.rank, self.world_size)
-        n_micro = max(1, math.ceil(self.per_rank_max / job.micro_batch))
-        micros = [ids[i * job.micro_batch:(i + 1) * job.micro_batch] for i in range(n_micro)]
-        scale = self.world_size / job.global_batch
-        loss_sum, seen = 0.0, 0
-        for i, chunk in enumerate(micros):
-            weight = float(len(chunk))
-            if len(chunk) == 0:
-                chunk, weight = self.order.ids(step)[:1], 0.0
-            self.model.set_requires_gradient_sync(i == len(micros) - 1)
-            loss = mlp_loss(self.model, self.data.get_batch(chunk.tolist()), torch.device("cpu"))
-            (loss * (weight * scale)).backward()
-            loss_sum += float(loss.detach()) * weight
-            seen += int(weight)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / max(1, seen)
+        return self.micro_step(step, job.global_batch, job.micro_batch, self._loss, float("inf"))
+
+    def _loss(self, ids: list[int]) -> torch.Tensor:
+        return mlp_loss(self.model, self.data.get_batch(ids), torch.device("cpu"))
 
     # ---- checkpoints (collective: every rank calls them) ---------------------------------
     def save(self, path: str) -> None:

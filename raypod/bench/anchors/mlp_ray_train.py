@@ -22,10 +22,11 @@ its pid (the Ray Train worker actor's process) to ``DIR/pids/rank<r>``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
+
+from raypod.bench.anchors.ray_fit import fit, parser, v2_enabled
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -76,45 +77,24 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = parser(__doc__, "bench-recovery-ray-train", 60)
     p.add_argument("--workdir", required=True, help="step log, attempt counter and kill marker")
-    p.add_argument("--storage", required=True, help="RunConfig.storage_path")
-    p.add_argument("--name", default="bench-recovery-ray-train")
-    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--deadline", type=float, default=None, help="stop at this unix time (goodput suite)")
     p.add_argument("--no-kill", action="store_true", help="no built-in kill after step 25")
     p.add_argument("--max-failures", type=int, default=2, help="FailureConfig.max_failures (-1: no limit)")
     p.add_argument("--keep", type=int, default=0, help="CheckpointConfig.num_to_keep (0: all)")
     args = p.parse_args()
-    if os.environ.get("RAY_TRAIN_V2_ENABLED") != "1":
-        print("mlp_ray_train.py: set RAY_TRAIN_V2_ENABLED=1", file=sys.stderr)
+    if not v2_enabled("mlp_ray_train.py"):
         return 2
 
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig
 
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
-    ray.init(address="local")  # a private local Ray, never some other cluster on the machine
-    try:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"steps": args.steps, "workdir": workdir, "deadline": args.deadline,
-                               "no_kill": args.no_kill},
-            scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-            run_config=RunConfig(storage_path=os.path.abspath(args.storage), name=args.name,
-                                 failure_config=FailureConfig(max_failures=args.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=args.keep or None)),
-        )
-        result = trainer.fit()
-        if getattr(result, "error", None) is not None:
-            print(f"mlp_ray_train.py: training failed: {result.error}", file=sys.stderr)
-            return 1
-        print("mlp_ray_train.py: done")
-    finally:
-        ray.shutdown()
-    return 0
+    config = {"steps": args.steps, "workdir": workdir, "deadline": args.deadline, "no_kill": args.no_kill}
+    return fit("mlp_ray_train.py", train_loop_per_worker, config, args.storage, args.name,
+               failure_config=FailureConfig(max_failures=args.max_failures),
+               checkpoint_config=CheckpointConfig(num_to_keep=args.keep or None))
 
 
 if __name__ == "__main__":

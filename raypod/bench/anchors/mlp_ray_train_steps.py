@@ -17,11 +17,12 @@ each step's ``optimizer.step()`` and writes ``step,unix_time`` lines to
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
+
+from raypod.bench.anchors.ray_fit import fit, parser, v2_enabled
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -52,40 +53,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=100)
+    p = parser(__doc__.split("\n\n")[0], "bench-steps-ray-train", 100)
     p.add_argument("--step-log", required=True, help="file for rank 0's step,unix_time lines")
-    p.add_argument("--storage", required=True, help="RunConfig.storage_path")
     p.add_argument("--ckpt-every", type=int, default=0, help="report a DCP checkpoint every N steps")
     p.add_argument("--report-every-step", action="store_true", help="report metrics after every step")
-    p.add_argument("--name", default="bench-steps-ray-train")
     args = p.parse_args()
-    if os.environ.get("RAY_TRAIN_V2_ENABLED") != "1":
-        print("mlp_ray_train_steps.py: set RAY_TRAIN_V2_ENABLED=1", file=sys.stderr)
+    if not v2_enabled("mlp_ray_train_steps.py"):
         return 2
-
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    ray.init(address="local")  # a private local Ray, never some other cluster on the machine
-    try:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"steps": args.steps, "ckpt_every": args.ckpt_every,
-                               "report_every_step": args.report_every_step,
-                               "step_log": os.path.abspath(args.step_log)},
-            scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-            run_config=RunConfig(storage_path=os.path.abspath(args.storage), name=args.name),
-        )
-        result = trainer.fit()
-        if getattr(result, "error", None) is not None:
-            print(f"mlp_ray_train_steps.py: training failed: {result.error}", file=sys.stderr)
-            return 1
-        print("mlp_ray_train_steps.py: done")
-    finally:
-        ray.shutdown()
-    return 0
+    config = {"steps": args.steps, "ckpt_every": args.ckpt_every, "report_every_step": args.report_every_step,
+              "step_log": os.path.abspath(args.step_log)}
+    return fit("mlp_ray_train_steps.py", train_loop_per_worker, config, args.storage, args.name)
 
 
 if __name__ == "__main__":

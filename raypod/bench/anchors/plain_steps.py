@@ -29,10 +29,9 @@ import torch
 def main() -> int:
     from raypod.config import load_config
     from raypod.data.order import SampleOrder
-    from raypod.driver.controller import build_recipe
-    from raypod.recipe import RankContext
+    from raypod.recipe import RankContext, build_recipe
     from raypod.worker.parallel import param_dtype
-    from raypod.worker.trainer import _rows, lr_at, micro_batches
+    from raypod.worker.steps import batch_rows, lr_at, micro_batches
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config")
@@ -67,7 +66,7 @@ def main() -> int:
         micros = micro_batches(np.arange(len(ids)), len(ids), t.micro_batch)
         loss_sum = torch.zeros((), device=device)
         for chunk in micros:
-            part = _rows(batch, int(chunk[0]), int(chunk[-1]) + 1)
+            part = batch_rows(batch, int(chunk[0]), int(chunk[-1]) + 1)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = recipe.loss(model, part, device)
             (loss * (len(chunk) / len(ids))).backward()

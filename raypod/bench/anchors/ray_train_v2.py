@@ -10,9 +10,10 @@ process group), reports every step with ``ray.train.report``. Rank 0 writes
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from raypod.bench.anchors.ray_fit import fit, parser, v2_enabled
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -25,36 +26,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = parser(__doc__, "bench-startup-ray-train", 3)
     p.add_argument("--mark", required=True, help="file for the time of the first step (rank 0)")
-    p.add_argument("--storage", required=True, help="RunConfig.storage_path")
-    p.add_argument("--name", default="bench-startup-ray-train")
-    p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
-    if os.environ.get("RAY_TRAIN_V2_ENABLED") != "1":
-        print("ray_train_v2.py: set RAY_TRAIN_V2_ENABLED=1", file=sys.stderr)
+    if not v2_enabled("ray_train_v2.py"):
         return 2
-
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    ray.init()
-    try:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"steps": args.steps, "mark": os.path.abspath(args.mark)},
-            scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
-            run_config=RunConfig(storage_path=os.path.abspath(args.storage), name=args.name),
-        )
-        result = trainer.fit()
-        if getattr(result, "error", None) is not None:
-            print(f"ray_train_v2.py: training failed: {result.error}", file=sys.stderr)
-            return 1
-        print("ray_train_v2.py: done")
-    finally:
-        ray.shutdown()
-    return 0
+    config = {"steps": args.steps, "mark": os.path.abspath(args.mark)}
+    return fit("ray_train_v2.py", train_loop_per_worker, config, args.storage, args.name, address=None)
 
 
 if __name__ == "__main__":

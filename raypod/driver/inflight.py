@@ -1,0 +1,157 @@
+"""The calls the driver has running on the ranks, and what comes back from them.
+
+A :class:`WorkerGroup <raypod.driver.worker_group.WorkerGroup>` submits steps, replica
+waits and saves here; :meth:`InFlight.poll` hands the finished ones to the driver, turning
+a failed call into a :class:`~raypod.protocol.WorkerError` (and, after an error, pinging
+the ranks that said nothing to find the dead one); :meth:`InFlight.drain` settles every
+call after a failure and names the lost ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+
+from raypod.driver.outcomes import PollResult
+from raypod.driver.rank_calls import PING_TIMEOUT_S, describe, unresponsive
+from raypod.protocol import ErrorKind, Interrupted, WorkerError
+
+log = logging.getLogger("raypod.driver")
+
+INTERRUPT_AFTER_S = 1.0
+"""After a failure, calls still running this long are interrupted (a live rank waiting on a
+peer that gave up returns at once); a call still running ``drain``'s timeout after that
+is hung, and its rank lost."""
+
+STEP, REPLICA, SAVE = "step", "replica", "save"
+"""What a call in flight is: a training step, a replica wait, a checkpoint save."""
+
+
+class InFlight:
+    """The rank calls submitted and not collected yet: ``ref -> (rank, what, step)``."""
+
+    def __init__(self) -> None:
+        self._pending: dict[Any, tuple[int, str, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, ref: Any, rank: int, what: str, step: int) -> None:
+        self._pending[ref] = (rank, what, step)
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+    def poll(self, actors: list[Any], timeout: float) -> PollResult:
+        """Collect whatever finished within ``timeout`` seconds; after an error, ranks that
+        do not answer a ping are reported dead too (``actors``: the ranks' actors)."""
+        out = PollResult()
+        if not self._pending:
+            return out
+        ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+        self._collect(ready, out)
+        if out.errors:  # find the dead: the ranks that no longer answer
+            self._find_dead(actors, out)
+        return out
+
+    def _find_dead(self, actors: list[Any], out: PollResult) -> None:
+        # A rank whose call raised is alive (its process answered); ping the silent ones.
+        heard = {e.rank for e in out.errors} | {r.rank for r in out.steps}
+        others = [r for r in range(len(actors)) if r not in heard]
+        dead = {others[i] for i in unresponsive([actors[r] for r in others])}
+        if dead:
+            log.info("ranks %s do not answer a ping within %.1f s", sorted(dead), PING_TIMEOUT_S)
+        ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+        self._collect(ready, out)
+        known = {e.rank for e in out.errors if e.kind == ErrorKind.WORKER_DIED}
+        for rank in sorted(dead - known):
+            step = min((st for r, what, st in self._pending.values() if r == rank and what == STEP),
+                       default=-1)
+            out.errors.append(WorkerError(rank=rank, step=step, kind=ErrorKind.WORKER_DIED,
+                                          message="the worker does not answer (process or node lost)"))
+
+    def quiesce(self, timeout: float) -> PollResult:
+        """Let every call in flight finish (nothing new is submitted); return what arrived."""
+        out = PollResult()
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
+                                timeout=max(0.0, deadline - time.monotonic()))
+            self._collect(ready, out)
+        return out
+
+    def drain(self, actors: list[Any], timeout: float, attempt: int | None = None) -> set[int]:
+        """After a failure: let every call in flight finish or fail; return the lost ranks.
+
+        A rank is lost when its actor died, or when its call is still running after
+        ``timeout`` (hung, even though its peers' collectives broke). ``attempt`` (the
+        attempt the ranks are in) keeps a late interrupt from reaching a rejoined rank.
+        """
+        lost: set[int] = set()
+        first = min(timeout, INTERRUPT_AFTER_S)
+        self._settle(time.monotonic() + first, lost)
+        stuck = sorted(self._busy() - lost)
+        if stuck:
+            # Still running: hung, or alive but waiting on something the failure broke (its
+            # peers at the start of a step, when one of them gave up the collective because
+            # of the lost rank; a replica round with the lost peer). A live rank is told to
+            # give up its call; a rank that then returns keeps its process and its copies.
+            self._interrupt({r: actors[r] for r in stuck}, attempt, first)
+            self._settle(time.monotonic() + timeout, lost)
+        lost |= self._busy()
+        self._pending.clear()
+        return lost
+
+    # A replica wait may hang on an exchange with the dead peer until its own timeout; it
+    # says nothing about its rank, which the regroup releases (not waited for).
+    def _work(self) -> list[Any]:
+        return [ref for ref, (_, what, _) in self._pending.items() if what != REPLICA]
+
+    def _busy(self) -> set[int]:
+        return {rank for rank, what, _ in self._pending.values() if what != REPLICA}
+
+    def _settle(self, deadline: float, lost: set[int]) -> None:
+        """Collect the calls (other than replica waits) that end before ``deadline``; the
+        ranks whose actor died join ``lost``."""
+        while self._work() and time.monotonic() < deadline:
+            refs = self._work()
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            out = PollResult()
+            self._collect(ready, out)
+            lost.update(e.rank for e in out.errors if e.kind == ErrorKind.WORKER_DIED)
+
+    @staticmethod
+    def _interrupt(stuck: dict[int, Any], attempt: int | None, after_s: float) -> None:
+        refs = {actor.interrupt.remote(attempt): r for r, actor in stuck.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PING_TIMEOUT_S)
+        for ref in ready:
+            try:
+                where: Interrupted = ray.get(ref)
+            except Exception:  # noqa: BLE001 - the actor is gone
+                continue
+            log.info("rank %d's call still ran %.1f s after the failure (step %s, phase %s "
+                     "for %.1f s): interrupted", refs[ref], after_s, where.step, where.phase_name,
+                     where.in_phase_s)
+
+    def _collect(self, ready: list[Any], out: PollResult) -> None:
+        for ref in ready:
+            rank, what, step = self._pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except Exception as e:  # noqa: BLE001
+                kind, msg = describe(e)
+                out.errors.append(WorkerError(rank=rank, step=step, kind=kind, message=msg))
+                continue
+            if what == STEP:
+                out.steps.append(value)
+            elif what == REPLICA:
+                out.replicated.append((rank, *value))
+            elif value:
+                out.saved.append((rank, value))

@@ -1,0 +1,106 @@
+"""Small Ray helpers for calls on rank actors: naming a failure, getting many results, pinging.
+
+Shared by the worker group, its calls in flight (:mod:`raypod.driver.inflight`) and its
+spares (:mod:`raypod.driver.spares`), so that each says a failed call the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import remove_placement_group
+
+from raypod.driver.outcomes import GroupStartError
+from raypod.protocol import ErrorKind
+
+PING_TIMEOUT_S = 0.5
+"""After the first error, every rank is pinged (on a thread of its actor's own, which
+answers even inside a collective); a rank that does not answer within this time is taken
+for dead, so that a dead rank (or a lost node) is blamed rather than the peer whose
+collective broke because of it."""
+
+def describe(e: BaseException) -> tuple[ErrorKind, str]:
+    """``(kind, one line)`` for an exception from a rank call."""
+    if isinstance(e, RayActorError):
+        return ErrorKind.WORKER_DIED, "the worker process died"
+    if isinstance(e, RayTaskError):
+        cause = e.cause if e.cause is not None else e
+        if type(cause).__name__ == "StorageError":  # raypod.storage: one sentence already
+            return ErrorKind.STORAGE, str(cause)
+        kind = ErrorKind.INJECTED if type(cause).__name__ == "InjectedFault" else ErrorKind.EXCEPTION
+        return kind, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+    return ErrorKind.EXCEPTION, f"{type(e).__name__}: {e}"
+
+
+@contextmanager
+def rank_failures(doing: str) -> Iterator[None]:
+    """Turn any failure of the calls inside into one :class:`GroupStartError` sentence,
+    ``"<doing>: <what went wrong>"`` (a :class:`GroupStartError` passes as it is)."""
+    try:
+        yield
+    except GroupStartError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of a rank call is reported as one
+        kind, msg = describe(e)
+        raise GroupStartError(f"{doing}: {msg}", kind=kind) from None
+
+
+def get_all(refs: list[Any], timeout: float) -> list[Any]:
+    """Get every ref, failing fast on the first error instead of waiting on the rest.
+
+    Raises:
+        GroupStartError: a call failed (naming its index as the rank) or not all finished in time.
+    """
+    left = {r: i for i, r in enumerate(refs)}
+    out: list[Any] = [None] * len(refs)
+    deadline = time.monotonic() + timeout
+    while left:
+        ready, _ = ray.wait(list(left), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise GroupStartError(f"ranks did not finish setting up within {timeout:.0f} s")
+        for r in ready:
+            try:
+                out[left.pop(r)] = ray.get(r)
+            except Exception as e:  # noqa: BLE001
+                kind, msg = describe(e)
+                raise GroupStartError(f"rank {refs.index(r)} failed to start: {msg}",
+                                      kind=kind, rank=refs.index(r)) from None
+    return out
+
+
+def unresponsive(actors: list[Any], timeout: float = PING_TIMEOUT_S) -> set[int]:
+    """Indices of ``actors`` that do not answer a ping within ``timeout`` seconds.
+
+    The ping runs on a thread of the actor's own, so a live rank answers at once even
+    while its main thread is inside a collective; a dead process or a lost node does not.
+    """
+    refs = {a.ping.remote(): i for i, a in enumerate(actors)}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+    dead = {i for r, i in refs.items() if r not in ready}
+    for r in ready:
+        try:
+            ray.get(r)
+        except Exception:  # noqa: BLE001 - the actor is gone
+            dead.add(refs[r])
+    return dead
+
+
+def kill_quietly(actor: Any) -> None:
+    """End an actor's process now; one that is already gone is fine."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - usually already dead
+        pass
+
+
+def remove_pg_quietly(pg: Any) -> None:
+    """Give back a placement group; one already gone (with its node) is fine."""
+    try:
+        remove_placement_group(pg)
+    except Exception:  # noqa: BLE001
+        pass

@@ -1,0 +1,64 @@
+"""The real worker group against the driver's contract, and its Ray-free parts.
+
+``WorkerGroup`` must offer every member of ``WorkerGroupProtocol`` with the same parameters
+(the driver relies on nothing else, and the tests' fake implements the same protocol); the
+topology helpers and the spare pool's bookkeeping need no cluster.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from raypod.config import JobConfig
+from raypod.driver.spares import SparePool
+from raypod.driver.topology import avoid_nodes, hsdp_twins, peer_ring, peers_of
+from raypod.driver.worker_group import GroupStartError, PollResult, WorkerError, WorkerGroup
+from raypod.protocol import ErrorKind, WorkerGroupProtocol
+from raypod.recipe import Recipe
+
+
+def _group(tmp_path) -> WorkerGroup:  # noqa: ANN001 - pytest's tmp_path
+    cfg = JobConfig.model_validate({"name": "x", "recipe": {"target": "raypod.recipe:Recipe"},
+                                    "checkpoint": {"storage": str(tmp_path)}})
+    return WorkerGroup(cfg, Recipe())  # places nothing until start()
+
+
+def _members(cls: type) -> set[str]:
+    names = set(getattr(cls, "__annotations__", {}))
+    names |= {n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+    return names
+
+
+def test_the_real_group_implements_the_protocol(tmp_path):
+    group = _group(tmp_path)
+    assert isinstance(group, WorkerGroupProtocol)
+    for name in sorted(_members(WorkerGroupProtocol)):
+        assert hasattr(group, name), f"WorkerGroup has no {name}"
+        want = getattr(WorkerGroupProtocol, name, None)
+        if inspect.isfunction(want):
+            have = getattr(WorkerGroup, name)
+            assert list(inspect.signature(have).parameters) == list(inspect.signature(want).parameters), name
+
+
+def test_the_old_import_path_still_names_the_messages():
+    assert WorkerError(rank=1, step=2, kind=ErrorKind.WORKER_DIED, message="x").kind == "worker_died"
+    assert PollResult().steps == [] and GroupStartError("x").kind == "setup_failed"
+
+
+def test_topology():
+    assert peer_ring(["a"]) == [None]
+    assert peer_ring(["a", "a", "a"]) == [1, 2, 0]  # one node: the next rank
+    assert peer_ring(["a", "a", "b", "b"]) == [2, 3, 0, 1]  # always a rank on the other node
+    assert hsdp_twins("hsdp", 2, 4) == [2, 3, 0, 1] and hsdp_twins("fsdp", 2, 4) is None
+    assert peers_of([1, 2, 0], 0) == (1, 2) and peers_of([None, None], 1) == (None, None)
+    assert peers_of([], 0) == (None, None)
+    assert avoid_nodes(set(), 2) is None
+
+
+def test_spare_pool_hands_out_spares_oldest_first(tmp_path):
+    group = _group(tmp_path)
+    pool: SparePool = group.pool
+    pool.spares.extend([("a", ("pg", 0)), ("b", ("pg", 1)), ("c", ("pg", 2))])
+    assert group.take_spares(2) == [("a", ("pg", 0)), ("b", ("pg", 1))]
+    assert group.spares == [("c", ("pg", 2))] and group.take_spares(5) == [("c", ("pg", 2))]
+    assert group.joining() == 0 and group.freed == [] and group.ready_joiners() == []
