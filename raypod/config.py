@@ -146,12 +146,15 @@ class FaultInjection(_Section):
     rank stops making progress (until it is killed). ``slow``: every step of the rank
     takes ``delay_s`` longer from ``step`` on (a straggler). ``nan``: the step's loss
     and gradients become NaN. ``preempt``: the rank's process receives SIGTERM, as a
-    preempted or drained node's would.
+    preempted or drained node's would. ``freeze``: the rank's process stops (SIGSTOP): its
+    sockets stay open and nothing answers, not even its health threads (what a dead NCCL
+    peer or a hung kernel looks like). ``freeze_node``: every rank process of the job on
+    the rank's node stops at once (the firing rank last).
     """
 
     step: int = Field(ge=1)
     rank: int = Field(ge=0)
-    kind: Literal["kill", "exception", "hang", "slow", "nan", "preempt"]
+    kind: Literal["kill", "exception", "hang", "slow", "nan", "preempt", "freeze", "freeze_node"]
     delay_s: float = Field(default=1.0, gt=0)
     """``slow`` only: seconds added to each of the rank's steps."""
 
@@ -176,6 +179,12 @@ class FaultConfig(_Section):
     heartbeat_s: float = Field(default=1.0, gt=0)
     """How often the driver asks every rank where it is (step and phase) and checks
     for draining nodes; a rank that does not answer within this is unresponsive."""
+    silent_s: float = Field(default=1.0, ge=0)
+    """A rank that has not answered the driver's liveness probe (a ping on a thread of its
+    own, sent every quarter of this, answered within milliseconds even mid-step) for this
+    many seconds is lost: frozen, or its node cut off. It is killed and the job recovers
+    at once, at any moment of training, without waiting for the hang rules (0: off; a slow
+    rank that still answers is left to ``hang_factor`` and ``straggler_factor``)."""
     straggler_factor: float = Field(default=2.0, ge=0)
     """A rank whose own compute time per step (step time minus time spent waiting for
     the others) exceeds this many times the median of the other ranks' is slow (0: off)."""

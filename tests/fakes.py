@@ -89,6 +89,8 @@ class FakeGroup:
         self.peer_to: list[int | None] = list(self.scene.peer_to)
         self.twins: list[int | None] | None = None
         self.joiners = 0
+        self.silent_since: float | None = None
+        """When rank ``plan["silent"]`` stopped answering its probes."""
 
     # ---- lifecycle -----------------------------------------------------------------
     def start(self, world_size, attempt, restore, injections):
@@ -122,8 +124,11 @@ class FakeGroup:
     def in_flight(self) -> int:
         return len(self.queue)
 
+    def _stalled(self) -> bool:
+        return FakeGroup.plan.get("stall_from") in {s for w, s, _ in self.queue if w == "step"}
+
     def poll(self, timeout):
-        if FakeGroup.plan.get("stall_from") in {s for w, s, _ in self.queue if w == "step"}:
+        if self._stalled():
             time.sleep(timeout)
             return PollResult()  # a rank hangs: nothing arrives any more
         out = PollResult()
@@ -183,6 +188,19 @@ class FakeGroup:
         return {0: Heartbeat(rank=0, step=5, phase=Phase.SYNC, in_phase_s=1.0),
                 1: Heartbeat(rank=1, step=5, phase=Phase(phase), in_phase_s=1.0)}
 
+    def probe(self, every_s):
+        """Rank ``plan["silent"]`` stops answering once the steps stall (``plan["stall_from"]``),
+        firing its configured ``freeze`` as a real rank would; the others answer at once."""
+        silent = FakeGroup.plan.get("silent")
+        if silent is not None and self.silent_since is None and self._stalled():
+            self.silent_since = time.monotonic()
+            step = FakeGroup.plan["stall_from"] - 1  # the step it was in (the one after its last result)
+            for i, f in faults.pending(self.cfg, faults.fired(self.cfg.job_dir)):
+                if f.rank == silent and f.kind in ("freeze", "freeze_node") and f.step == step:
+                    faults.record_fired(self.cfg.job_dir, i, f, attempt=0)
+        quiet = time.monotonic() - self.silent_since if self.silent_since is not None else 0.0
+        return {r: quiet if r == silent else 0.0 for r in range(self.world_size)}
+
     def unresponsive_ranks(self, ranks, timeout):
         return set(ranks)
 
@@ -211,6 +229,8 @@ class FakeGroup:
 
     def _restored(self, step: int) -> None:
         FakeGroup.plan.pop("stall_from", None)
+        FakeGroup.plan.pop("silent", None)
+        self.silent_since = None
         self.queue.clear()
         self.finished = [s for s in self.finished if s <= step]
 

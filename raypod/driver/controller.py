@@ -341,8 +341,11 @@ class Driver:
             return nxt
         if ledger.done_step >= max_steps:
             return FinishingState()
-        return self.diagnosis.watch(group, self.completion.step_durs, self.excluded_nodes,
-                                    self.draining_nodes) or state
+        nxt = self.diagnosis.watch(group, self.completion.step_durs, self.excluded_nodes, self.draining_nodes)
+        if nxt is None:
+            return state
+        self.dead_ranks = set(self.diagnosis.silent)  # silent ranks are lost with the one blamed
+        return nxt
 
     def _submit(self, group: WorkerGroupProtocol) -> None:
         """Queue steps (and their replica waits and saves) up to the in-flight limit."""

@@ -8,8 +8,10 @@ the ranks to hand over); what to do about it is decided elsewhere
 - no step finished for a while: :meth:`Diagnosis.hang_failure` blames the rank the others
   wait for (:func:`raypod.policies.health.hung_rank`), early when the heartbeats already
   show it (:meth:`Diagnosis.quick_hang_failure`);
+- a rank that no longer answers its liveness ping (frozen, or its node cut off):
+  :meth:`Diagnosis.silent_failure`, within ``fault.silent_s`` at any moment;
 - a node Ray drains: :meth:`Diagnosis.draining_ranks`;
-- while running, :meth:`Diagnosis.watch` looks for both and names the state to go to;
+- while running, :meth:`Diagnosis.watch` looks for all three and names the state to go to;
 - an injected fault (``fault.inject``) leaves a marker saying exactly where it fired
   (:mod:`raypod.faults`), which names the rank and step better than any symptom.
 """
@@ -37,6 +39,8 @@ HANG_HISTORY = 3
 TRAINING_PHASES = frozenset({Phase.START, Phase.FORWARD_BACKWARD, Phase.OPTIMIZER, Phase.SNAPSHOT})
 """Phases in which a rank works on its step, so the others may be waiting on it (in
 ``sync`` it waits itself; in ``done`` it is between steps)."""
+FROZEN = frozenset({"freeze", "freeze_node"})
+"""Injected fault kinds that leave a rank silent (stopped with SIGSTOP)."""
 _ROOT_CAUSE = {ErrorKind.WORKER_DIED: 0, ErrorKind.INJECTED: 1, ErrorKind.EXCEPTION: 2}
 """Which error is the root cause when several ranks fail (lowest first, then the earliest step)."""
 
@@ -63,11 +67,16 @@ class Diagnosis:
         self.fired: set[int] = set()
         self.next_hang_probe = 0.0
         self.next_health_check = 0.0
+        self.silent: set[int] = set()
+        """The ranks the last :meth:`silent_failure` found silent (all lost with the one blamed)."""
 
     def watch(self, group: WorkerGroupProtocol, step_durs: Iterable[float], excluded_nodes: dict[str, str],
               draining_nodes: Callable[[], set[str]]) -> State | None:
-        """While running: a hang (no step finished for a while) or a draining node, as the state
-        to go to; None when all is well."""
+        """While running: a silent rank, a hang (no step finished for a while) or a draining
+        node, as the state to go to; None when all is well."""
+        silent = self.silent_failure(group)
+        if silent is not None:
+            return RecoveringState(silent)
         stalled = self.ledger.stalled_s()
         if stalled > self.cfg.fault.hang_timeout_s:
             return RecoveringState(self.hang_failure(group))
@@ -137,6 +146,31 @@ class Diagnosis:
         return Failure(kind="hang", rank=rank, step=step, time_s=self.now(),
                        message=f"a collective timed out after {self.cfg.fault.pg_timeout_s:g} s "
                                f"(fault.pg_timeout_s): rank {rank} {why}")
+
+    # ---- silent ranks --------------------------------------------------------------
+    def silent_failure(self, group: WorkerGroupProtocol) -> Failure | None:
+        """A rank whose liveness ping has gone unanswered for ``fault.silent_s`` (pinged every
+        quarter of it; never waits). Ranks silent for half of it are lost with it (a frozen
+        node stops its ranks within moments): they are left in :attr:`silent`."""
+        limit = self.cfg.fault.silent_s
+        self.silent = set()
+        if limit <= 0:
+            return None
+        quiet = group.probe(every_s=min(0.25, limit / 4))
+        worst = max(quiet, key=lambda r: quiet[r], default=None)
+        if worst is None or quiet[worst] < limit:
+            return None
+        self.silent = {r for r, s in quiet.items() if s >= limit / 2}
+        rank, kind = worst, "unresponsive"
+        step = self.ledger.rank_step.get(rank, self.ledger.done_step) + 1
+        for marker in self.refresh_fired().values():  # an injected freeze says where it fired
+            if marker["kind"] in FROZEN and marker["rank"] in self.silent:
+                rank, kind, step = marker["rank"], marker["kind"], marker["step"]
+        others = sorted(self.silent - {rank})
+        also = f" (also silent: rank(s) {others})" if others else ""
+        return Failure(kind=kind, rank=rank, step=step, time_s=self.now(),
+                       message=f"rank {rank} at step {step}: no answer to a ping for {quiet[rank]:.1f} s "
+                               f"(fault.silent_s) on {group.node_of(rank)}{also}")
 
     # ---- hangs ---------------------------------------------------------------------
     def quick_hang_s(self, step_durs: Iterable[float]) -> float | None:

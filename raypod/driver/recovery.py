@@ -87,8 +87,8 @@ class Recovery:
         """Blame the nodes of lost ranks; one that failed ``fault.max_node_failures`` times goes."""
         d = self.d
         nodes = d.group.nodes if d.group is not None else []
-        lost = set(d.dead_ranks) | ({f.rank} if f.kind in ("worker_died", "kill") and f.rank is not None
-                                    else set())
+        gone = ("worker_died", "kill", "freeze", "freeze_node", "unresponsive")
+        lost = set(d.dead_ranks) | ({f.rank} if f.kind in gone and f.rank is not None else set())
         for node in {nodes[r] for r in lost if r < len(nodes)}:  # once per failure, however many ranks
             d.node_failures[node] += 1
             if d.node_failures[node] >= d.cfg.fault.max_node_failures and node not in d.excluded_nodes:

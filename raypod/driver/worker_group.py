@@ -7,7 +7,8 @@ and drive the state machine one iteration at a time. The group leans on:
 - :mod:`raypod.driver.inflight`: the calls running on the ranks and what comes back;
 - :mod:`raypod.driver.spares`: warm spares and joiners;
 - :mod:`raypod.driver.topology`: who holds whose replica, HSDP twins, node exclusion;
-- :mod:`raypod.driver.rank_calls`: naming a failed call, getting many results, pinging.
+- :mod:`raypod.driver.rank_calls`: naming a failed call, getting many results, pinging;
+- :mod:`raypod.driver.liveness`: the liveness pings that find a silent rank.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raypod.checkpoint import CommittedCheckpoint
 from raypod.config import FaultInjection, JobConfig, recipe_pythonpath
 from raypod.driver.inflight import REPLICA, SAVE, STEP, InFlight
+from raypod.driver.liveness import Probes, kill_now
 from raypod.driver.outcomes import GroupStartError, PollResult
 from raypod.driver.rank_calls import (
     PING_TIMEOUT_S,
@@ -85,7 +87,7 @@ class WorkerGroup:
         """Per rank: the rank its snapshots are replicated to (``None``: no replication)."""
         self.twins: list[int | None] | None = None
         """HSDP: per rank, the rank whose own snapshots equal it (see :func:`hsdp_twins`)."""
-        self.calls = InFlight()
+        self.calls, self.probes = InFlight(), Probes()
         self.excluded_nodes: set[str] = set()
         """Nodes the ranks must not be placed on (failed a pre-flight check, or lost ranks repeatedly)."""
 
@@ -158,7 +160,7 @@ class WorkerGroup:
     def _locate(self, infos: list[dict[str, Any]]) -> None:
         """Note each rank's node (from its ``node_info``) and plan where its state survives
         its loss: an HSDP twin or a peer replica."""
-        self.nodes = [i["node_id"] for i in infos]
+        self.nodes, self.pids = [i["node_id"] for i in infos], [int(i.get("pid", 0)) for i in infos]
         self.node_ips = [i["ip"] for i in infos]
         p = self.cfg.parallel
         self.twins = hsdp_twins(p.strategy, p.replicas, self.world_size)
@@ -252,6 +254,10 @@ class WorkerGroup:
                 pass
         return out
 
+    def probe(self, every_s: float) -> dict[int, float]:
+        """Per rank: seconds its liveness ping has gone unanswered (see :class:`Probes`)."""
+        return self.probes.silence(self.actors, every_s)
+
     def unresponsive_ranks(self, ranks: list[int], timeout: float = PING_TIMEOUT_S) -> set[int]:
         """The ranks among ``ranks`` that do not answer a ping within ``timeout`` seconds."""
         return {ranks[i] for i in unresponsive([self.actors[r] for r in ranks], timeout)}
@@ -268,6 +274,7 @@ class WorkerGroup:
         """End the processes of ``ranks`` now (their slots are refilled by recover_in_place)."""
         for r in ranks:
             kill_quietly(self.actors[r])
+        kill_now(self.actors, self.nodes, getattr(self, "pids", []), ranks)  # a stopped process too
 
     def drain(self, timeout: float, attempt: int | None = None) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks

@@ -11,8 +11,9 @@ class Failure:
     """A failure seen by the driver.
 
     Attributes:
-        kind: ``kill`` / ``exception`` for injected faults, else ``worker_died``,
-            ``exception``, ``setup_failed``, ``scheduling`` or ``storage`` (a write to
+        kind: ``kill`` / ``exception`` / ``freeze`` / ... for injected faults, else
+            ``worker_died``, ``exception``, ``hang``, ``unresponsive`` (a rank silent for
+            ``fault.silent_s``), ``setup_failed``, ``scheduling`` or ``storage`` (a write to
             ``checkpoint.storage`` failed for good: full, over quota, read-only; never retried).
         rank: the rank at fault, when known.
         step: the step that was running.

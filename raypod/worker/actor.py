@@ -221,6 +221,16 @@ class TrainWorker:
         """Liveness: answers at once, even while the rank is inside a collective."""
         return os.getpid()
 
+    @ray.method(concurrency_group="ping")
+    def kill_pid(self, pid: int) -> None:
+        """SIGKILL a lost sibling rank's process on this node (Ray gives a stopped process a
+        grace period first, while its peers stay blocked in collectives with it)."""
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     @ray.method(concurrency_group="replica")
     def wait_replicated(self, step: int, timeout: float) -> tuple[int, bool]:
         """``(step, ok)`` once step ``step``'s snapshot reached this rank's replica holder."""

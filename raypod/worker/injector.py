@@ -2,18 +2,29 @@
 
 The trainer asks its :class:`FaultInjector` at three points of a step: :meth:`~FaultInjector.fire`
 before it (a ``kill`` ends the process, a ``hang`` never returns, a ``preempt`` sends the
-process a SIGTERM, an ``exception`` raises :class:`InjectedFault`; ``slow`` and ``nan`` arm
-the two effects below), :meth:`~FaultInjector.delay` before the step's sync (``slow``) and
-:meth:`~FaultInjector.poison_step` before the optimizer update (``nan``). Every fault first
-writes its marker (:func:`raypod.faults.record_fired`), so the driver knows it fired.
+process a SIGTERM, an ``exception`` raises :class:`InjectedFault`, a ``freeze`` stops the
+process with SIGSTOP, a ``freeze_node`` stops every rank process of the job on its node;
+``slow`` and ``nan`` arm the two effects below), :meth:`~FaultInjector.delay` before the
+step's sync (``slow``) and :meth:`~FaultInjector.poison_step` before the optimizer update
+(``nan``). Every fault first writes its marker (:func:`raypod.faults.record_fired`), so the
+driver knows it fired.
+
+A ``freeze_node`` must find its siblings' processes: every rank notes its pid in a folder
+of its node's own (:func:`register_pid`, on joining a group, with the attempt), which the
+firing rank reads (:func:`node_pids`); only ranks of the current attempt are stopped, so
+neither a spare nor a process of an earlier attempt (or of another job) is ever touched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import signal
+import tempfile
 import time
+from collections.abc import Iterable
 
 import torch
 
@@ -21,6 +32,55 @@ from raypod import faults
 from raypod.config import FaultInjection
 
 log = logging.getLogger("raypod.worker")
+
+
+def pid_dir(job_dir: str, node_id: str) -> str:
+    """``<tmp>/raypod-pids/<job key>/<node id>``: where the job's ranks on this node note
+    their pids (local to the node, whatever ``checkpoint.storage`` is)."""
+    key = hashlib.sha256(job_dir.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "raypod-pids", key, node_id)
+
+
+def register_pid(job_dir: str, node_id: str, rank: int, attempt: int) -> None:
+    """Note that this process is ``rank`` of ``attempt`` on ``node_id`` (overwrites the rank's
+    earlier entry)."""
+    folder = pid_dir(job_dir, node_id)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{rank}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"rank": rank, "pid": os.getpid(), "attempt": attempt, "started": _started(os.getpid())}, f)
+    os.replace(tmp, os.path.join(folder, f"{rank}.json"))
+
+
+def node_pids(job_dir: str, node_id: str) -> dict[int, dict[str, int]]:
+    """``rank -> {"rank", "pid", "attempt"}`` of the job's ranks noted on ``node_id``."""
+    folder = pid_dir(job_dir, node_id)
+    out: dict[int, dict[str, int]] = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    entry = json.load(f)
+            except (OSError, ValueError):
+                continue
+            out[int(entry["rank"])] = entry
+    return out
+
+
+def _started(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: ``/proc/<pid>/stat``): a pid taken over by another
+    process since it was noted does not match."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 class InjectedFault(RuntimeError):
@@ -39,8 +99,10 @@ class FaultInjector:
     poison: bool = False
     """Injected ``nan`` fault: this step's loss and gradients become NaN."""
 
-    def __init__(self, job_dir: str) -> None:
+    def __init__(self, job_dir: str, planned: Iterable[FaultInjection] = ()) -> None:
         self.job_dir = job_dir
+        self.note_pids = any(f.kind in ("freeze", "freeze_node") for f in planned)
+        """The job plans a freeze (``fault.inject``): ranks note their pids (:func:`register_pid`)."""
         self.injections: list[tuple[int, FaultInjection]] = []
         self.rank, self.attempt = -1, 0
 
@@ -48,6 +110,12 @@ class FaultInjector:
         """Keep the pending faults meant for ``rank`` (on joining a group)."""
         self.rank, self.attempt = rank, attempt
         self.injections = [(i, f) for i, f in injections if f.rank == rank]
+        if not self.note_pids:
+            return
+        try:  # for a freeze_node fired by a sibling on this node (and tests that follow pids)
+            register_pid(self.job_dir, _node_id(), rank, attempt)
+        except OSError as e:
+            log.warning("[rank %d] could not note its pid for freeze_node faults: %s", rank, e)
 
     def fire(self, step: int) -> None:
         """Fire the faults planned for ``step``, each after writing its marker."""
@@ -67,8 +135,27 @@ class FaultInjector:
                     self.poison = True
                 elif f.kind == "preempt":
                     os.kill(os.getpid(), signal.SIGTERM)  # what the node's shutdown sends
+                elif f.kind in ("freeze", "freeze_node"):
+                    self._freeze(node=f.kind == "freeze_node")
                 else:
                     raise InjectedFault(f"injected exception at step {step} on rank {self.rank}")
+
+    def _freeze(self, node: bool) -> None:
+        """SIGSTOP this process (``node``: first every other rank process of this attempt on
+        this node, as they noted themselves): open sockets, no answer from any thread, until
+        someone kills it."""
+        if node:
+            for entry in node_pids(self.job_dir, _node_id()).values():
+                pid = entry["pid"]
+                if (entry["attempt"] == self.attempt and pid != os.getpid()
+                        and entry.get("started") == _started(pid)):  # the same process still
+                    try:
+                        os.kill(pid, signal.SIGSTOP)
+                    except OSError as e:  # gone already
+                        log.info("[rank %d] freeze_node: rank %d (pid %d): %s", self.rank, entry["rank"], pid, e)
+        for h in logging.getLogger().handlers:  # the injection line reaches the log first
+            h.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
 
     def delay(self) -> None:
         """A ``slow`` rank: every step takes ``slow_s`` longer."""

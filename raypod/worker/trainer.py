@@ -72,7 +72,7 @@ class Trainer:
         if use_gpu:
             torch.cuda.set_device(self.device)
         self.rank, self.world_size = -1, 0
-        self.faults = FaultInjector(config.job_dir)
+        self.faults = FaultInjector(config.job_dir, config.fault.inject)
         ctx = RankContext(rank=0, world_size=1, device=self.device, config=config)
         self.data = recipe.build_data(ctx)
         t = config.train

@@ -262,3 +262,37 @@ def test_a_newer_checkpoint_is_loaded_in_place_over_an_older_snapshot(health_dri
     skipped_bad = {"skipped_bad": 8} if fault == "nan" else {}
     assert summary["samples"] == {"consumed": 96 - len(skipped_bad) * 8, "duplicated": 0, "skipped": 0,
                                   **skipped_bad}
+
+
+# ---- the liveness watch: a silent rank is lost within fault.silent_s -------------------
+@pytest.mark.parametrize("inject,kind", [([], "unresponsive"),
+                                         ([{"step": 5, "rank": 1, "kind": "freeze"}], "freeze")])
+def test_a_silent_rank_is_lost_after_silent_s_and_recovered_in_place(health_driver, inject, kind):
+    # The hang rules are far off (30 s): only the unanswered probes can end the stall.
+    d = health_driver(fault={"hang_timeout_s": 60, "hang_min_s": 30, "silent_s": 0.3, "inject": inject})
+    FakeGroup.plan = {"stall_from": 6, "silent": 1}  # rank 1 stops inside step 5
+    transitions = _drive(d)
+    assert transitions[-1] == ("finishing", "finished")
+    assert ("recovering", "running") in transitions and ("recovering", "scheduling") not in transitions
+    ev = d.acct.events[0]
+    assert ev.kind == kind and ev.rank == 1 and ev.step == 5
+    assert "no answer to a ping for 0.3 s (fault.silent_s)" in ev.message
+    assert ev.detected_s - ev.last_step_s < 0.3 + 0.5  # silent_s, a probe round, the loop's poll
+    assert ("kill", [1]) in FakeGroup.calls and ("recover_in_place", [1], 4) in FakeGroup.calls
+    assert ev.restored_from == "memory step 4" and ev.lost_steps == 0
+
+
+def test_a_slow_rank_that_answers_is_left_to_the_hang_rules(health_driver):
+    d = health_driver(fault={"hang_timeout_s": 1.0, "hang_min_s": 30, "silent_s": 0.3})
+    FakeGroup.plan = {"stall_from": 6}  # nothing arrives, but every rank answers its probes
+    _drive(d)
+    ev = d.acct.events[0]
+    assert ev.kind == "hang" and "no step finished for 1 s (fault.hang_timeout_s)" in ev.message
+
+
+def test_silent_s_zero_sends_no_probe(health_driver, monkeypatch):
+    d = health_driver(fault={"silent_s": 0})
+    probes: list[float] = []
+    monkeypatch.setattr(FakeGroup, "probe", lambda self, every_s: probes.append(every_s) or {})
+    assert _drive(d)[-1] == ("finishing", "finished")
+    assert probes == []

@@ -94,7 +94,8 @@ def test_storage_check(tmp_path):
     ("fault.throughput_alert_ratio=1.5", "fault.throughput_alert_ratio"),
     ("fault.max_bad_steps=-1", "fault.max_bad_steps"),
     ("fault.inject=[{step: 3, rank: 0, kind: slow, delay_s: 0}]", "fault.inject[0].delay_s"),
-    ("fault.inject=[{step: 3, rank: 0, kind: freeze}]", "fault.inject[0].kind"),
+    ("fault.inject=[{step: 3, rank: 0, kind: melt}]", "fault.inject[0].kind"),
+    ("fault.silent_s=-1", "fault.silent_s"),
     ("doctor.allreduce_mb=0", "doctor.allreduce_mb"),
 ])
 def test_bad_health_keys_are_refused_naming_the_key(override, key):
@@ -104,6 +105,7 @@ def test_bad_health_keys_are_refused_naming_the_key(override, key):
 
 def test_new_fault_kinds_are_accepted():
     cfg = load_config(None, ["fault.inject=[{step: 2, rank: 0, kind: hang}, {step: 3, rank: 1, kind: slow},"
-                             " {step: 4, rank: 0, kind: nan}, {step: 5, rank: 1, kind: preempt}]"])
-    assert [f.kind for f in cfg.fault.inject] == ["hang", "slow", "nan", "preempt"]
+                             " {step: 4, rank: 0, kind: nan}, {step: 5, rank: 1, kind: preempt},"
+                             " {step: 6, rank: 1, kind: freeze}, {step: 7, rank: 0, kind: freeze_node}]"])
+    assert [f.kind for f in cfg.fault.inject] == ["hang", "slow", "nan", "preempt", "freeze", "freeze_node"]
     assert cfg.fault.inject[1].delay_s == 1.0

@@ -11,7 +11,7 @@ from raypod.worker.injector import FaultInjector, InjectedFault
 
 
 def _armed(tmp_path, *plan: FaultInjection, rank: int = 1) -> FaultInjector:  # noqa: ANN001
-    inj = FaultInjector(str(tmp_path))
+    inj = FaultInjector(str(tmp_path), plan)
     inj.arm(list(enumerate(plan)), rank=rank, attempt=2)
     return inj
 
@@ -40,3 +40,28 @@ def test_a_nan_fault_poisons_one_step(tmp_path):
     inj.fire(1)
     assert torch.isnan(inj.poison_step(loss, model)) and torch.isnan(model.weight.grad).all()
     assert inj.poison_step(loss, model) is loss  # once
+
+
+@pytest.mark.parametrize("kind", ["freeze", "freeze_node"])
+def test_a_freeze_stops_this_process_and_a_node_freeze_this_attempts_siblings_first(tmp_path, monkeypatch, kind):
+    import os
+    import signal
+
+    from raypod.worker import injector
+
+    # Rank 0 of this attempt shares the node; rank 2's entry is an earlier attempt's, and
+    # rank 3's pid now belongs to another process (another start time): never touched.
+    monkeypatch.setattr(injector, "_started", lambda pid: "other" if pid == 4444 else "t0")
+    inj = _armed(tmp_path, FaultInjection(step=5, rank=1, kind=kind))  # rank 1 of attempt 2
+    folder = injector.pid_dir(str(tmp_path), "local")
+    for rank, pid, attempt in [(0, 4242, 2), (2, 4343, 1), (3, 4444, 2)]:
+        (tmp_path / "x.json").write_text(f'{{"rank": {rank}, "pid": {pid}, "attempt": {attempt}, "started": "t0"}}')
+        os.replace(tmp_path / "x.json", os.path.join(folder, f"{rank}.json"))
+    assert {r: e["pid"] for r, e in injector.node_pids(str(tmp_path), "local").items()} == \
+        {0: 4242, 1: os.getpid(), 2: 4343, 3: 4444}
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(injector.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    inj.fire(5)
+    assert list(faults.fired(str(tmp_path))) == [0]  # the marker first
+    stopped = [(4242, signal.SIGSTOP)] if kind == "freeze_node" else []
+    assert sent == [*stopped, (os.getpid(), signal.SIGSTOP)]

@@ -1,0 +1,100 @@
+"""Liveness probes: which ranks have stopped answering, found within about a second.
+
+A rank's ``ping`` runs on a thread of its actor's own and answers within milliseconds,
+also while its main thread is inside a step or a collective; only a process that is
+stopped (SIGSTOP, a hung kernel holding it), gone, or cut off from the driver stays
+silent. :class:`Probes` keeps at most one ping in flight per rank, sends the next one a
+moment after the last was answered, and never blocks: the driver's running loop asks
+:meth:`Probes.silence` every iteration how long each rank's ping has gone unanswered
+(:meth:`raypod.driver.diagnosis.Diagnosis.silent_failure` decides from that).
+
+Ending a silent rank: ``ray.kill`` marks the actor dead at once, but its raylet gives a
+stopped process a grace period (5 s) before SIGKILL, and its peers stay blocked in their
+collectives until its sockets close. :func:`kill_now` has a live rank on the same node (or
+the driver, on its own node) SIGKILL the process at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import ray
+
+log = logging.getLogger("raypod.driver")
+
+
+def kill_now(actors: list[Any], nodes: list[str], pids: list[int], ranks: set[int]) -> None:
+    """SIGKILL the processes of ``ranks`` now (after ``ray.kill``): through a live rank on the
+    same node (its ``kill_pid`` runs on the ping thread), else from the driver when the rank
+    runs on the driver's node; a rank with neither is left to Ray."""
+    here = ray.get_runtime_context().get_node_id()
+    for r in sorted(ranks):
+        if r >= len(pids) or r >= len(nodes) or not pids[r]:
+            continue
+        helper = next((a for q, a in enumerate(actors)
+                       if q not in ranks and q < len(nodes) and nodes[q] == nodes[r]), None)
+        try:
+            if helper is not None:
+                helper.kill_pid.remote(pids[r])
+            elif nodes[r] == here:
+                os.kill(pids[r], signal.SIGKILL)
+        except Exception as e:  # noqa: BLE001 - gone already; Ray ends it anyway
+            log.debug("killing rank %d's process %d: %s", r, pids[r], e)
+
+
+class Probes:
+    """The liveness pings in flight: ``rank -> (actor, ref, sent at)``."""
+
+    def __init__(self) -> None:
+        self._out: dict[int, tuple[Any, Any, float]] = {}
+        self._last: dict[int, tuple[Any, float]] = {}
+        """Per rank: (actor, when its last answered ping was sent)."""
+        self.slowest_s = 0.0
+        """The longest a ping is known to have waited for its answer."""
+        self._looked = 0.0
+
+    def clear(self) -> None:
+        self._out.clear()
+        self._last.clear()
+
+    def silence(self, actors: list[Any], every_s: float) -> dict[int, float]:
+        """Collect the answered pings, send a new one to each rank that has none in flight
+        and was last pinged ``every_s`` ago or more; return, per rank, the seconds its ping
+        in flight has waited (0.0: none in flight). Never waits.
+
+        A rank whose actor changed (a replacement) starts afresh; a ping that failed (the
+        actor died) counts as answered: the calls in flight report the death.
+        """
+        now = time.monotonic()
+        refs = [ref for _, ref, _ in self._out.values()]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
+        out: dict[int, float] = {}
+        for rank, actor in enumerate(actors):
+            held = self._out.get(rank)
+            if held is not None and held[0] is not actor:
+                held = None
+            if held is not None and held[1] in ready:
+                # How late answers get (busy hosts): at least until the previous look, when it
+                # was not there yet (the time the driver did not look does not count).
+                late = max(0.0, self._looked - held[2])
+                if late > max(0.25, self.slowest_s):
+                    log.info("rank %d answered a liveness ping after more than %.2f s (the slowest yet)",
+                             rank, late)
+                self.slowest_s = max(self.slowest_s, late)
+                self._last[rank] = (actor, held[2])
+                held = None
+            if held is None:
+                self._out.pop(rank, None)
+                last = self._last.get(rank)
+                if last is None or last[0] is not actor or now - last[1] >= every_s:
+                    held = (actor, actor.ping.remote(), now)
+                    self._out[rank] = held
+            out[rank] = now - held[2] if held is not None else 0.0
+        for rank in [r for r in self._out if r >= len(actors)]:
+            del self._out[rank]
+        self._looked = now
+        return out
