@@ -406,9 +406,11 @@ class WorkerGroup:
         return self.pool.ready_joiners()
 
     def drop_joiners(self, joiners: list[tuple[Any, Placement]]) -> None:
-        """Stop warm joiners (from :meth:`ready_joiners`) that the group has no room for."""
-        for actor, _ in joiners:
+        """Stop warm joiners (from :meth:`ready_joiners`) that the group has no room for, and
+        give back their own placement groups (kept, each would hold a bundle for nothing)."""
+        for actor, (pg, _) in joiners:
             kill_quietly(actor)
+            self.pool.release_pg(pg)
 
     def reshard(self, lost: set[int], added: list[tuple[Any, Placement]], restore_step: int,
                 attempt: int, injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
