@@ -136,6 +136,13 @@ class SparePool:
         self.joiners = keep
         return out
 
+    def drop(self, joiners: list[tuple[Any, Placement]]) -> None:
+        """Stop warm joiners the group has no room for and give back their own placement
+        groups (kept, each would hold a bundle for nothing)."""
+        for actor, (pg, _) in joiners:
+            kill_quietly(actor)
+            self.release_pg(pg)
+
     def release_pg(self, pg: Any) -> None:
         """Give back a joiner's or a lost rank's own placement group. Kept, it would stay
         pending once its node is gone, and Ray's GCS retries a pending group in a busy loop

@@ -406,11 +406,8 @@ class WorkerGroup:
         return self.pool.ready_joiners()
 
     def drop_joiners(self, joiners: list[tuple[Any, Placement]]) -> None:
-        """Stop warm joiners (from :meth:`ready_joiners`) that the group has no room for, and
-        give back their own placement groups (kept, each would hold a bundle for nothing)."""
-        for actor, (pg, _) in joiners:
-            kill_quietly(actor)
-            self.pool.release_pg(pg)
+        """Stop warm joiners (from :meth:`ready_joiners`) that the group has no room for."""
+        self.pool.drop(joiners)
 
     def reshard(self, lost: set[int], added: list[tuple[Any, Placement]], restore_step: int,
                 attempt: int, injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:

@@ -52,6 +52,10 @@ def test_a_freeze_stops_this_process_and_a_node_freeze_this_attempts_siblings_fi
     # Rank 0 of this attempt shares the node; rank 2's entry is an earlier attempt's, and
     # rank 3's pid now belongs to another process (another start time): never touched.
     monkeypatch.setattr(injector, "_started", lambda pid: "other" if pid == 4444 else "t0")
+    # This process is "rank 1 on node local", whether or not an earlier test connected Ray;
+    # the pid folders go under this test's own folder.
+    monkeypatch.setattr(injector, "_node_id", lambda: "local")
+    monkeypatch.setattr(injector.tempfile, "gettempdir", lambda: str(tmp_path))
     inj = _armed(tmp_path, FaultInjection(step=5, rank=1, kind=kind))  # rank 1 of attempt 2
     folder = injector.pid_dir(str(tmp_path), "local")
     for rank, pid, attempt in [(0, 4242, 2), (2, 4343, 1), (3, 4444, 2)]:
