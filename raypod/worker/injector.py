@@ -18,7 +18,6 @@ neither a spare nor a process of an earlier attempt (or of another job) is ever 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ import torch
 
 from raypod import faults
 from raypod.config import FaultInjection
+from raypod.storage import read_json, write_json_atomic
 
 log = logging.getLogger("raypod.worker")
 
@@ -44,12 +44,8 @@ def pid_dir(job_dir: str, node_id: str) -> str:
 def register_pid(job_dir: str, node_id: str, rank: int, attempt: int) -> None:
     """Note that this process is ``rank`` of ``attempt`` on ``node_id`` (overwrites the rank's
     earlier entry)."""
-    folder = pid_dir(job_dir, node_id)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{rank}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"rank": rank, "pid": os.getpid(), "attempt": attempt, "started": _started(os.getpid())}, f)
-    os.replace(tmp, os.path.join(folder, f"{rank}.json"))
+    write_json_atomic(os.path.join(pid_dir(job_dir, node_id), f"{rank}.json"),
+                      {"rank": rank, "pid": os.getpid(), "attempt": attempt, "started": _started(os.getpid())})
 
 
 def node_pids(job_dir: str, node_id: str) -> dict[int, dict[str, int]]:
@@ -57,12 +53,8 @@ def node_pids(job_dir: str, node_id: str) -> dict[int, dict[str, int]]:
     folder = pid_dir(job_dir, node_id)
     out: dict[int, dict[str, int]] = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.endswith(".json"):
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    entry = json.load(f)
-            except (OSError, ValueError):
-                continue
+        entry = read_json(os.path.join(folder, name)) if name.endswith(".json") else None
+        if entry is not None:
             out[int(entry["rank"])] = entry
     return out
 
