@@ -157,6 +157,20 @@ class FaultInjection(_Section):
     kind: Literal["kill", "exception", "hang", "slow", "nan", "preempt", "freeze", "freeze_node"]
     delay_s: float = Field(default=1.0, gt=0)
     """``slow`` only: seconds added to each of the rank's steps."""
+    at: Literal["step", "forward", "backward", "optimizer", "replica"] = "step"
+    """Where in the step it fires: before it (``step``); in the middle of the forward or the
+    backward pass, between two sharded blocks, so that its peers are blocked inside an FSDP
+    collective with it; just before the optimizer update; or during the step's replica round,
+    in the exchange thread (``kill`` and ``freeze`` kinds only)."""
+
+    @model_validator(mode="after")
+    def _where(self) -> FaultInjection:
+        mid_step = ("kill", "exception", "hang", "freeze", "freeze_node")
+        allowed = ("kill", "freeze", "freeze_node") if self.at == "replica" else mid_step
+        if self.at != "step" and self.kind not in allowed:
+            raise ValueError(f"fault.inject: a {self.kind} fault fires only at: step "
+                             f"(at: {self.at} takes {', '.join(allowed)})")
+        return self
 
 
 class FaultConfig(_Section):

@@ -5,9 +5,13 @@ Importable from every test module (``pythonpath = ["tests"]`` in pyproject.toml)
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
+
+from raypod.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,3 +32,42 @@ def tiny_job(storage: Path | str, *overrides: str, name: str = "it", max_steps: 
     if not mlflow:
         base.append("mlflow.enabled=false")
     return load_config(TINY, base + list(overrides))
+
+
+# ---- rank processes of a job with planned faults ------------------------------------
+
+
+def job_pids(job_dir: str) -> dict[int, dict[str, int]]:
+    """``rank -> {"pid", "attempt"}`` as the job's ranks noted them (every node of this host;
+    ranks note their pids when the job plans a fault)."""
+    from raypod.worker.injector import node_pids, pid_dir
+
+    root = os.path.dirname(pid_dir(job_dir, "node"))
+    out: dict[int, dict[str, int]] = {}
+    for node in os.listdir(root) if os.path.isdir(root) else []:
+        out.update(node_pids(job_dir, node))
+    return out
+
+
+def kill_stopped(job_dir: str) -> None:
+    """SIGKILL any rank process of this job still stopped (a failed test leaves none behind)."""
+    for entry in job_pids(job_dir).values():
+        pid = entry["pid"]
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone
+        if state in ("T", "t") and b"ray::" in cmdline:
+            os.kill(pid, signal.SIGKILL)
+
+
+class PidsAtFailure(Callback):
+    """The ranks' pids as they were when the failure was seen (before the group re-formed)."""
+
+    def __init__(self, job_dir: str) -> None:
+        self.job_dir = job_dir
+        self.pids: dict[int, dict[str, int]] = {}
+
+    def after_failure(self, event: Any) -> None:
+        self.pids = job_pids(self.job_dir)

@@ -21,10 +21,11 @@ from raypod.protocol import ErrorKind, Interrupted, WorkerError
 
 log = logging.getLogger("raypod.driver")
 
-INTERRUPT_AFTER_S = 1.0
-"""After a failure, calls still running this long are interrupted (a live rank waiting on a
-peer that gave up returns at once); a call still running ``drain``'s timeout after that
-is hung, and its rank lost."""
+INTERRUPT_AFTER_S = 0.1
+"""After a failure, calls still running this long are interrupted: the rank aborts its process
+groups (:meth:`raypod.worker.group.GroupSession.abort`), so a live rank blocked in any
+collective with a lost peer returns within milliseconds, on gloo and on NCCL alike. A call
+still running ``drain``'s timeout after that is hung, and its rank lost."""
 
 STEP, REPLICA, SAVE = "step", "replica", "save"
 """What a call in flight is: a training step, a replica wait, a checkpoint save."""
@@ -97,10 +98,9 @@ class InFlight:
         self._settle(time.monotonic() + first, lost)
         stuck = sorted(self._busy() - lost)
         if stuck:
-            # Still running: hung, or alive but waiting on something the failure broke (its
-            # peers at the start of a step, when one of them gave up the collective because
-            # of the lost rank; a replica round with the lost peer). A live rank is told to
-            # give up its call; a rank that then returns keeps its process and its copies.
+            # Still running: hung, or alive but blocked in a collective the failure broke (on
+            # NCCL nothing breaks it: a dead peer's kernels just never arrive). A live rank is
+            # told to abort its groups; it then returns with its process and its copies.
             self._interrupt({r: actors[r] for r in stuck}, attempt, first)
             self._settle(time.monotonic() + timeout, lost)
         lost |= self._busy()

@@ -119,7 +119,11 @@ class TrainWorker:
 
     def _join(self, spec: GroupSpec, initialize: bool = True) -> None:
         """Join the group ``spec`` describes (this actor is warm: :meth:`warm`)."""
-        store = self._store_for(spec.init_method, spec.world_size, spec.config.fault.pg_timeout_s)
+        # Connected inside the rank's group session, so that an abort during the rendezvous
+        # (a peer frozen before it joined) reaches the store's socket too.
+        def store() -> Any:
+            return self._store_for(spec.init_method, spec.world_size, spec.config.fault.pg_timeout_s)
+
         self.trainer.join(spec.rank, spec.world_size, store, spec.injections, spec.attempt, *spec.peers,
                           initialize=initialize)
 

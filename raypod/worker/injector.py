@@ -1,7 +1,8 @@
 """Configured faults (``fault.inject``) firing on a rank: kept out of the training step.
 
 The trainer asks its :class:`FaultInjector` at three points of a step: :meth:`~FaultInjector.fire`
-before it (a ``kill`` ends the process, a ``hang`` never returns, a ``preempt`` sends the
+before it, or where ``FaultInjection.at`` says (mid-forward or mid-backward through
+:meth:`~FaultInjector.hook`, before the optimizer update, in the replica round) (a ``kill`` ends the process, a ``hang`` never returns, a ``preempt`` sends the
 process a SIGTERM, an ``exception`` raises :class:`InjectedFault`, a ``freeze`` stops the
 process with SIGSTOP, a ``freeze_node`` stops every rank process of the job on its node;
 ``slow`` and ``nan`` arm the two effects below), :meth:`~FaultInjector.delay` before the
@@ -23,7 +24,8 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -93,8 +95,9 @@ class FaultInjector:
 
     def __init__(self, job_dir: str, planned: Iterable[FaultInjection] = ()) -> None:
         self.job_dir = job_dir
-        self.note_pids = any(f.kind in ("freeze", "freeze_node") for f in planned)
-        """The job plans a freeze (``fault.inject``): ranks note their pids (:func:`register_pid`)."""
+        self.note_pids = any(True for _ in planned)
+        """The job plans faults (``fault.inject``): ranks note their pids (:func:`register_pid`), for
+        a ``freeze_node`` to find its siblings and for a test to see which processes survived."""
         self.injections: list[tuple[int, FaultInjection]] = []
         self.rank, self.attempt = -1, 0
 
@@ -109,28 +112,34 @@ class FaultInjector:
         except OSError as e:
             log.warning("[rank %d] could not note its pid for freeze_node faults: %s", rank, e)
 
-    def fire(self, step: int) -> None:
-        """Fire the faults planned for ``step``, each after writing its marker."""
-        for i, f in self.injections:
-            if f.step == step:
-                faults.record_fired(self.job_dir, i, f, self.attempt)
-                log.info("[rank %d attempt %d] injecting %s at step %d", self.rank,  # the driver reports it
-                         self.attempt, f.kind, step)
-                if f.kind == "kill":
-                    os._exit(137)
-                if f.kind == "hang":
-                    while True:  # no progress, as a rank stuck in a kernel or a deadlock
-                        time.sleep(1.0)
-                if f.kind == "slow":
-                    self.slow_s = f.delay_s
-                elif f.kind == "nan":
-                    self.poison = True
-                elif f.kind == "preempt":
-                    os.kill(os.getpid(), signal.SIGTERM)  # what the node's shutdown sends
-                elif f.kind in ("freeze", "freeze_node"):
-                    self._freeze(node=f.kind == "freeze_node")
-                else:
-                    raise InjectedFault(f"injected exception at step {step} on rank {self.rank}")
+    def planned_at(self, at: str) -> bool:
+        """A pending fault fires at ``at`` (``forward``, ``backward``, ...) of some step."""
+        return any(f.at == at for _, f in self.injections)
+
+    def fire(self, step: int, at: str = "step") -> None:
+        """Fire the faults planned for ``step`` at ``at`` (see ``FaultInjection.at``), each
+        once, after writing its marker."""
+        due = [(i, f) for i, f in self.injections if f.step == step and f.at == at]
+        self.injections = [(i, f) for i, f in self.injections if (i, f) not in due]
+        for i, f in due:
+            faults.record_fired(self.job_dir, i, f, self.attempt)
+            log.info("[rank %d attempt %d] injecting %s at step %d (%s)", self.rank,  # the driver reports it
+                     self.attempt, f.kind, step, f.at)
+            if f.kind == "kill":
+                os._exit(137)
+            if f.kind == "hang":
+                while True:  # no progress, as a rank stuck in a kernel or a deadlock
+                    time.sleep(1.0)
+            if f.kind == "slow":
+                self.slow_s = f.delay_s
+            elif f.kind == "nan":
+                self.poison = True
+            elif f.kind == "preempt":
+                os.kill(os.getpid(), signal.SIGTERM)  # what the node's shutdown sends
+            elif f.kind in ("freeze", "freeze_node"):
+                self._freeze(node=f.kind == "freeze_node")
+            else:
+                raise InjectedFault(f"injected exception at step {step} on rank {self.rank}")
 
     def _freeze(self, node: bool) -> None:
         """SIGSTOP this process (``node``: first every other rank process of this attempt on
@@ -148,6 +157,22 @@ class FaultInjector:
         for h in logging.getLogger().handlers:  # the injection line reaches the log first
             h.flush()
         os.kill(os.getpid(), signal.SIGSTOP)
+
+    def hook(self, units: list[torch.nn.Module], step: Callable[[], int]) -> None:
+        """Fire ``forward`` and ``backward`` faults in the middle of the pass: before the middle
+        sharded block's forward, and when the gradient reaches that block's output (the
+        blocks after it are done); ``step()`` is the step running. Nothing is hooked when no
+        such fault is planned."""
+        if not units or not (self.planned_at("forward") or self.planned_at("backward")):
+            return
+        unit = units[len(units) // 2]
+
+        def backward_at_output(module: torch.nn.Module, args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor) and out.requires_grad and self.planned_at("backward"):
+                out.register_hook(lambda grad: self.fire(step(), "backward"))
+
+        unit.register_forward_pre_hook(lambda module, args: self.fire(step(), "forward"))
+        unit.register_forward_hook(backward_at_output)
 
     def delay(self) -> None:
         """A ``slow`` rank: every step takes ``slow_s`` longer."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from raypod.config import JobConfig
 from raypod.recipe import RankContext, Recipe
 from raypod.worker import snapshot
+from raypod.worker.group import GroupSession
 from raypod.worker.parallel import autocast, build_mesh, parallelize, to_empty
 from raypod.worker.steps import split_loss
 
@@ -44,11 +44,10 @@ def rehearse(config: JobConfig, recipe: Recipe, data: Any, device: torch.device,
     state_bytes = sum(p.numel() * p.element_size() * 4 for p in model.parameters())
     if state_bytes > max_state_bytes or next(model.buffers(), None) is not None:
         return 0.0
-    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=timedelta(seconds=config.fault.pg_timeout_s))
+    groups = GroupSession(device)
+    mesh = groups.configure(dist.HashStore(), 0, 1, config.fault.pg_timeout_s,
+                            lambda n: build_mesh(config.parallel, n, device))
     try:
-        mesh = build_mesh(config.parallel, 1, device)
         model = parallelize(model, recipe.shard_units(model), config.parallel, mesh, device, shard_alone=True)
         to_empty(model, device)
         optimizer = recipe.build_optimizer(model, ctx)
@@ -61,5 +60,5 @@ def rehearse(config: JobConfig, recipe: Recipe, data: Any, device: torch.device,
     except Exception as e:  # noqa: BLE001 - a rehearsal that fails only costs the warm-up
         log.info("rehearsal step skipped: %s: %s", type(e).__name__, e)
     finally:
-        dist.destroy_process_group()
+        groups.leave()
     return time.perf_counter() - t0

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -317,8 +318,11 @@ class PeerReplicator:
     only counts as complete once losing any one rank can no longer lose it.
     """
 
-    def __init__(self, group: dist.ProcessGroup, peer_to: int | None, peer_from: int | None) -> None:
+    def __init__(self, group: dist.ProcessGroup, peer_to: int | None, peer_from: int | None,
+                 on_round: Callable[[int], None] | None = None) -> None:
         self.group, self.peer_to, self.peer_from = group, peer_to, peer_from
+        self.on_round = on_round
+        """Called with the step in the exchange thread, once the round is under way (faults)."""
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="raypod-replica")
         self._last: Future | None = None
         self._rounds: dict[int, Future] = {}
@@ -395,6 +399,8 @@ class PeerReplicator:
         rsize = torch.zeros(1, dtype=torch.int64)
         for w in (dist.isend(size, dst=to, group=g), dist.irecv(rsize, src=frm, group=g)):
             w.wait()
+        if self.on_round is not None:
+            self.on_round(step)
         rbuf = _buffer(int(rsize.item()), timed=False)
         for w in (dist.isend(buf, dst=to, group=g), dist.irecv(rbuf, src=frm, group=g)):
             w.wait()

@@ -5,6 +5,7 @@ optimizer shard and the data source; the data position is the step number (see
 :mod:`raypod.data.order`). It leans on:
 
 - :mod:`raypod.worker.steps`: the learning-rate schedule, micro-batches, a recipe's loss;
+- :mod:`raypod.worker.group`: the rank's process groups, which the driver can abort mid-collective;
 - :mod:`raypod.worker.injector`: configured faults (``fault.inject``), fired before a step;
 - :mod:`raypod.worker.evaluation`: the eval on eval steps;
 - :mod:`raypod.worker.checkpointing`: persistent saves in the background;
@@ -18,7 +19,6 @@ import logging
 import math
 import os
 import time
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from raypod.recipe import RankContext, Recipe
 from raypod.worker import export, restore, snapshot
 from raypod.worker.checkpointing import SaveQueue
 from raypod.worker.evaluation import eval_due, evaluate
+from raypod.worker.group import GroupSession
 from raypod.worker.injector import FaultInjector, InjectedFault
 from raypod.worker.parallel import autocast, build_mesh, grad_sync, parallelize, to_empty
 from raypod.worker.rehearsal import rehearse
@@ -43,10 +44,6 @@ from raypod.worker.steps import accumulate, batch_rows, clip_grads, lr_at, micro
 __all__ = ["PHASES", "InjectedFault", "Trainer", "lr_at", "micro_batches"]  # importers of the old names
 
 log = logging.getLogger("raypod.worker")
-
-
-_SYNC_SLICE = timedelta(seconds=0.25)
-"""How often a rank waiting for its peers at the start of a step checks for an interrupt."""
 
 
 class Trainer:
@@ -72,6 +69,8 @@ class Trainer:
         if use_gpu:
             torch.cuda.set_device(self.device)
         self.rank, self.world_size = -1, 0
+        self.groups = GroupSession(self.device)
+        """The rank's process groups (training, checkpoint, replica): formed, aborted, dropped."""
         self.faults = FaultInjector(config.job_dir, config.fault.inject)
         ctx = RankContext(rank=0, world_size=1, device=self.device, config=config)
         self.data = recipe.build_data(ctx)
@@ -109,24 +108,21 @@ class Trainer:
         log.info("[rank %d] joining a group of %d (attempt %d, pid %d)", rank, world_size, attempt,
                  os.getpid())
         self.faults.arm(injections, rank, attempt)
-        backend = "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
-        timeout = timedelta(seconds=self.cfg.fault.pg_timeout_s)
         marks = [time.perf_counter()]
-        dist.init_process_group(backend, store=store, rank=rank,
-                                world_size=world_size, timeout=timeout)
-        # Checkpoint writes and replica exchange run on their own gloo groups so they
+        # Checkpoint writes and replica exchange run on gloo groups of their own, so they
         # never interleave with the training collectives.
-        self.ckpt_group = dist.new_group(backend="gloo", timeout=timeout)
-        replica_group = dist.new_group(backend="gloo", timeout=timeout)
+        self.mesh = self.groups.configure(store, rank, world_size, self.cfg.fault.pg_timeout_s,
+                                          lambda n: build_mesh(self.cfg.parallel, n, self.device))
+        self.ckpt_group = self.groups.ckpt
         marks.append(time.perf_counter())
-        self.mesh = build_mesh(self.cfg.parallel, world_size, self.device)
         self._build(RankContext(rank=rank, world_size=world_size, device=self.device, config=self.cfg),
                     initialize)
         marks.append(time.perf_counter())
         self.join_phases = {"rendezvous": marks[1] - marks[0], "build": marks[2] - marks[1]}
         self.per_rank_max = math.ceil(self.cfg.train.global_batch / world_size)
         self.broken = False
-        self.replicator = PeerReplicator(replica_group, peer_to, peer_from)
+        self.replicator = PeerReplicator(self.groups.replica, peer_to, peer_from,
+                                         on_round=lambda s: self.faults.fire(s, "replica"))
 
     def _build(self, ctx: RankContext, initialize: bool) -> None:
         """The model shard and its optimizer; uninitialised (built on the meta device, then
@@ -141,8 +137,9 @@ class Trainer:
             initialize = True
             torch.manual_seed(self.cfg.train.seed)
             model = self.recipe.build_model(ctx).to(self.device)
-        self.model = parallelize(model, self.recipe.shard_units(model), self.cfg.parallel, self.mesh,
-                                 self.device)
+        units = self.recipe.shard_units(model)
+        self.model = parallelize(model, units, self.cfg.parallel, self.mesh, self.device)
+        self.faults.hook(units, lambda: self.where[0])
         if not initialize:
             to_empty(self.model, self.device)
         self.optimizer = self.recipe.build_optimizer(self.model, ctx)
@@ -152,8 +149,9 @@ class Trainer:
         return rehearse(self.cfg, self.recipe, self.data, self.device, max_state_bytes)
 
     def interrupt(self, attempt: int | None = None) -> Interrupted:
-        """Make a step call that is stuck waiting (for its peers at the start of the step,
-        or on a replica round with a lost peer) fail now, so that the driver sees this rank
+        """Make a call that is blocked in a collective with a lost peer fail now (anywhere: an
+        FSDP collective mid-step, the optimizer, the start-of-step sync, a replica round, a
+        checkpoint write), by aborting this rank's groups, so that the driver sees this rank
         alive, with its copies, and can regroup it. The rank takes no further step until it
         rejoins a group. Returns where it was."""
         step, phase, since = self.where
@@ -163,6 +161,7 @@ class Trainer:
         self.broken = True
         if self.replicator is not None:
             self.replicator.abort()
+        self.groups.abort("a peer was lost")
         return Interrupted(rank=self.rank, step=step, phase=phase,
                            in_phase_s=round(time.monotonic() - since, 3))
 
@@ -173,11 +172,7 @@ class Trainer:
             self.replicator = None
         self.saves.clear()
         self.model = self.optimizer = None
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception as e:  # noqa: BLE001 - a broken group is why we leave
-                log.info("[rank %d] leaving a broken process group: %s", self.rank, e)
+        self.groups.leave()
 
     # ---- training ----------------------------------------------------------------
     def _mark(self, step: int, phase: Phase) -> None:
@@ -189,20 +184,25 @@ class Trainer:
         With ``take_snapshot`` (the driver's cadence decides; every rank of a step gets the
         same), the state after the step is snapshotted and sent to the peer.
 
-        If the step raises, the driver replaces this rank (its peers are blocked in a
-        collective with it, and only its process going away releases them at once).
-        Once a step failed, the steps queued after it fail at once: run against the
-        peers' next collectives they would mix two steps' gradients.
+        If the step raises, this rank aborts its groups (its peers blocked in a collective
+        with it are released at once) and the driver replaces or regroups it. Once a step
+        failed, the steps queued after it fail at once: run against the peers' next
+        collectives they would mix two steps' gradients. A step whose groups were aborted
+        while it ran (NCCL returns from an aborted collective) never reports a result.
         """
         if self.broken:
             raise RuntimeError(f"rank {self.rank} stopped after a failed step; waiting for recovery")
         self._mark(step, Phase.START)
         try:
             out = self._train_step(step)
-        except BaseException:
+            if self.groups.errored():
+                raise RuntimeError(f"rank {self.rank}: step {step} ran while its process groups were "
+                                   f"aborted ({self.groups.errored()})")
+        except BaseException as e:
             self.broken = True
             if self.replicator is not None:
                 self.replicator.abort()
+            self.groups.abort(f"step {step} failed: {type(e).__name__}")
             raise
         self._mark(step, Phase.SNAPSHOT)
         out.update(self._snapshot(step, take_snapshot))
@@ -222,20 +222,9 @@ class Trainer:
         if not self.cfg.fault.straggler_factor or self.world_size < 2:
             return 0.0
         t0 = time.perf_counter()
-        work = dist.all_reduce(torch.zeros(1), async_op=True)  # a CPU tensor: gloo, also beside NCCL
-        # Waited for in slices, so that the driver can release this rank (``interrupt``)
-        # when a peer failed: a rank whose peer abandoned the collective (its own broke
-        # on a third, lost rank) would otherwise wait here for the group's whole timeout.
-        while True:
-            try:
-                work.wait(_SYNC_SLICE)
-                break
-            except RuntimeError as e:
-                if "timed out" not in str(e):
-                    raise
-                if self.broken:
-                    raise RuntimeError(f"rank {self.rank} was waiting for its peers when one of "
-                                       "them failed; released by the driver") from None
+        # A CPU tensor: gloo, also beside NCCL. A peer lost meanwhile: the driver's abort
+        # (``interrupt``) releases it.
+        dist.all_reduce(torch.zeros(1))
         return time.perf_counter() - t0
 
     def _snapshot(self, step: int, take: bool) -> dict[str, float]:
@@ -275,6 +264,7 @@ class Trainer:
         grad_norm = clip_grads(self.model, self.cfg.train.grad_clip)
         # A snapshot still copying reads these tensors: the update waits for it (on the GPU).
         stall = snapshot.before_update(self.last_snapshot)
+        self.faults.fire(step, "optimizer")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step
@@ -441,5 +431,4 @@ class Trainer:
             self.feed.close()
             self.saves.reap(wait=True)
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            self.groups.leave()

@@ -41,17 +41,8 @@ def test_grows_with_the_autoscaler_and_shrinks_when_a_node_goes(tmp_path):
     # The terminated node's rank was lost; the job went on in place with fewer ranks.
     terminated = summary["elastic"]["terminated"]
     [ev] = [e for e in summary["events"] if e["detected_s"] >= terminated["at_s"]][:1]
-    if not ev["restored_from"].startswith("memory step") and "replica was lost" in ev["message"]:
-        # The remaining known case: the holder of the lost rank's copy is itself taken for
-        # lost because its call is stuck where the driver's interrupt cannot reach it (inside
-        # an FSDP collective mid-step; the start-of-step sync and replica waits are released).
-        # The job still finishes from the persistent checkpoint with every sample once.
-        assert summary["samples"] == {"consumed": steps * 16, "duplicated": 0, "skipped": 0}
-        driver = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "raypod.driver" in ln]
-        after = [ln for ln in driver if "do not answer" in ln or "interrupted" in ln
-                 or "answered a second ping" in ln or "both lost" in ln]
-        pytest.xfail(f"in-memory shrink fell back to the checkpoint: {ev['message']}; driver: "
-                     + " | ".join(after[-6:]))
+    # Whatever the survivors were blocked in (an FSDP collective mid-step included), the
+    # driver's abort released them: the shrink is in place, from memory.
     assert ev["restored_from"].startswith("memory step"), ev
     assert ev["world_size_after"] < 3 or any(r["kind"] == "shrink" for r in summary["resizes"])
     assert summary["samples"] == {"consumed": steps * 16, "duplicated": 0, "skipped": 0}

@@ -10,54 +10,17 @@ survivor blocked in a collective with it.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from functools import partial
 from pathlib import Path
 
 import pytest
-from support import tiny_job
+from support import PidsAtFailure, job_pids, kill_stopped, tiny_job
 
 from raypod.api import run
-from raypod.callbacks import Callback, FailureEvent
-from raypod.worker.injector import node_pids, pid_dir
 
 pytestmark = pytest.mark.slow
 
 tiny = partial(tiny_job, name="freeze", max_steps=8)
-
-
-def job_pids(job_dir: str) -> dict[int, dict[str, int]]:
-    """``rank -> {"pid", "attempt"}`` as the job's ranks noted them (every node of this host)."""
-    root = os.path.dirname(pid_dir(job_dir, "node"))
-    out: dict[int, dict[str, int]] = {}
-    for node in os.listdir(root) if os.path.isdir(root) else []:
-        out.update(node_pids(job_dir, node))
-    return out
-
-
-def kill_stopped(job_dir: str) -> None:
-    """SIGKILL any rank process of this job still stopped (a failed test leaves none behind)."""
-    for entry in job_pids(job_dir).values():
-        pid = entry["pid"]
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue  # gone
-        if state in ("T", "t") and b"ray::" in cmdline:
-            os.kill(pid, signal.SIGKILL)
-
-
-class PidsAtFailure(Callback):
-    """The ranks' pids as they were when the failure was seen (before the group re-formed)."""
-
-    def __init__(self, job_dir: str) -> None:
-        self.job_dir = job_dir
-        self.pids: dict[int, dict[str, int]] = {}
-
-    def after_failure(self, event: FailureEvent) -> None:
-        self.pids = job_pids(self.job_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,65 @@
+"""A peer lost in the middle of a collective, on 3 gloo ranks of a real local Ray cluster.
+
+Rank 1 is frozen (SIGSTOP: its sockets stay open and nothing answers, what a dead NCCL
+peer or a hung kernel looks like) mid-forward, mid-backward, before the optimizer update
+and during a replica round, or killed mid-backward. Ranks 0 and 2 are then blocked inside
+an FSDP collective (or a replica exchange) with it; the driver finds the lost rank, ends
+its process and aborts the survivors' process groups (``raypod.worker.group``), so they
+return at once, keep their processes and snapshots, and regroup with the spare. Each run
+must end on exactly the fault-free state, with at most one step redone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from support import PidsAtFailure, job_pids, kill_stopped, tiny_job
+
+from raypod.api import run
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+
+
+def three_ranks(storage: Path, *overrides: str):  # noqa: ANN202
+    return tiny_job(storage, "scaling.min_workers=3", "scaling.max_workers=3",
+                    "checkpoint.memory_every_steps=1", *overrides, name="collective", max_steps=STEPS)
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_connected, tmp_path_factory):
+    """The 3-rank job without faults: the digest every recovered run must reproduce."""
+    return run(three_ranks(tmp_path_factory.mktemp("collective-baseline")), callbacks=[])
+
+
+@pytest.mark.parametrize(("kind", "at"), [("freeze", "forward"), ("freeze", "backward"),
+                                          ("freeze", "optimizer"), ("freeze", "replica"),
+                                          ("kill", "backward")])
+def test_a_peer_lost_mid_collective_releases_the_survivors_in_place(ray_connected, baseline, tmp_path,
+                                                                     kind, at):
+    cfg = three_ranks(tmp_path, f"fault.inject=[{{step: 5, rank: 1, kind: {kind}, at: {at}}}]")
+    pids = PidsAtFailure(cfg.job_dir)
+    try:
+        summary = run(cfg, callbacks=[pids])
+    finally:
+        kill_stopped(cfg.job_dir)
+    assert summary["status"] == "succeeded" and summary["final_step"] == STEPS, summary.get("error")
+    ev = summary["events"][0]
+    marker = json.loads((Path(cfg.job_dir) / "faults" / "fired_0.json").read_text())
+    detected = summary["started_at"] + ev["detected_s"] - marker["time"]
+    print(f"{kind} at {at}: detected {detected:.2f} s after it fired, resumed "
+          f"{ev['resumed_s'] - ev['detected_s']:.2f} s after that; phases {ev['recovery_phases_s']}; "
+          f"{ev['restored_from']}, lost {ev['lost_steps']}")
+    assert summary["failures"] == 1 and ev["rank"] == 1
+    assert ev["restored_from"].startswith("memory step") and ev["lost_steps"] <= 1, ev
+    assert detected < 1.6, detected  # fault.silent_s (1 s) for a freeze; at once for a kill
+    assert ev["recovery_phases_s"]["drain"] < 1.0  # the survivors were released, not timed out
+    assert summary["final_state_sha256"] == baseline["final_state_sha256"]
+    # The survivors kept their processes and re-joined; rank 1 is the spare's now.
+    after = job_pids(cfg.job_dir)
+    for r in (0, 2):
+        assert after[r]["attempt"] == 1 and after[r]["pid"] == pids.pids[r]["pid"], (r, pids.pids, after)
+    assert after[1]["pid"] != pids.pids[1]["pid"]

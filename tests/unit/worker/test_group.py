@@ -1,0 +1,163 @@
+"""GroupSession.abort releases a rank blocked inside an FSDP2 collective with a peer that
+stopped without closing its sockets (SIGSTOP: what a dead NCCL peer or a hung kernel looks
+like), on gloo, where ``ProcessGroup.abort`` does not; the rank keeps its process and trains
+in a new group. An abort during the rendezvous releases a rank waiting for a peer that never
+comes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _store(port: int, rank: int, world: int):  # noqa: ANN202
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return lambda: dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, wait_for_workers=False,
+                                 timeout=timedelta(seconds=60))
+
+
+def _mesh(n: int):  # noqa: ANN202
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (n,))
+
+
+def _model(mesh):  # noqa: ANN001, ANN202
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(4)])
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _frozen_peer_rank(rank: int, ports: tuple[int, int], out) -> None:  # noqa: ANN001 - a queue
+    """Three ranks train FSDP2 steps; rank 2 stops itself (SIGSTOP) mid-run; ranks 0 and 1
+    block in the next forward's all-gather until their sessions abort, then form a group of
+    two and train."""
+    from raypod.worker.group import GroupSession
+
+    torch.set_num_threads(1)
+    groups = GroupSession(torch.device("cpu"))
+    mesh = groups.configure(_store(ports[0], rank, 3), rank, 3, 60.0, _mesh)
+    model = _model(mesh)
+    for _ in range(2):
+        model(torch.randn(4, 128)).sum().backward()
+    if rank == 2:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    aborted: dict[str, float] = {}
+
+    def driver_interrupt() -> None:  # what the driver's interrupt does, from the actor's health thread
+        time.sleep(1.0)
+        aborted["t"] = time.monotonic()
+        groups.abort("a peer was lost")
+
+    threading.Thread(target=driver_interrupt, daemon=True).start()
+    try:
+        model(torch.randn(4, 128)).sum().backward()
+        result = ("returned", 0.0)
+    except RuntimeError as e:
+        result = (f"raised: {str(e)[:80]}", time.monotonic() - aborted.get("t", 0.0))
+    assert groups.errored() == "a peer was lost"
+    groups.leave()
+    mesh = groups.configure(_store(ports[1], rank, 2), rank, 2, 60.0, _mesh)
+    _model(mesh)(torch.randn(4, 128)).sum().backward()
+    groups.leave()
+    out.put((rank, os.getpid(), *result, "trained in a group of 2"))
+
+
+def _spawn(target, n: int, *args):  # noqa: ANN001, ANN202
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, *args, out)) for r in range(n)]
+    for p in procs:
+        p.start()
+    return procs, out
+
+
+def test_abort_releases_a_rank_blocked_in_an_fsdp_collective_with_a_frozen_peer():
+    procs, out = _spawn(_frozen_peer_rank, 3, (_port(), _port()))
+    try:
+        results = sorted(out.get(timeout=120) for _ in range(2))
+    finally:
+        for p in procs[:2]:
+            p.join(timeout=30)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+    for rank, _pid, outcome, after_s, regrouped in results:
+        assert outcome.startswith("raised"), (rank, outcome)
+        assert after_s < 0.5, (rank, after_s)  # released by the abort, not by a timeout (60 s)
+        assert regrouped == "trained in a group of 2"
+    assert [p.exitcode for p in procs[:2]] == [0, 0]  # the survivors' own processes, alive throughout
+    assert {pid for _, pid, *_ in results} == {procs[0].pid, procs[1].pid}
+
+
+def _rendezvous_rank(rank: int, port: int, out) -> None:  # noqa: ANN001
+    """Two ranks of three form a group; the third never comes. An abort ends the wait."""
+    from raypod.worker.group import GroupSession
+
+    groups = GroupSession(torch.device("cpu"))
+    threading.Timer(1.5, groups.abort, args=("a peer froze before it joined",)).start()
+    t0 = time.monotonic()
+    try:
+        groups.configure(_store(port, rank, 3), rank, 3, 60.0, _mesh)
+        out.put((rank, "formed", time.monotonic() - t0))
+    except Exception as e:  # noqa: BLE001 - the store's or gloo's error, whichever came first
+        out.put((rank, f"raised {type(e).__name__}", time.monotonic() - t0))
+    groups.leave()
+
+
+def test_abort_during_the_rendezvous_releases_the_ranks_waiting_for_a_missing_peer():
+    procs, out = _spawn(_rendezvous_rank, 2, _port())
+    try:
+        results = sorted(out.get(timeout=60) for _ in range(2))
+    finally:
+        for p in procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
+    for rank, outcome, took in results:
+        assert outcome.startswith("raised"), (rank, outcome)
+        assert 1.4 < took < 3.0, (rank, took)  # the abort at 1.5 s, not the store's 60 s
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_abort_without_groups_does_nothing():
+    from raypod.worker.group import GroupSession
+
+    groups = GroupSession(torch.device("cpu"))
+    assert groups.abort() is False and groups.errored() is None
+    groups.leave()
+
+
+def test_nccl_settings_never_kill_a_survivor(monkeypatch):
+    from raypod.worker.group import NCCL_ENV, nccl_env
+
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # tear down: a cluster's torchrun habit
+    for key in ("TORCH_NCCL_USE_COMM_NONBLOCKING", "TORCH_NCCL_ENABLE_MONITORING", "TORCH_NCCL_DUMP_ON_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    assert nccl_env() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert {k: os.environ[k] for k in NCCL_ENV} == NCCL_ENV
+    assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"  # abort the communicators, keep the process
