@@ -157,11 +157,13 @@ class FaultInjection(_Section):
     kind: Literal["kill", "exception", "hang", "slow", "nan", "preempt", "freeze", "freeze_node"]
     delay_s: float = Field(default=1.0, gt=0)
     """``slow`` only: seconds added to each of the rank's steps."""
-    at: Literal["step", "forward", "backward", "optimizer", "replica"] = "step"
+    at: Literal["step", "forward", "backward", "optimizer", "replica", "join"] = "step"
     """Where in the step it fires: before it (``step``); in the middle of the forward or the
     backward pass, between two sharded blocks, so that its peers are blocked inside an FSDP
-    collective with it; just before the optimizer update; or during the step's replica round,
-    in the exchange thread (``kill`` and ``freeze`` kinds only)."""
+    collective with it; just before the optimizer update; during the step's replica round,
+    in the exchange thread (``kill`` and ``freeze`` kinds only); or while the rank joins a
+    group whose next step is ``step``, before its rendezvous (``join``: the other ranks wait
+    for it there)."""
 
     @model_validator(mode="after")
     def _where(self) -> FaultInjection:

@@ -8,6 +8,13 @@ moment after the last was answered, and never blocks: the driver's running loop 
 :meth:`Probes.silence` every iteration how long each rank's ping has gone unanswered
 (:meth:`raypod.driver.diagnosis.Diagnosis.silent_failure` decides from that).
 
+While a group forms (the first set-up, the rendezvous and restore of a recovery, a
+resize), the driver waits on the ranks' calls instead of running its loop:
+:func:`forming_watch` makes that wait end as soon as a rank is silent for ``fault.silent_s``
+(and misses one more short ping), after ending the silent rank and aborting the others'
+half-formed groups, so a rank frozen during a rendezvous costs about a second, not the
+store's timeout.
+
 Ending a silent rank: ``ray.kill`` marks the actor dead at once, but its raylet gives a
 stopped process a grace period (5 s) before SIGKILL, and its peers stay blocked in their
 collectives until its sockets close. :func:`kill_now` has a live rank on the same node (or
@@ -20,11 +27,29 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
 
+from raypod.driver.outcomes import GroupStartError
+from raypod.driver.rank_calls import unresponsive
+
 log = logging.getLogger("raypod.driver")
+
+
+def heartbeats(actors: list[Any], timeout: float) -> dict[int, Any]:
+    """Each rank's :class:`~raypod.protocol.Heartbeat` (step and phase); ``None`` for a rank
+    that did not answer within ``timeout`` seconds."""
+    refs = {a.heartbeat.remote(): r for r, a in enumerate(actors)}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+    out: dict[int, Any] = dict.fromkeys(refs.values())
+    for ref in ready:
+        try:
+            out[refs[ref]] = ray.get(ref)
+        except Exception:  # noqa: BLE001 - a dead rank does not answer
+            pass
+    return out
 
 
 def kill_now(actors: list[Any], nodes: list[str], pids: list[int], ranks: set[int]) -> None:
@@ -98,3 +123,37 @@ class Probes:
             del self._out[rank]
         self._looked = now
         return out
+
+
+def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: float,
+                  kill: Callable[[set[int]], None], attempt: int) -> Callable[[], None]:
+    """A check for :func:`raypod.driver.rank_calls.get_all` while the ranks ``actors()`` form
+    group ``attempt``: a rank silent for ``silent_s`` that also misses a short second ping
+    (a busy host answers it) is killed (``kill``), the others are told to abort their groups
+    (``interrupt``: a rank waiting in the rendezvous for it returns), and the wait ends.
+
+    Every actor must be up already (a cold actor's first ping waits for its process).
+
+    Raises:
+        GroupStartError: (from the check) naming the silent ranks, ``kind="unresponsive"``.
+    """
+    probes.clear()
+
+    def check() -> None:
+        ranks = actors()
+        silence = probes.silence(ranks, silent_s / 4)
+        quiet = [r for r, s in silence.items() if s >= silent_s]
+        if not quiet:
+            return
+        lost = {quiet[i] for i in unresponsive([ranks[r] for r in quiet])}
+        if not lost:
+            return
+        kill(lost)
+        for r, actor in enumerate(ranks):
+            if r not in lost:
+                actor.interrupt.remote(attempt)
+        raise GroupStartError(f"rank(s) {sorted(lost)} stopped answering while the group formed: no "
+                              f"answer to a ping for {silent_s:g} s (fault.silent_s)",
+                              kind="unresponsive", rank=min(lost))
+
+    return check

@@ -7,7 +7,7 @@ spares (:mod:`raypod.driver.spares`), so that each says a failed call the same w
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,8 +50,12 @@ def rank_failures(doing: str) -> Iterator[None]:
         raise GroupStartError(f"{doing}: {msg}", kind=kind) from None
 
 
-def get_all(refs: list[Any], timeout: float) -> list[Any]:
+def get_all(refs: list[Any], timeout: float, check: Callable[[], None] | None = None,
+            every_s: float = 0.25) -> list[Any]:
     """Get every ref, failing fast on the first error instead of waiting on the rest.
+
+    ``check`` (called every ``every_s`` while calls are outstanding) may raise to end the wait
+    early: the liveness watch that finds a rank frozen during a rendezvous.
 
     Raises:
         GroupStartError: a call failed (naming its index as the rank) or not all finished in time.
@@ -60,9 +64,12 @@ def get_all(refs: list[Any], timeout: float) -> list[Any]:
     out: list[Any] = [None] * len(refs)
     deadline = time.monotonic() + timeout
     while left:
-        ready, _ = ray.wait(list(left), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
+        wait_s = max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait(list(left), num_returns=1, timeout=min(wait_s, every_s) if check else wait_s)
+        if not ready and time.monotonic() >= deadline:
             raise GroupStartError(f"ranks did not finish setting up within {timeout:.0f} s")
+        if check is not None:
+            check()
         for r in ready:
             try:
                 out[left.pop(r)] = ray.get(r)

@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raypod.checkpoint import CommittedCheckpoint
 from raypod.config import FaultInjection, JobConfig, recipe_pythonpath
 from raypod.driver.inflight import REPLICA, SAVE, STEP, InFlight
-from raypod.driver.liveness import Probes, kill_now
+from raypod.driver.liveness import Probes, forming_watch, heartbeats, kill_now
 from raypod.driver.outcomes import GroupStartError, PollResult
 from raypod.driver.rank_calls import (
     PING_TIMEOUT_S,
@@ -130,11 +130,12 @@ class WorkerGroup:
             self.actors = [self.actors[i] for i in order]
             self.placement = [self.placement[i] for i in order]
             self._locate([infos[i] for i in order])
-            init_method = self._rendezvous(infos[order[0]]["ip"], timeout)
+            watch = self._watch(attempt)
+            init_method = self._rendezvous(infos[order[0]]["ip"], timeout, watch)
             restore_arg = (restore.path, restore.step, restore.metadata_sha256) if restore else None
             refs = [a.setup.remote(spec, restore_arg)
                     for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]
-            results = get_all(refs, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
+            results = get_all(refs, max(timeout, self.cfg.fault.pg_timeout_s), watch)
         loads = [r["load_s"] for r in results if r.get("load_s") is not None]
         return {"num_samples": results[0]["num_samples"],
                 "setup_s": max(r["setup_s"] for r in results),
@@ -166,10 +167,16 @@ class WorkerGroup:
         self.twins = hsdp_twins(p.strategy, p.replicas, self.world_size)
         self.peer_to = [None] * self.world_size if self.twins else peer_ring(self.nodes)
 
-    def _rendezvous(self, ip: str, timeout: float) -> str:
-        port = ray.get(self.actors[0].open_rendezvous.remote(len(self.actors), self.cfg.fault.pg_timeout_s),
-                       timeout=timeout)
+    def _rendezvous(self, ip: str, timeout: float, watch: Callable[[], None] | None) -> str:
+        [port] = get_all([self.actors[0].open_rendezvous.remote(len(self.actors), self.cfg.fault.pg_timeout_s)],
+                         timeout, watch)
         return f"tcp://{ip}:{port}"
+
+    def _watch(self, attempt: int) -> Callable[[], None] | None:
+        """While the group forms: a rank silent for ``fault.silent_s`` ends the wait (see
+        :func:`forming_watch`); None when ``fault.silent_s`` is 0."""
+        silent_s = self.cfg.fault.silent_s
+        return forming_watch(self.probes, lambda: self.actors, silent_s, self.kill, attempt) if silent_s else None
 
     def _specs(self, init_method: str, attempt: int,
                injections: list[tuple[int, FaultInjection]]) -> list[GroupSpec]:
@@ -244,15 +251,7 @@ class WorkerGroup:
     # ---- health ------------------------------------------------------------------
     def heartbeats(self, timeout: float) -> dict[int, Heartbeat | None]:
         """Where each rank is (step, phase); ``None`` for a rank that did not answer in time."""
-        refs = {a.heartbeat.remote(): r for r, a in enumerate(self.actors)}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
-        out: dict[int, Heartbeat | None] = dict.fromkeys(refs.values())
-        for ref in ready:
-            try:
-                out[refs[ref]] = ray.get(ref)
-            except Exception:  # noqa: BLE001 - a dead rank does not answer
-                pass
-        return out
+        return heartbeats(self.actors, timeout)
 
     def probe(self, every_s: float) -> dict[int, float]:
         """Per rank: seconds its liveness ping has gone unanswered (see :class:`Probes`)."""
@@ -349,11 +348,12 @@ class WorkerGroup:
         t0 = time.perf_counter()
         infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
         self._locate(infos)
-        init_method = self._rendezvous(infos[0]["ip"], timeout)
+        watch = self._watch(attempt)
+        init_method = self._rendezvous(infos[0]["ip"], timeout, watch)
         t1 = time.perf_counter()
         refs = [call(a, spec)
                 for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]
-        results = get_all(refs, timeout=max(timeout, self.cfg.fault.pg_timeout_s))
+        results = get_all(refs, max(timeout, self.cfg.fault.pg_timeout_s), watch)
         slowest = max(results, key=lambda r: r["reconfigure_s"])
         return {"slowest_rank_phases_s": slowest["phases_s"],
                 "driver_phases_s": {"locate": t1 - t0, "reconfigure": time.perf_counter() - t1},

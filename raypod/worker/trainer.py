@@ -108,6 +108,7 @@ class Trainer:
         log.info("[rank %d] joining a group of %d (attempt %d, pid %d)", rank, world_size, attempt,
                  os.getpid())
         self.faults.arm(injections, rank, attempt)
+        self.faults.fire(self.step + 1, "join")
         marks = [time.perf_counter()]
         # Checkpoint writes and replica exchange run on gloo groups of their own, so they
         # never interleave with the training collectives.

@@ -7,11 +7,15 @@ an FSDP collective (or a replica exchange) with it; the driver finds the lost ra
 its process and aborts the survivors' process groups (``raypod.worker.group``), so they
 return at once, keep their processes and snapshots, and regroup with the spare. Each run
 must end on exactly the fault-free state, with at most one step redone.
+
+``RAYPOD_TEST_GPUS=1`` puts every rank and the spare on a GPU of its own (NCCL; 4 GPUs),
+as ``benchmarks/gpu_readiness.sh`` runs it on a machine that has them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,11 +26,13 @@ from raypod.api import run
 pytestmark = pytest.mark.slow
 
 STEPS = 8
+GPU_OVERRIDES = (["scaling.use_gpu=true", "scaling.resources_per_worker={GPU: 1, CPU: 1}"]
+                 if os.environ.get("RAYPOD_TEST_GPUS") else [])
 
 
 def three_ranks(storage: Path, *overrides: str):  # noqa: ANN202
     return tiny_job(storage, "scaling.min_workers=3", "scaling.max_workers=3",
-                    "checkpoint.memory_every_steps=1", *overrides, name="collective", max_steps=STEPS)
+                    "checkpoint.memory_every_steps=1", *GPU_OVERRIDES, *overrides, name="collective", max_steps=STEPS)
 
 
 @pytest.fixture(scope="module")

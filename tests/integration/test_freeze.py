@@ -87,3 +87,22 @@ def test_a_frozen_node_stops_every_rank_on_it_and_the_job_recovers(ray_connected
     assert ev["kind"] == "freeze_node" and ev["rank"] == 1 and ev["step"] == 6
     assert "also silent: rank(s) [0]" in ev["message"]
     assert summary["final_state_sha256"] == baseline["final_state_sha256"]
+
+
+def test_a_rank_frozen_while_the_group_forms_is_found_in_about_a_second(ray_connected, baseline, tmp_path):
+    # Rank 1 stops before the first rendezvous: rank 0 waits in it for a peer that never
+    # comes. The driver's watch over the forming group finds it (not the store's 60 s
+    # timeout), ends it, releases rank 0, and starts the group again.
+    cfg = tiny(tmp_path, "fault.inject=[{step: 1, rank: 1, kind: freeze, at: join}]")
+    try:
+        summary = run(cfg, callbacks=[])
+    finally:
+        kill_stopped(cfg.job_dir)
+    ev = summary["events"][0]
+    marker = json.loads((Path(cfg.job_dir) / "faults" / "fired_0.json").read_text())
+    detected = summary["started_at"] + ev["detected_s"] - marker["time"]
+    print(f"freeze at join: detected {detected:.2f} s after the freeze; event {json.dumps(ev)}")
+    assert summary["status"] == "succeeded" and summary["final_step"] == 8 and summary["failures"] == 1
+    assert ev["kind"] == "unresponsive" and ev["rank"] == 1 and "while the group formed" in ev["message"]
+    assert detected < 2.5, detected  # fault.silent_s, one short second ping, a poll
+    assert summary["final_state_sha256"] == baseline["final_state_sha256"]
