@@ -14,15 +14,7 @@
 #               (RAYPOD_TEST_GPUS=1: 3 ranks + a spare, a GPU each).
 # Results under $OUT; the exit status is the number of checks that failed.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-SITE=/tmp/raypod_site
-if [ -f .gpu_site.tar.xz ]; then
-  mkdir -p $SITE && tar xJf .gpu_site.tar.xz -C $SITE
-  export PYTHONPATH=$SITE:$PWD
-fi
-export RAY_AUTH_MODE=token PYTHONUNBUFFERED=1
-PY=${PY:-python3}
+source "$(dirname "$0")/gpu_env.sh"  # OUT, the slim Ray on PYTHONPATH, PY
 RUNS=${RUNS:-/tmp/gpu_readiness_runs}
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
 FAILED=()

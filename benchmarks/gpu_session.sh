@@ -4,15 +4,7 @@
 # .gpu_site.tar.xz is Ray 2.60 (cp312, slimmed as GPU.md says) plus raypod's pure
 # dependencies, unpacked onto PYTHONPATH; torch/numpy/pyarrow are the machine's own.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu_out}
-mkdir -p "$OUT"
-SITE=/tmp/raypod_site
-if [ -f .gpu_site.tar.xz ]; then
-  mkdir -p $SITE && tar xJf .gpu_site.tar.xz -C $SITE
-  export PYTHONPATH=$SITE:$PWD
-fi
-export RAY_AUTH_MODE=token PYTHONUNBUFFERED=1
-PY=${PY:-python3}
+source "$(dirname "$0")/gpu_env.sh"  # OUT, the slim Ray on PYTHONPATH, PY
 step() { echo "=== $* ($(date +%T))"; }
 step versions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -24,6 +24,15 @@ from raypod.recipe import Recipe
 
 log = logging.getLogger("raypod.driver")
 
+
+def node_of(placement: Placement) -> str | None:
+    """The node id a placement's bundle is on (None when the GCS cannot say)."""
+    pg, index = placement
+    try:
+        return ray.util.placement_group_table(pg).get("bundles_to_node_id", {}).get(index)
+    except Exception:  # noqa: BLE001 - an unknown node only loses the preference
+        return None
+
 Placement = tuple[Any, int]
 """(placement group, bundle index) an actor occupies."""
 
@@ -87,9 +96,24 @@ class SparePool:
                 kill_quietly(actor)
         return len(self.spares)
 
-    def take(self, n: int) -> list[tuple[Any, Placement]]:
-        """Pop up to ``n`` spares (with their placements), oldest first."""
-        taken, self.spares = self.spares[:n], self.spares[n:]
+    def take(self, n: int, crowd: dict[str, int] | None = None) -> list[tuple[Any, Placement]]:
+        """Pop up to ``n`` spares (with their placements), oldest first; with ``crowd`` (ranks
+        per node that stay), those on the least crowded nodes first, each taken spare counting
+        on its node (``crowd`` is updated). A replacement then keeps the ranks spread over the nodes, so every rank's
+        replica stays on another node than the rank (a spare taken on the survivors' node
+        would put a rank and the holder of its copy together: one node loss takes both)."""
+        if crowd is None or n <= 0 or len(self.spares) <= 1:
+            taken, self.spares = self.spares[:n], self.spares[n:]
+            return taken
+        taken: list[tuple[Any, Placement]] = []
+        nodes = {id(actor): node_of(placement) for actor, placement in self.spares}
+        for _ in range(min(n, len(self.spares))):
+            best = min(self.spares, key=lambda sp: crowd.get(nodes[id(sp[0])] or "", 0))
+            self.spares.remove(best)
+            taken.append(best)
+            node = nodes[id(best[0])]
+            if node:
+                crowd[node] = crowd.get(node, 0) + 1
         return taken
 
     def refill(self) -> None:

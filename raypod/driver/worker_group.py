@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -328,9 +329,10 @@ class WorkerGroup:
         own slot) in their place; a slot a spare took over becomes the next spare."""
         self.kill(lost)
         self.pool.live()  # a spare on a lost node went with it
+        crowd = Counter(n for r, n in enumerate(self.nodes) if r not in lost)
         for d in sorted(lost):
             freed = self.placement[d]
-            taken = self.pool.take(1)
+            taken = self.pool.take(1, crowd)
             if taken:
                 actor, placement = taken[0]
             else:

@@ -62,3 +62,19 @@ def test_spare_pool_hands_out_spares_oldest_first(tmp_path):
     assert group.take_spares(2) == [("a", ("pg", 0)), ("b", ("pg", 1))]
     assert group.spares == [("c", ("pg", 2))] and group.take_spares(5) == [("c", ("pg", 2))]
     assert group.joining() == 0 and group.freed == [] and group.ready_joiners() == []
+
+
+def test_a_replacement_spare_keeps_the_ranks_spread_over_the_nodes(tmp_path, monkeypatch):
+    # Rank 1 on node B is lost, rank 0 stays on A: the spare on B takes its place, not the
+    # older one on A (rank 0 and the holder of its copy would share node A).
+    import raypod.driver.spares as spares
+
+    nodes = {("pg", 0): "A", ("pg", 1): "B", ("pg", 2): "B"}
+    monkeypatch.setattr(spares, "node_of", nodes.get)
+    pool: SparePool = _group(tmp_path).pool
+    pool.spares.extend([("on-A", ("pg", 0)), ("on-B", ("pg", 1)), ("on-B2", ("pg", 2))])
+    crowd = {"A": 1}
+    assert pool.take(1, crowd) == [("on-B", ("pg", 1))]
+    assert crowd == {"A": 1, "B": 1}  # the next lost rank counts the one just placed
+    assert pool.take(1, crowd) == [("on-A", ("pg", 0))]  # ties: the oldest
+    assert pool.take(1, {"A": 1}) == [("on-B2", ("pg", 2))]
