@@ -23,7 +23,7 @@ from raypod.config import ConfigError, load_config
 from raypod.redact import install_log_redaction, redact_config, redact_text, redact_uri
 
 BENCH_SUITES = ("startup", "recovery", "logging", "node_loss", "overhead", "checkpoint", "data", "elastic",
-                "goodput", "gpu")
+                "goodput", "gpu", "scale", "sim")
 """The names of :data:`raypod.bench.SUITES`, spelled here so that the parser does not import the
 benchmarks (a unit test holds the two equal)."""
 RESULTS = "benchmarks/results"
@@ -42,8 +42,8 @@ _ABOUT_BENCH = """Benchmarks print absolute figures and ratios against anchors r
 invocation."""
 _ABOUT_CHAOS = """Run CONFIG with --faults seeded random faults of every kind fault.inject supports
 (MLflow on), then the same job without faults, and report faults injected and recovered, the final state
-digest against the fault-free run, samples duplicated and skipped, and MLflow points missing. Exit 0 when
-nothing was lost."""
+digest against the fault-free run, samples duplicated and skipped, MLflow points missing, the restore
+source of each recovery and the survivor processes lost. Exit 0 when nothing was lost."""
 """What ``raypod <command> --help`` says (argparse folds the lines)."""
 
 
@@ -82,8 +82,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                        description=_ABOUT_BENCH)
     p.add_argument("suite", choices=list(BENCH_SUITES),
                    help="startup: launch to first step vs Ray Train V2 TorchTrainer and torchrun; "
-                        "recovery: a worker killed after step 25 of the MLP workload, recovery gap "
-                        "and steps replayed vs the same; logging: MLflow overhead vs logging off; "
+                        "recovery: a worker killed or frozen (SIGSTOP) after step 25 of the MLP workload, "
+                        "recovery gap, steps replayed and (raypod) detection vs the same; logging: MLflow overhead vs logging off; "
                         "node_loss: a whole node of a multi-node cluster removed, in-place recovery "
                         "gap; overhead: steady-state step time vs torchrun and a plain loop; "
                         "checkpoint: the stall of an in-memory snapshot and of a persistent save "
@@ -91,13 +91,29 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "samples/s vs training's and data_wait_frac; elastic: node-to-step seconds "
                         "and shrink gap on Ray's fake autoscaler vs Ray Train V2's elastic mode; "
                         "goodput: a 10-minute run with a rank SIGKILLed every 60 s, the share of "
-                        "time kept training vs the same; gpu: one GPU, tokens/s and MFU vs a plain PyTorch loop")
+                        "time kept training vs the same; gpu: one GPU, tokens/s and MFU vs a plain PyTorch loop; "
+                        "scale: light ranks at 2..32 ranks, raypod's step time vs the ranks with no "
+                        "driver, driver CPU per step, kill gap, and the simulator's calibration; "
+                        "sim: the real driver against 1,000-100,000 simulated ranks in virtual time, costed "
+                        "by the scale suite's calibration")
     p.add_argument("--trials", type=int, default=None, help="trials per system (default: the suite's, "
                                                             "3 for most; goodput runs once)")
     p.add_argument("--duration", type=float, default=None,
                    help="goodput: seconds per system (default 600)")
     p.add_argument("--kill-every", type=float, default=None,
                    help="goodput: seconds between kills (default 60)")
+    p.add_argument("--faults", default=None,
+                   help="recovery: comma-separated faults, kill and/or freeze (default kill,freeze)")
+    p.add_argument("--systems", default=None,
+                   help="recovery, goodput: comma-separated systems to run (default all: raypod, ray_train_v2, "
+                        "torchrun, ray_train_torchft, torchft)")
+    p.add_argument("--ranks", default=None,
+                   help="scale: comma-separated rank counts, run in order (default 2,4,8,16,32); "
+                        "sim: the same (default 1000,10000,100000)")
+    p.add_argument("--steps", type=int, default=None, help="scale: steps per run (default 40); sim: steps "
+                                                           "per simulation (default 24, 9, 6 by size)")
+    p.add_argument("--calibration", default=None,
+                   help="sim: the folder of scale_calibration.json (default: --out)")
     p.add_argument("--out", default=RESULTS, help="where to write the table")
 
 
@@ -113,6 +129,9 @@ def _add_chaos(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", default=None, help="checkpoint.storage (default: a temporary folder)")
     p.add_argument("--out", default=RESULTS, help="where to write chaos.json/.md ('-': nowhere)")
     p.add_argument("--progress", action="store_true", help="print the jobs' progress lines")
+    p.add_argument("--nodes", type=int, default=2,
+                   help="raylets of the local Ray cluster both jobs run on, ranks spread over them, so that "
+                        "a freeze_node stops one node's ranks (default 2; 1: no cluster, Ray as 'raypod run')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +234,32 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"raypod: error: --duration and --kill-every are for the goodput suite, "
               f"not '{args.suite}'", file=sys.stderr)
         return 2
+    if args.faults is not None:
+        if args.suite != "recovery":
+            print(f"raypod: error: --faults is for the recovery suite, not '{args.suite}'", file=sys.stderr)
+            return 2
+        unknown = sorted(set(args.faults.split(",")) - {"kill", "freeze"})
+        if unknown:
+            print(f"raypod: error: --faults takes kill and/or freeze, not {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        extra["faults"] = args.faults
+    if args.systems is not None:
+        if args.suite not in ("recovery", "goodput"):
+            print(f"raypod: error: --systems is for the recovery and goodput suites, not '{args.suite}'",
+                  file=sys.stderr)
+            return 2
+        extra["systems"] = args.systems
+    scale = {k: v for k, v in (("ranks", args.ranks), ("steps", args.steps)) if v is not None}
+    if scale and args.suite not in ("scale", "sim"):
+        print(f"raypod: error: --ranks and --steps are for the scale and sim suites, not '{args.suite}'",
+              file=sys.stderr)
+        return 2
+    extra.update(scale)
+    if args.calibration is not None:
+        if args.suite != "sim":
+            print(f"raypod: error: --calibration is for the sim suite, not '{args.suite}'", file=sys.stderr)
+            return 2
+        extra["calibration_dir"] = args.calibration
     print(json.dumps(run_suite(args.suite, trials=args.trials, out=args.out, **extra), indent=2))
     return 0
 
@@ -224,7 +269,7 @@ def _chaos(args: argparse.Namespace) -> int:
 
     report = run_chaos(args.config, faults=args.faults, seed=args.seed, spacing=args.spacing,
                        steps=args.steps, overrides=args.overrides, storage=args.storage,
-                       out=None if args.out == "-" else args.out, progress=args.progress)
+                       out=None if args.out == "-" else args.out, progress=args.progress, nodes=args.nodes)
     return 0 if report["nothing_lost"] else 1
 
 

@@ -13,6 +13,8 @@ with, measured in the same run on the same machine, plus the ratios between them
     raypod bench elastic --trials 1      # grow/shrink on the fake autoscaler vs Ray Train V2 elastic
     raypod bench goodput                 # 600 s, a rank SIGKILLed every 60 s: goodput vs the same
     raypod bench gpu                     # one GPU: tokens/s and MFU vs a plain PyTorch loop
+    raypod bench scale --ranks 2,4,8,16,32  # the driver at N ranks vs no driver; the simulator's calibration
+    raypod bench sim                     # the real driver vs 1k/10k/100k simulated ranks (virtual time)
 
 ``python -m raypod.bench.plots`` draws one PNG per suite from the JSON files.
 
@@ -42,6 +44,8 @@ SUITES: dict[str, str] = {
     "elastic": "raypod.bench.elastic_suite",
     "goodput": "raypod.bench.goodput",
     "gpu": "raypod.bench.gpu",
+    "scale": "raypod.bench.scale",
+    "sim": "raypod.bench.sim",
 }
 """Suite name -> module with ``run(trials=..., out=...) -> dict``."""
 

@@ -22,6 +22,7 @@ Ray connection, such as pytest's session cluster)::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +69,37 @@ def _remove_when(driver: Any, cluster: Any, nodes: list[Any], after_step: int, l
         time.sleep(0.005)
 
 
-def run_trial(config: str | os.PathLike = MLP, overrides: list[str] | None = None, after_step: int = 25,
-              storage: str | None = None) -> dict[str, Any]:
-    """Run one node-loss trial in this process; returns the job summary plus ``node_loss``."""
+@contextlib.contextmanager
+def local_cluster(nodes: int, resources: dict[str, float]) -> Iterator[tuple[Any, list[Any]]]:
+    """A multi-raylet Ray cluster in this process, connected: ``(cluster, worker nodes)``.
+
+    The head has no CPUs (it hosts only the driver, so it is never the node a test loses);
+    each of the ``nodes`` worker raylets has ``resources`` (``CPU``, ``GPU``, custom ones; its
+    ``memory`` is the machine's).
+    Ray is disconnected and every raylet stopped on the way out, also after an error.
+    """
     import ray
     from ray.cluster_utils import Cluster
 
+    from raypod import ray_auth
+
+    ray_auth.for_new_cluster()  # its nodes enforce token authentication; this driver sends it
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+        workers = [cluster.add_node(num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
+                                    resources=custom) for _ in range(nodes)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def run_trial(config: str | os.PathLike = MLP, overrides: list[str] | None = None, after_step: int = 25,
+              storage: str | None = None) -> dict[str, Any]:
+    """Run one node-loss trial in this process; returns the job summary plus ``node_loss``."""
     from raypod.config import load_config
     from raypod.driver.controller import Driver
     from raypod.progress import ProgressPrinter
@@ -81,14 +108,7 @@ def run_trial(config: str | os.PathLike = MLP, overrides: list[str] | None = Non
     cfg = load_config(config, [f"checkpoint.storage={storage}", "name=node-loss", "checkpoint.memory_every_steps=1",
                                "scaling.placement_strategy=SPREAD", "mlflow.enabled=false",
                                *(overrides or [])])
-    from raypod import ray_auth
-
-    ray_auth.for_new_cluster()  # its nodes enforce token authentication; this driver sends it
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, log_to_driver=False)
+    with local_cluster(2, {"CPU": 2}) as (cluster, nodes):
         driver = Driver(cfg, callbacks=[ProgressPrinter(live=False)])
         removal: dict[str, Any] = {}
         stop = threading.Event()
@@ -99,9 +119,6 @@ def run_trial(config: str | os.PathLike = MLP, overrides: list[str] | None = Non
         stop.set()
         summary["node_loss"] = removal
         return summary
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def figures(summary: dict[str, Any]) -> dict[str, Any]:

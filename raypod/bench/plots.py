@@ -24,6 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after the backend is chosen
 
+from raypod.bench.goodput_model import plot as plot_goodput_model  # noqa: E402
+
 COLORS = {"raypod": "#1f77b4", "raypod_nosnap": "#6baed6", "ray_train_v2": "#ff7f0e",
           "ray_train_v2_5s": "#fdae6b", "torchrun": "#2ca02c", "torchrun_snapshot": "#98df8a",
           "single": "#7f7f7f"}
@@ -42,7 +44,7 @@ def _dots_and_bars(ax: Any, values: dict[str, list[float]], ylabel: str, fmt: st
     systems = list(values)
     for i, s in enumerate(systems):
         vals = [v for v in values[s] if v is not None]
-        color = COLORS.get(s, "#9467bd")
+        color = COLORS.get(s.split(":")[0], "#9467bd")  # "system:fault" keys (recovery) by system
         if vals:
             med = statistics.median(vals)
             ax.bar(i, med, width=0.6, color=color, alpha=0.35, edgecolor=color)
@@ -54,7 +56,7 @@ def _dots_and_bars(ax: Any, values: dict[str, list[float]], ylabel: str, fmt: st
         if n_failed:
             ax.annotate(f"{n_failed} failed", (i, 0), textcoords="offset points", xytext=(0, 4),
                         ha="center", fontsize=8, color="red")
-    ax.set_xticks(range(len(systems)), [_name(s) for s in systems])
+    ax.set_xticks(range(len(systems)), ["\n".join([_name(s.split(":")[0]), *s.split(":")[1:]]) for s in systems])
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.set_ylim(bottom=0)
@@ -83,16 +85,17 @@ def plot_startup(d: dict[str, Any], out: Path) -> Path:
 
 
 def plot_recovery(d: dict[str, Any], out: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     trials = d["trials"]
     _dots_and_bars(axes[0], {s: [t["gap_s"] for t in ts if t.get("recovered")] for s, ts in trials.items()},
                    "recovery gap (s)", failed={s: sum(1 for t in ts if not t.get("recovered"))
                                                for s, ts in trials.items()})
-    axes[0].set_title("gap: last step before the kill to first after", fontsize=10)
+    axes[0].set_title("gap: last step before the fault to first after", fontsize=10)
     _dots_and_bars(axes[1], {s: [t["replayed"] for t in ts if t.get("recovered")] for s, ts in trials.items()},
                    "steps replayed", "{:.0f}")
     axes[1].set_title("steps replayed", fontsize=10)
-    fig.suptitle(f"recovery: a rank killed after step 25 (mlp.yaml), {_subtitle(d)}", fontsize=11)
+    fig.suptitle(f"recovery: a rank killed or frozen (SIGSTOP) after step 25 (mlp.yaml), {_subtitle(d)}",
+                 fontsize=11)
     return _save(fig, out, "recovery")
 
 
@@ -124,7 +127,7 @@ def plot_overhead(d: dict[str, Any], out: Path) -> Path:
 
 
 def plot_elastic(d: dict[str, Any], out: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     trials = d["trials"]
     _dots_and_bars(axes[0], {s: [x for t in ts for x in (t.get("node_to_step_s") or [])]
                              for s, ts in trials.items()}, "seconds", "{:.1f}")
@@ -157,7 +160,7 @@ def plot_goodput(d: dict[str, Any], out: Path) -> Path:
     if timelines:
         ax2 = axes[0][1]
         for s, tl in timelines.items():
-            color = COLORS.get(s, "#9467bd")
+            color = COLORS.get(s.split(":")[0], "#9467bd")  # "system:fault" keys (recovery) by system
             ax2.plot([p[0] for p in tl], [p[1] for p in tl], ".", ms=1.5, color=color, label=_name(s))
             for k in results[s].get("per_kill") or []:
                 ax2.axvline(k["kill_t"] - results[s]["started"], color=color, alpha=0.35, lw=0.8)
@@ -178,6 +181,7 @@ PLOTS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "overhead": plot_overhead,
     "elastic": plot_elastic,
     "goodput": plot_goodput,
+    "goodput_model": plot_goodput_model,
 }
 
 

@@ -5,7 +5,8 @@ runs its systems interleaved with :func:`interleave`, and each trial is a
 :class:`Trial`: a tag in the environment of every process it starts, a private
 folder (its ``RAY_TMPDIR``), a cold subprocess :func:`launched` in its own session,
 and at the end :meth:`Trial.finish`, which waits for every tagged process to exit
-(killing stragglers by pid) and for no Ray cluster to be up before the next trial.
+(killing stragglers by pid, stopped ones at once) and for no Ray cluster to be up
+before the next trial.
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def raylets() -> list[int]:
     return [int(x) for x in r.stdout.split()]
 
 
+def stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (state ``T``/``t`` in ``/proc/<pid>/stat``: SIGSTOP, a tracer).
+
+    A stopped process never exits by itself and holds a SIGTERM pending until it is
+    continued; only SIGKILL ends it.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2:].split()  # the name in (...) may hold spaces
+    return bool(fields) and fields[0] in (b"T", b"t")
+
+
 def signal_pids(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -98,15 +114,22 @@ def wait_no_raylets(timeout_s: float, log: Callable[[str], None]) -> list[int]:
 def drain(tag: str, quiet_timeout_s: float, log: Callable[[str], None]) -> dict[str, Any]:
     """Wait for every process of the trial to exit, killing stragglers by pid.
 
-    Then wait (bounded) for ``pgrep -f raylet`` to be empty, so the next trial starts
-    with no Ray cluster up, ours or anyone's.
+    A stopped process (a frozen rank, :func:`stopped`) is SIGKILLed at once: it cannot
+    exit and a SIGTERM would stay pending. The others get SIGTERM after half of
+    :data:`DRAIN_TIMEOUT_S` and SIGKILL after all of it. Then wait (bounded) for
+    ``pgrep -f raylet`` to be empty, so the next trial starts with no Ray cluster up,
+    ours or anyone's.
     """
     t0 = time.monotonic()
     killed: list[int] = []
+    killed_stopped: list[int] = []
     while True:
         left = tagged_pids(tag)
         if not left:
             break
+        frozen = [p for p in left if stopped(p)]
+        signal_pids(frozen, signal.SIGKILL)
+        killed_stopped.extend(p for p in frozen if p not in killed_stopped)
         waited = time.monotonic() - t0
         if waited > DRAIN_TIMEOUT_S + 10:
             raise RuntimeError(f"trial processes {left} survive SIGKILL")
@@ -117,7 +140,7 @@ def drain(tag: str, quiet_timeout_s: float, log: Callable[[str], None]) -> dict[
             signal_pids(left, signal.SIGTERM)
         time.sleep(0.25)
     drain_s = time.monotonic() - t0
-    return {"drain_s": round(drain_s, 2), "killed_stragglers": killed,
+    return {"drain_s": round(drain_s, 2), "killed_stragglers": killed, "killed_stopped": killed_stopped,
             "other_raylets_after": wait_no_raylets(quiet_timeout_s, log)}
 
 

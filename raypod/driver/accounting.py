@@ -36,8 +36,10 @@ class JobAccounting:
         self.events: list[FailureEvent] = []
         self.step_s: dict[int, float] = {}
         """Kept steps -> wall seconds the step took (from the previous step or group start)."""
-        self.ids: dict[int, list[tuple[int, np.ndarray]]] = {}
-        """Kept steps -> ``(epoch, ids)`` per rank."""
+        self.ids: dict[int, list[tuple[int, np.ndarray]] | None] = {}
+        """Kept steps -> ``(epoch, ids)`` per rank, or None when they were exactly the step's
+        share of the seeded order (the usual case; counted from the order, so the driver's
+        memory does not grow with the samples: 3.5 MiB a step at 10,000 ranks otherwise)."""
         self.first_step_s: float | None = None
         self.last_step_s: float | None = None
         """Seconds since start when the latest step completed."""
@@ -71,7 +73,7 @@ class JobAccounting:
         """
         replay = step <= self.completed_ever
         self.step_s[step] = duration_s
-        self.ids[step] = ids
+        self.ids[step] = None if self._as_ordered(step, ids) else ids
         self.last_step = step
         self.completed_ever = max(self.completed_ever, step)
         self.last_step_s = self.now()
@@ -96,6 +98,23 @@ class JobAccounting:
             del self.ids[s]
         self.last_step = to_step
 
+    def _as_ordered(self, step: int, ids: list[tuple[int, np.ndarray]]) -> bool:
+        """The ranks consumed exactly the seeded order's samples of ``step``, once each."""
+        if self.order is None or not ids:
+            return False
+        epoch = self.order.epoch_of(step)
+        if any(e != epoch for e, _ in ids):
+            return False
+        got = np.sort(np.concatenate([np.asarray(a) for _, a in ids]))
+        return bool(np.array_equal(got, np.sort(self.order.ids(step))))
+
+    def _reported(self, step: int) -> list[tuple[int, np.ndarray]]:
+        kept = self.ids[step]
+        if kept is not None:
+            return kept
+        assert self.order is not None
+        return [(self.order.epoch_of(step), self.order.ids(step))]
+
     # ---- results -----------------------------------------------------------------
     def samples(self) -> dict[str, int]:
         """Consumed, duplicated and skipped samples, from the ids the ranks reported.
@@ -105,8 +124,8 @@ class JobAccounting:
         reported consuming; a batch left out on purpose (a bad loss) is ``skipped_bad``.
         """
         seen: Counter[tuple[int, int]] = Counter()
-        for per_rank in self.ids.values():
-            for epoch, ids in per_rank:
+        for step in self.ids:
+            for epoch, ids in self._reported(step):
                 seen.update((epoch, int(i)) for i in ids)
         consumed = sum(seen.values())
         duplicated = sum(c - 1 for c in seen.values() if c > 1)

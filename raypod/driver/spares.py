@@ -69,7 +69,10 @@ class SparePool:
         n = self.cfg.scaling.spares
         if n <= 0:
             return
-        self.spare_pg = placement_group([dict(self.bundle)] * n, strategy="PACK",
+        # Placed like the ranks: spread ranks get spread spares (one node's loss leaves some,
+        # and a replacement can come from the lost rank's own node).
+        strategy = self.cfg.scaling.placement_strategy.removeprefix("STRICT_")  # spares fit where they can
+        self.spare_pg = placement_group([dict(self.bundle)] * n, strategy=strategy,
                                         bundle_label_selector=avoid_nodes(self._excluded(), n))
         try:
             ray.get(self.spare_pg.ready(), timeout=2.0)

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_short_chaos_run_loses_nothing(ray_connected, tmp_path):
-    report = run_chaos(MLP, faults=5, seed=1, spacing=4, steps=24, storage=str(tmp_path), out=None,
+    # nodes=1: on the session's Ray (a cluster of raylets cannot share this process with it).
+    report = run_chaos(MLP, faults=5, seed=1, spacing=4, steps=24, storage=str(tmp_path), out=None, nodes=1,
                        overrides=["checkpoint.every_steps=10", "fault.hang_timeout_s=60",
                                   "recipe.args={n_blocks: 2, dim: 64, hidden: 128, num_samples: 4096}"])
     assert report["faults_planned"] == 5 and report["faults_fired"] == 5

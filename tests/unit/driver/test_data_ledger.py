@@ -40,3 +40,17 @@ def test_a_missing_step_is_skipped_and_a_repeat_is_duplicated():
     assert acct.samples() == {"consumed": 16, "duplicated": 0, "skipped": 8}
     acct.step_done(6, 0.1, [(order.epoch_of(6), order.ids(6)), (order.epoch_of(6), order.ids(6)[:1])])
     assert acct.samples() == {"consumed": 25, "duplicated": 1, "skipped": 8}
+
+
+def test_a_step_as_ordered_keeps_no_ids_and_an_odd_one_keeps_them_all():
+    # The driver's memory does not grow with the samples: a step whose ranks consumed exactly
+    # its share of the order keeps no ids (they are counted from the order); one that did
+    # not keeps what the ranks reported, and the books still find the duplicate.
+    order = SampleOrder(40, 8, seed=0)
+    acct = _acct(order)
+    acct.step_done(1, 0.1, _report(order, 1, 2))
+    odd = _report(order, 2, 2)
+    odd[1] = (odd[1][0], np.concatenate([odd[1][1], odd[0][1][:1]]))  # rank 1 also took one of rank 0's
+    acct.step_done(2, 0.1, odd)
+    assert acct.ids[1] is None and acct.ids[2] is odd
+    assert acct.samples() == {"consumed": 17, "duplicated": 1, "skipped": 0}

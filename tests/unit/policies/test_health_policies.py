@@ -109,3 +109,16 @@ def test_new_fault_kinds_are_accepted():
                              " {step: 6, rank: 1, kind: freeze}, {step: 7, rank: 0, kind: freeze_node}]"])
     assert [f.kind for f in cfg.fault.inject] == ["hang", "slow", "nan", "preempt", "freeze", "freeze_node"]
     assert cfg.fault.inject[1].delay_s == 1.0
+
+
+def test_each_ranks_median_of_the_others_is_read_off_one_sort():
+    import random
+    import statistics
+
+    from raypod.policies.health import _median_without
+
+    rng = random.Random(0)
+    for _ in range(500):
+        values = sorted(rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(rng.randint(2, 9)))
+        for skip in range(len(values)):
+            assert _median_without(values, skip) == statistics.median(values[:skip] + values[skip + 1:])

@@ -1,0 +1,426 @@
+"""A simulated worker group in virtual time, for driving the real driver at 100,000 ranks.
+
+:class:`SimGroup` implements every member of :class:`raypod.protocol.WorkerGroupProtocol`
+without Ray or processes: N ranks that train a step in ``step_s(N)`` of virtual time, answer
+pings, heartbeats and memory reports, and re-form in place, each at the cost the calibration
+(:mod:`raypod.bench.calibration`) gives for N. :class:`VirtualClock` is the clock the driver
+reads during a simulation (:func:`driver_clock` patches it into the driver's modules): it
+stands still while the simulated group works and advances by the modelled costs it charges,
+and it advances by the driver's own real CPU time between two group calls, so the real
+Python work of the ledger, completion and diagnosis at N ranks costs virtual time too.
+
+What goes wrong is a :class:`FaultPlan`: a rank killed (its process gone: its call fails
+once Ray notices) or frozen (it stops answering pings) half-way through a chosen step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import types
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
+
+from raypod.bench.calibration import Calibration
+from raypod.data.order import SampleOrder
+from raypod.driver.outcomes import PollResult
+from raypod.protocol import ErrorKind, Heartbeat, MemoryReport, Phase, StepResult, WorkerError
+
+DRIVER_MODULES = ("controller", "accounting", "completion", "ledger", "diagnosis", "membership",
+                  "recovery", "stop")
+"""The ``raypod.driver`` modules that read the clock (each imports ``time``)."""
+CLOCK_MODULES = tuple(f"raypod.driver.{m}" for m in DRIVER_MODULES) + ("raypod.policies.cadence",)
+INTERRUPT_AFTER_S = 0.1
+"""The drain interrupts survivors this long after a loss (``raypod.driver.inflight``)."""
+RANKS_PER_NODE = 8
+EPOCH_STEPS = 64
+"""Steps in one epoch of the simulated data set."""
+
+
+class VirtualClock:
+    """Virtual seconds: advanced by modelled costs (:meth:`advance`) and by the driver's real
+    CPU time, which is charged whenever the driver reads the clock or calls its group."""
+
+    def __init__(self, epoch: float = 1.7e9) -> None:
+        self.t = 0.0
+        self.epoch = epoch
+        self.driver_cpu_s = 0.0
+        """Real process CPU seconds of driver code charged so far."""
+        self._mark = time.process_time()
+        self._paused = 0
+
+    def charge(self) -> None:
+        """Charge the driver's CPU since the last mark to the virtual clock."""
+        now = time.process_time()
+        if not self._paused:
+            cpu = now - self._mark
+            self.t += cpu
+            self.driver_cpu_s += cpu
+        self._mark = now
+
+    def advance(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """Work that is not the driver's (the simulated group, the harness): not charged."""
+        self.charge()
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+            self._mark = time.process_time()
+
+    def monotonic(self) -> float:
+        self.charge()
+        return self.t
+
+    def wall(self) -> float:
+        return self.epoch + self.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        self.charge()
+        self.advance(seconds)
+
+    def module(self) -> types.SimpleNamespace:
+        """A stand-in for the ``time`` module as the driver uses it."""
+        return types.SimpleNamespace(time=self.wall, monotonic=self.monotonic, perf_counter=self.monotonic,
+                                     sleep=self.sleep, process_time=time.process_time)
+
+
+@contextlib.contextmanager
+def driver_clock(clock: VirtualClock) -> Iterator[None]:
+    """Have every driver module read ``clock`` instead of the real time while the block runs."""
+    fake = clock.module()
+    with contextlib.ExitStack() as stack:
+        for name in CLOCK_MODULES:
+            stack.enter_context(mock.patch(f"{name}.time", fake))
+        yield
+
+
+@dataclass
+class FaultPlan:
+    """What goes wrong: ``kind`` (``kill`` or ``freeze``) of ``rank`` half-way through ``step``."""
+
+    kind: str = "kill"
+    rank: int = 1
+    step: int = 0
+    """0: nothing goes wrong."""
+    at_s: float | None = None
+    """Virtual time it happened (set when it does)."""
+    fired: bool = False
+    resolved: bool = False
+    """The group was re-formed after it: it is over."""
+
+
+@dataclass
+class Costs:
+    """What the simulated group charged, by term: modelled driver CPU (``cpu``) and waits (``wall``)."""
+
+    cpu: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    wall: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+class SimGroup:
+    """N simulated ranks behind the driver's group protocol (see the module docstring).
+
+    Args:
+        config, recipe: as the driver builds any group (the config's ``scaling.spares`` are warm).
+        cal: the per-operation costs.
+        clock: the virtual clock the driver reads.
+        plan: the fault to inject.
+    """
+
+    def __init__(self, config: Any, recipe: Any, cal: Calibration, clock: VirtualClock,
+                 plan: FaultPlan | None = None) -> None:
+        self.cfg, self.recipe, self.cal, self.clock = config, recipe, cal, clock
+        self.plan = plan or FaultPlan()
+        self.costs = Costs()
+        self.world_size = 0
+        self.nodes: list[str] = []
+        self.excluded_nodes: set[str] = set()
+        self.freed: list[Any] = []
+        self.peer_to: list[int | None] = []
+        self.twins: list[int | None] | None = None
+        self.spares = config.scaling.spares
+        self.queue: list[tuple[str, int, float]] = []
+        """Calls in flight: ``(what, step, done at)``."""
+        self.busy_until = 0.0
+        self.finished = 0
+        """The last step every rank finished."""
+        self.dead: set[int] = set()
+        self.frozen: set[int] = set()
+        self.ping_round = (0.0, 0.0)
+        """The ranks' current ping round: ``(sent at, answered at)``."""
+        self.silent_since: float | None = None
+        """When the frozen rank's unanswered ping was sent."""
+        # The seeded order the ranks read (an epoch of EPOCH_STEPS steps), so the driver's books
+        # see what real ranks report: each rank's strided share of the step's ids.
+        self.order = SampleOrder(config.train.global_batch * EPOCH_STEPS, config.train.global_batch,
+                                 config.train.seed)
+
+    # ---- costs -----------------------------------------------------------------------
+    def _cpu(self, term: str, seconds: float) -> None:
+        self.costs.cpu[term] += seconds
+        self.clock.advance(seconds)
+
+    def _wait(self, term: str, seconds: float) -> None:
+        self.costs.wall[term] += seconds
+        self.clock.advance(seconds)
+
+    def _calls(self, term: str, n: int) -> None:
+        """Submit ``n`` actor calls and collect their answers (driver CPU)."""
+        if n:
+            self._cpu(term, self.cal.actor_call.at(n))
+
+    def _round(self, term: str, n: int) -> None:
+        """One call to each of ``n`` ranks, waited for: submit, then the slowest answer."""
+        self._calls(term, n)
+        if n:
+            self._wait(term, self.cal.ping.at(n))
+
+    # ---- lifecycle -----------------------------------------------------------------
+    def start(self, world_size, attempt, restore, injections):
+        with self.clock.outside():
+            self.world_size = world_size
+            self.nodes = [f"node-{r // RANKS_PER_NODE}" for r in range(world_size)]
+            self.peer_to = [(r + 1) % world_size if world_size > 1 else None for r in range(world_size)]
+            self._calls("start", world_size)
+            self._wait("start", self.cal.regroup.at(world_size))
+            self._restored(restore.step if restore else 0)
+            return {"num_samples": self.order.num_samples, "setup_s": self.cal.regroup.at(world_size),
+                    "doctor": []}
+
+    def shutdown(self):
+        self.world_size, self.queue = 0, []
+
+    def close(self):
+        self.shutdown()
+
+    def _restored(self, step: int) -> None:
+        self.queue, self.busy_until, self.finished = [], self.clock.t, step
+        self.dead, self.frozen, self.silent_since = set(), set(), None
+        self.ping_round = (self.clock.t, self.clock.t)
+        self.plan.resolved = self.plan.fired
+
+    # ---- steps -----------------------------------------------------------------------
+    def submit_step(self, step, snapshot=True):
+        with self.clock.outside():
+            self._calls("submit_step", self.world_size)
+            done = max(self.clock.t, self.busy_until) + self.cal.step_s.at(self.world_size)
+            self.busy_until = done
+            if self.plan.step == step and not self.plan.fired:
+                self.plan.fired, self.plan.at_s = True, done - self.cal.step_s.at(self.world_size) / 2
+            self.queue.append(("step", step, done))
+
+    def submit_replica_wait(self, step):
+        with self.clock.outside():
+            self._calls("submit_replica_wait", self.world_size)
+            self.queue.append(("replica", step, self.busy_until))
+
+    def submit_save(self, step, path):
+        with self.clock.outside():
+            self._calls("submit_save", self.world_size)
+            self.queue.append(("save", step, self.busy_until))
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def _fault_at(self) -> float | None:
+        """When the planned fault takes effect for the driver: a kill's error arrives once
+        Ray notices the dead process (a one-rank round trip); a freeze stops the steps."""
+        if not self.plan.fired or self.plan.resolved or self.plan.at_s is None:
+            return None
+        notice = self.cal.ping.at(1) if self.plan.kind == "kill" else 0.0
+        return self.plan.at_s + notice
+
+    def poll(self, timeout):
+        with self.clock.outside():
+            if self.queue:
+                self._cpu("poll_wait", self.cal.wait.at(self.world_size * len(self.queue)))
+            return self._collect(self.clock.t + timeout)
+
+    def _collect(self, until: float) -> PollResult:
+        """Results of every call done by ``until`` (the clock moves to the first one, or to ``until``)."""
+        out = PollResult()
+        fault = self._fault_at()
+        if fault is not None and self.plan.kind == "freeze" and fault <= until:
+            self.frozen.add(self.plan.rank)
+        due = [c[2] for c in self.queue if fault is None or c[2] < fault]
+        if fault is not None and self.plan.kind == "kill" and self.plan.rank not in self.dead:
+            due.append(fault)
+        first = min(due, default=None)
+        if first is None or first > until:
+            self.clock.t = max(self.clock.t, until)
+            return out
+        self.clock.t = max(self.clock.t, first)
+        if fault is not None and self.plan.kind == "kill" and fault <= self.clock.t and self.plan.rank not in self.dead:
+            self.dead.add(self.plan.rank)
+            out.errors.append(WorkerError(rank=self.plan.rank, step=self.plan.step, kind=ErrorKind.WORKER_DIED,
+                                          message="the worker does not answer (process or node lost)"))
+            return out
+        for call in [c for c in self.queue if c[2] <= self.clock.t and (fault is None or c[2] < fault)]:
+            self.queue.remove(call)
+            self._deliver(call, out)
+        return out
+
+    def _deliver(self, call: tuple[str, int, float], out: PollResult) -> None:
+        what, step, _ = call
+        n = self.world_size
+        if what == "step":
+            out.steps.extend(self._results(step))
+            self.finished = max(self.finished, step)
+        elif what == "replica":
+            out.replicated.extend((r, step, True) for r in range(n))
+        else:
+            out.saved.extend((r, [step]) for r in range(n))
+
+    def _results(self, step: int) -> list[StepResult]:
+        """Every rank's result of ``step``, each with its own sample ids (as deserialized)."""
+        n, step_s = self.world_size, self.cal.step_s.at(self.world_size)
+        ids, epoch = self.order.ids(step), self.order.epoch_of(step)
+        out = []
+        for r in range(n):
+            share = SampleOrder.rank_share(ids, r, n)
+            out.append(StepResult(step=step, rank=r, loss_sum=float(len(share)), samples=len(share), ids=share,
+                                  epoch=epoch, lr=0.1, grad_norm=1.0, compute_s=step_s))
+        return out
+
+    def quiesce(self, timeout):
+        with self.clock.outside():
+            return self._collect(max(self.clock.t + timeout, self.busy_until))
+
+    def finish_saves(self):
+        return []
+
+    def state_digest(self, export_path=None, pretrained_dir=None):
+        return None
+
+    # ---- health ----------------------------------------------------------------------
+    def heartbeats(self, timeout):
+        with self.clock.outside():
+            self._calls("heartbeats", self.world_size)
+            self._wait("heartbeats", timeout if self.frozen else self.cal.ping.at(self.world_size))
+            step = self.finished + 1
+            return {r: None if r in self.frozen | self.dead else
+                    Heartbeat(rank=r, step=step, phase=Phase.SYNC, in_phase_s=0.0) for r in range(self.world_size)}
+
+    def probe(self, every_s):
+        """Rounds of pings to every rank: one sent ``every_s`` after the last (at most one in
+        flight), answered by all ``ping(N)`` later; a frozen rank never answers the ping in
+        flight when it froze (or the next one sent)."""
+        with self.clock.outside():
+            n, now = self.world_size, self.clock.t
+            sent, answered = self.ping_round
+            self._cpu("probe_wait", self.cal.wait.at(n))
+            if now >= answered and now - sent >= every_s:
+                self._calls("probe_send", n)
+                self.ping_round = sent, answered = now, now + self.cal.ping.at(n)
+            frozen_at = self.plan.at_s if self.plan.kind == "freeze" and self._fault_at() is not None else None
+            if frozen_at is not None and frozen_at <= now and self.silent_since is None:
+                self.frozen.add(self.plan.rank)
+                if sent <= frozen_at < answered or sent >= frozen_at:
+                    self.silent_since = sent
+            out = dict.fromkeys(range(n), now - sent if now < answered else 0.0)
+            if self.silent_since is not None:
+                out[self.plan.rank] = now - self.silent_since
+            return out
+
+    def unresponsive_ranks(self, ranks, timeout):
+        with self.clock.outside():
+            self._round("second_ping", len(ranks))
+            return {r for r in ranks if r in self.frozen | self.dead}
+
+    def node_of(self, rank):
+        return self.nodes[rank] if rank < len(self.nodes) else f"node-{rank}"
+
+    def holder_of(self, rank):
+        return self.peer_to[rank] if rank < len(self.peer_to) else None
+
+    # ---- recovery --------------------------------------------------------------------
+    def kill(self, ranks):
+        with self.clock.outside():
+            self._calls("kill", len(ranks))
+            self.dead |= set(ranks)
+
+    def drain(self, timeout, attempt=None):
+        """Calls in flight end once the broken collective releases the survivors: they are
+        interrupted after :data:`INTERRUPT_AFTER_S` and answer in one round."""
+        with self.clock.outside():
+            self.queue = []
+            self._wait("drain", min(timeout, INTERRUPT_AFTER_S))
+            self._round("drain", self.world_size - len(self.dead))
+            return set(self.dead | self.frozen)
+
+    def memory_reports(self, ranks, timeout=5.0):
+        with self.clock.outside():
+            ranks = list(ranks)
+            self._round("memory_reports", len(ranks))
+            held = [s for s in (self.finished - 1, self.finished) if s > 0]
+            return {r: MemoryReport(own=list(held), replicas={(r - 1) % self.world_size: list(held)})
+                    for r in ranks}
+
+    def flush_replicas(self, timeout, latest=False):
+        return self.memory_reports(range(self.world_size), timeout)
+
+    def _regroup(self, lost: set[int], step: int) -> dict[str, Any]:
+        self._calls("regroup", self.world_size)
+        regroup = self.cal.regroup.at(self.world_size)
+        self._wait("regroup", regroup)
+        self._restored(step)
+        self.freed = [("slot", r) for r in sorted(lost)]
+        self.spares = max(0, self.spares - len(lost))
+        return {"recover_s": regroup, "slowest_rank_phases_s": {"regroup": regroup}, "received_bytes": 0,
+                "replaced": sorted(lost), "spares_left": self.spares, "driver_phases_s": {}}
+
+    def recover_in_place(self, lost, restore_step, attempt, injections):
+        with self.clock.outside():
+            return self._regroup(set(lost), restore_step)
+
+    def load_in_place(self, lost, restore, attempt, injections):
+        with self.clock.outside():
+            return self._regroup(set(lost), restore.step)
+
+    def rollback(self, step, timeout):
+        with self.clock.outside():
+            self._round("rollback", self.world_size)
+            self._restored(step)
+            return [(r, []) for r in range(self.world_size)]
+
+    # ---- spares, joiners, resizing -----------------------------------------------------
+    def live_spares(self):
+        return self.spares
+
+    def take_spares(self, n):
+        taken = min(n, self.spares)
+        self.spares -= taken
+        return [("spare", i) for i in range(taken)]
+
+    def refill_spares(self):
+        self.spares += len(self.freed)
+        self.freed = []
+
+    def add_joiner(self, placement=None):
+        pass
+
+    def joining(self):
+        return 0
+
+    def ready_joiners(self):
+        return []
+
+    def drop_joiners(self, joiners):
+        pass
+
+    def reshard(self, lost, added, restore_step, attempt, injections):
+        with self.clock.outside():
+            info = self._regroup(set(lost), restore_step)
+            self.world_size = self.world_size - len(lost) + len(added)
+            self.nodes = self.nodes[: self.world_size]
+            self.peer_to = [(r + 1) % self.world_size for r in range(self.world_size)]
+            return {**info, "freed": list(self.freed)}

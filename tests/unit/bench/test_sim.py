@@ -1,0 +1,101 @@
+"""``raypod bench sim``: the production driver, stepped against the simulated group in virtual time."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import pytest
+
+from raypod.bench import sim
+from raypod.bench.calibration import Calibration, Fit
+from raypod.bench.simgroup import FaultPlan, SimGroup, VirtualClock, driver_clock
+from raypod.driver.controller import Driver
+from raypod.driver.recovery import Recovery
+from raypod.driver.state import StateKind
+from raypod.protocol import WorkerGroupProtocol
+from raypod.recipe import Recipe
+
+CAL = Calibration(actor_call=Fit(0.0, 50e-6), wait=Fit(1e-4, 1e-6), ping=Fit(0.002, 2e-6),
+                  regroup=Fit(1.0, 5e-4), step_s=Fit(0.1, 0.0))
+"""A test calibration: what each call costs is arbitrary here, the figures follow from it."""
+
+
+def _members(cls: type) -> set[str]:
+    names = set(getattr(cls, "__annotations__", {}))
+    names |= {n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+    return names
+
+
+def test_the_sim_group_implements_the_protocol(tmp_path):
+    group = SimGroup(sim.job_config(4, 5, str(tmp_path)), Recipe(), CAL, VirtualClock())
+    assert isinstance(group, WorkerGroupProtocol)
+    for name in sorted(_members(WorkerGroupProtocol)):
+        assert hasattr(group, name), f"SimGroup has no {name}"
+        want = getattr(WorkerGroupProtocol, name, None)
+        if inspect.isfunction(want):
+            have = getattr(SimGroup, name)
+            assert list(inspect.signature(have).parameters) == list(inspect.signature(want).parameters), name
+
+
+def test_the_driver_reads_the_virtual_clock():
+    clock = VirtualClock()
+    with driver_clock(clock):
+        from raypod.driver import ledger
+
+        before = ledger.time.monotonic()
+        clock.advance(3600.0)
+        assert ledger.time.monotonic() - before >= 3600.0
+    assert ledger.time is time  # the real clock is back outside the block
+
+
+def test_a_kill_goes_through_the_production_state_machine(tmp_path):
+    clock, plan = VirtualClock(), FaultPlan(kind="kill", rank=1, step=6)
+    with driver_clock(clock):
+        d, rec = sim.build(CAL, 8, 10, str(tmp_path), plan, clock)
+        assert type(d) is Driver and isinstance(d.recovery, Recovery)
+        assert Driver.step is type(d).step  # the driver's own loop, not a copy
+        kinds = []
+        for _ in range(10_000):
+            prev, nxt = d.step()
+            if nxt is not prev:
+                kinds.append((prev.kind, nxt.kind))
+            if nxt.is_terminal:
+                break
+    assert kinds[:3] == [(StateKind.SCHEDULING, StateKind.RUNNING), (StateKind.RUNNING, StateKind.RECOVERING),
+                         (StateKind.RECOVERING, StateKind.RUNNING)]
+    assert d.state.kind is StateKind.FINISHED and d.done_step == 10
+    ev = d.acct.events[0]
+    assert ev.kind == "worker_died" and ev.rank == 1 and ev.step == 6
+    assert ev.extra["source_choice"]["chosen"] == "memory"  # recovered in place from memory
+    # The modelled rebuild is the calibration's regroup at 8 ranks, in the driver's own phases.
+    assert ev.extra["recovery_phases_s"]["rebuild"] == pytest.approx(CAL.regroup.at(8), abs=0.05)
+    assert ev.resumed_s - ev.detected_s >= CAL.regroup.at(8)
+
+
+def test_a_small_run_is_quick_and_reports_every_figure(tmp_path):
+    t0 = time.perf_counter()
+    result = sim.run(out=str(tmp_path), ranks=(8,), steps=12, cal=CAL, profile_at=None)
+    assert time.perf_counter() - t0 < 5.0
+    p = result["points"][0]
+    assert p["state"] == "finished" and p["ranks"] == 8
+    assert p["step_period_s"] == pytest.approx(CAL.step_s.at(8), rel=0.05)
+    assert 0 < p["kill_p50_s"] <= p["kill_p99_s"]
+    assert p["freeze_p99_s"] >= p["freeze_p50_s"] >= p["kill_p50_s"]  # a freeze waits fault.silent_s
+    assert p["decision_cpu_s"] is not None and p["memory_peak_gib"] > 0
+    assert {"drain", "plan", "rebuild", "first_step"} <= set(p["gap_phases_s"])
+    assert result["limiting"]["term"] in p["per_step_terms_s"]
+    assert (tmp_path / "sim.json").exists() and "ncclCommShrink" in (tmp_path / "sim.md").read_text()
+
+
+def test_a_freeze_is_found_by_the_real_ping_diagnosis(tmp_path):
+    raw = sim.simulate(CAL, 8, steps=10, kill_step=6, kind="freeze")
+    ev = raw["events"][0]
+    assert ev.kind == "unresponsive" and ev.rank == 1 and raw["state"] == "finished"
+    found = ev.detected_s + raw["t_built"] - raw["plan"].at_s
+    assert raw["silent_s"] - 0.3 <= found <= raw["silent_s"] + 0.5
+
+
+def test_without_the_calibration_file_the_suite_says_so_in_one_sentence(tmp_path):
+    with pytest.raises(SystemExit, match="scale_calibration.json does not exist: run `raypod bench scale`"):
+        sim.run(out=str(tmp_path), ranks=(8,), profile_at=None)
