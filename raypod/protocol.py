@@ -134,6 +134,10 @@ class Heartbeat:
     """Seconds since the rank entered ``phase``."""
     preempted: bool = False
     pid: int = 0
+    progress: int = 0
+    """Sharded blocks this rank has entered in this step's forward and backward passes.
+    Ranks blocked in one collective show the same count; a rank stuck computing a block
+    (a hung kernel, a deadlock) shows less than the peers that went on to the next one."""
 
     @property
     def phase_name(self) -> str:

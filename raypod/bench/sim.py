@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import dataclasses
 import pstats
 import random
 import statistics
@@ -30,7 +31,8 @@ from typing import Any
 from unittest import mock
 
 from raypod.bench import calibration
-from raypod.bench.calibration import Calibration
+from raypod.bench.calibration import Calibration, Fit
+from raypod.bench.goodput_model import llama3_step_s
 from raypod.bench.simgroup import FaultPlan, SimGroup, VirtualClock, driver_clock
 from raypod.bench.table import markdown_table, print_table, write_results
 from raypod.callbacks import Callback, FailureEvent, StepReport
@@ -41,7 +43,11 @@ from raypod.recipe import Recipe
 
 RANKS = (1_000, 10_000, 100_000)
 SOURCES = {
-    "calibration": "raypod bench scale (scale_calibration.json): actor_call, wait, ping, regroup, step_s",
+    "calibration": "raypod bench scale (scale_calibration.json): actor_call, wait, ping, regroup",
+    "step_time": "a rank's step: Llama 3 405B's at 16K H100s, 6 x 405e9 params x 16M tokens / (16,384 GPUs "
+                 "x 400 TFLOP/s) = 5.93 s (Llama Team, arXiv:2407.21783), the same at every N (weak "
+                 "scaling); --step-s sets another. The light ranks' measured step (2..32 ranks sharing 2 "
+                 "cores) does not extrapolate",
     "nccl_shrink": "NCCL 2.27 ncclCommShrink: 1.4-2.0 s to shrink a communicator at 32-1,024 GPUs "
                    "(NVIDIA, 'NCCL 2.27' blog, 2025)",
     "gloo_start": "gloo process group start-up: 85 s at 8k ranks (PyTorch distributed scaling reports)",
@@ -239,7 +245,9 @@ def figures(raw: dict[str, Any], cal: Calibration, memory: dict[str, Any] | None
         "modelled_ray_cpu_per_step_s": modelled,
         "driver_cores": (cpu + modelled) / period if period else None,
         "added_latency_s": period - raw["step_s"] if period is not None else None,
-        "detected_kill_s": ev.detected_s + raw["t_built"] - raw["plan"].at_s if ev else None,
+        # None when the planned kill never fired (the job failed first: see "state" and "events").
+        "detected_kill_s": (ev.detected_s + raw["t_built"] - raw["plan"].at_s
+                            if ev and raw["plan"].at_s is not None else None),
         **_detection(raw, cal),
         "decision_cpu_s": max(raw["decisions"], default=None),
         "recovering_driver_cpu_s": sum(c for kind, _, c in raw["iterations"] if kind == "recovering"),
@@ -319,7 +327,7 @@ def acceptance(point: dict[str, Any]) -> list[str]:
 
 def run(trials: int | None = None, out: str | None = "benchmarks/results", ranks: tuple[int, ...] | str = RANKS,
         steps: int | None = None, calibration_dir: str | None = None, cal: Calibration | None = None,
-        track_up_to: int = 10_000, profile_at: int | None = 10_000) -> dict[str, Any]:
+        track_up_to: int = 10_000, profile_at: int | None = 10_000, step_s: float | None = None) -> dict[str, Any]:
     """Simulate each rank count, print the table, write ``<out>/sim.json`` and ``.md``.
 
     Args:
@@ -331,6 +339,7 @@ def run(trials: int | None = None, out: str | None = "benchmarks/results", ranks
         cal: a calibration given in code (tests); then no file is read.
         track_up_to: the largest N simulated with straggler tracking on (see :func:`_point`).
         profile_at: the N profiled with cProfile (None: none).
+        step_s: a rank's step time at every N (default :func:`~raypod.bench.goodput_model.llama3_step_s`).
     """
     if cal is None:
         try:
@@ -339,6 +348,8 @@ def run(trials: int | None = None, out: str | None = "benchmarks/results", ranks
             raise SystemExit(f"raypod bench sim: {e}") from None
     if isinstance(ranks, str):
         ranks = tuple(int(x) for x in ranks.split(",") if x.strip())
+    cal = dataclasses.replace(cal, step_s=Fit(base_s=step_s if step_s is not None else llama3_step_s(),
+                                              per_rank_s=0.0))
     points: list[dict[str, Any]] = []
     for n in ranks:
         base = next((p for p in reversed(points) if p["stragglers_tracked"]), None)

@@ -19,9 +19,11 @@ def hung_rank(heartbeats: dict[int, Heartbeat | None]) -> tuple[int | None, str]
     """The rank the others are waiting for, from one round of heartbeats.
 
     A rank that does not answer its heartbeat (its process is frozen or gone) is hung.
-    Otherwise the rank that is furthest behind, at a lower ``(step, phase)`` than every
-    other rank, is the one they wait for in a collective. When every rank is at the
-    same place (all stuck in one collective), no rank can be blamed.
+    Otherwise the rank that is furthest behind, at a lower ``(step, phase, progress)`` than
+    every other rank, is the one they wait for in a collective (``progress``: the sharded
+    blocks it entered this step; peers blocked in a block's collective counted one more
+    than a rank stuck computing the block before). When every rank is at the same place
+    (all stuck in one collective), no rank can be blamed.
 
     Returns:
         ``(rank, why)``; rank is None when no single rank can be blamed.
@@ -31,7 +33,7 @@ def hung_rank(heartbeats: dict[int, Heartbeat | None]) -> tuple[int | None, str]
         return silent[0], "did not answer its heartbeat"
     if len(heartbeats) < 2:
         return None, "no peer to compare with"
-    at = {r: (hb.step, hb.phase) for r, hb in heartbeats.items() if hb is not None}
+    at = {r: (hb.step, hb.phase, hb.progress) for r, hb in heartbeats.items() if hb is not None}
     lowest = min(at.values())
     behind = [r for r, where in at.items() if where == lowest]
     if len(behind) != 1:
@@ -39,9 +41,10 @@ def hung_rank(heartbeats: dict[int, Heartbeat | None]) -> tuple[int | None, str]
     r = behind[0]
     hb = heartbeats[r]
     assert hb is not None
-    others = sorted({(h.step, h.phase_name) for q, h in heartbeats.items() if q != r and h})
-    return r, (f"stuck at step {hb.step} in phase {hb.phase_name} for {hb.in_phase_s:.1f} s "
-               f"while the others wait at {', '.join(f'step {s} {p}' for s, p in others)}")
+    others = sorted({(h.step, h.phase_name, h.progress) for q, h in heartbeats.items() if q != r and h})
+    block = f" (block {hb.progress})" if hb.progress else ""
+    return r, (f"stuck at step {hb.step} in phase {hb.phase_name}{block} for {hb.in_phase_s:.1f} s while the "
+               f"others wait at {', '.join(f'step {s} {p}' + (f' (block {b})' if b else '') for s, p, b in others)}")
 
 
 class LossRule:

@@ -61,7 +61,7 @@ class TrainWorker:
         step, phase, since = t.where if t is not None else (0, Phase.DONE, time.monotonic())
         return Heartbeat(rank=t.rank if t is not None else -1, step=step, phase=phase,
                          in_phase_s=time.monotonic() - since, preempted=self.preempted_at is not None,
-                         pid=os.getpid())
+                         pid=os.getpid(), progress=t.progress if t is not None else 0)
 
     @ray.method(concurrency_group="health")
     def interrupt(self, attempt: int | None = None) -> Interrupted:

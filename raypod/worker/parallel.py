@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,6 +78,21 @@ def to_empty(model: nn.Module, device: torch.device) -> None:
                         new = torch.empty_like(t, device=device)
                         made[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
                     table[name] = made[id(t)]
+
+
+def track_progress(units: list[nn.Module], advance: Callable[[], None]) -> None:
+    """Call ``advance()`` as each sharded block is entered, in the forward pass (before FSDP2's
+    all-gather: the hook goes first) and in the backward pass (when the gradient reaches the
+    block's output). A rank's count then says how far into the step it got: its peers,
+    blocked in the collective of a block it never reached, count more."""
+
+    def on_output(module: nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda grad: advance())
+
+    for unit in units:
+        unit.register_forward_pre_hook(lambda module, args: advance(), prepend=True)
+        unit.register_forward_hook(on_output)
 
 
 @contextlib.contextmanager

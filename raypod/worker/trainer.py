@@ -36,7 +36,7 @@ from raypod.worker.checkpointing import SaveQueue
 from raypod.worker.evaluation import eval_due, evaluate
 from raypod.worker.group import GroupSession
 from raypod.worker.injector import FaultInjector, InjectedFault
-from raypod.worker.parallel import autocast, build_mesh, grad_sync, parallelize, to_empty
+from raypod.worker.parallel import autocast, build_mesh, grad_sync, parallelize, to_empty, track_progress
 from raypod.worker.rehearsal import rehearse
 from raypod.worker.snapshot import PeerReplicator, SnapshotStore
 from raypod.worker.steps import accumulate, batch_rows, clip_grads, lr_at, micro_batches, split_loss
@@ -61,6 +61,8 @@ class Trainer:
 
     where: tuple[int, Phase, float] = (0, Phase.DONE, 0.0)
     """``(step, phase, time.monotonic() on entering it)``: what heartbeats report."""
+    progress: int = 0
+    """Sharded blocks entered in this step's forward and backward (heartbeats report it)."""
 
     def __init__(self, config: JobConfig, recipe: Recipe, attempt: int = 0) -> None:
         self.cfg, self.recipe, self.attempt = config, recipe, attempt
@@ -141,6 +143,7 @@ class Trainer:
         units = self.recipe.shard_units(model)
         self.model = parallelize(model, units, self.cfg.parallel, self.mesh, self.device)
         self.faults.hook(units, lambda: self.where[0])
+        track_progress(units, self._advance)  # after the fault hooks: a fault fires before the count
         if not initialize:
             to_empty(self.model, self.device)
         self.optimizer = self.recipe.build_optimizer(self.model, ctx)
@@ -178,6 +181,11 @@ class Trainer:
     # ---- training ----------------------------------------------------------------
     def _mark(self, step: int, phase: Phase) -> None:
         self.where = (step, phase, time.monotonic())
+        if phase is Phase.START:
+            self.progress = 0
+
+    def _advance(self) -> None:
+        self.progress += 1
 
     def train_step(self, step: int, take_snapshot: bool = True) -> StepResult:
         """Run optimizer step ``step`` (1-based) and return this rank's figures.

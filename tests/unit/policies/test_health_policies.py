@@ -33,6 +33,17 @@ def test_no_blame_when_every_rank_is_at_the_same_place():
     assert rank is None and "every rank is at step 8" in why
 
 
+def test_inside_one_phase_the_rank_that_entered_fewer_blocks_is_hung():
+    # Rank 2 is stuck computing block 3 of its backward; ranks 0 and 1 went on to block 4 and
+    # wait in its collective.
+    at = {r: Heartbeat(rank=r, step=8, phase=Phase.FORWARD_BACKWARD, in_phase_s=6.0, progress=p)
+          for r, p in ((0, 4), (1, 4), (2, 3))}
+    rank, why = hung_rank(at)
+    assert rank == 2 and "(block 3)" in why and "step 8 forward_backward (block 4)" in why
+    at[2].progress = 4  # all in the same collective: nobody to blame
+    assert hung_rank(at)[0] is None
+
+
 def test_loss_rule_nan_inf_and_spikes():
     rule = LossRule(spike_factor=3.0, window=10, min_history=3)
     assert rule.check(float("nan")) == "nan" and rule.check(math.inf) == "nan"
