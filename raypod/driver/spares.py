@@ -54,6 +54,9 @@ class SparePool:
         self._new_actor, self._excluded = new_actor, excluded_nodes
         self.spares: list[tuple[Any, Placement]] = []
         """Warm actors ready to take a rank, with their placement."""
+        self.warming: dict[int, Any] = {}
+        """``id(actor) -> ref`` of each spare's warm-up call still running (its process may still be
+        starting: it cannot answer a ping yet, and is not taken for dead for that)."""
         self.freed: list[Placement] = []
         """Placements of replaced ranks that become spares at :meth:`refill` (once the group
         trains again, so that a new spare's start does not slow the recovery down)."""
@@ -87,16 +90,40 @@ class SparePool:
 
     def _add_spare(self, placement: Placement) -> None:
         actor = self._new_actor(*placement)
-        actor.warm.remote(self.cfg, self.recipe, True)  # data and a rehearsal step, in the background
+        # Data and a rehearsal step, in the background.
+        self.warming[id(actor)] = actor.warm.remote(self.cfg, self.recipe, True)
         self.spares.append((actor, placement))
 
+    def _still_warming(self) -> tuple[set[int], set[int]]:
+        """``(ids of spares still warming up, ids whose warm-up failed)``; forgets finished ones."""
+        refs = {ref: key for key, ref in self.warming.items()}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=0) if refs else ([], [])
+        failed: set[int] = set()
+        for ref in done:
+            key = refs[ref]
+            del self.warming[key]
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - its process or node is gone
+                log.info("a spare's warm-up failed: %s", describe(e)[1])
+                failed.add(key)
+        return set(self.warming), failed
+
     def live(self) -> int:
-        """Drop spares that no longer answer (their node is gone); returns how many are left."""
-        if self.spares:
-            for i in sorted(unresponsive([a for a, _ in self.spares]), reverse=True):
-                actor, _ = self.spares.pop(i)
-                log.warning("a spare worker does not answer (its node may be gone); not using it")
-                kill_quietly(actor)
+        """Drop spares whose warm-up failed or that, warm, no longer answer a ping (their node is
+        gone); a spare still starting up (a refill, importing torch on a busy host) is kept.
+        Returns how many are left."""
+        if not self.spares:
+            return 0
+        warming, failed = self._still_warming()
+        asked = [i for i, (a, _) in enumerate(self.spares) if id(a) not in warming and id(a) not in failed]
+        silent = {asked[j] for j in unresponsive([self.spares[i][0] for i in asked])}
+        gone = silent | {i for i, (a, _) in enumerate(self.spares) if id(a) in failed}
+        for i in sorted(gone, reverse=True):
+            actor, _ = self.spares.pop(i)
+            self.warming.pop(id(actor), None)
+            log.warning("a spare worker does not answer (its node may be gone); not using it")
+            kill_quietly(actor)
         return len(self.spares)
 
     def take(self, n: int, crowd: dict[str, int] | None = None) -> list[tuple[Any, Placement]]:
@@ -111,7 +138,9 @@ class SparePool:
         taken: list[tuple[Any, Placement]] = []
         nodes = {id(actor): node_of(placement) for actor, placement in self.spares}
         for _ in range(min(n, len(self.spares))):
-            best = min(self.spares, key=lambda sp: crowd.get(nodes[id(sp[0])] or "", 0))
+            # The least crowded node first; among equals, a spare that finished warming up.
+            best = min(self.spares, key=lambda sp: (crowd.get(nodes[id(sp[0])] or "", 0),
+                                                   id(sp[0]) in self.warming))
             self.spares.remove(best)
             taken.append(best)
             node = nodes[id(best[0])]
@@ -187,3 +216,4 @@ class SparePool:
             if pg is not None:
                 remove_pg_quietly(pg)
         self.spares, self.spare_pg, self.joiners, self.extra_pgs, self.freed = [], None, [], [], []
+        self.warming = {}
