@@ -114,6 +114,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                                            "per simulation (default 24, 9, 6 by size)")
     p.add_argument("--calibration", default=None,
                    help="sim: the folder of scale_calibration.json (default: --out)")
+    p.add_argument("--step-s", type=float, default=None,
+                   help="sim: a rank's step time in seconds (default 5.93: Llama 3 405B at 16K GPUs)")
     p.add_argument("--out", default=RESULTS, help="where to write the table")
 
 
@@ -255,11 +257,11 @@ def _bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     extra.update(scale)
-    if args.calibration is not None:
-        if args.suite != "sim":
-            print(f"raypod: error: --calibration is for the sim suite, not '{args.suite}'", file=sys.stderr)
-            return 2
-        extra["calibration_dir"] = args.calibration
+    sim = {k: v for k, v in (("calibration_dir", args.calibration), ("step_s", args.step_s)) if v is not None}
+    if sim and args.suite != "sim":
+        print(f"raypod: error: --calibration and --step-s are for the sim suite, not '{args.suite}'", file=sys.stderr)
+        return 2
+    extra.update(sim)
     print(json.dumps(run_suite(args.suite, trials=args.trials, out=args.out, **extra), indent=2))
     return 0
 

@@ -1,5 +1,5 @@
 """The ``goodput`` suite: a long run with a worker SIGKILLed every minute, raypod beside
-Ray Train V2 and torchrun.
+Ray Train V2, torchrun, Ray Train V2 with ``TorchftConfig`` and torchft.
 
 Every system trains ``jobs/configs/mlp.yaml``'s workload (the recovery suite's: a
 4-block MLP, FSDP2 per block + root on gloo, 2 CPU ranks, global batch 32, AdamW,
@@ -26,6 +26,12 @@ replays, so all three see the same sequence of ranks. No kill fires in the last
 * ``torchrun``: :mod:`raypod.bench.anchors.mlp_torchrun` under ``torchrun
   --max-restarts 1000``, keeping the 2 newest checkpoints; the victim is the worker
   process of that rank (its pid file, as for Ray Train).
+* ``ray_train_torchft`` and ``torchft``: :mod:`raypod.bench.anchors.mlp_ray_train_torchft`
+  (``FailureConfig(max_failures=-1)``) and :mod:`raypod.bench.anchors.mlp_torchft`
+  (each replica group's torchrun ``--max-restarts 1000``): two replica groups of one rank;
+  the victim is that group's rank (its pid file). The survivor keeps training alone while
+  the lost group comes back, so their step completions are merged from the groups' logs
+  (:func:`group_rows`) and their samples counted per group (:func:`sample_figures`).
 
 Each system stops by itself at the absolute deadline (launch + ``duration``), passed
 on its command line so a group restarted late knows it too; the anchors' ranks agree
@@ -55,6 +61,11 @@ harness's kill times:
   deadline). **recovery gap**: that completion's time minus the time of the last
   completion before the kill (as in the recovery suite); the mean over recoveries.
 * **steps replayed**: completions of a step number already completed before.
+* **samples goodput** (throughput goodput): samples kept in the window per second over the
+  fault-free rate (global batch / steady step time); the same as goodput where every step
+  trains the whole batch, lower for torchft's steps without the lost group.
+* **lost rank back**: per kill, seconds until the killed rank trains again (torchft: its
+  group's next committed step with samples; the others: the next step completion).
 
     python -m raypod.bench.goodput [--duration 600] [--kill-every 60] [--seed 0]
     raypod bench goodput [--duration 600] [--kill-every 60]
@@ -78,10 +89,12 @@ from typing import Any
 
 from raypod.bench import table
 from raypod.bench import trials as harness
-from raypod.bench.recovery import read_step_log
+from raypod.bench.recovery import GLOBAL_BATCH, MATH, TORCHFT_SYSTEMS, Line, read_group_log, read_step_log
 from raypod.bench.table import fmt
 
-LABELS = table.labels(ray_train_v2="Ray Train V2 TorchTrainer", torchrun="torchrun --max-restarts 1000")
+LABELS = table.labels(ray_train_v2="Ray Train V2 TorchTrainer", torchrun="torchrun --max-restarts 1000",
+                      ray_train_torchft="Ray Train V2 TorchTrainer + TorchftConfig",
+                      torchft="torchft (Manager + lighthouse, torchrun --max-restarts 1000 per group)")
 SYSTEMS = tuple(LABELS)
 DURATION_S = 600.0
 KILL_EVERY_S = 60.0
@@ -105,6 +118,11 @@ COMMANDS = {
     "torchrun": "python -m torch.distributed.run --standalone --nproc-per-node 2 --max-restarts 1000 "
                 f"raypod/bench/anchors/mlp_torchrun.py --workdir <tmp>/work --steps {MAX_STEPS} "
                 f"--deadline <launch+duration> --no-kill --keep {KEEP}",
+    "ray_train_torchft": "RAY_TRAIN_V2_ENABLED=1 python raypod/bench/anchors/mlp_ray_train_torchft.py "
+                         "--workdir <tmp>/work --storage <tmp>/storage --name goodput-ray-train-torchft "
+                         f"--steps {MAX_STEPS} --deadline <launch+duration> --no-kill --max-failures -1",
+    "torchft": f"python raypod/bench/anchors/mlp_torchft.py --workdir <tmp>/work --steps {MAX_STEPS} "
+               "--deadline <launch+duration> --no-kill --max-restarts 1000",
 }
 
 
@@ -145,6 +163,13 @@ def recoveries(rows: list[Row], kills: list[float], end: float) -> list[dict[str
     return out
 
 
+def kept_base(rows: list[Row]) -> int:
+    """The step the final state's kept steps count from: the first completion's; for a state restarted
+    from before it (torchft with every group lost: from scratch), the step below its lowest step."""
+    lowest = min(r[0] for r in rows)
+    return rows[0][0] if lowest >= rows[0][0] else lowest - 1
+
+
 def goodput_figures(rows: list[Row], kills: list[float], end: float) -> dict[str, Any]:
     """Goodput and its parts from a step log and the kill times (see the module doc).
 
@@ -161,7 +186,7 @@ def goodput_figures(rows: list[Row], kills: list[float], end: float) -> dict[str
     window = end - first[1]
     step_s = steady_step_s(rows, kills)
     ivs = fault_free_intervals(rows, kills)
-    kept = last[0] - first[0]
+    kept = last[0] - kept_base(rows)
     seen = 0
     replayed = 0
     for r in rows:
@@ -189,6 +214,61 @@ def goodput_figures(rows: list[Row], kills: list[float], end: float) -> dict[str
         "gaps_s": [round(g, 3) for g in gaps],
         "per_kill": [{**r, "kill_t": round(r["kill_t"], 3),
                       "gap_s": None if r["gap_s"] is None else round(r["gap_s"], 3)} for r in recs],
+    }
+
+
+def group_rows(groups: dict[int, list[Line]]) -> list[Row]:
+    """A torchft anchor's step completions from its groups' logs (``steps.rg<g>.log``).
+
+    A step completes when the last group that committed it logged it; the groups restart on
+    their own (no whole-job attempt), so ``attempt`` is 0. A killed first group leaves no hole:
+    the survivor's commits count.
+    """
+    done: dict[int, float] = {}
+    for lines in groups.values():
+        for step, t, _, _, committed in lines:
+            if committed:
+                done[step] = max(done.get(step, t), t)
+    return sorted(((step, t, 0) for step, t in done.items()), key=lambda r: r[1])
+
+
+def sample_figures(rows: list[Row], groups: dict[int, list[Line]] | None, kills: list[dict[str, Any]],
+                   end: float, step_s: float | None) -> dict[str, Any]:
+    """Samples kept in the window, the throughput goodput and per kill the seconds until the killed
+    rank trains again.
+
+    Args:
+        rows: step completions (``end`` and later ignored).
+        groups: a torchft anchor's per-group logs (None: a system whose every step trains the
+            whole global batch).
+        kills: the harness's kills (``t``, ``rank``, ``fired``).
+        end: the deadline.
+        step_s: the steady (fault-free) step time.
+    """
+    rows = [r for r in rows if r[1] <= end]
+    first_t, base = rows[0][1], kept_base(rows)
+    if groups is None:
+        kept = (rows[-1][0] - base) * GLOBAL_BATCH
+    else:
+        since = first_t
+        if base != rows[0][0]:  # restarted from scratch: only the new state's steps count
+            since = min(max(ln[1] for ln in lines if ln[0] == base + 1 and ln[4])
+                        for lines in groups.values() if any(ln[0] == base + 1 and ln[4] for ln in lines)) - 1e-6
+        kept = sum(ln[3] for lines in groups.values() for ln in lines if ln[4] and since < ln[1] <= end)
+    window = end - first_t
+    backs = []
+    for k in (k for k in kills if k.get("fired")):
+        if groups is None:
+            after = [r[1] for r in rows if r[1] > k["t"]]
+        else:
+            after = [ln[1] for ln in groups.get(k["rank"], []) if ln[1] > k["t"] and ln[3] > 0 and ln[4]]
+        backs.append(round(after[0] - k["t"], 3) if after and after[0] <= end else None)
+    known = [b for b in backs if b is not None]
+    return {
+        "kept_samples": kept,
+        "sample_goodput": round(kept * step_s / (GLOBAL_BATCH * window), 4) if step_s and window > 0 else None,
+        "lost_back_s": backs,
+        "mean_lost_back_s": round(statistics.mean(known), 3) if known else None,
     }
 
 
@@ -274,6 +354,14 @@ def _command(system: str, tmp: Path, deadline: float, torchrun_fresh_store: bool
                "--steps", str(MAX_STEPS), "--deadline", f"{deadline:.3f}", "--no-kill", "--keep", str(KEEP)]
         if torchrun_fresh_store:
             extra["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    elif system == "ray_train_torchft":
+        cmd = [py, str(anchors / "mlp_ray_train_torchft.py"), "--workdir", str(tmp / "work"),
+               "--storage", str(tmp / "storage"), "--name", "goodput-ray-train-torchft", "--steps", str(MAX_STEPS),
+               "--deadline", f"{deadline:.3f}", "--no-kill", "--max-failures", "-1"]
+        extra["RAY_TRAIN_V2_ENABLED"] = "1"
+    elif system == "torchft":
+        cmd = [py, str(anchors / "mlp_torchft.py"), "--workdir", str(tmp / "work"), "--steps", str(MAX_STEPS),
+               "--deadline", f"{deadline:.3f}", "--no-kill", "--max-restarts", "1000"]
     else:
         raise ValueError(f"unknown system '{system}'")
     return cmd, extra
@@ -286,7 +374,7 @@ def _first_step_time(path: Path) -> float | None:
     except OSError:
         return None
     parts = line.strip().split(",")
-    return float(parts[1]) if len(parts) == 3 and line.endswith("\n") else None
+    return float(parts[1]) if len(parts) >= 3 and line.endswith("\n") else None
 
 
 def _drive(system: str, proc: subprocess.Popen, tag: str, tmp: Path, steps_log: Path, deadline: float,
@@ -349,8 +437,15 @@ def run_system(system: str, logs: Path, duration: float = DURATION_S, kill_every
     rec.update(exit_code=rc, started=t0, deadline=deadline,
                kill_log=[{**k, "t": round(k["t"], 3)} for k in kills])
     try:
-        rows = read_step_log(steps_log)
+        groups = None
+        if system in TORCHFT_SYSTEMS:
+            groups = {int(p.name[len("steps.rg"):-len(".log")]): read_group_log(p)
+                      for p in (tmp / "work").glob("steps.rg*.log")}
+            rows = group_rows(groups)
+        else:
+            rows = read_step_log(steps_log)
         rec.update(goodput_figures(rows, [k["t"] for k in kills if k["fired"]], deadline))
+        rec.update(sample_figures(rows, groups, kills, deadline, rec.get("steady_step_s")))
         rec["kills_fired"] = sum(1 for k in kills if k["fired"])
         rec["first_step_after_launch_s"] = round(rows[0][1] - t0, 3)
         rec["timeline"] = [[round(t - t0, 2), step] for step, t, _ in rows if t <= deadline]
@@ -371,8 +466,9 @@ def run_system(system: str, logs: Path, duration: float = DURATION_S, kill_every
 
 
 # ---- the suite -----------------------------------------------------------------------
-HEADER = ["system", "goodput", "ETTR", "raypod / this", "window (s)", "steady step (ms)", "kept steps",
-          "kills fired", "recoveries", "steps replayed", "mean gap (s)", "ran to deadline"]
+HEADER = ["system", "goodput", "ETTR", "samples goodput", "raypod / this", "window (s)", "steady step (ms)",
+          "kept steps", "kept samples", "kills fired", "recoveries", "steps replayed", "mean gap (s)",
+          "mean lost rank back (s)", "ran to deadline"]
 
 
 def _rows(result: dict[str, Any]) -> list[list[str]]:
@@ -381,10 +477,12 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
         r = result["results"][s]
         ratio = 1.0 if s == "raypod" else result["ratios"].get(f"raypod/{s}")
         step_ms = None if r.get("steady_step_s") is None else r["steady_step_s"] * 1000
-        out.append([LABELS[s], fmt(r.get("goodput"), ".3f"), fmt(r.get("ettr"), ".3f"), fmt(ratio, ".2f"),
+        out.append([LABELS[s], fmt(r.get("goodput"), ".3f"), fmt(r.get("ettr"), ".3f"),
+                    fmt(r.get("sample_goodput"), ".3f"), fmt(ratio, ".2f"),
                     fmt(r.get("window_s"), ".1f"), fmt(step_ms, ".0f"), fmt(r.get("kept_steps")),
-                    fmt(r.get("kills_fired")), fmt(r.get("recoveries")), fmt(r.get("steps_replayed")),
-                    fmt(r.get("mean_gap_s"), ".2f"),
+                    fmt(r.get("kept_samples")), fmt(r.get("kills_fired")), fmt(r.get("recoveries")),
+                    fmt(r.get("steps_replayed")), fmt(r.get("mean_gap_s"), ".2f"),
+                    fmt(r.get("mean_lost_back_s"), ".2f"),
                     "yes" if r["ok"] else f"NO ({(r.get('why') or '?')[:60]})"])
     return out
 
@@ -411,6 +509,17 @@ DEFINITIONS = {
     "recoveries": "kills followed by a step completion before the next kill or the deadline",
     "mean_gap_s": "mean over recoveries of (first completion after the kill - last completion before it)",
     "steps_replayed": "completions of a step number already completed before",
+    "kept_samples": "samples the state keeps from completions after the first up to the deadline: kept_steps x "
+                    f"{GLOBAL_BATCH} for raypod and the checkpoint-restart anchors; the torchft anchors: every "
+                    "group's committed samples (a step trained by one of the two groups counts 16)",
+    "sample_goodput": f"throughput goodput: kept_samples / window_s over the fault-free rate {GLOBAL_BATCH} / "
+                      "steady_step_s (equal to goodput where every step trains the whole batch; lower for "
+                      "torchft, whose steps without the lost group train half of it)",
+    "mean_lost_back_s": "mean over fired kills of the seconds until the killed rank trains again (raypod and "
+                        "the checkpoint-restart anchors: the next step completion, every rank trains it; "
+                        "the torchft anchors: the killed group's next committed step with samples)",
+    "final_state": "not compared here: each system stops at a deadline, at a step of its own, and no "
+                   "fault-free run is made (the recovery suite compares final states)",
 }
 
 
@@ -489,6 +598,10 @@ def markdown(result: dict[str, Any]) -> str:
         markdown_table(result),
         "",
         *[f"- **{k}**: {v}." for k, v in DEFINITIONS.items()],
+        "What each system's recovery does to the training math:",
+        "",
+        *[f"- **{LABELS[s]}**: {MATH[s]}." for s in result["systems"]],
+        "",
         "- The ratio is raypod's goodput over the system's (above 1: raypod keeps more of the time "
         "training). Target (issue 8): raypod's effective training time ratio >= 0.97; goodput "
         "is the stricter figure.",
@@ -498,9 +611,12 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def run(trials: int = 1, out: str | os.PathLike | None = "benchmarks/results", duration: float = DURATION_S,
-        kill_every: float = KILL_EVERY_S) -> dict[str, Any]:
-    """Entry point for ``raypod bench goodput`` (one run per system; ``trials`` is not used)."""
-    return run_goodput_bench(duration=duration, kill_every=kill_every, out=out)
+        kill_every: float = KILL_EVERY_S, systems: str | tuple[str, ...] = SYSTEMS) -> dict[str, Any]:
+    """Entry point for ``raypod bench goodput`` (one run per system; ``trials`` is not used; ``systems``
+    a comma-separated subset)."""
+    if isinstance(systems, str):
+        systems = tuple(s.strip() for s in systems.split(",") if s.strip())
+    return run_goodput_bench(duration=duration, kill_every=kill_every, out=out, systems=systems)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -521,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                                systems=tuple(s for s in args.systems.split(",") if s),
                                torchrun_fresh_store=args.torchrun_fresh_store,
                                plot=None if args.plot == "-" else args.plot)
-    print(json.dumps({s: {k: r.get(k) for k in ("goodput", "kills_fired", "recoveries", "steps_replayed",
-                                                  "mean_gap_s")} for s, r in result["results"].items()}
+    print(json.dumps({s: {k: r.get(k) for k in ("goodput", "sample_goodput", "kills_fired", "recoveries",
+                                                  "steps_replayed", "mean_gap_s", "mean_lost_back_s")} for s, r in result["results"].items()}
                      | {"ratios": result["ratios"]}, indent=2))
     return 0
 

@@ -9,7 +9,11 @@ to a temporary directory and reports it with
 ``ray.train.report(metrics, checkpoint=Checkpoint.from_directory(dir))`` (Ray Train
 merges the workers' directories into one persistent checkpoint, as in its FSDP2
 guide); a restarted worker group resumes from ``ray.train.get_checkpoint()``.
-Rank 1 exits hard after step 25 the first time (``DIR/kill.marker``). Rank 0 appends
+Rank 1 exits hard after step 25 the first time (``DIR/kill.marker``); with ``--fault
+freeze`` it stops itself with SIGSTOP instead (same marker). A frozen worker is left to
+Ray Train as shipped: its process group was set up by ``TorchConfig`` (``timeout_s=1800``,
+30 minutes) and its controller declares a worker that does not answer its health poll
+dead after ``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S`` (600 s by default). Rank 0 appends
 ``step,unix_time,attempt`` to ``DIR/steps.log`` after every completed step
 (``attempt`` counts the starts of rank 0 in ``DIR/attempts``).
 
@@ -37,14 +41,15 @@ def train_loop_per_worker(config: dict) -> None:
         MLPJob,
         MLPRun,
         StepLog,
-        maybe_kill,
+        maybe_fault,
         next_attempt,
         past_deadline,
         record_pid,
     )
 
     job = MLPJob(max_steps=config["steps"],
-                 kill_after=0 if config.get("no_kill") else MLPJob.kill_after)
+                 kill_after=0 if config.get("no_kill") else MLPJob.kill_after,
+                 fault=config.get("fault", "kill"))
     workdir = config["workdir"]
     deadline = config.get("deadline")
     rank = ray.train.get_context().get_world_rank()
@@ -72,7 +77,7 @@ def train_loop_per_worker(config: dict) -> None:
                         f.write(str(step))
                 ray.train.report({"step": step, "loss": loss},
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        maybe_kill(step, rank, job, os.path.join(workdir, "kill.marker"))
+        maybe_fault(step, rank, job, os.path.join(workdir, "kill.marker"))
     dist.barrier()
 
 
@@ -80,7 +85,9 @@ def main() -> int:
     p = parser(__doc__, "bench-recovery-ray-train", 60)
     p.add_argument("--workdir", required=True, help="step log, attempt counter and kill marker")
     p.add_argument("--deadline", type=float, default=None, help="stop at this unix time (goodput suite)")
-    p.add_argument("--no-kill", action="store_true", help="no built-in kill after step 25")
+    p.add_argument("--no-kill", action="store_true", help="no built-in fault after step 25")
+    p.add_argument("--fault", choices=("kill", "freeze"), default="kill",  # mlp_common.FAULTS (no torch here)
+                   help="what rank 1 does after step 25: kill (os._exit) or freeze (SIGSTOP)")
     p.add_argument("--max-failures", type=int, default=2, help="FailureConfig.max_failures (-1: no limit)")
     p.add_argument("--keep", type=int, default=0, help="CheckpointConfig.num_to_keep (0: all)")
     args = p.parse_args()
@@ -91,7 +98,8 @@ def main() -> int:
 
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
-    config = {"steps": args.steps, "workdir": workdir, "deadline": args.deadline, "no_kill": args.no_kill}
+    config = {"steps": args.steps, "workdir": workdir, "deadline": args.deadline, "no_kill": args.no_kill,
+              "fault": args.fault}
     return fit("mlp_ray_train.py", train_loop_per_worker, config, args.storage, args.name,
                failure_config=FailureConfig(max_failures=args.max_failures),
                checkpoint_config=CheckpointConfig(num_to_keep=args.keep or None))

@@ -6,7 +6,11 @@
 Every 10 steps all ranks DCP-save to ``DIR/ckpt/step_N`` and rank 0 then commits it
 by writing ``DIR/ckpt/latest``; a (re)started group resumes from the latest commit.
 Rank 1 exits hard after step 25 the first time (``DIR/kill.marker``); torchrun's
-agent then stops the group and starts a new one. Rank 0 appends
+agent then stops the group and starts a new one. ``--fault freeze`` stops rank 1 with
+SIGSTOP instead (same marker): its process stays alive, so torchrun's agent, which
+watches for exits, sees nothing, and rank 0 waits in its next gloo collective for the
+process group's timeout, ``dist.init_process_group("gloo")``'s default (torch's
+``default_pg_timeout``, 30 minutes). Rank 0 appends
 ``step,unix_time,attempt`` to ``DIR/steps.log`` after every completed step
 (``attempt`` = ``TORCHELASTIC_RESTART_COUNT``).
 
@@ -24,10 +28,11 @@ import os
 import torch.distributed as dist
 
 from raypod.bench.anchors.mlp_common import (
+    FAULTS,
     MLPJob,
     MLPRun,
     StepLog,
-    maybe_kill,
+    maybe_fault,
     past_deadline,
     prune_checkpoints,
     record_pid,
@@ -47,10 +52,13 @@ def main() -> None:
     p.add_argument("--workdir", required=True, help="step log, kill marker and checkpoints")
     p.add_argument("--steps", type=int, default=MLPJob.max_steps)
     p.add_argument("--deadline", type=float, default=None, help="stop at this unix time (goodput suite)")
-    p.add_argument("--no-kill", action="store_true", help="no built-in kill after step 25")
+    p.add_argument("--no-kill", action="store_true", help="no built-in fault after step 25")
+    p.add_argument("--fault", choices=FAULTS, default="kill",
+                   help="what rank 1 does after step 25: kill (os._exit) or freeze (SIGSTOP)")
     p.add_argument("--keep", type=int, default=0, help="checkpoints to keep (0: all)")
     args = p.parse_args()
-    job = MLPJob(max_steps=args.steps, kill_after=0 if args.no_kill else MLPJob.kill_after)
+    job = MLPJob(max_steps=args.steps, kill_after=0 if args.no_kill else MLPJob.kill_after,
+                 fault=args.fault)
     workdir = os.path.abspath(args.workdir)
     ckpt = os.path.join(workdir, "ckpt")
     os.makedirs(ckpt, exist_ok=True)
@@ -77,7 +85,7 @@ def main() -> None:
                         f.write(str(step))
                     os.replace(tmp, os.path.join(ckpt, "latest"))
                     prune_checkpoints(ckpt, args.keep)
-            maybe_kill(step, rank, job, os.path.join(workdir, "kill.marker"))
+            maybe_fault(step, rank, job, os.path.join(workdir, "kill.marker"))
     finally:
         dist.destroy_process_group()
 
