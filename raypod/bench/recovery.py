@@ -712,9 +712,9 @@ DEFINITIONS = {
                    "started_at + events[0].resumed_s; checkpoint-restart anchors: the restarted group's "
                    "first step; torchft anchors: the lost group's first committed step with samples; "
                    "none: the survivors finished without it)",
-    "state_equal": "the final state's sha256 (raypod: final_state_sha256; torchft anchors: "
+    "state_equal": "the final state's sha256 (raypod: final_state_sha256; the anchors: "
                    "final_state.sha256, the same full model + optimizer digest) equals the system's "
-                   "fault-free run's; the Ray Train and torchrun anchors write no digest",
+                   "fault-free run's",
 }
 """What each column means (written into recovery.json and recovery.md)."""
 

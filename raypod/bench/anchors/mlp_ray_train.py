@@ -45,6 +45,8 @@ def train_loop_per_worker(config: dict) -> None:
         next_attempt,
         past_deadline,
         record_pid,
+        state_digest,
+        write_digest,
     )
 
     job = MLPJob(max_steps=config["steps"],
@@ -64,10 +66,12 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(ckpt_dir, "step.txt")) as f:
                 start = int(f.read())
     log = StepLog(os.path.join(workdir, "steps.log"), rank, attempt)
+    last = start
     for step in range(start + 1, job.max_steps + 1):
         if past_deadline(deadline, step, start + 1):
             break
         loss = run.step(step)
+        last = step
         log.completed(step)
         if step % job.checkpoint_every == 0 or step == job.max_steps:
             with tempfile.TemporaryDirectory() as tmp:
@@ -78,6 +82,10 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report({"step": step, "loss": loss},
                                  checkpoint=ray.train.Checkpoint.from_directory(tmp))
         maybe_fault(step, rank, job, os.path.join(workdir, "kill.marker"))
+    if last == job.max_steps:  # the final state, hashed as raypod hashes its own (collective)
+        digest = state_digest(run.model, run.optimizer)
+        if rank == 0:
+            write_digest(workdir, digest)
     dist.barrier()
 
 

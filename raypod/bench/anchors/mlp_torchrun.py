@@ -36,6 +36,8 @@ from raypod.bench.anchors.mlp_common import (
     past_deadline,
     prune_checkpoints,
     record_pid,
+    state_digest,
+    write_digest,
 )
 
 
@@ -72,10 +74,12 @@ def main() -> None:
         if start:
             run.load(os.path.join(ckpt, f"step_{start}"))
         log = StepLog(os.path.join(workdir, "steps.log"), rank, attempt)
+        last = start
         for step in range(start + 1, job.max_steps + 1):
             if past_deadline(args.deadline, step, start + 1):
                 break
             run.step(step)
+            last = step
             log.completed(step)
             if step % job.checkpoint_every == 0 or step == job.max_steps:
                 run.save(os.path.join(ckpt, f"step_{step}"))
@@ -86,6 +90,10 @@ def main() -> None:
                     os.replace(tmp, os.path.join(ckpt, "latest"))
                     prune_checkpoints(ckpt, args.keep)
             maybe_fault(step, rank, job, os.path.join(workdir, "kill.marker"))
+        if last == job.max_steps:  # every rank agrees (past_deadline is collective)
+            digest = state_digest(run.model, run.optimizer)  # hashed as raypod hashes its own
+            if rank == 0:
+                write_digest(workdir, digest)
     finally:
         dist.destroy_process_group()
 
