@@ -62,6 +62,24 @@ def kill_stopped(job_dir: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def run_faulted(cfg: Any) -> tuple[dict, dict, PidsAtFailure, float]:
+    """Run ``cfg`` (a job with ``fault.inject``) to its end on the connected Ray: its summary,
+    its first event, the ranks' pids at the failure, and how long after the fault fired (its
+    marker's time) the driver declared it. A stopped rank left behind is killed."""
+    import json
+
+    from raypod.api import run
+
+    pids = PidsAtFailure(cfg.job_dir)
+    try:
+        summary = run(cfg, callbacks=[pids])
+    finally:
+        kill_stopped(cfg.job_dir)
+    ev = summary["events"][0]
+    marker = json.loads((Path(cfg.job_dir) / "faults" / "fired_0.json").read_text())
+    return summary, ev, pids, summary["started_at"] + ev["detected_s"] - marker["time"]
+
+
 class PidsAtFailure(Callback):
     """The ranks' pids as they were when the failure was seen (before the group re-formed)."""
 
@@ -71,3 +89,25 @@ class PidsAtFailure(Callback):
 
     def after_failure(self, event: Any) -> None:
         self.pids = job_pids(self.job_dir)
+
+
+# ---- the driver's group contract -----------------------------------------------------
+
+
+def assert_implements_group_protocol(group: Any) -> None:
+    """``group`` has every member of :class:`raypod.protocol.WorkerGroupProtocol`, methods with
+    the protocol's parameter names in its order (the real group, the simulator's, the fake)."""
+    import inspect
+
+    from raypod.protocol import WorkerGroupProtocol
+
+    assert isinstance(group, WorkerGroupProtocol)
+    cls = WorkerGroupProtocol
+    names = set(getattr(cls, "__annotations__", {}))
+    names |= {n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
+    for name in sorted(names):
+        assert hasattr(group, name), f"{type(group).__name__} has no {name}"
+        want = getattr(cls, name, None)
+        if inspect.isfunction(want):
+            have = getattr(type(group), name)
+            assert list(inspect.signature(have).parameters) == list(inspect.signature(want).parameters), name

@@ -16,12 +16,11 @@ as ``benchmarks/gpu_readiness.sh`` runs it on a machine that has them.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
-from support import PidsAtFailure, job_pids, kill_stopped, tiny_job
+from support import job_pids, run_faulted, tiny_job
 
 from raypod.api import run
 
@@ -49,15 +48,8 @@ def baseline(ray_connected, tmp_path_factory):
 def test_a_peer_lost_mid_collective_releases_the_survivors_in_place(ray_connected, baseline, tmp_path,
                                                                      kind, at):
     cfg = three_ranks(tmp_path, f"fault.inject=[{{step: 5, rank: 1, kind: {kind}, at: {at}}}]")
-    pids = PidsAtFailure(cfg.job_dir)
-    try:
-        summary = run(cfg, callbacks=[pids])
-    finally:
-        kill_stopped(cfg.job_dir)
+    summary, ev, pids, detected = run_faulted(cfg)
     assert summary["status"] == "succeeded" and summary["final_step"] == STEPS, summary.get("error")
-    ev = summary["events"][0]
-    marker = json.loads((Path(cfg.job_dir) / "faults" / "fired_0.json").read_text())
-    detected = summary["started_at"] + ev["detected_s"] - marker["time"]
     print(f"{kind} at {at}: detected {detected:.2f} s after it fired, resumed "
           f"{ev['resumed_s'] - ev['detected_s']:.2f} s after that; phases {ev['recovery_phases_s']}; "
           f"{ev['restored_from']}, lost {ev['lost_steps']}")

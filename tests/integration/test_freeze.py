@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from support import PidsAtFailure, job_pids, kill_stopped, tiny_job
+from support import PidsAtFailure, job_pids, kill_stopped, run_faulted, tiny_job
 
 from raypod.api import run
 
@@ -32,16 +32,8 @@ def baseline(ray_connected, tmp_path_factory):
 def run_frozen(step: int, tmp_path: Path) -> tuple[dict, dict, PidsAtFailure, float]:
     """The tiny job with rank 1 frozen at ``step``: its summary, its event, the pids at the
     failure, and how long after the freeze the driver declared it."""
-    cfg = tiny(tmp_path, "checkpoint.memory_every_steps=1",
-               f"fault.inject=[{{step: {step}, rank: 1, kind: freeze}}]")
-    pids = PidsAtFailure(cfg.job_dir)
-    try:
-        summary = run(cfg, callbacks=[pids])
-    finally:
-        kill_stopped(cfg.job_dir)
-    ev = summary["events"][0]
-    marker = json.loads((Path(cfg.job_dir) / "faults" / "fired_0.json").read_text())
-    detected = summary["started_at"] + ev["detected_s"] - marker["time"]
+    summary, ev, pids, detected = run_faulted(tiny(tmp_path, "checkpoint.memory_every_steps=1",
+                                                   f"fault.inject=[{{step: {step}, rank: 1, kind: freeze}}]"))
     print(f"freeze at step {step}: detected {detected:.2f} s after the freeze, resumed "
           f"{ev['resumed_s'] - ev['detected_s']:.2f} s after that; event {json.dumps(ev)}")
     assert summary["status"] == "succeeded" and summary["final_step"] == 8 and summary["failures"] == 1
@@ -93,14 +85,7 @@ def test_a_rank_frozen_while_the_group_forms_is_found_in_about_a_second(ray_conn
     # Rank 1 stops before the first rendezvous: rank 0 waits in it for a peer that never
     # comes. The driver's watch over the forming group finds it (not the store's 60 s
     # timeout), ends it, releases rank 0, and starts the group again.
-    cfg = tiny(tmp_path, "fault.inject=[{step: 1, rank: 1, kind: freeze, at: join}]")
-    try:
-        summary = run(cfg, callbacks=[])
-    finally:
-        kill_stopped(cfg.job_dir)
-    ev = summary["events"][0]
-    marker = json.loads((Path(cfg.job_dir) / "faults" / "fired_0.json").read_text())
-    detected = summary["started_at"] + ev["detected_s"] - marker["time"]
+    summary, ev, _, detected = run_faulted(tiny(tmp_path, "fault.inject=[{step: 1, rank: 1, kind: freeze, at: join}]"))
     print(f"freeze at join: detected {detected:.2f} s after the freeze; event {json.dumps(ev)}")
     assert summary["status"] == "succeeded" and summary["final_step"] == 8 and summary["failures"] == 1
     assert ev["kind"] == "unresponsive" and ev["rank"] == 1 and "while the group formed" in ev["message"]

@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 
-from raypod.bench.anchors.ray_fit import fit, parser, v2_enabled
+from raypod.bench.anchors.ray_fit import fit, mlp_config, mlp_options, parser, v2_enabled
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -91,12 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 def main() -> int:
     p = parser(__doc__, "bench-recovery-ray-train", 60)
-    p.add_argument("--workdir", required=True, help="step log, attempt counter and kill marker")
-    p.add_argument("--deadline", type=float, default=None, help="stop at this unix time (goodput suite)")
-    p.add_argument("--no-kill", action="store_true", help="no built-in fault after step 25")
-    p.add_argument("--fault", choices=("kill", "freeze"), default="kill",  # mlp_common.FAULTS (no torch here)
-                   help="what rank 1 does after step 25: kill (os._exit) or freeze (SIGSTOP)")
-    p.add_argument("--max-failures", type=int, default=2, help="FailureConfig.max_failures (-1: no limit)")
+    mlp_options(p, "rank 1")
     p.add_argument("--keep", type=int, default=0, help="CheckpointConfig.num_to_keep (0: all)")
     args = p.parse_args()
     if not v2_enabled("mlp_ray_train.py"):
@@ -104,10 +99,7 @@ def main() -> int:
 
     from ray.train import CheckpointConfig, FailureConfig
 
-    workdir = os.path.abspath(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    config = {"steps": args.steps, "workdir": workdir, "deadline": args.deadline, "no_kill": args.no_kill,
-              "fault": args.fault}
+    config = mlp_config(args)
     return fit("mlp_ray_train.py", train_loop_per_worker, config, args.storage, args.name,
                failure_config=FailureConfig(max_failures=args.max_failures),
                checkpoint_config=CheckpointConfig(num_to_keep=args.keep or None))

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import sys
 
-from raypod.bench.anchors.ray_fit import parser, v2_enabled
+from raypod.bench.anchors.ray_fit import mlp_config, mlp_options, parser, v2_enabled
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -102,20 +102,11 @@ def fit(config: dict, storage: str, name: str, max_failures: int) -> int:
 
 def main() -> int:
     p = parser(__doc__, "bench-recovery-ray-train-torchft", 60)
-    p.add_argument("--workdir", required=True, help="step logs, attempt counters, kill marker, final digest")
-    p.add_argument("--deadline", type=float, default=None, help="stop at this unix time (goodput suite)")
-    p.add_argument("--no-kill", action="store_true", help="no built-in fault after step 25")
-    p.add_argument("--fault", choices=("kill", "freeze"), default="kill",  # mlp_common.FAULTS (no torch here)
-                   help="what worker 1 does after step 25: kill (os._exit) or freeze (SIGSTOP)")
-    p.add_argument("--max-failures", type=int, default=2, help="FailureConfig.max_failures (-1: no limit)")
+    mlp_options(p, "worker 1")
     args = p.parse_args()
     if not v2_enabled("mlp_ray_train_torchft.py"):
         return 2
-    workdir = os.path.abspath(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    config = {"steps": args.steps, "workdir": workdir, "deadline": args.deadline, "no_kill": args.no_kill,
-              "fault": args.fault}
-    return fit(config, args.storage, args.name, args.max_failures)
+    return fit(mlp_config(args), args.storage, args.name, args.max_failures)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,25 @@ def parser(description: str, name: str, steps: int) -> argparse.ArgumentParser:
     return p
 
 
+def mlp_options(p: argparse.ArgumentParser, who: str) -> None:
+    """The MLP anchors' options: ``--workdir``, ``--deadline``, ``--no-kill``, ``--fault`` (what
+    ``who``, the faulting rank or worker, does after step 25) and ``--max-failures``."""
+    p.add_argument("--workdir", required=True, help="step logs, attempt counters, kill marker, final digest")
+    p.add_argument("--deadline", type=float, default=None, help="stop at this unix time (goodput suite)")
+    p.add_argument("--no-kill", action="store_true", help="no built-in fault after step 25")
+    p.add_argument("--fault", choices=("kill", "freeze"), default="kill",  # mlp_common.FAULTS (no torch here)
+                   help=f"what {who} does after step 25: kill (os._exit) or freeze (SIGSTOP)")
+    p.add_argument("--max-failures", type=int, default=2, help="FailureConfig.max_failures (-1: no limit)")
+
+
+def mlp_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The train loop's config from :func:`mlp_options`' arguments (the work folder created)."""
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    return {"steps": args.steps, "workdir": workdir, "deadline": args.deadline, "no_kill": args.no_kill,
+            "fault": args.fault}
+
+
 def v2_enabled(prog: str) -> bool:
     """Whether ``RAY_TRAIN_V2_ENABLED=1`` is set (else say so on stderr)."""
     if os.environ.get("RAY_TRAIN_V2_ENABLED") != "1":

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 
 import pytest
+from support import assert_implements_group_protocol
 
 from raypod.bench import sim
 from raypod.bench.calibration import Calibration, Fit
@@ -13,7 +13,6 @@ from raypod.bench.simgroup import FaultPlan, SimGroup, VirtualClock, driver_cloc
 from raypod.driver.controller import Driver
 from raypod.driver.recovery import Recovery
 from raypod.driver.state import StateKind
-from raypod.protocol import WorkerGroupProtocol
 from raypod.recipe import Recipe
 
 CAL = Calibration(actor_call=Fit(0.0, 50e-6), wait=Fit(1e-4, 1e-6), ping=Fit(0.002, 2e-6),
@@ -21,21 +20,9 @@ CAL = Calibration(actor_call=Fit(0.0, 50e-6), wait=Fit(1e-4, 1e-6), ping=Fit(0.0
 """A test calibration: what each call costs is arbitrary here, the figures follow from it."""
 
 
-def _members(cls: type) -> set[str]:
-    names = set(getattr(cls, "__annotations__", {}))
-    names |= {n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
-    return names
-
-
 def test_the_sim_group_implements_the_protocol(tmp_path):
     group = SimGroup(sim.job_config(4, 5, str(tmp_path)), Recipe(), CAL, VirtualClock())
-    assert isinstance(group, WorkerGroupProtocol)
-    for name in sorted(_members(WorkerGroupProtocol)):
-        assert hasattr(group, name), f"SimGroup has no {name}"
-        want = getattr(WorkerGroupProtocol, name, None)
-        if inspect.isfunction(want):
-            have = getattr(SimGroup, name)
-            assert list(inspect.signature(have).parameters) == list(inspect.signature(want).parameters), name
+    assert_implements_group_protocol(group)
 
 
 def test_the_driver_reads_the_virtual_clock():

@@ -7,13 +7,13 @@ topology helpers and the spare pool's bookkeeping need no cluster.
 
 from __future__ import annotations
 
-import inspect
+from support import assert_implements_group_protocol
 
 from raypod.config import JobConfig
 from raypod.driver.spares import SparePool
 from raypod.driver.topology import avoid_nodes, hsdp_twins, peer_ring, peers_of
 from raypod.driver.worker_group import GroupStartError, PollResult, WorkerError, WorkerGroup
-from raypod.protocol import ErrorKind, WorkerGroupProtocol
+from raypod.protocol import ErrorKind
 from raypod.recipe import Recipe
 
 
@@ -23,21 +23,9 @@ def _group(tmp_path) -> WorkerGroup:  # noqa: ANN001 - pytest's tmp_path
     return WorkerGroup(cfg, Recipe())  # places nothing until start()
 
 
-def _members(cls: type) -> set[str]:
-    names = set(getattr(cls, "__annotations__", {}))
-    names |= {n for n, v in vars(cls).items() if not n.startswith("_") and (callable(v) or isinstance(v, property))}
-    return names
-
-
 def test_the_real_group_implements_the_protocol(tmp_path):
     group = _group(tmp_path)
-    assert isinstance(group, WorkerGroupProtocol)
-    for name in sorted(_members(WorkerGroupProtocol)):
-        assert hasattr(group, name), f"WorkerGroup has no {name}"
-        want = getattr(WorkerGroupProtocol, name, None)
-        if inspect.isfunction(want):
-            have = getattr(WorkerGroup, name)
-            assert list(inspect.signature(have).parameters) == list(inspect.signature(want).parameters), name
+    assert_implements_group_protocol(group)
 
 
 def test_the_old_import_path_still_names_the_messages():
