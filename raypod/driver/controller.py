@@ -152,9 +152,9 @@ class Driver:
         return self.diagnosis.fired
 
     def pending_faults(self) -> list[tuple[int, FaultInjection]]:
-        """The configured faults that have not fired yet (their markers are read again: one
-        may have fired while a group formed, where the running loop did not look)."""
-        return faults.pending(self.cfg, self.fired | set(faults.fired(self.cfg.job_dir)))
+        """The configured faults that have not fired yet, by their markers in storage (one may
+        have fired while a group formed, where the running loop did not look)."""
+        return faults.pending(self.cfg, faults.fired(self.cfg.job_dir))
 
     # ---- the loop ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -80,10 +80,10 @@ class WorkerGroup:
         self.placement: list[Placement] = []
         """Per rank: (placement group, bundle index) its actor occupies."""
         self.pool = SparePool(config, recipe, self.bundle, self._new_actor, lambda: self.excluded_nodes)
-        self.pg = None
-        self.world_size = 0
+        self.pg, self.world_size = None, 0
         self.nodes: list[str] = []
         self.node_ips: list[str] = []
+        self.pids: list[int] = []
         self.peer_to: list[int | None] = []
         """Per rank: the rank its snapshots are replicated to (``None``: no replication)."""
         self.twins: list[int | None] | None = None
@@ -274,7 +274,7 @@ class WorkerGroup:
         """End the processes of ``ranks`` now (their slots are refilled by recover_in_place)."""
         for r in ranks:
             kill_quietly(self.actors[r])
-        kill_now(self.actors, self.nodes, getattr(self, "pids", []), ranks)  # a stopped process too
+        kill_now(self.actors, self.nodes, self.pids, ranks)  # a stopped process too
 
     def drain(self, timeout: float, attempt: int | None = None) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks

@@ -128,11 +128,6 @@ class GroupSession:
     def backend(self) -> str:
         return "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
 
-    @property
-    def active(self) -> bool:
-        """Groups exist (configured and not left yet)."""
-        return dist.is_initialized()
-
     def configure(self, store: Any | Callable[[], Any], rank: int, world_size: int, timeout_s: float,
                   make_mesh: Callable[[int], DeviceMesh]) -> DeviceMesh:
         """Form this rank's groups: ``rank`` of ``world_size`` through ``store`` (or a callable

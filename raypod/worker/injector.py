@@ -25,13 +25,13 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
 
 from raypod import faults
 from raypod.config import FaultInjection
 from raypod.storage import read_json, write_json_atomic
+from raypod.worker.parallel import on_block
 
 log = logging.getLogger("raypod.worker")
 
@@ -165,14 +165,8 @@ class FaultInjector:
         such fault is planned."""
         if not units or not (self.planned_at("forward") or self.planned_at("backward")):
             return
-        unit = units[len(units) // 2]
-
-        def backward_at_output(module: torch.nn.Module, args: Any, out: Any) -> None:
-            if isinstance(out, torch.Tensor) and out.requires_grad and self.planned_at("backward"):
-                out.register_hook(lambda grad: self.fire(step(), "backward"))
-
-        unit.register_forward_pre_hook(lambda module, args: self.fire(step(), "forward"))
-        unit.register_forward_hook(backward_at_output)
+        on_block(units[len(units) // 2], lambda: self.fire(step(), "forward"),
+                 lambda: self.fire(step(), "backward"))
 
     def delay(self) -> None:
         """A ``slow`` rank: every step takes ``slow_s`` longer."""

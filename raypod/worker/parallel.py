@@ -80,19 +80,26 @@ def to_empty(model: nn.Module, device: torch.device) -> None:
                     table[name] = made[id(t)]
 
 
-def track_progress(units: list[nn.Module], advance: Callable[[], None]) -> None:
-    """Call ``advance()`` as each sharded block is entered, in the forward pass (before FSDP2's
-    all-gather: the hook goes first) and in the backward pass (when the gradient reaches the
-    block's output). A rank's count then says how far into the step it got: its peers,
-    blocked in the collective of a block it never reached, count more."""
+def on_block(unit: nn.Module, forward: Callable[[], None], backward: Callable[[], None],
+             first: bool = False) -> None:
+    """Call ``forward()`` as ``unit`` is entered in the forward pass (``first``: before the
+    hooks already there, FSDP2's all-gather among them) and ``backward()`` when the gradient
+    reaches its output in the backward pass (the blocks after it are done)."""
 
     def on_output(module: nn.Module, args: Any, out: Any) -> None:
         if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(lambda grad: advance())
+            out.register_hook(lambda grad: backward())
 
+    unit.register_forward_pre_hook(lambda module, args: forward(), prepend=first)
+    unit.register_forward_hook(on_output)
+
+
+def track_progress(units: list[nn.Module], advance: Callable[[], None]) -> None:
+    """Call ``advance()`` as each sharded block is entered, in the forward pass (before FSDP2's
+    all-gather) and in the backward pass. A rank's count then says how far into the step it
+    got: its peers, blocked in the collective of a block it never reached, count more."""
     for unit in units:
-        unit.register_forward_pre_hook(lambda module, args: advance(), prepend=True)
-        unit.register_forward_hook(on_output)
+        on_block(unit, advance, advance, first=True)
 
 
 @contextlib.contextmanager
