@@ -2,8 +2,8 @@
 
     python -m raypod.bench.plots [--results benchmarks/results] [--out benchmarks/plots]
 
-Reads ``<results>/<suite>.json`` for startup, recovery, node_loss, overhead, elastic
-and goodput (a missing file is skipped) and writes ``<out>/<suite>.png``: each trial
+Reads ``<results>/<suite>.json`` for startup, recovery, node_loss, overhead, elastic,
+goodput, goodput_model, scale and sim (a missing file is skipped) and writes ``<out>/<suite>.png``: each trial
 as a dot, the median (or the single run) as a bar, with the system's label. The
 goodput plot adds each system's step number over time with the kills marked.
 Matplotlib runs on the Agg backend (no display needed).
@@ -174,6 +174,72 @@ def plot_goodput(d: dict[str, Any], out: Path) -> Path:
     return _save(fig, out, "goodput")
 
 
+def plot_scale(d: dict[str, Any], out: Path) -> Path:
+    """``raypod bench scale``: step time with and without the driver, and the kill gap, by N."""
+    by_n = sorted(((int(n), f) for n, f in d["by_n"].items()), key=lambda x: x[0])
+    ns = [n for n, _ in by_n]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax = axes[0]
+    for key, label, color in (("raypod_step_s", "raypod", COLORS["raypod"]),
+                              ("nodriver_step_s", "same ranks, no driver", "#7f7f7f")):
+        pts = [(n, f[key] * 1e3) for n, f in by_n if f.get(key)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("ranks (one 2-core machine)")
+    ax.set_ylabel("step (ms)")
+    ratio = ax.twinx()
+    pts = [(n, f["step_ratio"]) for n, f in by_n if f.get("step_ratio")]
+    ratio.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="#d62728", label="ratio")
+    ratio.axhline(1.05, color="#d62728", lw=0.8, ls=":")
+    ratio.set_ylabel("raypod / no driver (target <= 1.05)", color="#d62728")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    ax.set_title("step time", fontsize=10)
+    ax = axes[1]
+    gap = [(n, f["gap_s"], f.get("regroup_s") or 0.0) for n, f in by_n if f.get("gap_s") is not None]
+    ax.bar([str(n) for n, _, _ in gap], [g for _, g, _ in gap], color=COLORS["raypod"], alpha=0.35,
+           edgecolor=COLORS["raypod"], label="kill gap")
+    ax.bar([str(n) for n, _, _ in gap], [r for _, _, r in gap], color=COLORS["raypod"], alpha=0.8,
+           label="of which the regroup")
+    ax.set_xlabel("ranks")
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title("kill-recovery gap (last step before the kill to first after)", fontsize=10)
+    fig.suptitle(f"scale: {d.get('workload_short', '')}, {_subtitle(d)}", fontsize=11)
+    return _save(fig, out, "scale")
+
+
+SIM_PANELS = (("driver_cores", "driver cores", "cores", 1.0),
+              ("kill_p99_s", "kill detected, p99 (s)", "detect_p99_s", 1.0),
+              ("gap_s", "recovery gap (s)", "gap_s", 5.0))
+
+
+def plot_sim(d: dict[str, Any], out: Path, baseline: dict[str, Any] | None = None) -> Path:
+    """``raypod bench sim``: the driver's cores, kill detection p99 and recovery gap by N, with the
+    goals at 10,000 ranks; ``baseline`` (an earlier ``sim.json``) drawn beside, dashed."""
+    fig, axes = plt.subplots(1, len(SIM_PANELS), figsize=(15, 4.3))
+    runs = [(d, "now", "-", COLORS["raypod"])]
+    if baseline is not None:
+        runs.append((baseline, baseline.get("label", f"before ({baseline.get('date', '')})"), "--", "#7f7f7f"))
+    for ax, (key, label, goal_key, goal) in zip(axes, SIM_PANELS, strict=True):
+        for run, name, style, color in runs:
+            pts = [(p["ranks"], p[key]) for p in run["points"] if p.get(key) is not None]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o" + style, color=color, label=name)
+        ax.axhline(d.get("goals_at_10k", {}).get(goal_key, goal), color="#d62728", lw=0.8, ls=":",
+                   label="goal at 10,000")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("ranks (simulated)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"sim: the real driver against simulated ranks, {_subtitle(d)}", fontsize=11)
+    return _save(fig, out, "sim")
+
+
 PLOTS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "startup": plot_startup,
     "recovery": plot_recovery,
@@ -182,7 +248,11 @@ PLOTS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "elastic": plot_elastic,
     "goodput": plot_goodput,
     "goodput_model": plot_goodput_model,
+    "scale": plot_scale,
+    "sim": plot_sim,
 }
+SIM_BASELINE = "sim_baseline*.json"
+"""An earlier ``sim.json`` kept beside the results, drawn dashed in the sim plot (the newest)."""
 
 
 def plot_all(results: Path, out: Path) -> dict[str, Path]:
@@ -193,6 +263,9 @@ def plot_all(results: Path, out: Path) -> dict[str, Path]:
         if not path.exists():
             continue
         try:
+            if suite == "sim" and (older := sorted(results.glob(SIM_BASELINE))):
+                done[suite] = plot_sim(json.loads(path.read_text()), out, json.loads(older[-1].read_text()))
+                continue
             done[suite] = fn(json.loads(path.read_text()), out)
         except (KeyError, TypeError, ValueError) as e:
             print(f"plots: {suite}: skipped ({type(e).__name__}: {e})", file=sys.stderr)
