@@ -9,8 +9,10 @@ call after a failure and names the lost ranks.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -30,26 +32,57 @@ still running ``drain``'s timeout after that is hung, and its rank lost."""
 STEP, REPLICA, SAVE = "step", "replica", "save"
 """What a call in flight is: a training step, a replica wait, a checkpoint save."""
 
+SUBMIT_PER_POLL = 512
+"""At most this many rank calls are sent per :meth:`InFlight.flush`: a step for 10,000 ranks is
+sent over about 20 driver loop iterations (~0.1 s of driver CPU each at ~0.2 ms a call,
+``benchmarks/results/scale_calibration.json``) instead of in one ~2 s block, so the driver keeps
+polling, and notices a failure, while it is sent. Steps are queued ahead of the ranks
+(:data:`raypod.driver.ledger.STEPS_IN_FLIGHT`), so no rank waits for the rest of the send."""
+
 
 class InFlight:
-    """The rank calls submitted and not collected yet: ``ref -> (rank, what, step)``."""
+    """The rank calls submitted and not collected yet: ``ref -> (rank, what, step)``, and the
+    calls queued to be sent (:meth:`queue`), in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_flush: int = SUBMIT_PER_POLL) -> None:
         self._pending: dict[Any, tuple[int, str, int]] = {}
+        self._queued: collections.deque[tuple[Callable[[], Any], int, str, int]] = collections.deque()
+        self.per_flush = per_flush
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._queued)
 
     def add(self, ref: Any, rank: int, what: str, step: int) -> None:
         self._pending[ref] = (rank, what, step)
 
+    def queue(self, send: Callable[[], Any], rank: int, what: str, step: int) -> None:
+        """A call to send at the next :meth:`flush` (``send()`` submits it and returns its ref).
+        Calls go out in the order queued, so each rank gets its calls in order."""
+        self._queued.append((send, rank, what, step))
+
+    def flush(self, limit: int | None = None) -> int:
+        """Send up to ``limit`` (default :attr:`per_flush`) queued calls; returns how many."""
+        n = min(len(self._queued), self.per_flush if limit is None else limit)
+        for _ in range(n):
+            send, rank, what, step = self._queued.popleft()
+            self.add(send(), rank, what, step)
+        return n
+
+    @property
+    def queued(self) -> int:
+        """Calls queued and not sent yet."""
+        return len(self._queued)
+
     def clear(self) -> None:
         self._pending.clear()
+        self._queued.clear()
 
     def poll(self, actors: list[Any], timeout: float) -> PollResult:
-        """Collect whatever finished within ``timeout`` seconds; after an error, ranks that
-        do not answer a ping are reported dead too (``actors``: the ranks' actors)."""
+        """Send the next queued calls (:meth:`flush`), then collect whatever finished within
+        ``timeout`` seconds; after an error, ranks that do not answer a ping are reported dead
+        too (``actors``: the ranks' actors)."""
         out = PollResult()
+        self.flush()
         if not self._pending:
             return out
         ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout)
@@ -77,8 +110,10 @@ class InFlight:
                                           message="the worker does not answer (process or node lost)"))
 
     def quiesce(self, timeout: float) -> PollResult:
-        """Let every call in flight finish (nothing new is submitted); return what arrived."""
+        """Let every call in flight finish (the queued ones are sent first; nothing new is
+        submitted); return what arrived."""
         out = PollResult()
+        self.flush(len(self._queued))
         deadline = time.monotonic() + timeout
         while self._pending and time.monotonic() < deadline:
             ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending),
@@ -94,6 +129,7 @@ class InFlight:
         attempt the ranks are in) keeps a late interrupt from reaching a rejoined rank.
         """
         lost: set[int] = set()
+        self._queued.clear()  # never sent: nothing to settle
         first = min(timeout, INTERRUPT_AFTER_S)
         self._settle(time.monotonic() + first, lost)
         stuck = sorted(self._busy() - lost)

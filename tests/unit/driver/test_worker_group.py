@@ -66,3 +66,25 @@ def test_a_replacement_spare_keeps_the_ranks_spread_over_the_nodes(tmp_path, mon
     assert crowd == {"A": 1, "B": 1}  # the next lost rank counts the one just placed
     assert pool.take(1, crowd) == [("on-A", ("pg", 0))]  # ties: the oldest
     assert pool.take(1, {"A": 1}) == [("on-B2", ("pg", 2))]
+
+
+def test_calls_are_sent_in_order_a_bounded_number_per_flush():
+    from raypod.driver.inflight import STEP, InFlight
+
+    sent: list[tuple[int, int]] = []
+    calls = InFlight(per_flush=3)
+
+    def send(rank: int, step: int):
+        return lambda: sent.append((rank, step)) or f"ref-{rank}-{step}"
+
+    for step in (1, 2):
+        for rank in range(4):
+            calls.queue(send(rank, step), rank, STEP, step)
+    assert len(calls) == 8 and calls.queued == 8 and not sent
+    assert calls.flush() == 3
+    assert sent == [(0, 1), (1, 1), (2, 1)] and len(calls) == 8 and calls.queued == 5
+    assert calls.flush(10) == 5
+    assert sent[3:] == [(3, 1), (0, 2), (1, 2), (2, 2), (3, 2)]  # each rank's calls in order
+    calls.queue(send(0, 3), 0, STEP, 3)
+    calls.clear()
+    assert len(calls) == 0 and calls.flush() == 0
