@@ -116,6 +116,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="sim: the folder of scale_calibration.json (default: --out)")
     p.add_argument("--step-s", type=float, default=None,
                    help="sim: a rank's step time in seconds (default 5.93: Llama 3 405B at 16K GPUs)")
+    p.add_argument("--cluster", choices=("cold", "running"), default=None,
+                   help="startup: 'cold' (default) launches each trial with its own local Ray; 'running' "
+                        "starts one Ray head (token auth on) and submits each trial with `ray job submit`")
     p.add_argument("--out", default=RESULTS, help="where to write the table")
 
 
@@ -262,6 +265,11 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"raypod: error: --calibration and --step-s are for the sim suite, not '{args.suite}'", file=sys.stderr)
         return 2
     extra.update(sim)
+    if args.cluster is not None:
+        if args.suite != "startup":
+            print(f"raypod: error: --cluster is for the startup suite, not '{args.suite}'", file=sys.stderr)
+            return 2
+        extra["cluster"] = args.cluster
     print(json.dumps(run_suite(args.suite, trials=args.trials, out=args.out, **extra), indent=2))
     return 0
 
