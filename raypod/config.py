@@ -201,6 +201,12 @@ class FaultConfig(_Section):
     many seconds is lost: frozen, or its node cut off. It is killed and the job recovers
     at once, at any moment of training, without waiting for the hang rules (0: off; a slow
     rank that still answers is left to ``hang_factor`` and ``straggler_factor``)."""
+    node_agents: bool = True
+    """Ping the ranks for ``silent_s`` from an agent on each node (one light actor, no CPU
+    reserved), which answers the driver for all its node's ranks at once: the driver's cost
+    per probe round is one call per node instead of one per rank (at 10,000 ranks the
+    per-rank round outlasts ``silent_s``). A node whose agent has not answered yet is pinged
+    rank by rank. False: the driver pings every rank itself."""
     straggler_factor: float = Field(default=2.0, ge=0)
     """A rank whose own compute time per step (step time minus time spent waiting for
     the others) exceeds this many times the median of the other ranks' is slow (0: off)."""

@@ -8,6 +8,12 @@ moment after the last was answered, and never blocks: the driver's running loop 
 :meth:`Probes.silence` every iteration how long each rank's ping has gone unanswered
 (:meth:`raypod.driver.diagnosis.Diagnosis.silent_failure` decides from that).
 
+One ping per rank per round costs the driver one actor call per rank (about 0.2 ms of CPU):
+at 10,000 ranks a round outlasts ``fault.silent_s``. With ``fault.node_agents`` the ranks of
+each node are pinged by an agent on that node (:mod:`raypod.worker.node_agent`) and the
+driver keeps one request in flight per node (:class:`NodeAgents`), merging the replies; a
+node whose agent has not answered yet is pinged rank by rank, as before.
+
 While a group forms (the first set-up, the rendezvous and restore of a recovery, a
 resize), the driver waits on the ranks' calls instead of running its loop:
 :func:`forming_watch` makes that wait end as soon as a rank is silent for ``fault.silent_s``
@@ -71,34 +77,196 @@ def kill_now(actors: list[Any], nodes: list[str], pids: list[int], ranks: set[in
             log.debug("killing rank %d's process %d: %s", r, pids[r], e)
 
 
-class Probes:
-    """The liveness pings in flight: ``rank -> (actor, ref, sent at)``."""
+class NodeAgents:
+    """The group's node agents (:class:`raypod.worker.node_agent.NodeAgent`, one per node) and
+    the one ``silence`` request in flight to each: the driver's cost per probe round is one
+    call per node, not one per rank.
 
-    def __init__(self) -> None:
+    Each agent is told its node's ranks with a generation number (bumped whenever they change:
+    a start, a replacement, a regroup); only a reply of the current generation covers a rank,
+    so a node whose agent has not answered since (still starting, or not yet re-told) is
+    pinged rank by rank meanwhile.
+
+    Args:
+        make: starts an agent on a node (default: a :class:`NodeAgent` pinned to it).
+    """
+
+    def __init__(self, make: Callable[[str], Any] | None = None) -> None:
+        self.make = make or _start_agent
+        self.agents: dict[str, Any] = {}
+        self.told: dict[str, tuple[int, dict[int, Any]]] = {}
+        """Per node: (generation, ``{rank: actor}``) its agent was told."""
+        self.out: dict[str, tuple[Any, float]] = {}
+        """Per node: (``silence`` request in flight, sent at)."""
+        self.last_sent: dict[str, float] = {}
+        self.reports: dict[str, tuple[dict[int, float], set[int], float]] = {}
+        """Per node, the last reply of its current generation: (silence per rank, dead ranks, when
+        its request was sent: the reply is at most this old)."""
+        self._seen: tuple[list[str] | None, list[Any]] = (None, [])
+        self._generation = 0
+
+    def sync(self, nodes: list[str], actors: list[Any]) -> None:
+        """Start an agent on each node of ``nodes`` (rank -> node) that has none, tell each
+        agent its ranks when they changed, and end the agents of nodes no longer used. Cheap
+        when nothing changed (the node list is the same object and every actor the same)."""
+        seen_nodes, seen_actors = self._seen
+        if (nodes is seen_nodes and len(actors) == len(seen_actors)
+                and all(a is b for a, b in zip(actors, seen_actors, strict=True))):
+            return
+        self._seen = (nodes, list(actors))
+        by_node: dict[str, dict[int, Any]] = {}
+        for rank, (node, actor) in enumerate(zip(nodes, actors, strict=True)):
+            by_node.setdefault(node, {})[rank] = actor
+        for node in [n for n in self.agents if n not in by_node]:
+            self._end(node)
+        for node, ranks in by_node.items():
+            told = self.told.get(node)
+            if told is not None and told[1].keys() == ranks.keys() and all(
+                    told[1][r] is a for r, a in ranks.items()):
+                continue
+            try:
+                if node not in self.agents:
+                    self.agents[node] = self.make(node)
+                self._generation += 1
+                self.agents[node].assign.remote(ranks, self._generation)
+                self.told[node] = (self._generation, ranks)
+            except Exception as e:  # noqa: BLE001 - its ranks are pinged one by one instead
+                log.warning("could not start the liveness agent of node %s: %s", node[:8], e)
+                self._end(node)
+            self.reports.pop(node, None)
+
+    def collect(self) -> None:
+        """Take in the agents' replies that arrived (never waits). A reply of an older
+        generation is dropped; an agent whose call failed (it died, or could not be placed)
+        is ended and its node's ranks are pinged one by one from then on."""
+        refs = {ref: (node, at) for node, (ref, at) in self.out.items()}
+        if not refs:
+            return
+        for ref in ray.wait(list(refs), num_returns=len(refs), timeout=0)[0]:
+            node, asked = refs[ref]
+            del self.out[node]
+            try:
+                reply = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the per-rank pings take over
+                log.warning("the liveness agent of node %s failed (%s); its ranks are pinged by the "
+                            "driver", node[:8], type(e).__name__)
+                self._end(node)
+                continue
+            if node in self.told and reply["generation"] == self.told[node][0]:
+                self.reports[node] = (reply["silence"], set(reply["dead"]), asked)
+
+    def send(self, now: float, every_s: float) -> None:
+        """A ``silence`` request to each agent with none in flight, ``every_s`` after the last."""
+        for node, agent in self.agents.items():
+            if node not in self.out and now - self.last_sent.get(node, -every_s) >= every_s:
+                self.out[node] = (agent.silence.remote(every_s), now)
+                self.last_sent[node] = now
+
+    def merge(self, now: float, out: dict[int, float]) -> None:
+        """Put in ``out`` the silence of every rank an agent covers (a rank of the assignment in
+        force that its last reply names): the reported seconds plus the report's age, for a
+        rank whose ping was in flight when the agent replied (the age counts from when the
+        driver asked, as a ping's silence counts from its sending: neither the transit nor the
+        driver's loop delays a detection); at least the agent's own silence (a frozen or
+        cut-off node answers nothing); 0.0 for a rank whose ping failed (its actor died: the
+        step calls report the death). One pass per node: cheap at 10,000 ranks."""
+        for node, (silence, dead, asked) in self.reports.items():
+            held = self.out.get(node)
+            quiet = now - held[1] if held is not None else 0.0
+            age = now - asked
+            out.update({r: max(quiet, s + age) if s > 0 else quiet for r, s in silence.items()})
+            out.update(dict.fromkeys(dead, 0.0))
+
+    def _end(self, node: str) -> None:
+        agent = self.agents.pop(node, None)
+        for held in (self.told, self.out, self.reports, self.last_sent):
+            held.pop(node, None)
+        if agent is not None:
+            try:
+                ray.kill(agent, no_restart=True)
+            except Exception as e:  # noqa: BLE001 - gone already
+                log.debug("ending the liveness agent of node %s: %s", node[:8], e)
+
+    def close(self) -> None:
+        """End every agent (the group is shut down)."""
+        for node in list(self.agents):
+            self._end(node)
+        self._seen = (None, [])
+
+
+def _start_agent(node: str) -> Any:
+    from raypod.worker.node_agent import remote_node_agent
+
+    return remote_node_agent(node).remote()
+
+
+class Probes:
+    """The liveness pings in flight: one ``silence`` request per node agent (:class:`NodeAgents`)
+    where the group has them, else one ping per rank: ``rank -> (actor, ref, sent at)``.
+
+    Args:
+        agents: use node agents (``fault.node_agents``).
+        nodes: the group's rank -> node list as it stands (the agents follow it).
+    """
+
+    def __init__(self, agents: bool = False, nodes: Callable[[], list[str]] | None = None) -> None:
         self._out: dict[int, tuple[Any, Any, float]] = {}
         self._last: dict[int, tuple[Any, float]] = {}
         """Per rank: (actor, when its last answered ping was sent)."""
         self.slowest_s = 0.0
         """The longest a ping is known to have waited for its answer."""
         self._looked = 0.0
+        self.agents = NodeAgents() if agents and nodes is not None else None
+        self._nodes = nodes or list
+        self.via_agent: set[int] = set()
+        """The ranks the last :meth:`silence` took from their node's agent (the rest: pinged by the driver)."""
+        self._noted: set[int] = set()
 
     def clear(self) -> None:
+        """Forget the per-rank pings (the agents and their reports stay)."""
         self._out.clear()
         self._last.clear()
 
-    def silence(self, actors: list[Any], every_s: float) -> dict[int, float]:
-        """Collect the answered pings, send a new one to each rank that has none in flight
-        and was last pinged ``every_s`` ago or more; return, per rank, the seconds its ping
-        in flight has waited (0.0: none in flight). Never waits.
+    def close(self) -> None:
+        """End the node agents (the group is shut down)."""
+        self.clear()
+        if self.agents is not None:
+            self.agents.close()
+
+    def silence(self, actors: list[Any], every_s: float, use_agents: bool = True) -> dict[int, float]:
+        """Per rank, the seconds its liveness ping in flight has waited (0.0: none in flight).
+        Never waits. A rank whose node agent has answered is covered by the agent's report
+        (see :meth:`NodeAgents.merge`); any other rank (no agent, or one still starting,
+        or ``use_agents`` off) is pinged by the driver: at most one ping in flight, sent
+        ``every_s`` after its last answered one.
 
         A rank whose actor changed (a replacement) starts afresh; a ping that failed (the
         actor died) counts as answered: the calls in flight report the death.
         """
         now = time.monotonic()
+        out: dict[int, float] = {}
+        self.via_agent = set()
+        nodes = self._nodes()
+        if self.agents is not None and len(nodes) == len(actors) and actors:
+            self.agents.sync(nodes, actors)
+            self.agents.collect()
+            self.agents.send(now, every_s)
+            if use_agents:
+                self.agents.merge(now, out)
+                self.via_agent = set(out)
+        self._ping(actors, [r for r in range(len(actors)) if r not in out], every_s, now, out)
+        self._note(out, every_s)
+        self._looked = now
+        return out
+
+    def _ping(self, actors: list[Any], ranks: list[int], every_s: float, now: float,
+              out: dict[int, float]) -> None:
+        """The per-rank pings of ``ranks``: collect the answered ones, send the due ones, and
+        put each rank's silence in ``out``; pings to any other rank are dropped."""
         refs = [ref for _, ref, _ in self._out.values()]
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else set()
-        out: dict[int, float] = {}
-        for rank, actor in enumerate(actors):
+        for rank in ranks:
+            actor = actors[rank]
             held = self._out.get(rank)
             if held is not None and held[0] is not actor:
                 held = None
@@ -119,10 +287,22 @@ class Probes:
                     held = (actor, actor.ping.remote(), now)
                     self._out[rank] = held
             out[rank] = now - held[2] if held is not None else 0.0
-        for rank in [r for r in self._out if r >= len(actors)]:
+        pinged = set(ranks)
+        for rank in [r for r in self._out if r not in pinged]:
             del self._out[rank]
-        self._looked = now
-        return out
+
+    def _note(self, out: dict[int, float], every_s: float) -> None:
+        """Log once per silence which path found a rank silent for two probe intervals (the
+        node agent's report or the driver's own ping): what a silent rank's log line is read by."""
+        quiet = {r for r, s in out.items() if s >= 2 * every_s}
+        new = sorted(quiet - self._noted)
+        for how, ranks in (("their node agent's ping", [r for r in new if r in self.via_agent]),
+                           ("the driver's ping", [r for r in new if r not in self.via_agent])):
+            if ranks:
+                more = f" and {len(ranks) - 8} more" if len(ranks) > 8 else ""
+                log.info("rank(s) %s%s have not answered %s for %.2f s or more", ranks[:8], more, how,
+                         min(out[r] for r in ranks))
+        self._noted = quiet
 
 
 CONFIRM_PING_S = 3.0
@@ -142,6 +322,11 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
 
     Every actor must be up already (a cold actor's first ping waits for its process).
 
+    The ranks are pinged by the driver here, not by their node agents: forming is a short
+    window, the busiest of a host, when a just-started agent may not answer yet; the probes
+    still start the agents (:meth:`NodeAgents.sync`), so that they cover the ranks once the
+    group trains.
+
     Raises:
         GroupStartError: (from the check) naming the silent ranks, ``kind="unresponsive"``.
     """
@@ -149,7 +334,7 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
 
     def check() -> None:
         ranks = actors()
-        silence = probes.silence(ranks, silent_s / 4)
+        silence = probes.silence(ranks, silent_s / 4, use_agents=False)
         limit = max(silent_s, 2 * probes.slowest_s)
         quiet = [r for r, s in silence.items() if s >= limit]
         if not quiet:

@@ -88,7 +88,7 @@ class WorkerGroup:
         """Per rank: the rank its snapshots are replicated to (``None``: no replication)."""
         self.twins: list[int | None] | None = None
         """HSDP: per rank, the rank whose own snapshots equal it (see :func:`hsdp_twins`)."""
-        self.calls, self.probes = InFlight(), Probes()
+        self.calls, self.probes = InFlight(), Probes(config.fault.node_agents, lambda: self.nodes)
         self.excluded_nodes: set[str] = set()
         """Nodes the ranks must not be placed on (failed a pre-flight check, or lost ranks repeatedly)."""
 
@@ -155,8 +155,7 @@ class WorkerGroup:
                                   f"{timeout:.0f} s (scaling.schedule_timeout_s)",
                                   kind="scheduling") from None
         self.actors = [self._new_actor(self.pg, i) for i in range(world_size)]
-        self.placement = [(self.pg, i) for i in range(world_size)]
-        self.world_size = world_size
+        self.placement, self.world_size = [(self.pg, i) for i in range(world_size)], world_size
         self.pool.place()
 
     def _locate(self, infos: list[dict[str, Any]]) -> None:
@@ -202,6 +201,7 @@ class WorkerGroup:
             remove_pg_quietly(self.pg)
         self.actors, self.pg, self.world_size = [], None, 0
         self.calls.clear()
+        self.probes.close()  # the node agents
 
     def close(self) -> None:
         """Leave the process group cleanly (end of a successful job), then shut down."""

@@ -1,0 +1,152 @@
+"""A node's liveness agent: pings the ranks of its own node, and answers the driver once for all.
+
+Pinging every rank from the driver costs one actor call per rank per round (about 0.2 ms of
+driver CPU each, ``benchmarks/results/scale_calibration.json``): at 10,000 ranks a round
+outlasts ``fault.silent_s`` and the driver's core is saturated. A :class:`NodeAgent` on each
+node (the per-node agent of torchelastic or HyperPod) keeps one ping in flight per local rank
+and hands the driver every local rank's silence in one reply, so the driver's cost per round
+is one call per node.
+
+The agent imports only the standard library and Ray (never torch): it must be up within
+moments of the group's placement, before the first step, on a node whose ranks are busy
+importing torch. The pinging logic is :class:`LocalPings`, a plain class that tests drive
+with their own ping futures and clock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+TICK_S = 0.02
+"""How often the agent's thread collects answers and sends due pings (a few local ranks: cheap)."""
+
+
+@dataclass
+class _Rank:
+    """One local rank: its actor, the ping in flight (and when it was sent), when the last
+    answered ping was sent."""
+
+    handle: Any
+    ping: Future | None = None
+    sent_at: float = 0.0
+    answered_sent_at: float | None = None
+    dead: bool = False
+
+
+class LocalPings:
+    """At most one ping in flight per local rank, re-sent ``every_s`` after the last answered
+    one was sent (as :class:`raypod.driver.liveness.Probes` does from the driver).
+
+    Args:
+        send: sends one ping to a rank's actor handle; the future resolves when it answers and
+            fails when the actor died.
+        every_s: the interval between two pings of one rank.
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, send: Callable[[Any], Future], every_s: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.send, self.every_s, self.clock = send, every_s, clock
+        self.ranks: dict[int, _Rank] = {}
+        self.generation = 0
+        """The driver's number for the assignment in force (a reply names it, so the driver can
+        tell a reply about the ranks it last assigned from one about the ranks before)."""
+        self.lock = threading.Lock()
+        """Guards :attr:`ranks`: the agent's thread ticks while the driver's calls read and assign."""
+
+    def assign(self, ranks: dict[int, Any], generation: int = 0) -> None:
+        """The node's ranks now (after a start, a replacement or a regroup), as of the driver's
+        assignment ``generation``: a rank whose actor changed, or that is new, starts afresh;
+        ranks no longer listed are dropped. An assignment older than the one in force is
+        ignored (a threaded actor may run two calls out of order). Handles are compared with
+        ``==`` (a Ray handle arrives as a new object each call, equal by actor id)."""
+        with self.lock:
+            if generation < self.generation:
+                return
+            kept = {r: s for r, s in self.ranks.items() if r in ranks and s.handle == ranks[r]}
+            self.ranks = {r: kept.get(r) or _Rank(handle) for r, handle in ranks.items()}
+            self.generation = generation
+        self.tick()
+
+    def tick(self) -> None:
+        """Collect the answered pings and send the due ones."""
+        with self.lock:
+            now = self.clock()
+            for rank in self.ranks.values():
+                if rank.dead:
+                    continue
+                if rank.ping is not None and rank.ping.done():
+                    if rank.ping.cancelled() or rank.ping.exception() is not None:
+                        rank.dead, rank.ping = True, None
+                        continue
+                    rank.answered_sent_at, rank.ping = rank.sent_at, None
+                due = rank.answered_sent_at is None or now - rank.answered_sent_at >= self.every_s
+                if rank.ping is None and due:
+                    try:
+                        rank.ping, rank.sent_at = self.send(rank.handle), now
+                    except Exception:  # noqa: BLE001 - an actor that cannot be called is gone
+                        rank.dead = True
+
+    def silence(self) -> dict[str, Any]:
+        """``{"silence": {rank: seconds its ping in flight has waited (0.0: none)}, "dead":
+        [ranks whose ping failed: the actor died], "generation": the assignment it is about}``,
+        as of now (after a :meth:`tick`)."""
+        self.tick()
+        with self.lock:
+            now = self.clock()
+            silence = {r: (now - s.sent_at if s.ping is not None else 0.0)
+                       for r, s in self.ranks.items() if not s.dead}
+            return {"silence": silence, "dead": sorted(r for r, s in self.ranks.items() if s.dead),
+                    "generation": self.generation}
+
+    def in_flight(self) -> int:
+        """Pings in flight now (at most one per rank)."""
+        with self.lock:
+            return sum(s.ping is not None for s in self.ranks.values())
+
+
+class NodeAgent:
+    """The Ray actor around :class:`LocalPings`: a daemon thread ticks it every :data:`TICK_S`;
+    the driver calls :meth:`assign` and :meth:`silence` (made with :func:`remote_node_agent`)."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        self.pings = LocalPings(lambda handle: handle.ping.remote().future(), every_s)
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="raypod-node-agent", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            self.pings.tick()
+
+    def assign(self, ranks: dict[int, Any], generation: int = 0) -> int:
+        """Ping these ranks (``{rank: actor handle}``, the driver's assignment ``generation``)
+        from now on; returns how many."""
+        self.pings.assign(ranks, generation)
+        return len(ranks)
+
+    def silence(self, every_s: float | None = None) -> dict[str, Any]:
+        """Every local rank's silence in one reply (see :meth:`LocalPings.silence`); ``every_s``
+        sets the interval between two pings of a rank (the driver's probe interval)."""
+        if every_s:
+            self.pings.every_s = every_s
+        return self.pings.silence()
+
+    def stop(self) -> None:
+        """End the pinging thread (the actor is killed right after)."""
+        self._stop.set()
+
+
+def remote_node_agent(node_id: str) -> Any:
+    """A :class:`NodeAgent` actor class bound to node ``node_id`` (no CPU: it must start while
+    the ranks hold every CPU of the node; threaded, so ``silence`` answers while ``assign`` runs)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=4)(NodeAgent).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))

@@ -1,0 +1,138 @@
+"""How :class:`Probes` merges its node agents' replies, with fake Ray calls and clock: an
+agent that has not answered yet leaves its ranks to the driver's own pings; one that answers
+covers them; one gone silent makes them silent; one that died hands them back to the driver."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import pytest
+
+from raypod.driver import liveness
+
+
+class Ref:
+    def __init__(self) -> None:
+        self.ready, self.value, self.error = False, None, None
+
+    def answer(self, value: Any = 1) -> None:
+        self.ready, self.value = True, value
+
+    def fail(self) -> None:
+        self.ready, self.error = True, RuntimeError("the actor died")
+
+
+class Method:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Ref, tuple]] = []
+
+    def remote(self, *args: Any) -> Ref:
+        self.calls.append((Ref(), args))
+        return self.calls[-1][0]
+
+    @property
+    def last(self) -> Ref:
+        return self.calls[-1][0]
+
+
+class Actor:
+    def __init__(self) -> None:
+        self.ping, self.assign, self.silence = Method(), Method(), Method()
+
+
+@pytest.fixture
+def world(monkeypatch):
+    clock = types.SimpleNamespace(t=10.0)
+    monkeypatch.setattr(liveness, "time", types.SimpleNamespace(monotonic=lambda: clock.t))
+
+    def get(ref: Ref) -> Any:
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+
+    monkeypatch.setattr(liveness, "ray", types.SimpleNamespace(
+        wait=lambda refs, num_returns, timeout: ([r for r in refs if r.ready], []), get=get,
+        kill=lambda actor, no_restart: None))
+    ranks = [Actor() for _ in range(4)]
+    nodes = ["n0", "n0", "n1", "n1"]
+    agents: dict[str, Actor] = {}
+    probes = liveness.Probes(True, lambda: nodes)
+    probes.agents.make = lambda node: agents.setdefault(node, Actor())
+    return types.SimpleNamespace(clock=clock, ranks=ranks, agents=agents, probes=probes)
+
+
+def reply(agent: Actor, silence: dict[int, float], dead: tuple[int, ...] = ()) -> None:
+    """``agent`` answers its request in flight, about the ranks it was last told."""
+    generation = agent.assign.calls[-1][1][1]
+    agent.silence.last.answer({"silence": silence, "dead": list(dead), "generation": generation})
+
+
+def test_ranks_of_an_agent_that_has_not_answered_are_pinged_by_the_driver(world):
+    out = world.probes.silence(world.ranks, 0.25)
+    assert set(world.agents) == {"n0", "n1"}  # one agent per node, told its own ranks
+    assert set(world.agents["n1"].assign.calls[0][1][0]) == {2, 3}
+    assert all(len(r.ping.calls) == 1 for r in world.ranks) and world.probes.via_agent == set()
+    world.clock.t += 1.0
+    out = world.probes.silence(world.ranks, 0.25)
+    assert out == dict.fromkeys(range(4), 1.0)  # the fallback still finds silence
+
+
+def test_an_answering_agent_covers_its_ranks_and_its_report_ages(world):
+    world.probes.silence(world.ranks, 0.25)
+    for r in world.ranks:
+        r.ping.last.answer()
+    reply(world.agents["n0"], {0: 0.0, 1: 0.5})
+    world.clock.t += 0.1
+    out = world.probes.silence(world.ranks, 0.25)  # the reply, asked for at 10.0, arrives at 10.1
+    assert world.probes.via_agent == {0, 1}
+    assert out[0] == 0.0 and out[1] == pytest.approx(0.6)
+    world.clock.t += 0.2
+    out = world.probes.silence(world.ranks, 0.25)
+    assert out[1] == pytest.approx(0.8)  # reported 0.5 plus the report's age (since it was asked for)
+    assert len(world.ranks[0].ping.calls) == 1  # no more driver pings for node n0's ranks
+    assert len(world.ranks[2].ping.calls) == 2  # node n1's agent has not answered: the driver pings
+
+
+def test_a_silent_agent_makes_all_its_ranks_silent(world):
+    world.probes.silence(world.ranks, 0.25)
+    reply(world.agents["n0"], {0: 0.0, 1: 0.0})
+    world.clock.t += 0.25
+    world.probes.silence(world.ranks, 0.25)  # takes the reply in, sends the next request
+    world.clock.t += 1.2  # the node freezes: the request is never answered
+    out = world.probes.silence(world.ranks, 0.25)
+    assert out[0] == pytest.approx(1.2) and out[1] == pytest.approx(1.2)
+    assert {0, 1} <= world.probes.via_agent
+
+
+def test_a_dead_rank_counts_as_answered_and_a_dead_agent_hands_its_ranks_back(world):
+    world.probes.silence(world.ranks, 0.25)
+    reply(world.agents["n0"], {0: 0.0}, dead=(1,))
+    reply(world.agents["n1"], {2: 0.0, 3: 0.0})
+    world.clock.t += 0.3
+    assert world.probes.silence(world.ranks, 0.25)[1] == 0.0
+    world.agents["n1"].silence.last.fail()
+    world.clock.t += 0.3
+    pings = len(world.ranks[2].ping.calls)
+    world.probes.silence(world.ranks, 0.25)
+    assert world.probes.via_agent == {0, 1} and len(world.ranks[2].ping.calls) == pings + 1
+
+
+def test_a_replaced_rank_waits_for_its_agents_new_generation(world):
+    world.probes.silence(world.ranks, 0.25)
+    reply(world.agents["n0"], {0: 0.0, 1: 0.0})
+    world.clock.t += 0.3
+    world.probes.silence(world.ranks, 0.25)
+    assert world.probes.via_agent == {0, 1}
+    world.ranks[1] = Actor()  # replaced: the agent is told again, its old reports no longer count
+    out = world.probes.silence(world.ranks, 0.25)
+    assert world.probes.via_agent == set() and len(world.agents["n0"].assign.calls) == 2
+    assert out[1] == 0.0 and len(world.ranks[1].ping.calls) == 1
+
+
+def test_the_forming_watch_keeps_the_driver_pings_but_starts_the_agents(world):
+    world.probes.silence(world.ranks, 0.25)
+    reply(world.agents["n0"], {0: 0.0, 1: 0.0})
+    world.clock.t += 0.3
+    world.probes.silence(world.ranks, 0.25, use_agents=False)
+    assert world.probes.via_agent == set() and set(world.agents) == {"n0", "n1"}

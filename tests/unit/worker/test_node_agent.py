@@ -1,0 +1,91 @@
+"""The node agent's pinging logic (:class:`LocalPings`), driven with hand-made futures and clock."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+from raypod.worker.node_agent import LocalPings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Ranks:
+    """Fake rank actors: every ping sent is a future the test answers (or fails)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, list[Future]] = {}
+
+    def send(self, handle: str) -> Future:
+        f: Future = Future()
+        self.sent.setdefault(handle, []).append(f)
+        return f
+
+    def answer(self, handle: str) -> None:
+        self.sent[handle][-1].set_result(1234)
+
+
+def make(every_s: float = 0.25) -> tuple[LocalPings, Ranks, Clock]:
+    ranks, clock = Ranks(), Clock()
+    pings = LocalPings(ranks.send, every_s, clock)
+    pings.assign({4: "a4", 5: "a5"}, generation=3)
+    return pings, ranks, clock
+
+
+def test_silence_grows_for_a_rank_that_stops_answering_and_not_for_one_that_answers():
+    pings, ranks, clock = make()
+    for _ in range(8):  # 2 s: rank 4 answers every ping, rank 5 answers none
+        clock.t += 0.25
+        ranks.answer("a4")
+        pings.tick()
+    report = pings.silence()
+    assert report["generation"] == 3 and report["dead"] == []
+    assert report["silence"][5] == 2.0  # its first ping, sent at assign, is still unanswered
+    assert report["silence"][4] < 0.25
+    assert len(ranks.sent["a5"]) == 1 and len(ranks.sent["a4"]) == 9
+
+
+def test_a_rank_whose_ping_failed_is_reported_dead_and_no_longer_pinged():
+    pings, ranks, clock = make()
+    ranks.sent["a5"][-1].set_exception(RuntimeError("the actor died"))
+    clock.t += 1.0
+    report = pings.silence()
+    assert report["dead"] == [5] and 5 not in report["silence"]
+    clock.t += 1.0
+    pings.tick()
+    assert len(ranks.sent["a5"]) == 1
+
+
+def test_at_most_one_ping_in_flight_per_rank_and_the_next_after_every_s():
+    pings, ranks, clock = make(every_s=0.5)
+    for _ in range(20):
+        clock.t += 0.1
+        pings.tick()
+        assert pings.in_flight() <= 2
+    assert len(ranks.sent["a4"]) == 1  # unanswered: never a second one
+    ranks.answer("a4")  # the answered ping was sent at 100.0; now is 102.0
+    pings.tick()
+    assert len(ranks.sent["a4"]) == 2
+    ranks.answer("a4")
+    clock.t += 0.3
+    pings.tick()  # answered, but the next is due only 0.5 s after the last was sent
+    assert len(ranks.sent["a4"]) == 2 and pings.silence()["silence"][4] == 0.0
+    clock.t += 0.2
+    pings.tick()
+    assert len(ranks.sent["a4"]) == 3
+
+
+def test_reassigning_keeps_unchanged_ranks_and_starts_new_actors_afresh():
+    pings, ranks, clock = make()
+    clock.t += 2.0
+    pings.assign({4: "a4", 5: "b5"}, generation=4)  # rank 5 replaced by a new actor
+    report = pings.silence()
+    assert report["generation"] == 4
+    assert report["silence"][4] == 2.0 and report["silence"][5] == 0.0
+    pings.assign({4: "old"}, generation=2)  # an older assignment arriving late is ignored
+    assert set(pings.silence()["silence"]) == {4, 5}
