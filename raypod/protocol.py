@@ -101,6 +101,10 @@ class StepResult:
     snapshot_stall_s: float = 0.0
     saved: list[int] = field(default_factory=list)
     """Steps whose checkpoint save finished on this rank since its last result."""
+    replicated: list[int] = field(default_factory=list)
+    """Steps (``<= step``, usually the previous snapshot step) whose snapshot this rank's replica
+    holder received since its last result: the replica acknowledgement rides in the result, so
+    the driver needs no ``wait_replicated`` call per rank and step (that is only a fallback)."""
     save_s: float | None = None
     eval_sums: dict[str, float] | None = None
     """On an eval step: the eval loss and metrics summed over this rank's eval samples."""

@@ -27,6 +27,7 @@ from raypod.data.order import SampleOrder
 from raypod.driver.outcomes import GroupStartError, PollResult
 from raypod.protocol import ErrorKind, Heartbeat, MemoryReport, Phase, StepResult, WorkerError
 from raypod.recipe import Recipe
+from raypod.worker.snapshot import KEEP_STEPS
 
 
 class NullRecipe(Recipe):
@@ -41,7 +42,8 @@ class Scene:
     Attributes:
         memory: which finished steps every rank holds in memory (own snapshots, and replicas
             of every peer): ``none`` (recoveries take the persistent checkpoint), ``recent``
-            (the last three), ``first`` (step 1 only: a long ``memory_every_steps``).
+            (the last ``KEEP_STEPS``, as a rank keeps), ``first`` (step 1 only: a long
+            ``memory_every_steps``).
         peer_to: per rank, the rank its snapshots go to (``[]``: no replicas).
         nodes: per rank, its node (``[]``: unknown).
         spares: warm spares that answer.
@@ -80,7 +82,10 @@ class FakeGroup:
     def __init__(self, config: JobConfig, recipe: Recipe) -> None:
         self.cfg = config
         self.world_size = 0
-        self.queue: list[tuple[str, int, str | None]] = []
+        self.queue: list[tuple[str, int, Any]] = []
+        """``(what, step, extra)``: a save's path; a step's replica acknowledgements."""
+        self.unacked: tuple[int, ...] = ()
+        """The last snapshot step submitted: the next step's results acknowledge its replicas."""
         self.order = SampleOrder(1000, config.train.global_batch, config.train.seed)
         self.finished: list[int] = []
         self.nodes: list[str] = list(self.scene.nodes)
@@ -112,7 +117,11 @@ class FakeGroup:
 
     # ---- steps -----------------------------------------------------------------------
     def submit_step(self, step, snapshot=True):
-        self.queue.append(("step", step, None))
+        # As a rank: its result carries the previous snapshot step's acknowledgement (one at or
+        # after ``step`` was rewound by a recovery).
+        acked = tuple(s for s in self.unacked if s < step) if self.peer_to else ()
+        self.unacked = (step,) if snapshot else ()
+        self.queue.append(("step", step, acked))
 
     def submit_save(self, step, path):
         self.queue.append(("save", step, path))
@@ -132,12 +141,12 @@ class FakeGroup:
             time.sleep(timeout)
             return PollResult()  # a rank hangs: nothing arrives any more
         out = PollResult()
-        for what, step, _path in self.queue:
+        for what, step, extra in self.queue:
             if what == "step" and self._dies_in(step):
                 out.errors.append(WorkerError(rank=1, step=step, kind=ErrorKind.WORKER_DIED, message="died"))
                 break
             if what == "step":
-                out.steps.extend(self._results(step))
+                out.steps.extend(self._results(step, extra))
             elif what == "replica":
                 out.replicated.extend((r, step, True) for r in range(self.world_size))
             else:
@@ -157,12 +166,13 @@ class FakeGroup:
                 faults.record_fired(self.cfg.job_dir, i, f, attempt=0)
         return True
 
-    def _results(self, step: int) -> list[StepResult]:
+    def _results(self, step: int, acked: tuple[int, ...] = ()) -> list[StepResult]:
         out = []
         for r in range(self.world_size):
             ids = self.order.ids(step)[r :: self.world_size]
             res = StepResult(step=step, rank=r, loss_sum=1.0 * len(ids), samples=len(ids), ids=ids,
-                             epoch=0, lr=0.1, grad_norm=1.0, compute_s=0.001, save_s=self.scene.save_s)
+                             epoch=0, lr=0.1, grad_norm=1.0, compute_s=0.001, save_s=self.scene.save_s,
+                             replicated=list(acked))
             nan = FakeGroup.plan.get("nan_at")
             if nan and nan[0] == step and nan[1] > 0 and r == 0:
                 FakeGroup.plan["nan_at"] = (nan[0], nan[1] - 1)
@@ -194,7 +204,7 @@ class FakeGroup:
         silent = FakeGroup.plan.get("silent")
         if silent is not None and self.silent_since is None and self._stalled():
             self.silent_since = time.monotonic()
-            step = FakeGroup.plan["stall_from"] - 1  # the step it was in (the one after its last result)
+            step = max(self.finished, default=0) + 1  # the step it was in (the one after its last result)
             for i, f in faults.pending(self.cfg, faults.fired(self.cfg.job_dir)):
                 if f.rank == silent and f.kind in ("freeze", "freeze_node") and f.step == step:
                     faults.record_fired(self.cfg.job_dir, i, f, attempt=0)
@@ -220,7 +230,8 @@ class FakeGroup:
 
     def memory_reports(self, ranks, timeout=5.0):
         done = sorted(set(self.finished))
-        own = {"none": [], "recent": done[-3:], "first": [1] if 1 in done else []}[self.scene.memory]
+        recent = done[-KEEP_STEPS:]
+        own = {"none": [], "recent": recent, "first": [1] if 1 in done else []}[self.scene.memory]
         return {r: MemoryReport(own=own, replicas={q: own for q in range(self.world_size)} if own else {})
                 for r in ranks}
 

@@ -209,15 +209,21 @@ class SimGroup:
 
     # ---- steps -----------------------------------------------------------------------
     def submit_step(self, step, snapshot=True):
+        """Every rank runs ``step``; its results carry the replica acknowledgement of the previous
+        snapshot step (its round ends before this step's own snapshot starts), as real ranks do."""
         with self.clock.outside():
             self._calls("submit_step", self.world_size)
             done = max(self.clock.t, self.busy_until) + self.cal.step_s.at(self.world_size)
             self.busy_until = done
             if self.plan.step == step and not self.plan.fired:
                 self.plan.fired, self.plan.at_s = True, done - self.cal.step_s.at(self.world_size) / 2
-            self.queue.append(("step", step, done))
+            # A snapshot step not acknowledged yet; one at or after ``step`` was rewound (a recovery).
+            acked = tuple(s for s in getattr(self, "unacked", ()) if s < step)
+            self.unacked = (step,) if snapshot else ()
+            self.queue.append(("step", step, done, acked))
 
     def submit_replica_wait(self, step):
+        """The driver's fallback: acknowledged once the ranks' queued work is done."""
         with self.clock.outside():
             self._calls("submit_replica_wait", self.world_size)
             self.queue.append(("replica", step, self.busy_until))
@@ -269,26 +275,28 @@ class SimGroup:
             self._deliver(call, out)
         return out
 
-    def _deliver(self, call: tuple[str, int, float], out: PollResult) -> None:
-        what, step, _ = call
+    def _deliver(self, call: tuple[Any, ...], out: PollResult) -> None:
+        """``call`` is ``(what, step, done at)``, and for a step the acknowledgements its results carry."""
+        what, step = call[0], call[1]
         n = self.world_size
         if what == "step":
-            out.steps.extend(self._results(step))
+            out.steps.extend(self._results(step, call[3]))
             self.finished = max(self.finished, step)
         elif what == "replica":
             out.replicated.extend((r, step, True) for r in range(n))
         else:
             out.saved.extend((r, [step]) for r in range(n))
 
-    def _results(self, step: int) -> list[StepResult]:
-        """Every rank's result of ``step``, each with its own sample ids (as deserialized)."""
+    def _results(self, step: int, acked: tuple[int, ...] = ()) -> list[StepResult]:
+        """Every rank's result of ``step``, each with its own sample ids (as deserialized) and the
+        snapshot steps ``acked`` whose replicas it has in place since its last result."""
         n, step_s = self.world_size, self.cal.step_s.at(self.world_size)
         ids, epoch = self.order.ids(step), self.order.epoch_of(step)
         out = []
         for r in range(n):
             share = SampleOrder.rank_share(ids, r, n)
             out.append(StepResult(step=step, rank=r, loss_sum=float(len(share)), samples=len(share), ids=share,
-                                  epoch=epoch, lr=0.1, grad_norm=1.0, compute_s=step_s))
+                                  epoch=epoch, lr=0.1, grad_norm=1.0, compute_s=step_s, replicated=list(acked)))
         return out
 
     def quiesce(self, timeout):
@@ -311,25 +319,51 @@ class SimGroup:
                     Heartbeat(rank=r, step=step, phase=Phase.SYNC, in_phase_s=0.0) for r in range(self.world_size)}
 
     def probe(self, every_s):
-        """Rounds of pings to every rank: one sent ``every_s`` after the last (at most one in
-        flight), answered by all ``ping(N)`` later; a frozen rank never answers the ping in
-        flight when it froze (or the next one sent)."""
+        """Rounds of liveness pings: one sent ``every_s`` after the last (at most one in
+        flight). Per rank (``fault.node_agents`` off): a call to each of N ranks, answered by
+        all ``ping(N)`` later. With node agents: a call to each node's agent
+        (:meth:`_probe_calls`), answered ``ping(nodes) + ping(RANKS_PER_NODE)`` later, the
+        agent having pinged its ranks. A frozen rank never answers the ping in flight when it
+        froze (or the next one sent): the driver's, or its agent's (:meth:`_agent_silent_since`),
+        which the agent's next report carries."""
         with self.clock.outside():
             n, now = self.world_size, self.clock.t
+            calls, round_s = self._probe_calls(n)
             sent, answered = self.ping_round
-            self._cpu("probe_wait", self.cal.wait.at(n))
+            self._cpu("probe_wait", self.cal.wait.at(calls))
             if now >= answered and now - sent >= every_s:
-                self._calls("probe_send", n)
-                self.ping_round = sent, answered = now, now + self.cal.ping.at(n)
+                self._calls("probe_send", calls)
+                self.ping_round = sent, answered = now, now + round_s
             frozen_at = self.plan.at_s if self.plan.kind == "freeze" and self._fault_at() is not None else None
             if frozen_at is not None and frozen_at <= now and self.silent_since is None:
                 self.frozen.add(self.plan.rank)
-                if sent <= frozen_at < answered or sent >= frozen_at:
+                if calls < n:
+                    self.silent_since = self._agent_silent_since(frozen_at, every_s)
+                elif sent <= frozen_at < answered or sent >= frozen_at:
                     self.silent_since = sent
             out = dict.fromkeys(range(n), now - sent if now < answered else 0.0)
-            if self.silent_since is not None:
-                out[self.plan.rank] = now - self.silent_since
+            # The agent's report reaches the driver a node round after its ping went unanswered.
+            seen = self.silent_since is not None and (calls == n or now >= self.silent_since + round_s)
+            if seen:
+                out[self.plan.rank] = max(out[self.plan.rank], now - self.silent_since)
             return out
+
+    def _probe_calls(self, n: int) -> tuple[int, float]:
+        """``(driver calls per probe round, seconds until the round is answered)`` for ``n``
+        ranks: per node with ``fault.node_agents`` (more than one rank per node), else per rank."""
+        if not getattr(self.cfg.fault, "node_agents", False) or n <= 1:
+            return n, self.cal.ping.at(n)
+        nodes = -(-n // RANKS_PER_NODE)
+        return nodes, self.cal.ping.at(nodes) + self.cal.ping.at(min(n, RANKS_PER_NODE))
+
+    def _agent_silent_since(self, frozen_at: float, every_s: float) -> float:
+        """When the frozen rank's unanswered ping was sent by its node agent, which pings its
+        ranks on its own clock every ``every_s`` (or a local round, if longer): the local
+        round in flight at ``frozen_at``, else the next one."""
+        local = self.cal.ping.at(RANKS_PER_NODE)
+        period = max(every_s, local)
+        start = (frozen_at // period) * period
+        return start if frozen_at < start + local else start + period
 
     def unresponsive_ranks(self, ranks, timeout):
         with self.clock.outside():

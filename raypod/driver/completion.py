@@ -2,8 +2,8 @@
 checkpoint commits.
 
 :meth:`StepCompletion.absorb` takes what a poll brought (results, finished saves, replica
-acknowledgements) into the :class:`~raypod.driver.ledger.StepLedger`, and completes every
-step that is ready, in order: a bad loss stops there and asks for a roll back
+acknowledgements, which ride in the results) into the :class:`~raypod.driver.ledger.StepLedger`,
+and completes every step that is ready, in order: a bad loss stops there and asks for a roll back
 (``health_next``); otherwise the step counts, its metrics go to the ``after_step`` hook,
 stragglers, throughput and preemption are checked, and a checkpoint every rank saved is
 committed.
@@ -98,6 +98,8 @@ class StepCompletion:
         ledger = self.ledger
         for r in result.steps:
             ledger.record(r)
+            for s in r.replicated:
+                ledger.ack_replica(r.rank, s)
             if r.save_s is not None:
                 self.save_s[r.rank] = r.save_s
         for rank, steps in result.saved:
@@ -123,6 +125,26 @@ class StepCompletion:
         """Whether step ``step``'s snapshot is replicated to peers (then the step completes
         only once every replica is in place, so losing any one rank never loses it)."""
         return self.policies.cadence.snapshots(step) and any(p is not None for p in group.peer_to)
+
+    def replica_fallback(self, group: WorkerGroupProtocol) -> None:
+        """Ask the ranks for the oldest uncounted step's replica acknowledgement when no later
+        result can carry it any more.
+
+        An acknowledgement rides in the rank's next result, so the explicit ``wait_replicated``
+        call is needed only once every submitted step after it has returned: the last step, a
+        step before a grow or the finish, a pipeline stalled by the in-flight limit, a round
+        slower than the steps after it. At most once per step and group (``ledger.reset``).
+        """
+        ledger, n = self.ledger, group.world_size
+        step = ledger.done_step + 1
+        if (step >= ledger.next_step or step in ledger.replica_waits or not self.replicates(group, step)
+                or len(ledger.partial.get(step, ())) != n or len(ledger.replica_acks.get(step, ())) == n):
+            return
+        if any(len(ledger.partial.get(s, ())) != n for s in range(step + 1, ledger.next_step)
+               if s not in self.bad_steps):
+            return  # a later result is still to come: it carries the acknowledgement
+        ledger.replica_waits.add(step)
+        group.submit_replica_wait(step)
 
     # ---- a step every rank finished -------------------------------------------------
     def complete(self, group: WorkerGroupProtocol, step: int, resolve: bool = True) -> None:

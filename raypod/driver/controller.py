@@ -331,6 +331,7 @@ class Driver:
             return self._grow(state)
         if not joins.growing:
             self._submit(group)
+        self.completion.replica_fallback(group)  # after the submits: a step just queued carries the ack
         result = group.poll(timeout=_POLL_S)
         self.completion.absorb(group, result)
         joins.refill(group, ledger.done_step)  # the group trains again: start the lost ranks' spares
@@ -349,14 +350,13 @@ class Driver:
         return nxt
 
     def _submit(self, group: WorkerGroupProtocol) -> None:
-        """Queue steps (and their replica waits and saves) up to the in-flight limit."""
+        """Queue steps (and their saves) up to the in-flight limit; replica acknowledgements come
+        back in the next step's results (``completion.replica_fallback`` asks when none will)."""
         ledger, cadence = self.ledger, self.policies.cadence
         while ledger.next_step <= self.cfg.train.max_steps and ledger.has_room():
             step = ledger.next_step
             if step not in self.bad_steps:  # a skipped batch is never trained
                 group.submit_step(step, snapshot=cadence.decide(step))
-                if self.completion.replicates(group, step):
-                    group.submit_replica_wait(step)
                 every = self.cfg.checkpoint.every_steps
                 if step == self.cfg.train.max_steps or (every > 0 and step % every == 0):
                     group.submit_save(step, self.store.path_for(step))

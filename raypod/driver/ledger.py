@@ -17,8 +17,11 @@ from collections.abc import Iterator
 
 from raypod.protocol import StepResult
 
-STEPS_IN_FLIGHT = 2
-"""Steps queued on each rank ahead of the slowest one."""
+STEPS_IN_FLIGHT = 3
+"""Steps submitted beyond the last counted one. A snapshot step's replica acknowledgement
+rides in the rank's next result, so step ``s`` counts only once step ``s + 1`` returned:
+with 3, step ``s + 2`` is already queued then and a rank never idles waiting for the driver
+(ranks keep ``raypod.worker.snapshot.KEEP_STEPS`` = 4 snapshots to cover them all)."""
 
 
 class StepLedger:
@@ -39,6 +42,8 @@ class StepLedger:
         """Per step: the ranks that finished saving its checkpoint."""
         self.replica_acks: dict[int, set[int]] = defaultdict(set)
         """Per step: the ranks whose snapshot of it reached its replica holder."""
+        self.replica_waits: set[int] = set()
+        """Steps whose explicit replica wait (the fallback) was submitted to this group."""
         self.last_progress = time.monotonic()
         """When the last result arrived (the hang clock)."""
         self.last_completion = time.time()
@@ -55,6 +60,7 @@ class StepLedger:
         self.next_step, self.done_step = step + 1, step
         self.rank_step = dict.fromkeys(range(world_size), step)
         self.partial.clear()
+        self.replica_waits.clear()
         for acks in (self.save_acks, self.replica_acks):
             for s in [s for s in acks if not same_group or s > step]:
                 del acks[s]
@@ -84,7 +90,8 @@ class StepLedger:
             self.save_acks[s].add(rank)
 
     def ack_replica(self, rank: int, step: int) -> None:
-        self.replica_acks[step].add(rank)
+        if step > self.done_step:  # a late acknowledgement of a counted step is not kept
+            self.replica_acks[step].add(rank)
 
     def stalled_s(self) -> float:
         """Seconds since the last result arrived."""

@@ -82,11 +82,15 @@ class Snapshot(list):
         return super().__getitem__(i)
 
 
+KEEP_STEPS = 4
+"""Own snapshots (and replicas per peer) a rank keeps: the driver's counted step plus the
+``raypod.driver.ledger.STEPS_IN_FLIGHT`` (3) steps a rank may have finished beyond it, so a
+recovery always finds the last counted step in memory (no counted step is lost)."""
 _POOL: dict[int, list[torch.Tensor]] = {}
 _POOL_LOCK = threading.Lock()
 _POOL_MAX = 4
-"""Free buffers kept per size (a rank keeps 3 own snapshots and 3 replicas per peer; one
-more of each is being filled)."""
+"""Free buffers kept per size (a rank keeps :data:`KEEP_STEPS` own snapshots and as many
+replicas per peer; each step takes one of each and gives one of each back)."""
 
 
 def _give_back(flat: torch.Tensor) -> None:
@@ -272,7 +276,7 @@ def from_bytes(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor
 class SnapshotStore:
     """This rank's own snapshots (the last ``keep`` steps) and the replicas it holds."""
 
-    def __init__(self, keep: int = 3) -> None:
+    def __init__(self, keep: int = KEEP_STEPS) -> None:
         self.keep = keep
         self.own: dict[int, list[torch.Tensor]] = {}
         self.replicas: dict[int, dict[int, torch.Tensor]] = {}
@@ -314,8 +318,9 @@ class PeerReplicator:
 
     Every rank takes part in every round, in step order, so the point-to-point sends
     pair up; a new round waits for the previous one (backpressure, not skipped rounds).
-    :meth:`wait_round` lets the driver learn when a step's replicas are in place: a step
-    only counts as complete once losing any one rank can no longer lose it.
+    The driver learns when a step's replicas are in place (a step only counts once losing
+    any one rank can no longer lose it) from :meth:`take_acked`, whose steps ride in the
+    next step's result; :meth:`wait_round` is the fallback when no later result will come.
     """
 
     def __init__(self, group: dist.ProcessGroup, peer_to: int | None, peer_from: int | None,
@@ -329,6 +334,8 @@ class PeerReplicator:
         self._cv = threading.Condition()
         self._closed = False
         self._spent = 0.0
+        self._acked: list[int] = []
+        """Steps whose round completed since :meth:`take_acked` last ran."""
 
     @property
     def enabled(self) -> bool:
@@ -383,6 +390,13 @@ class PeerReplicator:
                 return False
         return False
 
+    def take_acked(self) -> list[int]:
+        """The steps whose round completed successfully since the last call (and forget
+        them); never blocks. A failed round is never acknowledged."""
+        with self._cv:
+            done, self._acked = self._acked, []
+        return done
+
     def exchange_s(self) -> float:
         """Seconds the exchanges finished since the last call took (and forget them)."""
         with self._cv:
@@ -407,6 +421,7 @@ class PeerReplicator:
         store.add_replica(frm, step, rbuf)
         with self._cv:
             self._spent += time.perf_counter() - t0
+            self._acked.append(step)
 
     def abort(self) -> None:
         """Release every :meth:`wait_round` caller at once (the rank's step failed)."""

@@ -89,7 +89,7 @@ class Trainer:
         self.saves = SaveQueue(config)
         self.step = 0
         self.model = self.optimizer = None
-        self.snapshots = SnapshotStore(keep=3)
+        self.snapshots = SnapshotStore()
         self.last_snapshot: snapshot.Snapshot | None = None
         self.replicator: PeerReplicator | None = None
         self.broken = False
@@ -214,13 +214,14 @@ class Trainer:
             self.groups.abort(f"step {step} failed: {type(e).__name__}")
             raise
         self._mark(step, Phase.SNAPSHOT)
-        out.update(self._snapshot(step, take_snapshot))
+        out.update(self._snapshot(step, take_snapshot))  # after it: this round waited for the last one
+        out.replicated = self.replicator.take_acked() if self.replicator else []
         out.memory = self.snapshots.report()
         self._mark(step, Phase.DONE)
         return out
 
     def wait_replicated(self, step: int, timeout: float) -> bool:
-        """True once step ``step``'s snapshot is held by this rank's peer (or needs no peer)."""
+        """True once step ``step``'s snapshot is held by its peer (or needs none): the driver's fallback."""
         rep = self.replicator
         if rep is None or not rep.enabled:  # the driver asks only for steps that snapshot
             return True
@@ -403,6 +404,8 @@ class Trainer:
         if step not in self.snapshots.own:
             raise RuntimeError(f"rank {self.rank} has no snapshot of step {step}")
         self.flush_replicas()
+        if self.replicator is not None:
+            self.replicator.take_acked()  # rounds of the steps thrown away must not count their redo
         done = [s for s in self.saves.reap(wait=True) if s <= step]
         snapshot.restore(self.model, self.optimizer, self.snapshots.own[step])
         restore.drop_after(self.snapshots, step, replicas=True)
