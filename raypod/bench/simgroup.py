@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 import types
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +26,7 @@ from unittest import mock
 
 from raypod.bench.calibration import Calibration
 from raypod.data.order import SampleOrder
+from raypod.driver.inflight import SUBMIT_PER_POLL
 from raypod.driver.outcomes import PollResult
 from raypod.protocol import ErrorKind, Heartbeat, MemoryReport, Phase, StepResult, WorkerError
 
@@ -147,8 +148,14 @@ class SimGroup:
         self.peer_to: list[int | None] = []
         self.twins: list[int | None] | None = None
         self.spares = config.scaling.spares
-        self.queue: list[tuple[str, int, float]] = []
-        """Calls in flight: ``(what, step, done at)``."""
+        self.queue: list[tuple[Any, ...]] = []
+        """Calls in flight: ``(what, step, done at, [acknowledged steps,] sending)``; ``sending`` is
+        ``(ticket, done at)`` while some of the calls are still queued at the driver, else None."""
+        self.backlog: deque[list[Any]] = deque()
+        """Calls queued at the driver and not sent yet, in order: ``[term, count]`` (as
+        :class:`raypod.driver.inflight.InFlight` sends at most ``SUBMIT_PER_POLL`` per poll)."""
+        self.enqueued = self.sent = 0
+        self.per_flush = SUBMIT_PER_POLL
         self.busy_until = 0.0
         self.finished = 0
         """The last step every rank finished."""
@@ -196,13 +203,21 @@ class SimGroup:
                     "doctor": []}
 
     def shutdown(self):
-        self.world_size, self.queue = 0, []
+        self.world_size = 0
+        self._unqueue()
+
+    def _unqueue(self) -> None:
+        """Forget the calls in flight and those not sent yet (a recovery, a roll back, the end)."""
+        self.queue = []
+        self.backlog.clear()
+        self.enqueued = self.sent
 
     def close(self):
         self.shutdown()
 
     def _restored(self, step: int) -> None:
-        self.queue, self.busy_until, self.finished = [], self.clock.t, step
+        self._unqueue()
+        self.busy_until, self.finished = self.clock.t, step
         self.dead, self.frozen, self.silent_since = set(), set(), None
         self.ping_round = (self.clock.t, self.clock.t)
         self.plan.resolved = self.plan.fired
@@ -212,7 +227,7 @@ class SimGroup:
         """Every rank runs ``step``; its results carry the replica acknowledgement of the previous
         snapshot step (its round ends before this step's own snapshot starts), as real ranks do."""
         with self.clock.outside():
-            self._calls("submit_step", self.world_size)
+            ticket = self._send("submit_step", self.world_size)
             done = max(self.clock.t, self.busy_until) + self.cal.step_s.at(self.world_size)
             self.busy_until = done
             if self.plan.step == step and not self.plan.fired:
@@ -220,18 +235,48 @@ class SimGroup:
             # A snapshot step not acknowledged yet; one at or after ``step`` was rewound (a recovery).
             acked = tuple(s for s in getattr(self, "unacked", ()) if s < step)
             self.unacked = (step,) if snapshot else ()
-            self.queue.append(("step", step, done, acked))
+            self.queue.append(self._entry(("step", step, done, acked), ticket))
 
     def submit_replica_wait(self, step):
         """The driver's fallback: acknowledged once the ranks' queued work is done."""
         with self.clock.outside():
-            self._calls("submit_replica_wait", self.world_size)
-            self.queue.append(("replica", step, self.busy_until))
+            ticket = self._send("submit_replica_wait", self.world_size)
+            self.queue.append(self._entry(("replica", step, self.busy_until), ticket))
 
     def submit_save(self, step, path):
         with self.clock.outside():
-            self._calls("submit_save", self.world_size)
-            self.queue.append(("save", step, self.busy_until))
+            ticket = self._send("submit_save", self.world_size)
+            self.queue.append(self._entry(("save", step, self.busy_until), ticket))
+
+    def _send(self, term: str, n: int) -> int:
+        """Queue ``n`` calls at the driver and send what one flush allows; returns the number
+        of calls queued so far (the ticket: the calls are all sent once :attr:`sent` reaches it)."""
+        self.enqueued += n
+        self.backlog.append([term, n])
+        self._flush()
+        return self.enqueued
+
+    def _flush(self, everything: bool = False) -> None:
+        """Send up to :attr:`per_flush` queued calls (``everything``: all), charging the driver
+        for each; a call group all sent now finishes no earlier than now."""
+        left = self.enqueued - self.sent if everything else self.per_flush
+        while self.backlog and left > 0:
+            term, n = self.backlog[0]
+            take = min(n, left)
+            self._calls(term, take)
+            self.sent, left = self.sent + take, left - take
+            if take == n:
+                self.backlog.popleft()
+            else:
+                self.backlog[0][1] -= take
+        self.queue = [(*c[:2], max(c[-1][1], self.clock.t), *c[3:-1], None)
+                      if c[-1] is not None and c[-1][0] <= self.sent else c for c in self.queue]
+
+    def _entry(self, call: tuple[Any, ...], ticket: int) -> tuple[Any, ...]:
+        """A call group in flight: due at ``call[2]`` once all its calls are sent."""
+        if ticket <= self.sent:
+            return (*call, None)
+        return (*call[:2], float("inf"), *call[3:], (ticket, call[2]))
 
     @property
     def in_flight(self) -> int:
@@ -247,6 +292,7 @@ class SimGroup:
 
     def poll(self, timeout):
         with self.clock.outside():
+            self._flush()
             if self.queue:
                 self._cpu("poll_wait", self.cal.wait.at(self.world_size * len(self.queue)))
             return self._collect(self.clock.t + timeout)
@@ -301,6 +347,7 @@ class SimGroup:
 
     def quiesce(self, timeout):
         with self.clock.outside():
+            self._flush(everything=True)
             return self._collect(max(self.clock.t + timeout, self.busy_until))
 
     def finish_saves(self):
@@ -386,7 +433,7 @@ class SimGroup:
         """Calls in flight end once the broken collective releases the survivors: they are
         interrupted after :data:`INTERRUPT_AFTER_S` and answer in one round."""
         with self.clock.outside():
-            self.queue = []
+            self._unqueue()
             self._wait("drain", min(timeout, INTERRUPT_AFTER_S))
             self._round("drain", self.world_size - len(self.dead))
             return set(self.dead | self.frozen)

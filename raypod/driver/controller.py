@@ -419,6 +419,7 @@ class Driver:
     def _finish(self, state: FinishingState) -> State:
         group = self.group
         assert group is not None
+        group.quiesce(timeout=0.0)  # sends the calls still queued (a large group's last saves)
         for rank, steps in group.finish_saves():
             self.completion.ack_saves(group, rank, steps)
         # The consolidated model goes beside the checkpoints (and, for a recipe that exports its

@@ -13,6 +13,7 @@ and drive the state machine one iteration at a time. The group leans on:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -57,6 +58,16 @@ Regroup = Callable[[Any, GroupSpec], Any]
 """``(actor, spec) -> ref``: the call that re-forms one rank (``reconfigure``, ``reload``, ``reshape``)."""
 
 
+def ranks_runtime_env(config: JobConfig) -> dict[str, Any] | None:
+    """The ranks' runtime env: ``PYTHONPATH`` holds the folder of a recipe module that the
+    driver imported from ``recipe.import_dirs`` (the ranks unpickle the recipe from it)."""
+    path = recipe_pythonpath(config)
+    if not path:
+        return None
+    old = os.environ.get("PYTHONPATH")
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join([*path, *([old] if old else [])])}}
+
+
 class WorkerGroup:
     """One placement group and one actor per rank (spares and joiners in a :class:`SparePool`).
 
@@ -66,15 +77,8 @@ class WorkerGroup:
     """
 
     def __init__(self, config: JobConfig, recipe: Recipe) -> None:
-        self.cfg = config
-        self.recipe = recipe
-        path = recipe_pythonpath(config)
-        self.runtime_env: dict[str, Any] | None = None
-        """The ranks' runtime env: ``PYTHONPATH`` holds the folder of a recipe module that the
-        driver imported from ``recipe.import_dirs`` (the ranks unpickle the recipe from it)."""
-        if path:
-            old = os.environ.get("PYTHONPATH")
-            self.runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([*path, *([old] if old else [])])}}
+        self.cfg, self.recipe = config, recipe
+        self.runtime_env = ranks_runtime_env(config)
         self.bundle = worker_bundle(config.scaling)
         self.actors: list[Any] = []
         self.placement: list[Placement] = []
@@ -212,19 +216,23 @@ class WorkerGroup:
         self.shutdown()
 
     # ---- calls -------------------------------------------------------------------
+    def _send(self, what: str, step: int, method: str, *args: Any) -> None:
+        """Queue ``method(*args)`` on every rank, in rank order, and send what one flush allows
+        (:data:`~raypod.driver.inflight.SUBMIT_PER_POLL`; the rest goes out with the next polls)."""
+        for rank, a in enumerate(self.actors):
+            self.calls.queue(functools.partial(getattr(a, method).remote, *args), rank, what, step)
+        self.calls.flush()
+
     def submit_step(self, step: int, snapshot: bool = True) -> None:
         """Every rank runs ``step``; with ``snapshot`` each then snapshots (and replicates) it."""
-        for rank, a in enumerate(self.actors):
-            self.calls.add(a.train_step.remote(step, snapshot), rank, STEP, step)
+        self._send(STEP, step, "train_step", step, snapshot)
 
     def submit_replica_wait(self, step: int) -> None:
         """Ask every rank to report when its snapshot of ``step`` is held by its peer."""
-        for rank, a in enumerate(self.actors):
-            self.calls.add(a.wait_replicated.remote(step, _REPLICA_WAIT_S), rank, REPLICA, step)
+        self._send(REPLICA, step, "wait_replicated", step, _REPLICA_WAIT_S)
 
     def submit_save(self, step: int, path: str) -> None:
-        for rank, a in enumerate(self.actors):
-            self.calls.add(a.save.remote(step, path), rank, SAVE, step)
+        self._send(SAVE, step, "save", step, path)
 
     @property
     def in_flight(self) -> int:

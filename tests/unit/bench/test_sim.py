@@ -86,3 +86,17 @@ def test_a_freeze_is_found_by_the_real_ping_diagnosis(tmp_path):
 def test_without_the_calibration_file_the_suite_says_so_in_one_sentence(tmp_path):
     with pytest.raises(SystemExit, match="scale_calibration.json does not exist: run `raypod bench scale`"):
         sim.run(out=str(tmp_path), ranks=(8,), profile_at=None)
+
+
+def test_a_large_group_is_sent_a_step_over_several_polls(tmp_path):
+    clock = VirtualClock()
+    group = SimGroup(sim.job_config(250, 5, str(tmp_path)), Recipe(), CAL, clock)
+    group.per_flush = 100  # as InFlight sends at most SUBMIT_PER_POLL calls a poll
+    group.start(250, 0, None, [])
+    group.submit_step(1)
+    assert group.sent == 100 and group.costs.cpu["submit_step"] == pytest.approx(CAL.actor_call.at(100))
+    assert group.poll(0.0).steps == []  # 200 sent now; the step cannot finish before all are
+    assert group.sent == 200
+    results = group.poll(1.0)  # the last 50 go out, then the step's 0.1 s passes
+    assert group.sent == 250 and len(results.steps) == 250
+    assert group.costs.cpu["submit_step"] == pytest.approx(2 * CAL.actor_call.at(100) + CAL.actor_call.at(50))
