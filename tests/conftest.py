@@ -22,6 +22,10 @@ import pytest
 
 # Ray reads this when it is first imported; the session cluster has token auth on.
 os.environ["RAY_AUTH_MODE"] = "token"
+# The per-user token cache (raypod.data.token_cache) goes to a folder of this session's,
+# not the user's ~/.cache: the tests share it (same corpus, same tokens) and leave nothing.
+_TOKEN_CACHE = tempfile.mkdtemp(prefix="raypod-test-token-cache-")
+os.environ.setdefault("RAYPOD_TOKEN_CACHE", _TOKEN_CACHE)
 
 from support import BIN, REPO
 
@@ -218,3 +222,7 @@ def mlflow_cluster_job(mlflow_server, tmp_path_factory):
     assert proc.returncode == 0, summary.get("error") or proc.stderr[-3000:]
     summary["log"] = proc.stderr
     return summary
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_TOKEN_CACHE, ignore_errors=True)

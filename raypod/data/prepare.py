@@ -19,10 +19,14 @@ that no tokens are lost at block edges. The costly part, tokenising, stays paral
 the driver only concatenates bytes. The flat file also gives every sample a byte range,
 so any rank reads any sample by id without an index (memory-mapped when local).
 
-The result is cached under ``<cache root>/tokens-<fingerprint>/``: the fingerprint
-covers the files (names, sizes, modification times), the column and the tokenizer, so
-a resubmission or a restart on the same storage reuses it. A cache entry is committed
-by its ``manifest.json``, written last; readers ignore entries without one.
+The result is cached under ``<cache root>/tokens-<fingerprint>/`` (the job's root, which
+every rank reads): the fingerprint covers the files (names, sizes, modification times),
+the column and the tokenizer, so a resubmission or a restart on the same storage reuses
+it. The driver also keeps every entry in a per-user cache (``~/.cache/raypod/tokens``,
+``$RAYPOD_TOKEN_CACHE``) and publishes it from there into a new job's root, so a job of
+another name or storage over the same data does not tokenise again. An entry is
+committed by its ``manifest.json``, written last, and verified (size and SHA-256) before
+it is reused: see :mod:`raypod.data.token_cache`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import logging
 import os
 import posixpath
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,7 +45,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raypod.config import ConfigError, JobConfig
-from raypod.storage import arrow_fs, join_uri, resolve_storage
+from raypod.data import token_cache
+from raypod.storage import arrow_fs, get_fs, join_uri, resolve_storage
 
 log = logging.getLogger("raypod.data")
 
@@ -182,24 +186,20 @@ def _tokenize(batch: pa.Table, column: str, tokenizer: TextTokenizer | None = No
     return {"tokens": np.array([data], dtype=object), "docs": np.array([len(texts)])}
 
 
-def _cache_dir(cache_root: str, fingerprint: str) -> str:
-    return cache_root.rstrip("/") + f"/tokens-{fingerprint}"
+def _corpus(entry: dict[str, Any], fingerprint: str) -> TokenCorpus:
+    return TokenCorpus(uri=entry["uri"], num_tokens=int(entry["num_tokens"]), dtype=entry["dtype"],
+                       fingerprint=fingerprint)
 
 
 def find_tokens(cache_root: str, fingerprint: str) -> TokenCorpus | None:
-    """The committed cache entry for ``fingerprint`` under ``cache_root``, if there is one."""
-    from raypod.storage import read_json
-
-    d = _cache_dir(cache_root, fingerprint)
-    manifest = read_json(d + "/manifest.json")
-    if not manifest or manifest.get("fingerprint") != fingerprint:
-        return None
-    return TokenCorpus(uri=d + "/" + manifest["file"], num_tokens=int(manifest["num_tokens"]),
-                       dtype=manifest["dtype"], fingerprint=fingerprint)
+    """The committed cache entry for ``fingerprint`` under ``cache_root``, if there is one
+    and its token file is still the one written (size and SHA-256; else a warning)."""
+    entry = token_cache.read_entry(cache_root, fingerprint)
+    return None if entry is None else _corpus(entry, fingerprint)
 
 
 def prepare_tokens(source: ParquetSource, column: str, cache_root: str,
-                   tokenizer: TextTokenizer | None = None) -> TokenCorpus:
+                   tokenizer: TextTokenizer | None = None, user_cache: str | None = "auto") -> TokenCorpus:
     """Tokenise ``source`` with Ray Data into a cached token file (reused when present).
 
     Needs a connected Ray. Runs ``read_parquet`` and the tokenising ``map_batches`` as
@@ -207,19 +207,48 @@ def prepare_tokens(source: ParquetSource, column: str, cache_root: str,
     :class:`ByteTokenizer`; ``source`` must have been checked with its name
     (``check_parquet(..., tokenizer=tokenizer.name)``), which keys the cache.
 
+    The ranks read the entry under ``cache_root``. When it has none, the per-user cache
+    ``user_cache`` (``"auto"``: :func:`raypod.data.token_cache.user_token_cache`; None: none)
+    is looked in first, and what is tokenised is written there, then published into
+    ``cache_root``: any later job over the same data and tokenizer, whatever its name or
+    storage, skips tokenising.
+
     Raises:
         ConfigError: the text holds no tokens at all.
     """
     tokenizer = tokenizer or ByteTokenizer()
-    found = find_tokens(cache_root, source.fingerprint)
+    fp = source.fingerprint
+    found = find_tokens(cache_root, fp)
     if found is not None:
         log.info("data: reusing %s (%d tokens)", found.uri, found.num_tokens)
         return found
-    itemsize = np.dtype(tokenizer.dtype).itemsize
+    user = token_cache.user_token_cache() if user_cache == "auto" else user_cache
+    if user and resolve_storage(user).rstrip("/") != cache_root.rstrip("/"):
+        try:
+            entry = token_cache.read_entry(user, fp)
+            if entry is not None:
+                log.info("data: reusing %s (%d tokens) from the user's token cache", entry["uri"],
+                         entry["num_tokens"])
+            else:
+                entry = _tokenize_into(source, column, user, tokenizer)
+        except OSError as e:  # a read-only or full home: tokenise into the job's cache alone
+            log.warning("data: the user's token cache %s cannot be used (%s); tokenising into %s",
+                        user, e, cache_root)
+        else:
+            return _corpus(token_cache.publish(entry, cache_root, fp), fp)
+    return _corpus(_tokenize_into(source, column, cache_root, tokenizer), fp)
+
+
+def _tokenize_into(source: ParquetSource, column: str, root: str, tokenizer: TextTokenizer) -> dict[str, Any]:
+    """Tokenise ``source`` with Ray Data into a new entry under ``root``; its committed manifest.
+
+    The token file gets a name of its own and the manifest is written last, so a second job
+    writing the same entry at the same time corrupts neither; on failure only what this call
+    made is removed.
+    """
     import ray.data
 
-    from raypod.storage import get_fs, write_json_atomic
-
+    itemsize = np.dtype(tokenizer.dtype).itemsize
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -228,35 +257,32 @@ def prepare_tokens(source: ParquetSource, column: str, cache_root: str,
                                file_extensions=None, num_cpus=DATA_TASK_CPUS)
     ds = ds.map_batches(_tokenize, fn_kwargs={"column": column, "tokenizer": tokenizer},
                         batch_format="pyarrow", batch_size=4096, num_cpus=DATA_TASK_CPUS)
-    d = _cache_dir(cache_root, source.fingerprint)
-    name = f"tokens-{uuid.uuid4().hex[:12]}.{tokenizer.dtype}"
-    fs, inner = get_fs(d + "/" + name)
-    _, root = get_fs(cache_root)
-    created = [p for p in (root, posixpath.dirname(inner)) if not fs.exists(p)]
+    name = token_cache.new_file_name(tokenizer.dtype)
+    fs, inner = get_fs(token_cache.entry_dir(root, source.fingerprint) + "/" + name)
+    _, root_inner = get_fs(root)
+    created = [p for p in (root_inner, posixpath.dirname(inner)) if not fs.exists(p)]
     fs.makedirs(posixpath.dirname(inner), exist_ok=True)
-    total = docs = 0
+    docs = 0
     try:
-        with fs.open(inner, "wb") as out:
+        with fs.open(inner, "wb") as f:
+            out = token_cache.DigestWriter(f)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
                 for data, n in zip(batch["tokens"], batch["docs"], strict=True):
                     out.write(data)
-                    total += len(data) // itemsize
                     docs += int(n)
-        if total == 0:
+        if out.size == 0:
             raise ConfigError(f"data.path '{source.path}' holds no text to train on (0 tokens)")
     except BaseException:
-        fs.rm(inner)
-        for p in reversed(created):  # leave storage as it was
-            fs.rm(p, recursive=True)
+        token_cache.remove_quietly(fs, inner)
+        token_cache.remove_empty_dirs(fs, created)  # leave storage as it was
         raise
-    write_json_atomic(d + "/manifest.json", {
+    total = out.size // itemsize
+    entry = token_cache.commit(root, source.fingerprint, {
         "fingerprint": source.fingerprint, "file": name, "num_tokens": total, "dtype": tokenizer.dtype,
-        "tokenizer": tokenizer.name, "source": source.path, "documents": docs,
-        "prepare_s": round(time.perf_counter() - t0, 3)})
-    log.info("data: tokenised %d documents into %d tokens in %.1f s", docs, total,
-             time.perf_counter() - t0)
-    return TokenCorpus(uri=d + "/" + name, num_tokens=total, dtype=tokenizer.dtype,
-                       fingerprint=source.fingerprint)
+        "bytes": out.size, "sha256": out.sha256, "tokenizer": tokenizer.name, "source": source.path,
+        "documents": docs, "prepare_s": round(time.perf_counter() - t0, 3)})
+    log.info("data: tokenised %d documents into %d tokens in %.1f s", docs, total, time.perf_counter() - t0)
+    return entry
 
 
 def token_cache_root(cache_dir: str | None, config: JobConfig) -> str:

@@ -200,7 +200,9 @@ class RunIdentity:
             run = found[0] if found else None
         if run is not None:
             return run, True, stored_id
-        run = client.create_run(exp_id, run_name=cfg.mlflow.run_name or cfg.name, tags={
+        # The job's start, not this call's: the callback may set the run up after the first step.
+        run = client.create_run(exp_id, start_time=int(job.start_time * 1000),
+                                run_name=cfg.mlflow.run_name or cfg.name, tags={
             JOB_NAME_TAG: cfg.name,
             "raypod.job_dir": job.job_dir,
             "raypod.submissions": "1",

@@ -89,13 +89,20 @@ class MLflowCallback(Callback):
             being logged (a large model takes minutes to upload).
         http_retries: MLflow's own retries per HTTP call (see above).
         http_timeout_s: Seconds an HTTP call to the tracking server may take.
+        setup_delay_s: MLflow is imported and the run set up once the first step is
+            reported (or the job fails or ends, or :meth:`wait_run_id` is called), but no
+            later than this many seconds after ``before_job``: the seconds of CPU that
+            importing MLflow and opening its store take are then not taken from the job's
+            start. Points, tags and events queued meanwhile are sent as they would have
+            been; the run's start time is the job's. 0: set the run up at once.
     """
 
     def __init__(self, flush_interval_s: float = 1.0, max_batch: int = 500,
                  max_pending: int = 100_000, join_timeout_s: float = 30.0,
                  max_backoff_s: float = 30.0, system_metrics: bool = True,
                  system_metrics_interval_s: float = 10.0, http_retries: int = 0,
-                 http_timeout_s: int = 15, model_timeout_s: float = 600.0) -> None:
+                 http_timeout_s: int = 15, model_timeout_s: float = 600.0,
+                 setup_delay_s: float = 30.0) -> None:
         self.flush_interval_s = flush_interval_s
         self.max_batch = max(1, min(max_batch, 900))  # + one step's metrics stays <= 1000
         self.max_pending = max(1, max_pending)
@@ -106,6 +113,7 @@ class MLflowCallback(Callback):
         self.http_retries = http_retries
         self.http_timeout_s = http_timeout_s
         self.model_timeout_s = model_timeout_s
+        self.setup_delay_s = setup_delay_s
 
         # Driver-side state (touched by the hooks only); the thread's is the sender's.
         self._sender: Sender | None = None
@@ -141,6 +149,7 @@ class MLflowCallback(Callback):
         """
         if not self._enabled or self._sender is None:
             return None
+        self._sender.setup_now()
         self._sender.run.ready.wait(timeout)
         return self._sender.run.run_id
 
@@ -178,7 +187,8 @@ class MLflowCallback(Callback):
         self._sender = Sender(
             job, self._uid, Spool(spool_dir(job.job_dir, cfg.name)),
             DriverMonitor(self.system_metrics, self.system_metrics_interval_s),
-            Pace(self.flush_interval_s, self.max_batch, self.max_pending, self.max_backoff_s))
+            Pace(self.flush_interval_s, self.max_batch, self.max_pending, self.max_backoff_s),
+            self.setup_delay_s)
         self._sender.put(("setup", uri, params_from_config(cfg)))
         self._sender.start()
         self._start_node_metrics()
@@ -242,6 +252,7 @@ class MLflowCallback(Callback):
         if not self._enabled or self._sender is None:
             return
         sender, run = self._sender, self._sender.run
+        sender.setup_now()
         deadline = time.monotonic() + 10
         while not run.ready.wait(0.05) and not sender.failing and time.monotonic() < deadline:
             pass

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from raypod.config import ConfigError
+from raypod.data import token_cache
 from raypod.data.order import SampleOrder
 from raypod.data.prepare import DOC_SEPARATOR, check_parquet, prepare_tokens
 from raypod.data.stream import StepFeed, TokenWindows
@@ -28,12 +29,13 @@ def corpus(ray_connected, tmp_path_factory):
     pq.write_table(pa.table({"text": texts[:250]}), d / "part-0.parquet", row_group_size=64)
     pq.write_table(pa.table({"text": texts[250:], "n": list(range(150))}), d / "part-1.parquet")
     cache = tmp_path_factory.mktemp("cache")
-    tokens = prepare_tokens(check_parquet(str(d), ["text"]), "text", str(cache))
-    return d, cache, texts, tokens
+    user = tmp_path_factory.mktemp("user_tokens")
+    tokens = prepare_tokens(check_parquet(str(d), ["text"]), "text", str(cache), user_cache=str(user))
+    return d, cache, texts, tokens, user
 
 
 def test_tokens_are_the_documents_in_order(corpus):
-    d, cache, texts, tokens = corpus
+    d, cache, texts, tokens, _ = corpus
     expected = b"".join(t.encode("utf-8") + DOC_SEPARATOR for t in texts if t)
     with open(tokens.uri, "rb") as f:
         assert f.read() == expected
@@ -41,19 +43,38 @@ def test_tokens_are_the_documents_in_order(corpus):
 
 
 def test_cache_is_reused(corpus):
-    d, cache, _, tokens = corpus
+    d, cache, _, tokens, _ = corpus
     files = sorted(p.name for p in cache.rglob("*"))
     again = prepare_tokens(check_parquet(str(d), ["text"]), "text", str(cache))
     assert again == tokens and sorted(p.name for p in cache.rglob("*")) == files
+
+
+def test_another_storage_reuses_the_users_tokens_without_ray_data(corpus, tmp_path, monkeypatch):
+    """Tokenised once into the per-user cache (digest in the manifest), then only published."""
+    import ray.data
+
+    d, _, _, tokens, user = corpus
+    entry = token_cache.read_entry(str(user), tokens.fingerprint)
+    assert entry is not None and entry["bytes"] == tokens.num_tokens
+
+    def no_ray_data(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(ray.data, "read_parquet", no_ray_data)
+    other = prepare_tokens(check_parquet(str(d), ["text"]), "text", str(tmp_path / "other"), user_cache=str(user))
+    assert other.uri.startswith(str(tmp_path / "other")) and other.num_tokens == tokens.num_tokens
+    with open(other.uri, "rb") as a, open(tokens.uri, "rb") as b:
+        assert a.read() == b.read()
 
 
 def test_text_without_tokens_is_refused_and_leaves_nothing(ray_connected, tmp_path):
     p = tmp_path / "blank.parquet"
     pq.write_table(pa.table({"text": ["", None, ""]}), p)
     cache = tmp_path / "store" / ".raypod_data"
+    user = tmp_path / "user"
     with pytest.raises(ConfigError, match="holds no text to train on"):
-        prepare_tokens(check_parquet(str(p), ["text"]), "text", str(cache))
-    assert not (tmp_path / "store" / ".raypod_data").exists()
+        prepare_tokens(check_parquet(str(p), ["text"]), "text", str(cache), user_cache=str(user))
+    assert not (tmp_path / "store" / ".raypod_data").exists() and not user.exists()
 
 
 def _expected(source: TokenWindows, order: SampleOrder, step: int, rank: int, world: int):
@@ -69,7 +90,7 @@ def _wait_live(feed: StepFeed, timeout: float = 120.0) -> None:
 
 
 def test_stream_delivers_each_steps_share_and_rewinds_from_memory(corpus):
-    *_, tokens = corpus
+    *_, tokens, _ = corpus
     source = TokenWindows(tokens, L)
     order = SampleOrder(len(source), 48, seed=1)
     assert order.steps_per_epoch < 30  # the run below crosses an epoch
