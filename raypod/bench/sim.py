@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import cProfile
 import dataclasses
+import math
 import pstats
 import random
 import statistics
 import tempfile
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +35,7 @@ from unittest import mock
 from raypod.bench import calibration
 from raypod.bench.calibration import Calibration, Fit
 from raypod.bench.goodput_model import llama3_step_s
-from raypod.bench.simgroup import FaultPlan, SimGroup, VirtualClock, driver_clock
+from raypod.bench.simgroup import RANKS_PER_NODE, FaultPlan, SimGroup, VirtualClock, driver_clock
 from raypod.bench.table import markdown_table, print_table, write_results
 from raypod.callbacks import Callback, FailureEvent, StepReport
 from raypod.config import JobConfig
@@ -268,7 +270,23 @@ def figures(raw: dict[str, Any], cal: Calibration, memory: dict[str, Any] | None
         out["memory_kept_per_step_mib"] = statistics.median(grow) / 2**20 if grow else None
     terms = out["per_step_terms_s"]
     out["limiting"] = max(terms, key=lambda k: terms[k])
+    if not steady:  # the job never trained steadily: what stopped it is the limit
+        out["limiting"] = _why_no_steady(raw, cal)
     return out
+
+
+def _why_no_steady(raw: dict[str, Any], cal: Calibration) -> str:
+    """A job with no steady steps: its failures, and whether the liveness round itself (per-node,
+    as :meth:`SimGroup.probe` models it) outlasts ``fault.silent_s``, making healthy ranks silent."""
+    kinds = Counter(ev.kind for ev in raw["events"])
+    nodes = -(-raw["ranks"] // RANKS_PER_NODE)
+    round_s = cal.ping.at(nodes) + cal.ping.at(RANKS_PER_NODE)
+    why = (f"no steady step (job {raw['state'].lower()}, {sum(kinds.values())} failures: "
+           + ", ".join(f"{k} x{n}" for k, n in kinds.most_common()) + ")")
+    if round_s >= raw["silent_s"]:
+        why += (f"; the liveness round over {nodes:,} node agents takes {round_s:.2g} s, longer than "
+                f"fault.silent_s = {raw['silent_s']:g} s, so healthy ranks look silent")
+    return why
 
 
 def profile_driver(cal: Calibration, ranks: int, steps: int = 4, top: int = 8) -> list[dict[str, Any]]:
@@ -288,14 +306,15 @@ def profile_driver(cal: Calibration, ranks: int, steps: int = 4, top: int = 8) -
 def _point(cal: Calibration, ranks: int, steps: int, track_up_to: int,
            base: dict[str, Any] | None) -> dict[str, Any]:
     """One rank count: the timed run, the tracemalloc run, and (above ``track_up_to`` ranks,
-    where the straggler tracker's quadratic cost would take hours to simulate) its cost
-    scaled from ``base``'s measured one by ``(N / N_base)^2``."""
+    where straggler tracking is left off to save simulation time) its cost
+    scaled from ``base``'s measured one by ``N log N`` (one sort a step)."""
     track = ranks <= track_up_to
     raw = simulate(cal, ranks, steps=steps, stragglers=track)
     mem = simulate(cal, ranks, steps=steps, stragglers=False, trace_memory=True)
     out = figures(raw, cal, mem)
-    if not track and base is not None:
-        scaled = base["straggler_cpu_per_step_s"] * (ranks / base["ranks"]) ** 2
+    if not track and base is not None and out["driver_cpu_per_step_s"] is not None:
+        # One sort of N per step (StragglerTracker.update): N log N from the largest N tracked.
+        scaled = base["straggler_cpu_per_step_s"] * (ranks * math.log(ranks)) / (base["ranks"] * math.log(base["ranks"]))
         out["straggler_cpu_per_step_s"] = scaled
         out["straggler_extrapolated_from"] = base["ranks"]
         out["per_step_terms_s"]["driver Python: StragglerTracker.update"] = scaled
@@ -327,7 +346,7 @@ def acceptance(point: dict[str, Any]) -> list[str]:
 
 def run(trials: int | None = None, out: str | None = "benchmarks/results", ranks: tuple[int, ...] | str = RANKS,
         steps: int | None = None, calibration_dir: str | None = None, cal: Calibration | None = None,
-        track_up_to: int = 10_000, profile_at: int | None = 10_000, step_s: float | None = None) -> dict[str, Any]:
+        track_up_to: int = 100_000, profile_at: int | None = 10_000, step_s: float | None = None) -> dict[str, Any]:
     """Simulate each rank count, print the table, write ``<out>/sim.json`` and ``.md``.
 
     Args:
@@ -360,7 +379,7 @@ def run(trials: int | None = None, out: str | None = "benchmarks/results", ranks
     result["acceptance"] = acceptance(at[10_000]) if 10_000 in at else []
     big = at[max(at)]
     result["limiting"] = {"ranks": big["ranks"], "term": big["limiting"],
-                          "seconds_per_step": big["per_step_terms_s"][big["limiting"]]}
+                          "seconds_per_step": big["per_step_terms_s"].get(big["limiting"])}
     if profile_at is not None:
         result["profile"] = {"ranks": profile_at, "top": profile_driver(cal, profile_at)}
     report(result, out)
@@ -390,7 +409,8 @@ def report(result: dict[str, Any], out: str | None) -> None:
                 right=lambda k: True)
     lim = result["limiting"]
     lines = [*result["acceptance"],
-             f"limiting at {lim['ranks']:,} ranks: {lim['term']} ({lim['seconds_per_step']:.3g} s per step)"]
+             f"limiting at {lim['ranks']:,} ranks: {lim['term']}"
+             + (f" ({lim['seconds_per_step']:.3g} s per step)" if lim["seconds_per_step"] is not None else "")]
     prof = result.get("profile")
     if prof:
         lines.append(f"cProfile at {prof['ranks']:,} ranks, own seconds per step:")
@@ -401,7 +421,7 @@ def report(result: dict[str, Any], out: str | None) -> None:
           "completion, diagnosis, recovery plan, policies) against a simulated group in virtual time; its "
           "CPU is real, Ray's costs are the calibration's.", "",
           markdown_table(COLUMNS, rows), "",
-          "`*`: straggler tracking scaled from the largest N simulated with it on, by (N/N0)^2.", "",
+          "`*`: straggler tracking scaled from the largest N simulated with it on, by N log N (one sort a step).", "",
           *[f"- {x}" for x in lines], "", "Sources:", "", *[f"- {k}: {v}" for k, v in result["sources"].items()], "",
           "Command: `raypod bench sim`", ""]
     write_results(result, out, "sim", "\n".join(md), log=print)
