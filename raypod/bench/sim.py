@@ -178,6 +178,7 @@ def simulate(cal: Calibration, ranks: int, steps: int = 12, kill_step: int | Non
                 "states": rec.states, "iterations": iterations, "decisions": decisions, "plan": plan,
                 "t_built": t_built, "costs": d_costs(rec), "peak_bytes": peak, "straggler_cpu": straggler_cpu,
                 "stragglers": stragglers, "silent_s": d.cfg.fault.silent_s,
+                "node_agents": d.cfg.fault.node_agents,
                 "real_s": time.perf_counter() - wall0, "step_s": cal.step_s.at(ranks)}
 
 
@@ -204,27 +205,36 @@ def _detection(raw: dict[str, Any], cal: Calibration, samples: int = 20_000, see
 
     A kill: Ray's notice of the dead process (a one-rank round trip), then the rest of the
     driver's loop iteration in progress (sampled from the real RUNNING iterations, by length).
-    A freeze: the rank misses the ping in flight (or the next one, sent every
-    ``min(0.25, silent_s / 4)`` once the last round of N was answered), and is found
-    ``fault.silent_s`` after that ping was sent, at the next iteration.
+    A freeze: the first ping the frozen rank misses is sent up to ``every`` =
+    ``min(0.25, silent_s / 4)`` after it froze (by its node's agent; without agents by the
+    driver, whose rounds of N come every ``max(every, ping(N))``); its silence reaches
+    ``fault.silent_s`` that long after the ping was sent. With agents the driver sees it in an
+    agent's reply to a request sent after that ping (requests every ``max(every, round)``, the
+    reply ``round`` = ``ping(nodes) + ping(ranks per node)`` later, its age counted from the
+    request), then at the end of the loop iteration in progress.
     """
     rng = random.Random(seed)
     loops = [dt for kind, dt, _ in raw["iterations"] if kind == "running" and dt > 0] or [0.0]
     total = sum(loops)
-    silent = raw["silent_s"]
-    rtt, every = cal.ping.at(raw["ranks"]), min(0.25, silent / 4)
-    period = max(every, rtt)
+    silent, every = raw["silent_s"], min(0.25, raw["silent_s"] / 4)
+    agents = raw.get("node_agents", True)
+    nodes = -(-raw["ranks"] // RANKS_PER_NODE)
+    round_s = cal.ping.at(nodes) + cal.ping.at(RANKS_PER_NODE) if agents else cal.ping.at(raw["ranks"])
+    period = max(every, round_s)
 
     def rest_of_loop() -> float:
         return rng.uniform(0, rng.choices(loops, weights=loops)[0]) if total > 0 else 0.0
 
+    def freeze_latency() -> float:
+        missed = rng.uniform(0, every if agents else period)  # the first unanswered ping, after the freeze
+        seen = missed + silent
+        if agents:
+            request = missed + rng.uniform(0, period)  # the driver's first request after that ping
+            seen = max(seen, request + round_s)
+        return seen + rest_of_loop()
+
     kill = sorted(cal.ping.at(1) + rest_of_loop() for _ in range(samples))
-    freeze = []
-    for _ in range(samples):
-        at = rng.uniform(0, period)
-        sent = 0.0 if at < rtt else period
-        freeze.append(sent + silent - at + rest_of_loop())
-    freeze.sort()
+    freeze = sorted(freeze_latency() for _ in range(samples))
     pick = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
     return {"kill_p50_s": pick(kill, 0.5), "kill_p99_s": pick(kill, 0.99),
             "freeze_p50_s": pick(freeze, 0.5), "freeze_p99_s": pick(freeze, 0.99)}
