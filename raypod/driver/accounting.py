@@ -61,11 +61,13 @@ class JobAccounting:
         self.world_sizes.append(world_size)
 
     def step_done(self, step: int, duration_s: float, ids: list[tuple[int, np.ndarray]],
-                  resolve: bool = True) -> tuple[bool, list[FailureEvent]]:
+                  resolve: bool = True, finished_s: float | None = None) -> tuple[bool, list[FailureEvent]]:
         """Record a completed step.
 
         ``resolve=False`` is for a step that finished before a failure but is only
         counted during its recovery: it does not mark the failure as recovered.
+        ``finished_s``: when every rank had finished it (job seconds; a step counts a little
+        later, once its replicas are acknowledged); default now.
 
         Returns:
             Whether the step number is a replay, and the failure events this step
@@ -76,12 +78,12 @@ class JobAccounting:
         self.ids[step] = None if self._as_ordered(step, ids) else ids
         self.last_step = step
         self.completed_ever = max(self.completed_ever, step)
-        self.last_step_s = self.now()
+        self.last_step_s = self.now() if finished_s is None else finished_s
         if self.first_step_s is None:
             self.first_step_s = self.last_step_s
         resolved = [ev for ev in self.events if ev.resumed_s is None] if resolve else []
         for ev in resolved:
-            ev.resumed_s = self.now()
+            ev.resumed_s = max(self.last_step_s, ev.detected_s)
         return replay, resolved
 
     def failure(self, event: FailureEvent) -> None:

@@ -91,6 +91,8 @@ class StepCompletion:
         """Per rank: seconds its last persistent save took."""
         self.failures = 0
         """Failures so far (a metric of every step)."""
+        self.finished_s: dict[int, float] = {}
+        """Per step not counted yet: when every rank had finished it (job seconds)."""
 
     # ---- what a poll brought ---------------------------------------------------------
     def absorb(self, group: WorkerGroupProtocol, result: Any) -> None:
@@ -102,6 +104,8 @@ class StepCompletion:
                 ledger.ack_replica(r.rank, s)
             if r.save_s is not None:
                 self.save_s[r.rank] = r.save_s
+            if len(ledger.partial[r.step]) == group.world_size:  # every rank finished it: now
+                self.finished_s[r.step] = self.acct.now()
         for rank, steps in result.saved:
             ledger.ack_saves(rank, steps)
         self.commit_saved(group)
@@ -162,7 +166,9 @@ class StepCompletion:
         self.step_durs.append(dur)
         self.ledger.done_step = step
         replayed, resolved = self.acct.step_done(step, dur, [(r.epoch, r.ids) for r in results],
-                                                 resolve=resolve)
+                                                 resolve=resolve, finished_s=self.finished_s.pop(step, None))
+        for s in [s for s in self.finished_s if s < step]:
+            del self.finished_s[s]
         metrics = {**recipe_metrics(results, samples), **self._metrics(results, loss, dur)}
         self.policies.cadence.observe(step, results)
         self._check_health(group, step, results, metrics)

@@ -242,6 +242,7 @@ class Driver:
         a roll back) in the same one."""
         assert self.group is not None
         self.ledger.reset(step, self.group.world_size, same_group)
+        self.completion.finished_s.clear()
         self.policies.cadence.restart(step, regrouped=not same_group)
         if same_group:  # the same ranks: their replicas up to ``step`` stay
             return
