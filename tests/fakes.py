@@ -195,8 +195,9 @@ class FakeGroup:
     def heartbeats(self, timeout):
         self.calls.append(("heartbeats",))
         phase, _name = FakeGroup.plan.get("behind", (0, "start"))  # where rank 1 is
-        return {0: Heartbeat(rank=0, step=5, phase=Phase.SYNC, in_phase_s=1.0),
-                1: Heartbeat(rank=1, step=5, phase=Phase(phase), in_phase_s=1.0)}
+        step = max(self.finished, default=0) + 1  # the step after each rank's last result
+        return {0: Heartbeat(rank=0, step=step, phase=Phase.SYNC, in_phase_s=1.0),
+                1: Heartbeat(rank=1, step=step, phase=Phase(phase), in_phase_s=1.0)}
 
     def probe(self, every_s):
         """Rank ``plan["silent"]`` stops answering once the steps stall (``plan["stall_from"]``),

@@ -200,7 +200,7 @@ class Diagnosis:
         the rank the others wait for (``blamed``, when the heartbeats were just read)."""
         timeout = self.cfg.fault.hang_timeout_s
         rank, why = blamed or hung_rank(group.heartbeats(timeout=self.cfg.fault.heartbeat_s))
-        step = self.ledger.done_step + 1
+        step = self.ledger.finished_through(group.world_size) + 1  # every rank finished the ones before
         for marker in self.refresh_fired().values():
             if marker["kind"] == "hang" and (rank is None or marker["rank"] == rank):
                 rank, step = marker["rank"], marker["step"]

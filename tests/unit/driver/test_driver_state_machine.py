@@ -174,14 +174,15 @@ def test_bad_step_budget_fails_the_job(health_driver):
 def test_hang_blames_the_rank_behind_and_recovers_it_in_place(health_driver):
     d = health_driver(fault={"hang_timeout_s": 0.3})
     # Steps 6 and 7 are in flight when it stalls; step 5 finished, but its replica acknowledgement
-    # rides in step 6's results: it counts during the recovery, which restores step 5.
+    # rides in step 6's results: it counts during the recovery, which restores step 5; the hang is
+    # named at step 6, the step after the last one every rank finished.
     FakeGroup.plan = {"stall_from": 6}
     transitions = _drive(d)
     assert transitions[-1] == ("finishing", "finished")
     assert ("recovering", "running") in transitions and ("recovering", "scheduling") not in transitions
     ev = d.acct.events[0]
-    assert ev.kind == "hang" and ev.rank == 1 and ev.step == 5
-    assert "rank 1 stuck at step 5 in phase start" in ev.message
+    assert ev.kind == "hang" and ev.rank == 1 and ev.step == 6
+    assert "rank 1 stuck at step 6 in phase start" in ev.message
     assert ev.restored_from == "memory step 5" and ev.lost_steps == 0
     assert ("kill", [1]) in FakeGroup.calls and ("recover_in_place", [1], 5) in FakeGroup.calls
     # The lost rank's slot becomes a spare only once a step after the restore point completed.
@@ -197,8 +198,8 @@ def test_a_hang_is_declared_after_hang_factor_steps_not_hang_timeout(health_driv
     transitions = _drive(d)
     assert transitions[-1] == ("finishing", "finished") and time.monotonic() - t0 < 10
     ev = d.acct.events[0]
-    assert ev.kind == "hang" and ev.rank == 1 and ev.step == 5 and ev.restored_from == "memory step 5"
-    assert "at least 0.3 s: fault.hang_factor, fault.hang_min_s): rank 1 stuck at step 5 in phase start" \
+    assert ev.kind == "hang" and ev.rank == 1 and ev.step == 6 and ev.restored_from == "memory step 5"
+    assert "at least 0.3 s: fault.hang_factor, fault.hang_min_s): rank 1 stuck at step 6 in phase start" \
         in ev.message
 
 
