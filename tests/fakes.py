@@ -237,6 +237,7 @@ class FakeGroup:
                 for r in ranks}
 
     def flush_replicas(self, timeout, latest=False):
+        self.calls.append(("flush_replicas", max(self.finished, default=0)))
         return self.memory_reports(range(self.world_size))
 
     def _restored(self, step: int) -> None:

@@ -383,6 +383,10 @@ class Recovery:
             # Every rank snapshots the last step (if the cadence skipped it) and its peer
             # receives it: the leaving ranks' latest state stays in memory.
             reports = group.flush_replicas(timeout=d.cfg.fault.hang_timeout_s, latest=True)
+            # Steps every rank finished whose acknowledgement was to ride in a later result
+            # count now: every rank's latest snapshot has just reached its peer.
+            while d.ledger.done_step < d.ledger.finished_through(group.world_size) and d.completion.health_next is None:
+                d.completion.complete(group, d.ledger.done_step + 1, resolve=False)
             return plan_hand_over(lost, reports, {r: group.holder_of(r) for r in lost}, d.done_step)
         except Exception as e:  # noqa: BLE001 - fall back to the ordinary recovery
             log.warning("hand-over: %s", e)

@@ -223,6 +223,10 @@ def test_preempted_rank_hands_over_with_no_lost_step(health_driver):
     assert ev.kind == "preempt" and ev.rank == 1 and ev.lost_steps == 0
     replaced = [c for c in FakeGroup.calls if c[0] == "recover_in_place"]
     assert replaced and replaced[0][1] == [1] and ev.restored_from == f"memory step {replaced[0][2]}"
+    # Every step the ranks finished before the hand-over counts (its acknowledgement was still to
+    # ride in a later result) and is kept: the replacement starts after it, nothing is redone.
+    flushed = [c for c in FakeGroup.calls if c[0] == "flush_replicas"]
+    assert flushed and replaced[0][2] == flushed[0][1] > 4
     assert d.acct.samples() == {"consumed": 80, "duplicated": 0, "skipped": 0}
     assert d.failures == 0  # a hand-over is not a failure
 
