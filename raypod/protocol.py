@@ -66,6 +66,25 @@ class ErrorKind(str, enum.Enum):
         return self.value
 
 
+LATE_FACTOR = 1.5
+"""While training, a rank is silent past ``max(fault.silent_s, LATE_FACTOR x`` the latest late
+answer of the last ``raypod.driver.liveness.SLOW_WINDOW_S`` seconds): see :class:`Silence`."""
+
+
+class Silence(dict):  # type: ignore[type-arg] - dict[int, float], with one figure more
+    """Per rank, the seconds its liveness ping has gone unanswered (what
+    :meth:`WorkerGroupProtocol.probe` returns), and ``slowest_s``: how late answers have come
+    lately on this busy host, while training. The driver calls a rank silent only past
+    ``max(fault.silent_s, LATE_FACTOR x slowest_s)``, so a host too loaded to answer within
+    ``fault.silent_s`` (a checkpoint write, a start-up) is not taken for frozen; a frozen
+    rank never answers and is found a little later there. A plain dict means no late
+    answers (``slowest_s`` 0)."""
+
+    def __init__(self, silence: dict[int, float] | None = None, slowest_s: float = 0.0) -> None:
+        super().__init__(silence or {})
+        self.slowest_s = slowest_s
+
+
 @dataclass
 class MemoryReport:
     """The steps a rank holds in memory: what the driver plans an in-memory recovery from."""
@@ -227,7 +246,8 @@ class WorkerGroupProtocol(Protocol):
     def heartbeats(self, timeout: float) -> dict[int, Heartbeat | None]: ...
     def probe(self, every_s: float) -> dict[int, float]:
         """Never waits: per rank, the seconds its liveness ping (sent every ``every_s``, at
-        most one in flight) has gone unanswered; 0.0 when none is in flight."""
+        most one in flight) has gone unanswered; 0.0 when none is in flight (a
+        :class:`Silence` also says how late answers came lately)."""
         ...
     def unresponsive_ranks(self, ranks: list[int], timeout: float) -> set[int]: ...
     def node_of(self, rank: int) -> str: ...

@@ -30,7 +30,7 @@ from raypod.driver.ledger import StepLedger
 from raypod.driver.state import HandingOverState, RecoveringState, State
 from raypod.policies.failures import Failure
 from raypod.policies.health import hung_rank
-from raypod.protocol import ErrorKind, Phase, WorkerError, WorkerGroupProtocol
+from raypod.protocol import LATE_FACTOR, ErrorKind, Phase, WorkerError, WorkerGroupProtocol
 
 log = logging.getLogger("raypod.driver")
 
@@ -152,11 +152,13 @@ class Diagnosis:
         """A rank whose liveness ping has gone unanswered for ``fault.silent_s`` (pinged every
         quarter of it; never waits). Ranks silent for half of it are lost with it (a frozen
         node stops its ranks within moments): they are left in :attr:`silent`."""
-        limit = self.cfg.fault.silent_s
+        silent_s = self.cfg.fault.silent_s
         self.silent = set()
-        if limit <= 0:
+        if silent_s <= 0:
             return None
-        quiet = group.probe(every_s=min(0.25, limit / 4))
+        quiet = group.probe(every_s=min(0.25, silent_s / 4))
+        # A host that answers late (busy) gets more time (see protocol.Silence).
+        limit = max(silent_s, LATE_FACTOR * getattr(quiet, "slowest_s", 0.0))
         worst = max(quiet, key=lambda r: quiet[r], default=None)
         if worst is None or quiet[worst] < limit:
             return None
@@ -170,7 +172,9 @@ class Diagnosis:
         also = f" (also silent: rank(s) {others})" if others else ""
         return Failure(kind=kind, rank=rank, step=step, time_s=self.now(),
                        message=f"rank {rank} at step {step}: no answer to a ping for {quiet[rank]:.1f} s "
-                               f"(fault.silent_s) on {group.node_of(rank)}{also}")
+                               f"(fault.silent_s) on {group.node_of(rank)}{also}"
+                               + (f"; allowed {limit:.1f} s, as answers came up to {limit / LATE_FACTOR:.1f} s late"
+                                  if limit > silent_s + 0.05 else ""))
 
     # ---- hangs ---------------------------------------------------------------------
     def quick_hang_s(self, step_durs: Iterable[float]) -> float | None:

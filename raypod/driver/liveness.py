@@ -29,6 +29,7 @@ the driver, on its own node) SIGKILL the process at once.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ import ray
 
 from raypod.driver.outcomes import GroupStartError
 from raypod.driver.rank_calls import unresponsive
+from raypod.protocol import Silence
 
 log = logging.getLogger("raypod.driver")
 
@@ -135,13 +137,16 @@ class NodeAgents:
                 self._end(node)
             self.reports.pop(node, None)
 
-    def collect(self) -> None:
+    def collect(self, looked: float) -> list[float]:
         """Take in the agents' replies that arrived (never waits). A reply of an older
         generation is dropped; an agent whose call failed (it died, or could not be placed)
-        is ended and its node's ranks are pinged one by one from then on."""
+        is ended and its node's ranks are pinged one by one from then on. Returns how late
+        answers were: each reply's wait (at least until ``looked``, the driver's previous look,
+        when it was not there yet) and the slowest local ping each agent saw."""
         refs = {ref: (node, at) for node, (ref, at) in self.out.items()}
+        late: list[float] = []
         if not refs:
-            return
+            return late
         for ref in ray.wait(list(refs), num_returns=len(refs), timeout=0)[0]:
             node, asked = refs[ref]
             del self.out[node]
@@ -152,8 +157,10 @@ class NodeAgents:
                             "driver", node[:8], type(e).__name__)
                 self._end(node)
                 continue
+            late += [max(0.0, looked - asked), float(reply.get("slowest_s", 0.0))]
             if node in self.told and reply["generation"] == self.told[node][0]:
                 self.reports[node] = (reply["silence"], set(reply["dead"]), asked)
+        return late
 
     def send(self, now: float, every_s: float) -> None:
         """A ``silence`` request to each agent with none in flight, ``every_s`` after the last."""
@@ -213,14 +220,35 @@ class Probes:
         self._out: dict[int, tuple[Any, Any, float]] = {}
         self._last: dict[int, tuple[Any, float]] = {}
         """Per rank: (actor, when its last answered ping was sent)."""
-        self.slowest_s = 0.0
-        """The longest a ping is known to have waited for its answer."""
+        self._late: collections.deque[tuple[float, float, bool]] = collections.deque()
+        """(when, how late, while training) of the answers that came late (over 0.25 s), the
+        last :data:`SLOW_WINDOW_S` seconds of them."""
+        self._training = False
         self._looked = 0.0
         self.agents = NodeAgents() if agents and nodes is not None else None
         self._nodes = nodes or list
         self.via_agent: set[int] = set()
         """The ranks the last :meth:`silence` took from their node's agent (the rest: pinged by the driver)."""
         self._noted: set[int] = set()
+
+    @property
+    def slowest_s(self) -> float:
+        """The longest an answer is known to have waited in the last :data:`SLOW_WINDOW_S` s
+        (a busy host; 0.0: none over 0.25 s)."""
+        return self._slowest(training_only=False)
+
+    def _slowest(self, training_only: bool) -> float:
+        cut = time.monotonic() - SLOW_WINDOW_S
+        while self._late and self._late[0][0] < cut:
+            self._late.popleft()
+        return max((late for _, late, training in self._late if training or not training_only), default=0.0)
+
+    def _answered_late(self, late: float, who: str) -> None:
+        if late <= 0.25:
+            return
+        if late > max(0.25, self.slowest_s):
+            log.info("%s answered a liveness ping after more than %.2f s (the slowest lately)", who, late)
+        self._late.append((time.monotonic(), late, self._training))
 
     def clear(self) -> None:
         """Forget the per-rank pings (the agents and their reports stay)."""
@@ -233,7 +261,7 @@ class Probes:
         if self.agents is not None:
             self.agents.close()
 
-    def silence(self, actors: list[Any], every_s: float, use_agents: bool = True) -> dict[int, float]:
+    def silence(self, actors: list[Any], every_s: float, use_agents: bool = True) -> Silence:
         """Per rank, the seconds its liveness ping in flight has waited (0.0: none in flight).
         Never waits. A rank whose node agent has answered is covered by the agent's report
         (see :meth:`NodeAgents.merge`); any other rank (no agent, or one still starting,
@@ -241,15 +269,20 @@ class Probes:
         ``every_s`` after its last answered one.
 
         A rank whose actor changed (a replacement) starts afresh; a ping that failed (the
-        actor died) counts as answered: the calls in flight report the death.
+        actor died) counts as answered: the calls in flight report the death. The result
+        carries :attr:`slowest_s` (how late answers came lately).
         """
         now = time.monotonic()
         out: dict[int, float] = {}
         self.via_agent = set()
+        # While training (the running loop asks with the agents): the late answers of a group
+        # forming (every rank building its model at once) do not raise the running allowance.
+        self._training = use_agents
         nodes = self._nodes()
         if self.agents is not None and len(nodes) == len(actors) and actors:
             self.agents.sync(nodes, actors)
-            self.agents.collect()
+            for late in self.agents.collect(self._looked):
+                self._answered_late(late, "a node agent")
             self.agents.send(now, every_s)
             if use_agents:
                 self.agents.merge(now, out)
@@ -257,7 +290,7 @@ class Probes:
         self._ping(actors, [r for r in range(len(actors)) if r not in out], every_s, now, out)
         self._note(out, every_s)
         self._looked = now
-        return out
+        return Silence(out, slowest_s=self._slowest(training_only=use_agents))
 
     def _ping(self, actors: list[Any], ranks: list[int], every_s: float, now: float,
               out: dict[int, float]) -> None:
@@ -273,11 +306,7 @@ class Probes:
             if held is not None and held[1] in ready:
                 # How late answers get (busy hosts): at least until the previous look, when it
                 # was not there yet (the time the driver did not look does not count).
-                late = max(0.0, self._looked - held[2])
-                if late > max(0.25, self.slowest_s):
-                    log.info("rank %d answered a liveness ping after more than %.2f s (the slowest yet)",
-                             rank, late)
-                self.slowest_s = max(self.slowest_s, late)
+                self._answered_late(max(0.0, self._looked - held[2]), f"rank {rank}")
                 self._last[rank] = (actor, held[2])
                 held = None
             if held is None:
@@ -304,6 +333,9 @@ class Probes:
                          min(out[r] for r in ranks))
         self._noted = quiet
 
+
+SLOW_WINDOW_S = 10.0
+"""How long a late answer keeps raising the silence allowed (see :class:`raypod.protocol.Silence`)."""
 
 CONFIRM_PING_S = 3.0
 """How long a rank found silent while a group forms gets to answer one more ping."""

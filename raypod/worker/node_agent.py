@@ -60,6 +60,10 @@ class LocalPings:
         tell a reply about the ranks it last assigned from one about the ranks before)."""
         self.lock = threading.Lock()
         """Guards :attr:`ranks`: the agent's thread ticks while the driver's calls read and assign."""
+        self.slowest_s = 0.0
+        """The longest an answered ping waited, since the last :meth:`silence` reply (a busy host:
+        the driver allows twice that before it calls a rank silent)."""
+        self._ticked = clock()
 
     def assign(self, ranks: dict[int, Any], generation: int = 0) -> None:
         """The node's ranks now (after a start, a replacement or a regroup), as of the driver's
@@ -87,24 +91,29 @@ class LocalPings:
                         rank.dead, rank.ping = True, None
                         continue
                     rank.answered_sent_at, rank.ping = rank.sent_at, None
+                    # It was not there at the previous tick: it waited at least until then.
+                    self.slowest_s = max(self.slowest_s, self._ticked - rank.sent_at)
                 due = rank.answered_sent_at is None or now - rank.answered_sent_at >= self.every_s
                 if rank.ping is None and due:
                     try:
                         rank.ping, rank.sent_at = self.send(rank.handle), now
                     except Exception:  # noqa: BLE001 - an actor that cannot be called is gone
                         rank.dead = True
+            self._ticked = now
 
     def silence(self) -> dict[str, Any]:
         """``{"silence": {rank: seconds its ping in flight has waited (0.0: none)}, "dead":
-        [ranks whose ping failed: the actor died], "generation": the assignment it is about}``,
-        as of now (after a :meth:`tick`)."""
+        [ranks whose ping failed: the actor died], "generation": the assignment it is about,
+        "slowest_s": the longest an answered ping waited since the last reply}``, as of now
+        (after a :meth:`tick`)."""
         self.tick()
         with self.lock:
             now = self.clock()
             silence = {r: (now - s.sent_at if s.ping is not None else 0.0)
                        for r, s in self.ranks.items() if not s.dead}
+            slowest, self.slowest_s = self.slowest_s, 0.0
             return {"silence": silence, "dead": sorted(r for r, s in self.ranks.items() if s.dead),
-                    "generation": self.generation}
+                    "generation": self.generation, "slowest_s": slowest}
 
     def in_flight(self) -> int:
         """Pings in flight now (at most one per rank)."""

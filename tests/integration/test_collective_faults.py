@@ -55,10 +55,12 @@ def test_a_peer_lost_mid_collective_releases_the_survivors_in_place(ray_connecte
           f"{ev['restored_from']}, lost {ev['lost_steps']}")
     assert summary["failures"] == 1 and ev["rank"] == 1
     assert ev["restored_from"].startswith("memory step") and ev["lost_steps"] <= 1, ev
-    # fault.silent_s (1 s) for a freeze; at once for a kill; a hang (the rank answers pings but
-    # computes nothing) by the hang rule: fault.hang_min_s (5 s), the heartbeats naming the
-    # rank that entered fewer blocks than its peers, blocked in the next block's collective.
-    assert detected < (8.0 if kind == "hang" else 1.6), detected
+    # fault.silent_s (1 s) for a freeze, up to 1.5x the latest late answer on a host too busy to
+    # answer in time (4 rank processes on 2 cores here: protocol.LATE_FACTOR); at once for a kill;
+    # a hang (the rank answers pings but computes nothing) by the hang rule: fault.hang_min_s
+    # (5 s), the heartbeats naming the rank that entered fewer blocks than its peers, blocked in
+    # the next block's collective.
+    assert detected < (8.0 if kind == "hang" else 2.2), detected
     assert ev["recovery_phases_s"]["drain"] < 1.0  # the survivors were released, not timed out
     assert summary["final_state_sha256"] == baseline["final_state_sha256"]
     # The survivors kept their processes and re-joined; rank 1 is the spare's now.

@@ -27,10 +27,11 @@ def _sets(storage: Path, name: str, *extra: str) -> list[str]:
 
 
 def _wait_for_commit(job: Path, proc_alive, timeout: float = 240) -> None:
-    """Until the job committed a checkpoint (so it trains, and it owns its folder)."""
+    """Until the job committed a checkpoint (so it trains, and it owns its folder) and named its
+    MLflow run (the run is opened off the start, after the first step)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if list(job.glob("checkpoints/step_*/manifest.json")):
+        if list(job.glob("checkpoints/step_*/manifest.json")) and (job / "mlflow_run_id").exists():
             return
         assert proc_alive(), "the driver ended before its first checkpoint"
         time.sleep(0.5)

@@ -136,3 +136,36 @@ def test_the_forming_watch_keeps_the_driver_pings_but_starts_the_agents(world):
     world.clock.t += 0.3
     world.probes.silence(world.ranks, 0.25, use_agents=False)
     assert world.probes.via_agent == set() and set(world.agents) == {"n0", "n1"}
+
+
+def test_late_answers_raise_the_silence_allowed_for_a_while(world):
+    world.probes.silence(world.ranks, 0.25)
+    world.clock.t += 0.2
+    world.probes.silence(world.ranks, 0.25)  # the driver looks at 10.2: no reply yet
+    agent = world.agents["n0"]
+    generation = agent.assign.calls[-1][1][1]
+    agent.silence.last.answer({"silence": {0: 0.0, 1: 0.0}, "dead": [], "generation": generation,
+                               "slowest_s": 0.9})  # rank 1 answered its agent 0.9 s late
+    world.clock.t += 0.9
+    out = world.probes.silence(world.ranks, 0.25)
+    assert isinstance(out, liveness.Silence) and out.slowest_s == pytest.approx(0.9)
+    world.clock.t += liveness.SLOW_WINDOW_S + 1  # no late answer since: back to fault.silent_s
+    assert world.probes.silence(world.ranks, 0.25).slowest_s == 0.0
+
+
+def test_the_diagnosis_allows_twice_the_late_answers(tmp_path):
+    from raypod.config import JobConfig
+    from raypod.driver.diagnosis import Diagnosis
+    from raypod.driver.ledger import StepLedger
+
+    cfg = JobConfig.model_validate({"name": "late", "checkpoint": {"storage": str(tmp_path)},
+                                    "fault": {"silent_s": 1.0}})
+    diagnosis = Diagnosis(cfg, StepLedger(), lambda: 0.0)
+    group = types.SimpleNamespace(node_of=lambda r: "node n0")
+    group.probe = lambda every_s: liveness.Silence({0: 0.0, 1: 1.3}, slowest_s=0.9)
+    assert diagnosis.silent_failure(group) is None  # 1.3 s < 1.5 x 0.9 s: a busy host, not a freeze
+    group.probe = lambda every_s: liveness.Silence({0: 0.0, 1: 1.4}, slowest_s=0.9)
+    f = diagnosis.silent_failure(group)
+    assert f is not None and f.rank == 1 and "(fault.silent_s)" in f.message and "allowed 1.4 s" in f.message
+    group.probe = lambda every_s: {0: 0.0, 1: 1.1}  # no late answers: fault.silent_s
+    assert diagnosis.silent_failure(group) is not None
