@@ -22,12 +22,13 @@ import pytest
 
 # Ray reads this when it is first imported; the session cluster has token auth on.
 os.environ["RAY_AUTH_MODE"] = "token"
+
+from support import BIN, REPO
+
 # The per-user token cache (raypod.data.token_cache) goes to a folder of this session's,
 # not the user's ~/.cache: the tests share it (same corpus, same tokens) and leave nothing.
 _TOKEN_CACHE = tempfile.mkdtemp(prefix="raypod-test-token-cache-")
 os.environ.setdefault("RAYPOD_TOKEN_CACHE", _TOKEN_CACHE)
-
-from support import BIN, REPO
 
 
 def free_port() -> int:
