@@ -218,40 +218,11 @@ def _refuse_early(config: JobConfig, recipe: Recipe) -> None:
     from raypod.checkpoint.verify import signing_key
     from raypod.doctor import storage_check
 
-    check_sharding_quickly(config, recipe)  # FSDP2 would wrap only the root: refused before Ray starts
+    check_sharding(config, recipe)  # FSDP2 would wrap only the root: refused before Ray starts
     signing_key(config)  # checkpoint.signing_key_env names a variable that is set, before Ray starts
     storage = storage_check(config.job_dir)  # the driver writes there too; ms, before any worker
     if not storage.ok:
         raise ConfigError(f"checkpoint.storage: {storage.detail}")
-
-
-def check_sharding_quickly(config: JobConfig, recipe: Recipe) -> None:
-    """:func:`raypod.recipe.check_sharding` with the model's weight initialisers skipped.
-
-    The check builds the model on the meta device, where an initialiser such as
-    ``torch.nn.init.normal_`` computes nothing yet imports TorchDynamo (torch's reference
-    ops are wrapped by it): 0.8 s of CPU at every job's start, for a module the driver
-    never needs otherwise. Here the in-place ``torch.nn.init`` calls return their tensor
-    untouched (a meta tensor holds no values), through a torch-function mode, which is
-    local to this thread. The modules built, and so the verdict, are the same.
-
-    Raises:
-        ConfigError: as :func:`raypod.recipe.check_sharding`.
-    """
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    class _SkipInit(TorchFunctionMode):
-        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-            kwargs = kwargs or {}
-            if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
-                tensor = args[0] if args else kwargs.get("tensor")
-                if isinstance(tensor, torch.Tensor) and tensor.is_meta:
-                    return tensor
-            return func(*args, **kwargs)
-
-    with _SkipInit():
-        check_sharding(config, recipe)
 
 
 def _outcome(config: JobConfig, summary: dict[str, Any]) -> dict[str, Any]:

@@ -172,9 +172,9 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 def check_sharding(config: JobConfig, recipe: Recipe) -> None:
     """Refuse, before any worker starts, an FSDP2/HSDP job that would wrap only the root module.
 
-    Builds the model on the meta device (no memory, no init) and asks the recipe for its
-    :meth:`Recipe.shard_units`. Nothing to check for DDP, for a job of one rank, or for a
-    recipe that sets ``shard_root_only = True``.
+    Builds the model on the meta device (no memory, no init: :func:`_skip_meta_init`) and asks
+    the recipe for its :meth:`Recipe.shard_units`. Nothing to check for DDP, for a job of one
+    rank, or for a recipe that sets ``shard_root_only = True``.
 
     Raises:
         ConfigError: one sentence naming ``recipe.target``.
@@ -189,7 +189,7 @@ def check_sharding(config: JobConfig, recipe: Recipe) -> None:
     ctx = RankContext(rank=0, world_size=config.scaling.max_workers, device=torch.device("meta"),
                       config=config)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _skip_meta_init():
             model = recipe.build_model(ctx)
     except Exception as e:  # noqa: BLE001 - a model that cannot be built on meta is checked by the ranks
         log.info("shard check skipped: %s cannot build its model on the meta device: %s: %s",
@@ -203,6 +203,27 @@ def check_sharding(config: JobConfig, recipe: Recipe) -> None:
         f"{type(model).__name__}), so parallel.strategy '{config.parallel.strategy}' would wrap only the "
         "root module (the whole model gathered on every rank at each forward): return the blocks from "
         "shard_units, set shard_root_only = True on the recipe to accept that, or use parallel.strategy ddp")
+
+
+def _skip_meta_init() -> Any:
+    """A torch-function mode (local to this thread) under which the in-place ``torch.nn.init``
+    calls return a meta tensor untouched. On the meta device an initialiser such as
+    ``normal_`` computes nothing yet imports TorchDynamo (torch's reference ops are wrapped by
+    it): 0.8 s of CPU at every job's start, for a module the driver never needs otherwise.
+    The modules built, and so :func:`check_sharding`'s verdict, are the same."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class _SkipInit(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_"):
+                tensor = args[0] if args else kwargs.get("tensor")
+                if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                    return tensor
+            return func(*args, **kwargs)
+
+    return _SkipInit()
 
 
 def build_recipe(config: JobConfig) -> Recipe:
