@@ -10,6 +10,7 @@ a failing write is turned into one sentence by :func:`storage_error`.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import uuid
@@ -66,6 +67,15 @@ def write_json_atomic(uri: str, obj: Any) -> None:
             raise
     else:
         fs.pipe_file(path, data)
+
+
+def file_sha256(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 8 << 20) -> str:
+    """The SHA-256 of a file of ``fs``, read in ``chunk``-byte pieces (the manifests' digests)."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while piece := f.read(chunk):
+            h.update(piece)
+    return h.hexdigest()
 
 
 def read_json(uri: str) -> Any | None:

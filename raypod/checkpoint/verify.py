@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from fsspec.implementations.local import LocalFileSystem
 
 from raypod.config import ConfigError
-from raypod.storage import get_fs
+from raypod.storage import file_sha256, get_fs
 
 if TYPE_CHECKING:
     from raypod.checkpoint.store import CommittedCheckpoint
@@ -35,7 +35,6 @@ SIGNATURE = "hmac_sha256"
 """The manifest field that holds its HMAC (over every other field)."""
 _STORE_CHECKSUMS = ("ETag", "etag", "md5Hash", "crc32c")
 """Checksums an object store lists with a file (s3, gcs): no read needed."""
-_CHUNK = 8 << 20
 
 
 def signing_key(config: JobConfig) -> bytes | None:
@@ -54,14 +53,6 @@ def signing_key(config: JobConfig) -> bytes | None:
     return value.encode()
 
 
-def _sha256(fs: Any, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _digest(fs: Any, path: str, info: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"size": int(info.get("size") or 0)}
     if not isinstance(fs, LocalFileSystem):
@@ -69,7 +60,7 @@ def _digest(fs: Any, path: str, info: dict[str, Any]) -> dict[str, Any]:
             if info.get(key):
                 out[key] = str(info[key])
                 return out
-    out["sha256"] = _sha256(fs, path)
+    out["sha256"] = file_sha256(fs, path)
     return out
 
 
@@ -143,7 +134,7 @@ def problem(committed: CommittedCheckpoint, key: bytes | None = None) -> tuple[s
         if kind is None:
             return MANIFEST, f"{where}: {MANIFEST} records no digest of file {name}"
         try:
-            got = _sha256(fs, f"{root.rstrip('/')}/{name}") if kind == "sha256" else str(info.get(kind))
+            got = file_sha256(fs, f"{root.rstrip('/')}/{name}") if kind == "sha256" else str(info.get(kind))
         except OSError as e:
             return name, f"{where}: file {name} cannot be read ({e})"
         if got != want[kind]:

@@ -27,12 +27,11 @@ import posixpath
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from fsspec.implementations.local import LocalFileSystem
 
-from raypod.storage import get_fs, read_json, write_json_atomic
+from raypod.storage import file_sha256, get_fs, read_json, write_json_atomic
 
 log = logging.getLogger("raypod.data")
 
@@ -41,7 +40,6 @@ USER_CACHE_ENV = "RAYPOD_TOKEN_CACHE"
 DTYPES = ("uint8", "uint16", "uint32")
 """Token dtypes a writer produces (:class:`raypod.data.prepare.TextTokenizer`); others are refused."""
 _FILE_RE = re.compile(r"^tokens-[0-9a-f]{12}\.(uint8|uint16|uint32)$")
-CHUNK = 8 << 20
 
 
 def user_token_cache() -> str | None:
@@ -80,12 +78,6 @@ class DigestWriter:
         return self._h.hexdigest()
 
 
-def _chunks(fs: Any, inner: str) -> Iterator[bytes]:
-    with fs.open(inner, "rb") as f:
-        while chunk := f.read(CHUNK):
-            yield chunk
-
-
 def _check_file(fs: Any, inner: str, manifest: dict[str, Any]) -> str | None:
     """Why the token file does not match its manifest (None: it does)."""
     try:
@@ -94,10 +86,7 @@ def _check_file(fs: Any, inner: str, manifest: dict[str, Any]) -> str | None:
         return "it is missing"
     if size != manifest["bytes"]:
         return f"it holds {size} bytes, its manifest says {manifest['bytes']}"
-    h = hashlib.sha256()
-    for chunk in _chunks(fs, inner):
-        h.update(chunk)
-    if h.hexdigest() != manifest["sha256"]:
+    if file_sha256(fs, inner) != manifest["sha256"]:
         return "its SHA-256 differs from its manifest's"
     return None
 
