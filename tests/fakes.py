@@ -10,7 +10,8 @@ test on the class (the driver builds its group itself, from ``Driver.worker_grou
   ``fail_start_attempt``; ``stall_from`` a step: nothing arrives any more;
   ``nan_at=(step, times)``; ``preempt_at`` a step; ``behind=(phase, name)``: where rank 1's
   heartbeat says it is; ``preflight_fails_on`` a node);
-- ``FakeGroup.starts`` and ``FakeGroup.calls`` record what the driver asked for.
+- ``FakeGroup.starts`` and ``FakeGroup.calls`` record what the driver asked for;
+- :func:`fake_driver`: a production ``Driver`` over it, with the config the tests share.
 
 Import it as ``from fakes import FakeGroup`` (``pythonpath = ["tests"]``).
 """
@@ -295,3 +296,22 @@ class FakeGroup:
         self.world_size = self.world_size - len(lost) + len(added)
         return {"recover_s": 0.0, "slowest_rank_phases_s": {}, "received_bytes": 0, "replaced": sorted(lost),
                 "freed": freed, "driver_phases_s": {}}
+
+
+def fake_driver(storage: Any, lease: Any = None, stop: Any = None, **overrides: dict[str, Any]) -> Any:
+    """A production ``Driver`` whose group is :class:`FakeGroup`: job ``fake`` in ``storage``,
+    1..2 ranks, 10 steps of 8 samples, a checkpoint every 4 steps, MLflow off; each keyword
+    updates that config section (``train={"max_steps": 6}``)."""
+    from raypod.driver.controller import Driver
+
+    raw: dict[str, Any] = {"name": "fake", "checkpoint": {"storage": str(storage), "every_steps": 4},
+                           "train": {"max_steps": 10, "global_batch": 8, "micro_batch": 4},
+                           "scaling": {"min_workers": 1, "max_workers": 2, "schedule_timeout_s": 1.0},
+                           "mlflow": {"enabled": False}}
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    d = Driver(JobConfig.model_validate(raw), recipe=NullRecipe(), lease=lease, stop=stop)
+    d.worker_group_cls = FakeGroup
+    d.available_resources = lambda: {"CPU": 2.0}
+    FakeGroup.driver = d
+    return d

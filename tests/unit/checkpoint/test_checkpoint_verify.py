@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from fakes import FakeGroup, NullRecipe
+from fakes import FakeGroup, NullRecipe, fake_driver
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from raypod.checkpoint import CheckpointStore
@@ -99,15 +99,7 @@ def _manifest_without_digests(p: Path) -> None:  # as an older raypod committed 
 def test_driver_falls_back_past_a_damaged_checkpoint(two_checkpoints, tmp_path, caplog, damage, file, says):
     damage(Path(two_checkpoints.path_for(8)))
     FakeGroup.reset()
-    cfg = JobConfig.model_validate({
-        "name": "fake", "checkpoint": {"storage": str(tmp_path), "every_steps": 4},
-        "train": {"max_steps": 6, "global_batch": 8, "micro_batch": 4},
-        "scaling": {"min_workers": 1, "max_workers": 2, "schedule_timeout_s": 1.0},
-        "mlflow": {"enabled": False}})
-    d = Driver(cfg, recipe=NullRecipe())
-    d.worker_group_cls = FakeGroup
-    d.available_resources = lambda: {"CPU": 2.0}
-    summary = d.run()
+    summary = fake_driver(tmp_path, train={"max_steps": 6}).run()
     assert FakeGroup.starts == [(2, 4)]  # the ranks were given step 4, never step 8
     assert summary["status"] == "succeeded" and summary["resumed_from_step"] == 4
     [ev] = summary["events"]
@@ -265,15 +257,7 @@ def test_a_full_storage_at_commit_ends_the_job_and_the_summary_goes_aside(full_t
     recovery, and summary.json (which no longer fits there) is written locally instead."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     FakeGroup.reset()
-    cfg = JobConfig.model_validate({
-        "name": "fake", "checkpoint": {"storage": str(full_tmpfs), "every_steps": 4},
-        "train": {"max_steps": 10, "global_batch": 8, "micro_batch": 4},
-        "scaling": {"min_workers": 1, "max_workers": 2, "schedule_timeout_s": 1.0},
-        "mlflow": {"enabled": False}})
-    d = Driver(cfg, recipe=NullRecipe())
-    d.worker_group_cls = FakeGroup
-    d.available_resources = lambda: {"CPU": 2.0}
-    summary = d.run()
+    summary = fake_driver(full_tmpfs).run()
     assert summary["status"] == "failed" and FakeGroup.starts == [(2, None)]
     assert summary["error"] == (f"checkpoint.storage '{full_tmpfs}' cannot be written (No space left on "
                                 "device, errno ENOSPC) while committing checkpoint step 4")

@@ -178,20 +178,10 @@ def test_memory_object_store(tmp_path):
 
 
 def _fake_driver(tmp_path, lease=None, stop=None, max_steps=10):
-    from fakes import FakeGroup, NullRecipe
-
-    from raypod.config import JobConfig
-    from raypod.driver.controller import Driver
+    from fakes import FakeGroup, fake_driver
 
     FakeGroup.reset()
-    raw = {"name": "fake", "checkpoint": {"storage": str(tmp_path), "every_steps": 4},
-           "train": {"max_steps": max_steps, "global_batch": 8, "micro_batch": 4},
-           "scaling": {"min_workers": 1, "max_workers": 2, "schedule_timeout_s": 1.0},
-           "mlflow": {"enabled": False}}
-    d = Driver(JobConfig.model_validate(raw), recipe=NullRecipe(), lease=lease, stop=stop)
-    d.worker_group_cls = FakeGroup
-    d.available_resources = lambda: {"CPU": 2.0}
-    return d
+    return fake_driver(tmp_path, lease, stop, train={"max_steps": max_steps})
 
 
 def test_driver_that_lost_its_lease_stops_and_writes_nothing_more(tmp_path):

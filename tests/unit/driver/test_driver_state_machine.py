@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from fakes import HEALTHY, OLD_SNAPSHOT, FakeGroup, NullRecipe
+from fakes import HEALTHY, OLD_SNAPSHOT, FakeGroup, NullRecipe, fake_driver
 
 from raypod.config import JobConfig
 from raypod.driver.controller import Driver
@@ -20,17 +20,7 @@ def driver_factory(tmp_path):
     FakeGroup.reset()
 
     def make(**overrides: Any) -> Driver:
-        raw = {"name": "fake", "checkpoint": {"storage": str(tmp_path), "every_steps": 4},
-               "train": {"max_steps": 10, "global_batch": 8, "micro_batch": 4},
-               "scaling": {"min_workers": 1, "max_workers": 2, "schedule_timeout_s": 1.0},
-               "mlflow": {"enabled": False}}
-        for k, v in overrides.items():
-            raw.setdefault(k, {}).update(v)
-        d = Driver(JobConfig.model_validate(raw), recipe=NullRecipe())
-        d.worker_group_cls = FakeGroup
-        d.available_resources = lambda: {"CPU": 2.0}
-        FakeGroup.driver = d
-        return d
+        return fake_driver(tmp_path, **overrides)
 
     yield make
     FakeGroup.reset()  # no scene or plan leaks into the next test

@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fakes import HEALTHY, FakeGroup, NullRecipe
+from fakes import HEALTHY, FakeGroup, fake_driver
 
-from raypod.config import JobConfig
 from raypod.driver import ledger as ledger_mod
 from raypod.driver.controller import Driver
 from raypod.driver.recovery_plan import Action, RecoveryFacts, SourceFacts, plan_recovery
@@ -24,16 +23,8 @@ def healthy(tmp_path, monkeypatch):
     real = FakeGroup.submit_replica_wait
     monkeypatch.setattr(FakeGroup, "submit_replica_wait",
                         lambda self, step: (waits.append(step), real(self, step))[1])
-    cfg = JobConfig.model_validate({
-        "name": "acks", "checkpoint": {"storage": str(tmp_path), "every_steps": 4, "memory_every_steps": 1},
-        "train": {"max_steps": 10, "global_batch": 8, "micro_batch": 4},
-        "scaling": {"min_workers": 1, "max_workers": 2, "schedule_timeout_s": 1.0},
-        "mlflow": {"enabled": False}})
-    d = Driver(cfg, recipe=NullRecipe())
-    d.worker_group_cls = FakeGroup
-    d.available_resources = lambda: {"CPU": 2.0}
+    d = fake_driver(tmp_path, checkpoint={"memory_every_steps": 1})
     d.alive_nodes = lambda: {"n1", "n2"}
-    FakeGroup.driver = d
     yield d, waits
     FakeGroup.reset()
 
