@@ -156,6 +156,8 @@ class SimGroup:
         :class:`raypod.driver.inflight.InFlight` sends at most ``SUBMIT_PER_POLL`` per poll)."""
         self.enqueued = self.sent = 0
         self.per_flush = SUBMIT_PER_POLL
+        self.unacked: tuple[int, ...] = ()
+        """The last snapshot step submitted: the next step's results acknowledge its replicas."""
         self.busy_until = 0.0
         self.finished = 0
         """The last step every rank finished."""
@@ -233,7 +235,7 @@ class SimGroup:
             if self.plan.step == step and not self.plan.fired:
                 self.plan.fired, self.plan.at_s = True, done - self.cal.step_s.at(self.world_size) / 2
             # A snapshot step not acknowledged yet; one at or after ``step`` was rewound (a recovery).
-            acked = tuple(s for s in getattr(self, "unacked", ()) if s < step)
+            acked = tuple(s for s in self.unacked if s < step)
             self.unacked = (step,) if snapshot else ()
             self.queue.append(self._entry(("step", step, done, acked), ticket))
 
