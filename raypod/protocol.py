@@ -120,6 +120,9 @@ class StepResult:
     snapshot_stall_s: float = 0.0
     saved: list[int] = field(default_factory=list)
     """Steps whose checkpoint save finished on this rank since its last result."""
+    save_digests: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """Per step of ``saved``: the files this rank wrote for it, ``{name: {"size", "sha256"}}``
+    (the manifest's digests, taken as they were written: the driver does not read them back)."""
     replicated: list[int] = field(default_factory=list)
     """Steps (``<= step``, usually the previous snapshot step) whose snapshot this rank's replica
     holder received since its last result: the replica acknowledgement rides in the result, so

@@ -108,12 +108,55 @@ class _WeightsOnlyPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def _writer(path: str) -> dcp.StorageWriter:
+class _Digesting:
+    """Mixin for a DCP writer: the size and digest of every file this rank wrote (and, on the
+    coordinator, ``.metadata``), taken right after writing, into :attr:`digests`.
+
+    So the manifest's digests are computed where the files were written, by every rank on
+    its own share, beside the write in the save's background thread; the driver only lists
+    the folder at commit, instead of reading the whole checkpoint back (at scale: every
+    rank's files, on one process)."""
+
+    ckpt_path: str = ""
+    digests: dict[str, dict[str, Any]]
+
+    def _note(self, names: list[str]) -> None:
+        from raypod.checkpoint.verify import digest_named
+
+        self.digests.update(digest_named(self.ckpt_path, names))
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        fut = super().write_data(plan, planner)  # type: ignore[misc]
+        fut.wait()
+        self._note(sorted({r.storage_data.relative_path for r in fut.value()}))
+        return fut
+
+    def finish(self, metadata: Metadata, results: Any) -> None:
+        super().finish(metadata, results)  # type: ignore[misc]
+        self._note([".metadata"])
+
+
+def _writer(path: str, digests: dict[str, dict[str, Any]] | None = None) -> dcp.StorageWriter:
     if "://" in path and not path.startswith("file://"):
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        return FsspecWriter(path)
-    return dcp.FileSystemWriter(path.removeprefix("file://"))
+        if digests is None:
+            return FsspecWriter(path)
+
+        class _DigestingFsspecWriter(_Digesting, FsspecWriter):
+            pass
+
+        writer: Any = _DigestingFsspecWriter(path)
+    elif digests is None:
+        return dcp.FileSystemWriter(path.removeprefix("file://"))
+    else:
+        writer = _DigestingFileSystemWriter(path.removeprefix("file://"))
+    writer.ckpt_path, writer.digests = path, digests
+    return writer
+
+
+class _DigestingFileSystemWriter(_Digesting, dcp.FileSystemWriter):
+    pass
 
 
 def _reader(path: str, metadata_sha256: str | None = None) -> dcp.StorageReader:
@@ -131,18 +174,22 @@ def _reader(path: str, metadata_sha256: str | None = None) -> dcp.StorageReader:
 
 
 def save(model: nn.Module, optimizer: Optimizer, path: str, *, async_save: bool,
-         process_group: dist.ProcessGroup | None = None) -> Future | None:
+         process_group: dist.ProcessGroup | None = None,
+         digests: dict[str, dict[str, Any]] | None = None) -> Future | None:
     """Save model and optimizer shards to ``path``.
 
     With ``async_save`` the state is copied to host memory before returning and
     written by a background thread; the returned future completes when this rank's
-    files and (on the coordinator) ``.metadata`` are written.
+    files and (on the coordinator) ``.metadata`` are written. ``digests``, when given,
+    receives the size and sha256 of each of those files (``{name: {"size", "sha256"}}``,
+    as the manifest records them) before the save completes.
     """
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
+    writer = _writer(path, digests)
     if async_save:
-        return dcp.async_save(state, storage_writer=_writer(path), process_group=process_group)
-    dcp.save(state, storage_writer=_writer(path), process_group=process_group)
+        return dcp.async_save(state, storage_writer=writer, process_group=process_group)
+    dcp.save(state, storage_writer=writer, process_group=process_group)
     return None
 
 

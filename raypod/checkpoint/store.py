@@ -147,11 +147,13 @@ class CheckpointStore:
             rejected.append(found)
         return None, rejected
 
-    def commit(self, step: int, world_size: int, extra: dict[str, Any] | None = None) -> str:
+    def commit(self, step: int, world_size: int, extra: dict[str, Any] | None = None,
+               digests: dict[str, dict[str, Any]] | None = None) -> str:
         """Write the manifest (the commit point), then apply retention. Returns the path.
 
         The manifest records the size and digest of every file the ranks wrote (they are
         all written and flushed by now) and, with a signing key, is signed over all of it.
+        ``digests``: what the ranks measured as they wrote; files it misses are hashed here.
 
         Raises:
             OSError: the manifest could not be written (nothing is left half-written).
@@ -164,7 +166,7 @@ class CheckpointStore:
             "world_size": world_size,
             "committed_at": time.time(),
             **(extra or {}),
-            "files": verify.digest_files(path),
+            "files": verify.digest_files(path, digests),
         }
         if self.signing_key is not None:
             manifest[verify.SIGNATURE] = verify.sign(manifest, self.signing_key)

@@ -75,13 +75,34 @@ def _files(fs: Any, root: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def digest_files(path: str) -> dict[str, dict[str, Any]]:
-    """Size and digest of every file of a step folder (hashed on a few threads)."""
+def digest_files(path: str, known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and digest of every file of a step folder (hashed on a few threads).
+
+    ``known``: digests the ranks took as they wrote (:func:`digest_named`); a file listed
+    there with the size found is not read again, every other file is hashed here.
+    """
     fs, root = get_fs(path)
     files = _files(fs, root)
-    with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
-        digests = pool.map(lambda kv: _digest(fs, f"{root.rstrip('/')}/{kv[0]}", kv[1]), files.items())
-        return dict(zip(files, digests, strict=True))
+    known = known or {}
+    out = {rel: known[rel] for rel, info in files.items()
+           if rel in known and known[rel].get("size") == int(info.get("size") or 0)}
+    todo = {rel: info for rel, info in files.items() if rel not in out}
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
+            digests = pool.map(lambda kv: _digest(fs, f"{root.rstrip('/')}/{kv[0]}", kv[1]), todo.items())
+            out.update(zip(todo, digests, strict=True))
+    return {rel: out[rel] for rel in files}
+
+
+def digest_named(path: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and digest of the files ``names`` (relative) of the step folder ``path``, as
+    :func:`digest_files` records them (a rank's own files, right after it wrote them)."""
+    fs, root = get_fs(path)
+    out = {}
+    for rel in names:
+        full = f"{root.rstrip('/')}/{rel}"
+        out[rel] = _digest(fs, full, fs.info(full))
+    return out
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:

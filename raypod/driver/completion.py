@@ -93,6 +93,9 @@ class StepCompletion:
         """Failures so far (a metric of every step)."""
         self.finished_s: dict[int, float] = {}
         """Per step not counted yet: when every rank had finished it (job seconds)."""
+        self.save_digests: dict[int, dict[str, dict[str, Any]]] = {}
+        """Per checkpoint step not committed yet: the file digests the ranks took as they wrote
+        (the manifest's; files no rank reported are hashed at commit)."""
 
     # ---- what a poll brought ---------------------------------------------------------
     def absorb(self, group: WorkerGroupProtocol, result: Any) -> None:
@@ -104,6 +107,9 @@ class StepCompletion:
                 ledger.ack_replica(r.rank, s)
             if r.save_s is not None:
                 self.save_s[r.rank] = r.save_s
+            for s, files in r.save_digests.items():
+                if s > ledger.committed_step:
+                    self.save_digests.setdefault(s, {}).update(files)
             if len(ledger.partial[r.step]) == group.world_size:  # every rank finished it: now
                 self.finished_s[r.step] = self.acct.now()
         for rank, steps in result.saved:
@@ -244,12 +250,14 @@ class StepCompletion:
             if self.lease is not None and not self.lease.held():
                 return  # another driver owns the job now; the loop stops at its next turn
             try:
-                path = self.store.commit(s, group.world_size)
+                path = self.store.commit(s, group.world_size, digests=self.save_digests.pop(s, None))
             except OSError as e:
                 full = storage_error(e, self.cfg.checkpoint.storage, f"committing checkpoint step {s}")
                 if full is None:
                     raise
                 raise full from None
             self.ledger.committed(s)
+            for k in [k for k in self.save_digests if k <= s]:
+                del self.save_digests[k]
             log.info("checkpoint step %d committed", s)
             self.fire("after_checkpoint", s, path)

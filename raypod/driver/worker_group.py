@@ -365,8 +365,11 @@ class WorkerGroup:
                 for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]
         results = get_all(refs, max(timeout, self.cfg.fault.pg_timeout_s), watch)
         slowest = max(results, key=lambda r: r["reconfigure_s"])
+        arrived = [r["arrived"] for r in results if "arrived" in r]
+        # How far apart the ranks reached the rendezvous: the first one waits that long in it.
+        spread = {"arrival_spread": max(arrived) - min(arrived)} if arrived else {}
         return {"slowest_rank_phases_s": slowest["phases_s"],
-                "driver_phases_s": {"locate": t1 - t0, "reconfigure": time.perf_counter() - t1},
+                "driver_phases_s": {"locate": t1 - t0, "reconfigure": time.perf_counter() - t1, **spread},
                 "received_bytes": sum(r["received_bytes"] for r in results)}
 
     def rollback(self, step: int, timeout: float) -> list[tuple[int, list[int]]]:

@@ -154,11 +154,12 @@ class TrainWorker:
         self.warm(spec.config, spec.recipe)
         self.trainer.leave()
         t.append(time.perf_counter())
+        arrived = time.time()  # wall clock: the driver compares when the ranks reached the rendezvous
         self._join(spec, initialize=False)
         t.append(time.perf_counter())
         received = restore()
         t.append(time.perf_counter())
-        return {"rank": spec.rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received,
+        return {"rank": spec.rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received, "arrived": arrived,
                 "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2],
                              **{f"join_{k}": v for k, v in self.trainer.join_phases.items()}}}
 

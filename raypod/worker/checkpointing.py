@@ -29,15 +29,19 @@ class SaveQueue:
         self.started: dict[int, float] = {}
         self.save_s: float | None = None
         """Seconds the last persistent save took (reported with steps: the driver's load estimate)."""
+        self.digests: dict[int, dict[str, dict[str, Any]]] = {}
+        """Per step in flight or finished and not reported yet: the files this rank wrote, with
+        their size and sha256 (taken by the writer, for the manifest)."""
 
     def save(self, model: Any, optimizer: Any, group: Any, step: int, path: str) -> list[int]:
         """Start saving the state after ``step`` on the process group ``group``; returns saves
         finished meanwhile (the one before is waited for: one write in flight at a time)."""
         done = self.reap(wait=True)
         t0 = time.perf_counter()
+        self.digests[step] = {}
         try:
             fut = ckpt.save(model, optimizer, path, async_save=self.cfg.checkpoint.async_save,
-                            process_group=group)
+                            process_group=group, digests=self.digests[step])
         except BaseException as e:  # DCP's CheckpointException is a BaseException
             self._storage_failure(e, step)
             raise
@@ -66,10 +70,15 @@ class SaveQueue:
                     self.save_s = time.perf_counter() - started
         return done
 
+    def take_digests(self) -> dict[int, dict[str, dict[str, Any]]]:
+        """The file digests of every finished save not handed over yet (each handed over once)."""
+        return {s: self.digests.pop(s) for s in [s for s in self.digests if s not in self.pending]}
+
     def clear(self) -> None:
         """Forget the saves in flight (the group they wrote with is gone)."""
         self.pending.clear()
         self.started.clear()
+        self.digests.clear()
 
     def _storage_failure(self, e: BaseException, step: int) -> None:
         """Raise a full, read-only or forbidden storage as one :class:`StorageError` sentence."""

@@ -289,6 +289,7 @@ class Trainer:
             metrics_sum={k: float(v.item()) for k, v in extra_sums.items()},
             snapshot_stall_s=snapshot.stall_s(stall), saved=self.saves.reap(), save_s=self.saves.save_s,
         )
+        out.save_digests = self.saves.take_digests()
         out.update(evaluated)
         return out
 

@@ -63,7 +63,7 @@ class LiveStepLog(Callback):
 
 
 def main() -> int:
-    from raypod.api import JobFailed, run
+    from raypod.api import JobFailed, JobStopped, run
     from raypod.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -79,7 +79,7 @@ def main() -> int:
     rc = 0
     try:
         run(cfg, callbacks=[rec, live], progress=False)
-    except JobFailed as e:
+    except (JobFailed, JobStopped) as e:  # the deadline stops the job as Ctrl-C would: JobStopped
         if not live.stopped:
             print(f"raypod_steps.py: {e}", file=sys.stderr)
             rc = 1

@@ -265,3 +265,39 @@ def test_a_full_storage_at_commit_ends_the_job_and_the_summary_goes_aside(full_t
     [aside] = (tmp_path / "home" / ".raypod" / "summary").glob("fake-*.json")
     assert json.loads(aside.read_text())["error"] == summary["error"]
     assert not list(full_tmpfs.rglob("step_*"))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_rank_digests_taken_as_written_match_and_spare_the_commit_a_read(tmp_path, monkeypatch, async_save):
+    """The writer digests this rank's files and .metadata as it writes them; the commit then
+    hashes nothing it was told about (a file it was not told about, or of another size, it
+    still hashes), and the manifest equals a full re-hash of the folder."""
+    from raypod.checkpoint import verify as verify_mod
+    from raypod.checkpoint.verify import digest_files
+
+    store = CheckpointStore(str(tmp_path / "job"), keep=3)
+    m, opt = _model(3)
+    digests: dict = {}
+    fut = ckpt.save(m, opt, store.path_for(6), async_save=async_save, digests=digests)
+    if fut is not None:
+        fut.result()
+    assert set(digests) == {".metadata", "__0_0.distcp"}
+    assert digests == digest_files(store.path_for(6))
+
+    hashed: list[str] = []
+    real = verify_mod.file_sha256
+    monkeypatch.setattr(verify_mod, "file_sha256", lambda fs, p: hashed.append(p) or real(fs, p))
+    store.commit(6, world_size=1, digests=digests)
+    assert hashed == []
+    latest, rejected = store.latest_verified()
+    assert latest.step == 6 and rejected == [] and latest.manifest["files"] == digests
+
+    # A file the ranks did not report, and a report whose size is stale: both hashed at commit.
+    extra = Path(store.path_for(9))
+    fut = ckpt.save(m, opt, str(extra), async_save=False, digests=(told := {}))
+    (extra / "notes.txt").write_text("written by someone else")
+    told["__0_0.distcp"] = {**told["__0_0.distcp"], "size": 1}
+    hashed.clear()
+    store.commit(9, world_size=1, digests=told)
+    assert sorted(Path(p).name for p in hashed) == ["__0_0.distcp", "notes.txt"]
+    assert store.latest_verified()[0].manifest["files"] == digest_files(str(extra))
