@@ -69,6 +69,8 @@ WARMUP = 15
 SYSTEMS = [
     System("raypod", "raypod (defaults: snapshot cadence auto, 1% budget)", "raypod",
            ("checkpoint.every_steps=0",)),
+    System("raypod_cap60", "raypod, cadence auto with memory_max_every 60 (default 20)", "raypod",
+           ("checkpoint.every_steps=0", "checkpoint.memory_max_every=60")),
     System("raypod_every", "raypod, snapshot + replica every step", "raypod",
            ("checkpoint.every_steps=0", "checkpoint.memory_every_steps=1")),
     System("raypod_nosnap", "raypod, snapshots off", "raypod",

@@ -2,7 +2,10 @@
 
 At commit the driver records a digest of every file of the step folder in
 ``manifest.json`` (:func:`digest_files`): the size and the sha256 of local files, or
-the object store's own checksum (ETag, md5Hash, crc32c) where fsspec lists one. With
+the object store's own checksum (ETag, md5Hash, crc32c) where fsspec lists one. The
+ranks take those digests of the files they write as they write them
+(:func:`digest_named`, through :mod:`raypod.checkpoint.dcp`'s writer) and send them with
+their step results; the driver lists the folder and hashes only what no rank reported. With
 ``checkpoint.signing_key_env`` set, the manifest also carries an HMAC-SHA256 over its
 canonical JSON, digests included (:func:`sign`), so that it cannot be edited to match a
 swapped file without the key.
