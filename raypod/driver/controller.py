@@ -243,6 +243,8 @@ class Driver:
         assert self.group is not None
         self.ledger.reset(step, self.group.world_size, same_group)
         self.completion.finished_s.clear()
+        for s in [s for s in self.completion.save_digests if s > step or not same_group]:
+            del self.completion.save_digests[s]  # a step redone is saved again: its files too
         self.policies.cadence.restart(step, regrouped=not same_group)
         if same_group:  # the same ranks: their replicas up to ``step`` stay
             return

@@ -38,6 +38,34 @@ class _Rank:
     sent_at: float = 0.0
     answered_sent_at: float | None = None
     dead: bool = False
+    pid: int | None = None
+    """The rank's process (a ping answers with it): read in ``/proc`` while a ping waits."""
+    cpu: int | None = None
+    """Its CPU ticks (user + system) when last read."""
+    busy_at: float = 0.0
+    """When its process was last seen using CPU (not stopped) while a ping waited."""
+
+
+RUNNING = -1
+"""What :func:`cpu_ticks` reports for a process that is running, waiting for a CPU or in
+uninterruptible I/O now (``R``, ``D``): alive and busy, whatever its CPU count says."""
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """User + system CPU ticks of a sleeping process; :data:`RUNNING` for one that runs, waits
+    for a CPU or for the disk; None when it is stopped (SIGSTOP, traced), a zombie, gone, or
+    there is no ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+    if fields[0] in ("T", "t", "Z", "X", "x"):
+        return None
+    if fields[0] in ("R", "D"):
+        return RUNNING
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
 
 
 class LocalPings:
@@ -52,8 +80,9 @@ class LocalPings:
     """
 
     def __init__(self, send: Callable[[Any], Future], every_s: float = 0.25,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.send, self.every_s, self.clock = send, every_s, clock
+                 clock: Callable[[], float] = time.monotonic,
+                 cpu: Callable[[int], int | None] = cpu_ticks) -> None:
+        self.send, self.every_s, self.clock, self.cpu = send, every_s, clock, cpu
         self.ranks: dict[int, _Rank] = {}
         self.generation = 0
         """The driver's number for the assignment in force (a reply names it, so the driver can
@@ -90,26 +119,44 @@ class LocalPings:
                     if rank.ping.cancelled() or rank.ping.exception() is not None:
                         rank.dead, rank.ping = True, None
                         continue
+                    answer = rank.ping.result()
+                    rank.pid = answer if isinstance(answer, int) and not isinstance(answer, bool) else rank.pid
                     rank.answered_sent_at, rank.ping = rank.sent_at, None
                     # It was not there at the previous tick: it waited at least until then.
                     self.slowest_s = max(self.slowest_s, self._ticked - rank.sent_at)
+                elif rank.ping is not None and rank.pid is not None:
+                    self._watch(rank, now)
                 due = rank.answered_sent_at is None or now - rank.answered_sent_at >= self.every_s
                 if rank.ping is None and due:
                     try:
                         rank.ping, rank.sent_at = self.send(rank.handle), now
+                        rank.cpu, rank.busy_at = self.cpu(rank.pid) if rank.pid else None, now
                     except Exception:  # noqa: BLE001 - an actor that cannot be called is gone
                         rank.dead = True
             self._ticked = now
 
+    def _watch(self, rank: _Rank, now: float) -> None:
+        """A ping waits: a process of this node that is not stopped and runs, waits for a CPU
+        or the disk, or used CPU since the last look is busy (a thread holding the GIL through a
+        checkpoint write, an overloaded host), not frozen; its silence counts from then. A
+        stopped process (SIGSTOP: the stand-in for a frozen peer) or one asleep that used no CPU
+        stays silent."""
+        ticks = self.cpu(rank.pid) if rank.pid else None
+        if ticks == RUNNING or (ticks is not None and rank.cpu is not None and ticks > rank.cpu):
+            rank.busy_at = now
+        if ticks != RUNNING:
+            rank.cpu = ticks
+
     def silence(self) -> dict[str, Any]:
-        """``{"silence": {rank: seconds its ping in flight has waited (0.0: none)}, "dead":
+        """``{"silence": {rank: seconds its ping in flight has waited, or since its process last used
+        CPU if that is later (0.0: no ping waits)}, "dead":
         [ranks whose ping failed: the actor died], "generation": the assignment it is about,
         "slowest_s": the longest an answered ping waited since the last reply}``, as of now
         (after a :meth:`tick`)."""
         self.tick()
         with self.lock:
             now = self.clock()
-            silence = {r: (now - s.sent_at if s.ping is not None else 0.0)
+            silence = {r: (now - max(s.sent_at, s.busy_at) if s.ping is not None else 0.0)
                        for r, s in self.ranks.items() if not s.dead}
             slowest, self.slowest_s = self.slowest_s, 0.0
             return {"silence": silence, "dead": sorted(r for r, s in self.ranks.items() if s.dead),

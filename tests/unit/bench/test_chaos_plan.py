@@ -175,3 +175,16 @@ def test_a_chaos_run_needs_a_node(nodes):
     mlp = os.path.join(os.path.dirname(__file__), "..", "..", "..", "jobs", "configs", "mlp.yaml")
     with pytest.raises(ConfigError, match="one node or more"):
         plan_jobs(load_config(mlp), 2, 0, 4, None, None, "c", nodes=nodes)
+
+
+def test_a_newer_checkpoint_chosen_over_an_older_snapshot_is_not_a_fall_back_to_storage():
+    from raypod.bench.chaos import _checkpoint_chosen
+
+    chosen = {"restored_from": "checkpoint step 10",
+              "source_choice": {"chosen": "checkpoint", "memory_step": 6, "checkpoint_step": 10,
+                                "est_memory_s": 1.2, "est_checkpoint_s": 0.5, "reason": "sooner"}}
+    assert _checkpoint_chosen(chosen)
+    # No snapshot in memory at all, or memory cheaper but not used: storage was a fall-back.
+    assert not _checkpoint_chosen({**chosen, "source_choice": {**chosen["source_choice"], "memory_step": None}})
+    assert not _checkpoint_chosen({**chosen, "source_choice": {**chosen["source_choice"], "est_memory_s": 0.1}})
+    assert not _checkpoint_chosen({"restored_from": "memory step 6", "source_choice": chosen["source_choice"]})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 
-from raypod.worker.node_agent import LocalPings
+from raypod.worker.node_agent import RUNNING, LocalPings
 
 
 class Clock:
@@ -30,9 +30,9 @@ class Ranks:
         self.sent[handle][-1].set_result(1234)
 
 
-def make(every_s: float = 0.25) -> tuple[LocalPings, Ranks, Clock]:
+def make(every_s: float = 0.25, cpu=lambda pid: None) -> tuple[LocalPings, Ranks, Clock]:
     ranks, clock = Ranks(), Clock()
-    pings = LocalPings(ranks.send, every_s, clock)
+    pings = LocalPings(ranks.send, every_s, clock, cpu)
     pings.assign({4: "a4", 5: "a5"}, generation=3)
     return pings, ranks, clock
 
@@ -89,3 +89,44 @@ def test_reassigning_keeps_unchanged_ranks_and_starts_new_actors_afresh():
     assert report["silence"][4] == 2.0 and report["silence"][5] == 0.0
     pings.assign({4: "old"}, generation=2)  # an older assignment arriving late is ignored
     assert set(pings.silence()["silence"]) == {4, 5}
+
+
+def test_a_silent_rank_whose_process_keeps_using_cpu_is_busy_not_frozen():
+    """A ping waits while the rank's process burns CPU (a thread holding the GIL through a
+    checkpoint write): its silence counts from its last CPU; a stopped process (SIGSTOP, read
+    as None) or one that uses no CPU stays silent from the ping."""
+    ticks = {1234: 0}
+    pings, ranks, clock = make(cpu=lambda pid: ticks[pid])
+    ranks.answer("a4")
+    ranks.answer("a5")
+    clock.t += 0.25
+    pings.tick()  # both answered (pid 1234 learnt); the next pings go out now
+    for _ in range(8):  # 2 s without an answer, the process busy all along
+        clock.t += 0.25
+        ticks[1234] += 25
+        pings.tick()
+    assert pings.silence()["silence"][4] == 0.0
+    ticks[1234] = RUNNING  # runnable (an overloaded host) or in disk I/O: alive
+    for _ in range(4):
+        clock.t += 0.25
+        pings.tick()
+    assert pings.silence()["silence"][4] == 0.0
+    ticks[1234] = None  # SIGSTOPped: no CPU from now on
+    for _ in range(6):
+        clock.t += 0.25
+        pings.tick()
+    assert pings.silence()["silence"][4] == 1.5
+    ticks[1234] = 1000  # asleep, and then using no CPU: silent again from the first look
+    pings.tick()
+    clock.t += 1.0
+    pings.tick()
+    assert pings.silence()["silence"][4] >= 1.0
+
+
+def test_cpu_ticks_of_this_process_and_of_none(tmp_path):
+    import os
+
+    from raypod.worker.node_agent import cpu_ticks
+
+    assert isinstance(cpu_ticks(os.getpid()), int)  # this process runs: RUNNING (-1)
+    assert cpu_ticks(2**22 + 7) is None  # no such process
