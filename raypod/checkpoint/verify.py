@@ -82,13 +82,14 @@ def digest_files(path: str, known: dict[str, dict[str, Any]] | None = None) -> d
     """Size and digest of every file of a step folder (hashed on a few threads).
 
     ``known``: digests the ranks took as they wrote (:func:`digest_named`); a file listed
-    there with the size found is not read again, every other file is hashed here.
+    there with the size and modification time found is not read again, every other file is
+    hashed here.
     """
     fs, root = get_fs(path)
     files = _files(fs, root)
-    known = known if isinstance(fs, LocalFileSystem) else {}  # an object store lists its own checksums
+    known = (known or {}) if isinstance(fs, LocalFileSystem) else {}  # an object store lists its checksums
     out = {rel: {k: v for k, v in known[rel].items() if k != "mtime"} for rel, info in files.items()
-           if rel in (known or {}) and _unchanged(known[rel], info)}
+           if rel in known and _unchanged(known[rel], info)}
     todo = {rel: info for rel, info in files.items() if rel not in out}
     if todo:
         with ThreadPoolExecutor(max_workers=min(8, len(todo))) as pool:
