@@ -92,10 +92,18 @@ from raypod.bench import trials as harness
 from raypod.bench.recovery import GLOBAL_BATCH, MATH, TORCHFT_SYSTEMS, Line, read_group_log, read_step_log
 from raypod.bench.table import fmt
 
-LABELS = table.labels(ray_train_v2="Ray Train V2 TorchTrainer", torchrun="torchrun --max-restarts 1000",
+LABELS = table.labels(raypod_peer="raypod, peer memory only",
+                      ray_train_v2="Ray Train V2 TorchTrainer", torchrun="torchrun --max-restarts 1000",
                       ray_train_torchft="Ray Train V2 TorchTrainer + TorchftConfig",
                       torchft="torchft (Manager + lighthouse, torchrun --max-restarts 1000 per group)")
 SYSTEMS = tuple(LABELS)
+RAYPOD_SYSTEMS = ("raypod", "raypod_peer")
+"""raypod's rows: ``mlp.yaml`` as it is (a persistent checkpoint every 10 steps, the durability of
+the checkpoint-restart anchors), and with only its peers' in-memory replicas between the start
+and the end, the durability of the torchft anchors (which write no persistent checkpoint)."""
+MATH_GOODPUT = {**MATH, "raypod_peer": MATH["raypod"] + "; no persistent checkpoint is written "
+                "before the end, so a loss of every rank at once would go back to the start, as for "
+                "the torchft anchors"}
 DURATION_S = 600.0
 KILL_EVERY_S = 60.0
 SEED = 0
@@ -112,6 +120,7 @@ COMMANDS = {
               "--live-log <tmp>/work/steps.log --deadline <launch+duration> --set checkpoint.storage=<tmp> "
               f"--set name=goodput --set train.max_steps={MAX_STEPS} --set fault.max_failures=1000 "
               "--set checkpoint.memory_every_steps=1",
+    "raypod_peer": "the raypod command with --set checkpoint.every_steps=0",
     "ray_train_v2": "RAY_TRAIN_V2_ENABLED=1 python raypod/bench/anchors/mlp_ray_train.py --workdir <tmp>/work "
                     f"--storage <tmp>/storage --name goodput-ray-train --steps {MAX_STEPS} --deadline "
                     f"<launch+duration> --no-kill --max-failures -1 --keep {KEEP}",
@@ -326,7 +335,7 @@ def pidfile_ranks(tag: str, workdir: Path) -> dict[int, int]:
 
 
 def find_ranks(system: str, tag: str, tmp: Path) -> dict[int, int]:
-    if system == "raypod":
+    if system in RAYPOD_SYSTEMS:
         return raypod_ranks(tag, tmp)
     return pidfile_ranks(tag, tmp / "work")
 
@@ -337,12 +346,14 @@ def _command(system: str, tmp: Path, deadline: float, torchrun_fresh_store: bool
     py = sys.executable
     extra: dict[str, str] = {}
     anchors = harness.REPO / "raypod/bench/anchors"
-    if system == "raypod":
+    if system in RAYPOD_SYSTEMS:
         cmd = [py, str(anchors / "raypod_steps.py"), "jobs/configs/mlp.yaml", "--log", str(tmp / "first.log"),
                "--live-log", str(tmp / "work" / "steps.log"), "--deadline", f"{deadline:.3f}",
                "--set", f"checkpoint.storage={tmp / 'storage'}", "--set", "name=goodput",
                "--set", f"train.max_steps={MAX_STEPS}", "--set", "fault.max_failures=1000",
                "--set", "checkpoint.memory_every_steps=1"]
+        if system == "raypod_peer":
+            cmd += ["--set", "checkpoint.every_steps=0"]
     elif system == "ray_train_v2":
         cmd = [py, str(anchors / "mlp_ray_train.py"), "--workdir", str(tmp / "work"),
                "--storage", str(tmp / "storage"), "--name", "goodput-ray-train", "--steps", str(MAX_STEPS),
@@ -466,7 +477,8 @@ def run_system(system: str, logs: Path, duration: float = DURATION_S, kill_every
 
 
 # ---- the suite -----------------------------------------------------------------------
-HEADER = ["system", "goodput", "ETTR", "samples goodput", "raypod / this", "window (s)", "steady step (ms)",
+HEADER = ["system", "goodput", "ETTR", "samples goodput", "raypod / this", "raypod peer-only / this",
+          "window (s)", "steady step (ms)",
           "kept steps", "kept samples", "kills fired", "recoveries", "steps replayed", "mean gap (s)",
           "mean lost rank back (s)", "ran to deadline"]
 
@@ -475,10 +487,11 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
     out = []
     for s in result["systems"]:
         r = result["results"][s]
-        ratio = 1.0 if s == "raypod" else result["ratios"].get(f"raypod/{s}")
+        ratio, peer = (result["ratios"].get(f"{base}/{s}") if s != base else 1.0
+                       for base in RAYPOD_SYSTEMS)
         step_ms = None if r.get("steady_step_s") is None else r["steady_step_s"] * 1000
         out.append([LABELS[s], fmt(r.get("goodput"), ".3f"), fmt(r.get("ettr"), ".3f"),
-                    fmt(r.get("sample_goodput"), ".3f"), fmt(ratio, ".2f"),
+                    fmt(r.get("sample_goodput"), ".3f"), fmt(ratio, ".2f"), fmt(peer, ".2f"),
                     fmt(r.get("window_s"), ".1f"), fmt(step_ms, ".0f"), fmt(r.get("kept_steps")),
                     fmt(r.get("kept_samples")), fmt(r.get("kills_fired")), fmt(r.get("recoveries")),
                     fmt(r.get("steps_replayed")), fmt(r.get("mean_gap_s"), ".2f"),
@@ -545,8 +558,9 @@ def run_goodput_bench(duration: float = DURATION_S, kill_every: float = KILL_EVE
         _log(f"{s}: goodput {fmt(r.get('goodput'), '.3f')}, {r.get('kills_fired')} kills, "
              f"{r.get('recoveries')} recoveries, {r.get('steps_replayed')} steps replayed, mean gap "
              f"{fmt(r.get('mean_gap_s'), '.2f')} s" + ("" if r["ok"] else f" (NOT OK: {r.get('why')})"))
-    ratios = {} if "raypod" not in results else table.ratios_vs(
-        {s: r.get("goodput") for s, r in results.items()}, "raypod", systems)
+    samples = {s: r.get("sample_goodput", r.get("goodput")) for s, r in results.items()}
+    ratios = {k: v for base in RAYPOD_SYSTEMS if base in results
+              for k, v in table.ratios_vs(samples, base, systems).items()}
     cmd = (f"python -m raypod.bench.goodput --duration {duration:g} --kill-every {kill_every:g} --seed {seed}"
            + (f" --systems {','.join(systems)}" if tuple(systems) != SYSTEMS else "")
            + (" --torchrun-fresh-store" if torchrun_fresh_store else ""))
@@ -600,11 +614,13 @@ def markdown(result: dict[str, Any]) -> str:
         *[f"- **{k}**: {v}." for k, v in DEFINITIONS.items()],
         "What each system's recovery does to the training math:",
         "",
-        *[f"- **{LABELS[s]}**: {MATH[s]}." for s in result["systems"]],
+        *[f"- **{LABELS[s]}**: {MATH_GOODPUT[s]}." for s in result["systems"]],
         "",
-        "- The ratio is raypod's goodput over the system's (above 1: raypod keeps more of the time "
-        "training). Target (issue 8): raypod's effective training time ratio >= 0.97; goodput "
-        "is the stricter figure.",
+        "- The ratios are a raypod row's samples goodput over the system's (above 1: raypod keeps "
+        "more of its fault-free throughput). Targets: raypod's ETTR >= 0.97 (issue 8); raypod's "
+        "samples goodput >= every anchor's (issue 18), each raypod row against the anchors of its "
+        "durability (persistent checkpoints every 10 steps: Ray Train V2, torchrun; peers' memory "
+        "only: the torchft anchors).",
         "",
         *table.commands_md(LABELS, result["system_commands"]),
     ])

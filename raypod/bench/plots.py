@@ -28,10 +28,12 @@ from raypod.bench.goodput_model import plot as plot_goodput_model  # noqa: E402
 
 COLORS = {"raypod": "#1f77b4", "raypod_nosnap": "#6baed6", "ray_train_v2": "#ff7f0e",
           "ray_train_v2_5s": "#fdae6b", "torchrun": "#2ca02c", "torchrun_snapshot": "#98df8a",
-          "single": "#7f7f7f"}
+          "single": "#7f7f7f", "raypod_peer": "#17becf", "ray_train_torchft": "#d62728", "torchft": "#8c564b"}
 NAMES = {"raypod": "raypod", "ray_train_v2": "Ray Train V2", "ray_train_v2_5s": "Ray Train V2\n(5 s poll)",
          "torchrun": "torchrun", "raypod_nosnap": "raypod\nno snapshots",
-         "torchrun_snapshot": "torchrun +\nraypod snapshot", "single": "plain loop\n1 process"}
+         "torchrun_snapshot": "torchrun +\nraypod snapshot", "single": "plain loop\n1 process",
+         "raypod_peer": "raypod\npeer memory only", "ray_train_torchft": "Ray Train V2\n+ TorchftConfig",
+         "torchft": "torchft"}
 
 
 def _name(s: str) -> str:
@@ -140,18 +142,19 @@ def plot_elastic(d: dict[str, Any], out: Path) -> Path:
 
 
 def plot_goodput(d: dict[str, Any], out: Path) -> Path:
-    """ETTR per system (bars, target line at 0.97), the stricter goodput (black ticks) and,
-    when present, step number over time."""
+    """Samples goodput per system (bars; the step goodput of a suite that has none), ETTR
+    (black ticks, target line at 0.97) and, when present, step number over time."""
     results = d["results"]
     timelines = {s: r.get("timeline") for s, r in results.items() if r.get("timeline")}
     fig, axes = plt.subplots(1, 2 if timelines else 1, figsize=(12 if timelines else 6, 4.2),
                              squeeze=False)
     ax = axes[0][0]
-    _dots_and_bars(ax, {s: [r.get("ettr")] for s, r in results.items()}, "ETTR (bars) / goodput (ticks)", "{:.3f}",
+    _dots_and_bars(ax, {s: [r.get("sample_goodput", r.get("goodput"))] for s, r in results.items()},
+                   "samples goodput (bars) / ETTR (ticks)", "{:.3f}",
                    failed={s: 0 if r.get("goodput") is not None else 1 for s, r in results.items()})
-    strict = [(i, r["goodput"]) for i, r in enumerate(results.values()) if r.get("goodput") is not None]
-    ax.scatter([i for i, _ in strict], [g for _, g in strict], marker="_", s=600, color="black", zorder=4,
-               label="goodput (median step)")
+    ettr = [(i, r["ettr"]) for i, r in enumerate(results.values()) if r.get("ettr") is not None]
+    ax.scatter([i for i, _ in ettr], [g for _, g in ettr], marker="_", s=600, color="black", zorder=4,
+               label="ETTR")
     ax.axhline(0.97, color="red", ls="--", lw=1, label="raypod ETTR target 0.97")
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, loc="lower right")
