@@ -170,8 +170,16 @@ class Recovery:
         assert group is not None and plan.step is not None
         restore_step = plan.step
         # Steps every rank finished whose replicas were still on their way count now.
-        while d.ledger.done_step < restore_step:
+        while d.ledger.done_step < restore_step and d.completion.health_next is None:
             d.completion.complete(group, d.ledger.done_step + 1, resolve=False)
+        if d.ledger.done_step < restore_step:
+            # One of them had a bad loss: the snapshot of restore_step holds its update. Every
+            # rank restarts from the last committed checkpoint (before it), and the step's loss
+            # is checked again as it is replayed (then rolled back and skipped as usual).
+            log.warning("in-memory recovery: step %d had a bad loss, so memory step %d is not "
+                        "restored: using the persistent checkpoint", d.ledger.done_step + 1, restore_step)
+            d.completion.health_next = None
+            return False
         marks.append(("plan", time.perf_counter()))
         try:
             if plan.action is Action.SHRINK:

@@ -38,6 +38,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -123,6 +124,9 @@ class GroupSession:
         self._before: dict[int, str] | None = None
         self._opened: dict[int, str] = {}
         self._error: str | None = None
+        self.phases: dict[str, float] = {}
+        """Seconds each part of the last :meth:`configure` took (``store``, ``world``, ``ckpt``,
+        ``replica``, ``mesh``): where a slow rendezvous goes."""
 
     @property
     def backend(self) -> str:
@@ -144,13 +148,21 @@ class GroupSession:
         if self.device.type == "cuda":
             nccl_env()
         timeout = timedelta(seconds=timeout_s)
+        marks = [time.perf_counter()]
         store = store() if callable(store) else store
+        marks.append(time.perf_counter())
         extra = {"device_id": self.device} if self.device.type == "cuda" else {}
         dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timeout, **extra)
+        marks.append(time.perf_counter())
         self.ckpt = dist.new_group(backend="gloo", timeout=timeout)
+        marks.append(time.perf_counter())
         self.replica = dist.new_group(backend="gloo", timeout=timeout)
+        marks.append(time.perf_counter())
         self.mesh = make_mesh(world_size)
+        marks.append(time.perf_counter())
+        names = ("store", "world", "ckpt", "replica", "mesh")
+        self.phases = {k: b - a for k, a, b in zip(names, marks, marks[1:], strict=False)}
         with self._lock:
             self._opened = self._new_sockets()
             self._before = None

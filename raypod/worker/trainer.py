@@ -121,7 +121,8 @@ class Trainer:
         self._build(RankContext(rank=rank, world_size=world_size, device=self.device, config=self.cfg),
                     initialize)
         marks.append(time.perf_counter())
-        self.join_phases = {"rendezvous": marks[1] - marks[0], "build": marks[2] - marks[1]}
+        self.join_phases = {"rendezvous": marks[1] - marks[0], "build": marks[2] - marks[1],
+                            **{f"rendezvous_{k}": v for k, v in self.groups.phases.items()}}
         self.per_rank_max = math.ceil(self.cfg.train.global_batch / world_size)
         self.broken = False
         self.replicator = PeerReplicator(self.groups.replica, peer_to, peer_from,

@@ -295,3 +295,16 @@ def test_silent_s_zero_sends_no_probe(health_driver, monkeypatch):
     monkeypatch.setattr(FakeGroup, "probe", lambda self, every_s: probes.append(every_s) or {})
     assert _drive(d)[-1] == ("finishing", "finished")
     assert probes == []
+
+
+def test_a_bad_loss_among_the_steps_a_recovery_counts_does_not_restore_past_it(health_driver):
+    """Step 5 returns a NaN loss but cannot count yet (its replica acknowledgement rides in
+    step 6's results), and rank 1 dies in step 6: the recovery must neither count step 5 nor
+    restore memory step 5 (which holds the NaN update); it restarts from the checkpoint."""
+    d = health_driver()
+    FakeGroup.plan = {"nan_at": (5, 1), "fail_at": (6, 1)}
+    summary = d.run()
+    assert summary["status"] == "succeeded" and summary["final_step"] == 10
+    ev = summary["events"][0]
+    assert ev["step"] == 6 and ev["restored_from"] != "memory step 5"
+    assert FakeGroup.starts[1][1] is None or FakeGroup.starts[1][1] < 5  # restarted before the NaN step
