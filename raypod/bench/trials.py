@@ -249,9 +249,15 @@ class Trial:
 
     def finish(self, rec: dict[str, Any], quiet_timeout_s: float,
                log: Callable[[str], None]) -> dict[str, Any]:
-        """Drain the trial's processes into ``rec`` and remove its folder; returns ``rec``."""
+        """Drain the trial's processes into ``rec`` and remove its folder (kept, and named in
+        ``rec["kept"]``, when ``RAYPOD_BENCH_KEEP`` is set: the job's driver.log and summary,
+        Ray's worker logs); returns ``rec``."""
         rec.update(drain(self.tag, quiet_timeout_s, log))
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if os.environ.get("RAYPOD_BENCH_KEEP"):
+            rec["kept"] = str(self.tmp)
+            log(f"kept {self.tmp} (RAYPOD_BENCH_KEEP)")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         return rec
 
 

@@ -137,8 +137,17 @@ class InFlight:
             # Still running: hung, or alive but blocked in a collective the failure broke (on
             # NCCL nothing breaks it: a dead peer's kernels just never arrive). A live rank is
             # told to abort its groups; it then returns with its process and its copies.
-            self._interrupt({r: actors[r] for r in stuck}, attempt, first)
+            where = self._interrupt({r: actors[r] for r in stuck}, attempt, first)
             self._settle(time.monotonic() + timeout, lost)
+            still = self._busy() - lost
+            if still:
+                calls = sorted((r, what, step) for r, what, step in self._pending.values()
+                               if r in still and what != REPLICA)
+                log.warning("rank(s) %s still in %s %.1f s after their groups were aborted (%s): "
+                            "given up as lost", sorted(still), calls, timeout,
+                            "; ".join(f"rank {r} was in step {w.step}, phase {w.phase_name} for "
+                                      f"{w.in_phase_s:.1f} s" for r, w in sorted(where.items()) if r in still)
+                            or "no answer to the interrupt")
         lost |= self._busy()
         self._pending.clear()
         return lost
@@ -164,17 +173,21 @@ class InFlight:
             lost.update(e.rank for e in out.errors if e.kind == ErrorKind.WORKER_DIED)
 
     @staticmethod
-    def _interrupt(stuck: dict[int, Any], attempt: int | None, after_s: float) -> None:
+    def _interrupt(stuck: dict[int, Any], attempt: int | None, after_s: float) -> dict[int, Interrupted]:
+        """Abort the groups of the ranks whose calls are ``stuck``; where each one was."""
         refs = {actor.interrupt.remote(attempt): r for r, actor in stuck.items()}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PING_TIMEOUT_S)
+        out: dict[int, Interrupted] = {}
         for ref in ready:
             try:
                 where: Interrupted = ray.get(ref)
             except Exception:  # noqa: BLE001 - the actor is gone
                 continue
+            out[refs[ref]] = where
             log.info("rank %d's call still ran %.1f s after the failure (step %s, phase %s "
                      "for %.1f s): interrupted", refs[ref], after_s, where.step, where.phase_name,
                      where.in_phase_s)
+        return out
 
     def _collect(self, ready: list[Any], out: PollResult) -> None:
         for ref in ready:

@@ -15,7 +15,6 @@ with their own ping futures and clock.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -52,41 +51,21 @@ RUNNING = -1
 uninterruptible I/O now (``R``, ``D``): alive and busy, whatever its CPU count says."""
 
 
-def _stat_fields(path: str) -> list[str] | None:
-    """The fields of a ``/proc`` ``stat`` file after ``pid (comm)``: state, ppid, ... (None: gone)."""
+def cpu_ticks(pid: int) -> int | None:
+    """User + system CPU ticks of a sleeping process; :data:`RUNNING` for one that runs, waits
+    for a CPU or for the disk; None when it is stopped (SIGSTOP, traced), a zombie, gone, or
+    there is no ``/proc``."""
     try:
-        with open(path) as f:
+        with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2:].split()
-
-
-def cpu_ticks(pid: int) -> int | None:
-    """User + system CPU ticks of a sleeping process (all its threads); :data:`RUNNING` for one
-    any of whose threads runs, waits for a CPU or for the disk; None when it is stopped
-    (SIGSTOP, traced), a zombie, gone, or there is no ``/proc``.
-
-    Every thread's state counts, not only the main thread's (``/proc/<pid>/stat``): a rank
-    whose main thread sleeps on a lock while its checkpoint thread waits in ``fsync`` or in
-    the kernel's write-back throttling is busy, not frozen. A stopped process has every
-    thread stopped, so a frozen rank stays silent."""
-    fields = _stat_fields(f"/proc/{pid}/stat")
-    if fields is None:
-        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
     if fields[0] in ("T", "t", "Z", "X", "x"):
         return None
     if fields[0] in ("R", "D"):
         return RUNNING
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        tids = []
-    for tid in tids:
-        task = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
-        if task is not None and task[0] in ("R", "D"):
-            return RUNNING
-    return int(fields[11]) + int(fields[12])  # utime, stime of every thread (fields 14 and 15)
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
 
 
 class LocalPings:

@@ -123,6 +123,8 @@ class Trainer:
         marks.append(time.perf_counter())
         self.join_phases = {"rendezvous": marks[1] - marks[0], "build": marks[2] - marks[1],
                             **{f"rendezvous_{k}": v for k, v in self.groups.phases.items()}}
+        log.info("[rank %d] joined in %.2f s (rendezvous %s, build %.2f s)", rank, marks[2] - marks[0],
+                 ", ".join(f"{k} {v:.3f}" for k, v in self.groups.phases.items()), marks[2] - marks[1])
         self.per_rank_max = math.ceil(self.cfg.train.global_batch / world_size)
         self.broken = False
         self.replicator = PeerReplicator(self.groups.replica, peer_to, peer_from,

@@ -130,35 +130,3 @@ def test_cpu_ticks_of_this_process_and_of_none(tmp_path):
 
     assert isinstance(cpu_ticks(os.getpid()), int)  # this process runs: RUNNING (-1)
     assert cpu_ticks(2**22 + 7) is None  # no such process
-
-
-def test_cpu_ticks_counts_a_busy_thread_of_a_sleeping_process_and_not_a_stopped_one():
-    """A process whose main thread sleeps while another thread runs is busy (RUNNING); once
-    the whole process is stopped (SIGSTOP, a frozen rank) it is None."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from raypod.worker.node_agent import RUNNING, cpu_ticks
-
-    code = ("import threading, time\n"
-            "def spin():\n"
-            "    while True: pass\n"
-            "threading.Thread(target=spin, daemon=True).start()\n"
-            "time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        deadline = time.monotonic() + 10
-        while cpu_ticks(proc.pid) != RUNNING and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert cpu_ticks(proc.pid) == RUNNING  # the main thread sleeps; its spinning thread runs
-        os.kill(proc.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 10
-        while cpu_ticks(proc.pid) is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert cpu_ticks(proc.pid) is None
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
