@@ -123,7 +123,10 @@ def test_restart_from_checkpoint_without_memory_snapshots(ray_connected, baselin
     summary = run(cfg, callbacks=[])
     ev = summary["events"][0]
     assert ev["kind"] == "kill" and ev["restored_from"] in ("checkpoint step 10", "checkpoint step 5")
-    assert ev["lost_steps"] == 11 - int(ev["restored_from"].split()[-1])
+    # Steps counted before the failure and thrown away: through step 11, or step 10 when the
+    # failure was seen before step 11's results were counted (a loaded host).
+    restored = int(ev["restored_from"].split()[-1])
+    assert 10 - restored <= ev["lost_steps"] <= 11 - restored
     assert summary["world_sizes"] == [2, 2] and summary["final_step"] == 20
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 
