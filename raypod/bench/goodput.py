@@ -120,7 +120,6 @@ COMMANDS = {
               "--live-log <tmp>/work/steps.log --deadline <launch+duration> --set checkpoint.storage=<tmp> "
               f"--set name=goodput --set train.max_steps={MAX_STEPS} --set fault.max_failures=1000 "
               "--set checkpoint.memory_every_steps=1",
-    "raypod_peer": "the raypod command with --set checkpoint.every_steps=0",
     "ray_train_v2": "RAY_TRAIN_V2_ENABLED=1 python raypod/bench/anchors/mlp_ray_train.py --workdir <tmp>/work "
                     f"--storage <tmp>/storage --name goodput-ray-train --steps {MAX_STEPS} --deadline "
                     f"<launch+duration> --no-kill --max-failures -1 --keep {KEEP}",
@@ -133,6 +132,7 @@ COMMANDS = {
     "torchft": f"python raypod/bench/anchors/mlp_torchft.py --workdir <tmp>/work --steps {MAX_STEPS} "
                "--deadline <launch+duration> --no-kill --max-restarts 1000",
 }
+COMMANDS["raypod_peer"] = COMMANDS["raypod"] + " --set checkpoint.every_steps=0"
 
 
 _log = harness.logger("bench goodput")
