@@ -206,7 +206,8 @@ class GroupSpec:
     rank: int
     world_size: int
     init_method: str
-    """``tcp://host:port`` of the group's rendezvous store."""
+    """``tcp://host:port/prefix``: the job's rendezvous store and the prefix of this group's
+    keys (``tcp://host:port``: the store's root)."""
     injections: list[tuple[int, FaultInjection]]
     """The configured faults that have not fired yet, with their index in ``fault.inject``."""
     attempt: int

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -172,9 +173,12 @@ class WorkerGroup:
         self.peer_to = [None] * self.world_size if self.twins else peer_ring(self.nodes)
 
     def _rendezvous(self, ip: str, timeout: float, watch: Callable[[], None] | None) -> str:
+        """``tcp://ip:port/prefix``: rank 0's rendezvous store (the one it already hosts, if
+        any: the ranks that stay keep their connections to it) and a prefix of the new group's
+        own, so that no key of an earlier group is ever read."""
         [port] = get_all([self.actors[0].open_rendezvous.remote(len(self.actors), self.cfg.fault.pg_timeout_s)],
                          timeout, watch)
-        return f"tcp://{ip}:{port}"
+        return f"tcp://{ip}:{port}/{uuid.uuid4().hex[:12]}"
 
     def _watch(self, attempt: int) -> Callable[[], None] | None:
         """While the group forms: a rank silent for ``fault.silent_s`` ends the wait (see

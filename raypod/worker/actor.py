@@ -40,6 +40,10 @@ class TrainWorker:
         self.trainer = None
         self.preempted_at: float | None = None
         self.closed = False
+        self._store: Any = None
+        """The rendezvous store this actor hosts as rank 0 (:meth:`open_rendezvous`)."""
+        self._client: tuple[str, Any] | None = None
+        """``(host:port, connection)``: this actor's connection to the job's rendezvous store."""
         self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -80,30 +84,48 @@ class TrainWorker:
         }
 
     def open_rendezvous(self, world_size: int, timeout_s: float) -> int:
-        """Start the rendezvous store of a new group on this node (this actor becomes rank 0).
+        """The rendezvous store of the job's groups, on this node (this actor is rank 0):
+        started on the first call, the same one afterwards while it lasts. Returns its port.
 
         The store listens before any rank tries to join, so no rank waits in the TCP
-        client's connect-retry back-off. Returns its port.
+        client's connect-retry back-off; and since it outlives each group (every group
+        works under a prefix of its own, see :meth:`_store_for`), the ranks that stay in a
+        re-formed group connect to nothing new.
         """
         from datetime import timedelta
 
         import torch.distributed as dist
 
-        self._store = dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, wait_for_workers=False,
-                                    timeout=timedelta(seconds=timeout_s))
+        if self._store is None:
+            self._store = dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, wait_for_workers=False,
+                                        timeout=timedelta(seconds=timeout_s))
         return self._store.port
 
     def _store_for(self, init_method: str, world_size: int, timeout_s: float) -> Any:
-        """The master store this actor opened, or a client of the one at ``tcp://host:port``."""
+        """The store of the group at ``tcp://host:port/prefix``: the master this actor opened,
+        or its connection to the one at ``host:port`` (kept from earlier groups, else made
+        now), under the group's ``prefix``."""
         from datetime import timedelta
 
         import torch.distributed as dist
 
-        host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
-        mine = getattr(self, "_store", None)
+        address, _, prefix = init_method.removeprefix("tcp://").partition("/")
+        host, port = address.rsplit(":", 1)
+        mine = self._store
         if mine is not None and mine.port == int(port):
-            return mine
-        return dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+            base = mine
+        else:
+            kept = self._client
+            if kept is None or kept[0] != address:
+                kept = (address, dist.TCPStore(host, int(port), world_size, is_master=False,
+                                               timeout=timedelta(seconds=timeout_s)))
+                self._client = kept  # a connection to an earlier group's store is dropped
+            base = kept[1]
+        return dist.PrefixStore(f"raypod/{prefix}/", base) if prefix else base
+
+    def _forget_store(self) -> None:
+        """Drop this actor's store connection and master: the next group connects anew."""
+        self._client = self._store = None
 
     def warm(self, config: Any, recipe: Any, rehearse: bool = False) -> dict[str, Any]:
         """Get ready to take a rank: load the data; a spare or joiner (``rehearse``) also
@@ -124,8 +146,14 @@ class TrainWorker:
         def store() -> Any:
             return self._store_for(spec.init_method, spec.world_size, spec.config.fault.pg_timeout_s)
 
-        self.trainer.join(spec.rank, spec.world_size, store, spec.injections, spec.attempt, *spec.peers,
-                          initialize=initialize)
+        try:
+            self.trainer.join(spec.rank, spec.world_size, store, spec.injections, spec.attempt, *spec.peers,
+                              initialize=initialize)
+        except BaseException:
+            # Aborted while forming (the store connection was shut) or timed out in it (a reply
+            # may still come on that connection): the next group connects anew.
+            self._forget_store()
+            raise
 
     def setup(self, spec: GroupSpec, restore: tuple[str, int, str | None] | None) -> dict[str, Any]:
         """Join the process group, build the model shard, restore a checkpoint when asked

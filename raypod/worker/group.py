@@ -27,6 +27,12 @@ snapshots stay, and the rank joins the next group (:meth:`configure` again).
   listener thread ends the process on an error there). Measured: a rank blocked in an
   FSDP2 all-gather is released 2–6 ms after :meth:`abort`; the process then destroys the
   group and trains in a new one.
+- **The rendezvous store outlives the groups.** A rank keeps its connection to the store
+  from one group to the next (each group under a prefix of its own), so a re-formation
+  opens no store connection on the ranks that stay. An abort of formed groups leaves the
+  store's connections alone; an abort during the rendezvous also shuts this rank's own
+  store connection (a rank waiting in the store for a peer that never joins), and the
+  worker connects again for the next group.
 
 ``fault.pg_timeout_s`` still bounds what no abort reaches: a collective left waiting when
 the driver itself is gone, and the rendezvous store's waits.
@@ -82,9 +88,36 @@ def _sockets() -> dict[int, str]:
     return out
 
 
-def _shutdown(fds: dict[int, str]) -> int:
+def _ports(sock: socket.socket) -> tuple[int, int]:
+    """``(local port, remote port)`` of a connected TCP socket; ``(0, 0)`` when it is not."""
+    try:
+        return sock.getsockname()[1], sock.getpeername()[1]
+    except OSError:
+        return 0, 0
+
+
+def _store_clients(port: int) -> dict[int, str]:
+    """This process's TCP connections to a rendezvous store listening on ``port``."""
+    out: dict[int, str] = {}
+    for fd, link in _sockets().items():
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and _ports(sock)[1] == port:
+                out[fd] = link
+        finally:
+            sock.detach()
+    return out
+
+
+def _shutdown(fds: dict[int, str], store_port: int | None = None, release_store: bool = False) -> int:
     """Shut down the TCP connections among ``fds`` that are still the same sockets (same
-    inode); listening sockets are skipped. Returns how many were shut down."""
+    inode); listening sockets are skipped, and so is rendezvous-store traffic on
+    ``store_port`` (the store outlives the group: its master's side of other ranks'
+    connections always, this rank's own connection unless ``release_store``). Returns how
+    many were shut down."""
     now, done = _sockets(), 0
     for fd, link in fds.items():
         if now.get(fd) != link:
@@ -96,6 +129,9 @@ def _shutdown(fds: dict[int, str]) -> int:
         try:
             if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
                     and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                local, remote = _ports(sock) if store_port else (0, 0)
+                if store_port and (local == store_port or (remote == store_port and not release_store)):
+                    continue
                 sock.shutdown(socket.SHUT_RDWR)
                 done += 1
         except OSError:
@@ -103,6 +139,13 @@ def _shutdown(fds: dict[int, str]) -> int:
         finally:
             sock.detach()  # the fd stays gloo's, which closes it
     return done
+
+
+def _port_of(store: Any) -> int | None:
+    """The listening port of the TCP store behind ``store`` (through any ``PrefixStore``)."""
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    return getattr(store, "port", None)
 
 
 class GroupSession:
@@ -124,6 +167,10 @@ class GroupSession:
         self._before: dict[int, str] | None = None
         self._opened: dict[int, str] = {}
         self._error: str | None = None
+        self.store_port: int | None = None
+        """The port of the rendezvous store the groups were formed through: a store that
+        outlives the groups (the worker keeps its connection from one group to the next), so
+        an abort of formed groups leaves its traffic alone."""
         self.phases: dict[str, float] = {}
         """Seconds each part of the last :meth:`configure` took (``store``, ``world``, ``ckpt``,
         ``replica``, ``mesh``): where a slow rendezvous goes."""
@@ -150,6 +197,7 @@ class GroupSession:
         timeout = timedelta(seconds=timeout_s)
         marks = [time.perf_counter()]
         store = store() if callable(store) else store
+        self.store_port = _port_of(store)
         marks.append(time.perf_counter())
         extra = {"device_id": self.device} if self.device.type == "cuda" else {}
         dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size,
@@ -190,13 +238,15 @@ class GroupSession:
             self._error = reason
             forming = self._before is not None
             opened = self._new_sockets() if forming else dict(self._opened)
+            if forming and self.store_port:  # a rank waiting in the store for a peer that never joins
+                opened.update(_store_clients(self.store_port))
         if self.device.type == "cuda" and dist.is_initialized():
             for pg in self._groups():
                 try:
                     pg.abort()  # ncclCommAbort of its communicators (non-blocking: returns at once)
                 except Exception as e:  # noqa: BLE001 - a backend without abort: its sockets below
                     log.info("[rank %d] abort of a %s group: %s", self.rank, pg.name(), e)
-        closed = _shutdown(opened)
+        closed = _shutdown(opened, self.store_port, release_store=forming)
         log.info("[rank %d] process groups aborted (%s): %d connections shut down%s", self.rank, reason,
                  closed, " during the rendezvous" if forming else "")
         return True

@@ -52,15 +52,19 @@ def _model(mesh):  # noqa: ANN001, ANN202
     return model
 
 
-def _frozen_peer_rank(rank: int, ports: tuple[int, int], out) -> None:  # noqa: ANN001 - a queue
+def _frozen_peer_rank(rank: int, port: int, out) -> None:  # noqa: ANN001 - a queue
     """Three ranks train FSDP2 steps; rank 2 stops itself (SIGSTOP) mid-run; ranks 0 and 1
     block in the next forward's all-gather until their sessions abort, then form a group of
-    two and train."""
+    two, through the same store connections (as raypod's workers keep theirs), and train."""
+    import torch.distributed as dist
+
     from raypod.worker.group import GroupSession
 
     torch.set_num_threads(1)
     groups = GroupSession(torch.device("cpu"))
-    mesh = groups.configure(_store(ports[0], rank, 3), rank, 3, 60.0, _mesh)
+    store = _store(port, rank, 3)()
+    mesh = groups.configure(dist.PrefixStore("g1/", store), rank, 3, 60.0, _mesh)
+    assert groups.store_port == port
     model = _model(mesh)
     for _ in range(2):
         model(torch.randn(4, 128)).sum().backward()
@@ -81,7 +85,7 @@ def _frozen_peer_rank(rank: int, ports: tuple[int, int], out) -> None:  # noqa: 
         result = (f"raised: {str(e)[:80]}", time.monotonic() - aborted.get("t", 0.0))
     assert groups.errored() == "a peer was lost"
     groups.leave()
-    mesh = groups.configure(_store(ports[1], rank, 2), rank, 2, 60.0, _mesh)
+    mesh = groups.configure(dist.PrefixStore("g2/", store), rank, 2, 60.0, _mesh)  # the abort left the store alone
     _model(mesh)(torch.randn(4, 128)).sum().backward()
     groups.leave()
     out.put((rank, os.getpid(), *result, "trained in a group of 2"))
@@ -97,7 +101,7 @@ def _spawn(target, n: int, *args):  # noqa: ANN001, ANN202
 
 
 def test_abort_releases_a_rank_blocked_in_an_fsdp_collective_with_a_frozen_peer():
-    procs, out = _spawn(_frozen_peer_rank, 3, (_port(), _port()))
+    procs, out = _spawn(_frozen_peer_rank, 3, _port())
     try:
         results = sorted(out.get(timeout=120) for _ in range(2))
     finally:
@@ -114,23 +118,30 @@ def test_abort_releases_a_rank_blocked_in_an_fsdp_collective_with_a_frozen_peer(
     assert {pid for _, pid, *_ in results} == {procs[0].pid, procs[1].pid}
 
 
-def _rendezvous_rank(rank: int, port: int, out) -> None:  # noqa: ANN001
-    """Two ranks of three form a group; the third never comes. An abort ends the wait."""
+def _rendezvous_rank(rank: int, port: int, connected: bool, out) -> None:  # noqa: ANN001
+    """Two ranks of three form a group; the third never comes. An abort ends the wait, with
+    the store connected during the rendezvous or ``connected`` before it (kept from an
+    earlier group, as raypod's workers do)."""
+    import torch.distributed as dist
+
     from raypod.worker.group import GroupSession
 
     groups = GroupSession(torch.device("cpu"))
+    store = dist.PrefixStore("g/", _store(port, rank, 3)()) if connected else _store(port, rank, 3)
     threading.Timer(1.5, groups.abort, args=("a peer froze before it joined",)).start()
     t0 = time.monotonic()
     try:
-        groups.configure(_store(port, rank, 3), rank, 3, 60.0, _mesh)
+        groups.configure(store, rank, 3, 60.0, _mesh)
         out.put((rank, "formed", time.monotonic() - t0))
     except Exception as e:  # noqa: BLE001 - the store's or gloo's error, whichever came first
         out.put((rank, f"raised {type(e).__name__}", time.monotonic() - t0))
+    time.sleep(2.0)  # rank 0 hosts the store: its exit would release rank 1 before rank 1's own abort
     groups.leave()
 
 
-def test_abort_during_the_rendezvous_releases_the_ranks_waiting_for_a_missing_peer():
-    procs, out = _spawn(_rendezvous_rank, 2, _port())
+@pytest.mark.parametrize("connected", [False, True], ids=["store-connected-in-rendezvous", "store-kept"])
+def test_abort_during_the_rendezvous_releases_the_ranks_waiting_for_a_missing_peer(connected):
+    procs, out = _spawn(_rendezvous_rank, 2, _port(), connected)
     try:
         results = sorted(out.get(timeout=60) for _ in range(2))
     finally:
@@ -161,3 +172,23 @@ def test_nccl_settings_never_kill_a_survivor(monkeypatch):
     assert nccl_env() == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
     assert {k: os.environ[k] for k in NCCL_ENV} == NCCL_ENV
     assert os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "2"  # abort the communicators, keep the process
+
+
+def test_a_worker_keeps_its_store_connection_from_one_group_to_the_next():
+    """Rank 0's actor hosts one store for the job; a rank connects to it once and works under
+    each group's prefix; after a failed join it connects anew."""
+    from raypod.worker.actor import TrainWorker
+
+    host, ranker = TrainWorker.__new__(TrainWorker), TrainWorker.__new__(TrainWorker)
+    for w in (host, ranker):
+        w._store = w._client = None
+    port = host.open_rendezvous(2, 30.0)
+    assert host.open_rendezvous(2, 30.0) == port  # the same store for the next group
+    first = ranker._store_for(f"tcp://127.0.0.1:{port}/g1", 2, 30.0)
+    second = ranker._store_for(f"tcp://127.0.0.1:{port}/g2", 2, 30.0)
+    assert first.underlying_store is second.underlying_store  # one connection
+    first.set("key", "1")
+    assert not second.check(["key"])  # each group's keys apart
+    assert host._store_for(f"tcp://127.0.0.1:{port}/g1", 2, 30.0).get("key") == b"1"  # the host uses its own
+    ranker._forget_store()
+    assert ranker._store_for(f"tcp://127.0.0.1:{port}/g2", 2, 30.0).underlying_store is not first.underlying_store
