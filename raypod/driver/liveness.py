@@ -42,6 +42,7 @@ import ray
 from raypod.driver.outcomes import GroupStartError
 from raypod.driver.rank_calls import unresponsive
 from raypod.protocol import Silence
+from raypod.worker.node_agent import RUNNING, cpu_ticks
 
 log = logging.getLogger("raypod.driver")
 
@@ -77,6 +78,43 @@ def kill_now(actors: list[Any], nodes: list[str], pids: list[int], ranks: set[in
                 os.kill(pids[r], signal.SIGKILL)
         except Exception as e:  # noqa: BLE001 - gone already; Ray ends it anyway
             log.debug("killing rank %d's process %d: %s", r, pids[r], e)
+
+
+def process_ticks(actors: list[Any], nodes: list[str], pids: list[int], ranks: list[int],
+                  timeout: float = 1.0) -> dict[int, int | None]:
+    """Each of ``ranks``' processes as :func:`~raypod.worker.node_agent.cpu_ticks` reads it on
+    its node (``RUNNING``, CPU ticks, or None: stopped or gone): by the driver for a rank on the
+    driver's node, else by another rank on that node (its ping thread); a rank neither can
+    read (or whose reader did not answer within ``timeout``) is left out."""
+    here = ray.get_runtime_context().get_node_id()
+    out: dict[int, int | None] = {}
+    asked: dict[Any, int] = {}
+    for r in ranks:
+        if r >= len(pids) or r >= len(nodes) or not pids[r]:
+            continue
+        if nodes[r] == here:
+            out[r] = cpu_ticks(pids[r])
+            continue
+        reader = next((a for q, a in enumerate(actors)
+                       if q not in ranks and q < len(nodes) and nodes[q] == nodes[r]), None)
+        if reader is not None:
+            asked[reader.cpu_ticks.remote(pids[r])] = r
+    if asked:
+        ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=timeout)
+        for ref in ready:
+            try:
+                out[asked[ref]] = ray.get(ref)
+            except Exception:  # noqa: BLE001 - the reader is gone: nothing known
+                pass
+    return out
+
+
+def busy(before: dict[int, int | None], after: dict[int, int | None]) -> set[int]:
+    """The ranks whose process ran, waited for a CPU or the disk, or used CPU between two
+    :func:`process_ticks` reads: alive and working (a host too loaded to answer a ping), not
+    frozen. A stopped process, or one asleep that used no CPU, is not among them."""
+    return {r for r, t in after.items()
+            if t == RUNNING or (t is not None and before.get(r) not in (None, RUNNING) and t > before[r])}
 
 
 class NodeAgents:
@@ -342,7 +380,8 @@ CONFIRM_PING_S = 3.0
 
 
 def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: float,
-                  kill: Callable[[set[int]], None], attempt: int) -> Callable[[], None]:
+                  kill: Callable[[set[int]], None], attempt: int,
+                  where: Callable[[], tuple[list[str], list[int]]] | None = None) -> Callable[[], None]:
     """A check for :func:`raypod.driver.rank_calls.get_all` while the ranks ``actors()`` form
     group ``attempt``: a rank silent for ``silent_s`` (or twice the slowest answer seen, on a
     host too busy to answer within it) that also misses a second ping of
@@ -353,6 +392,12 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
     no ping at all, so the longer one costs only its own wait.
 
     Every actor must be up already (a cold actor's first ping waits for its process).
+
+    With ``where`` (each rank's node and process id), a silent rank whose process is read on
+    its node (:func:`process_ticks`) around the second ping and found running, waiting for a
+    CPU or using CPU is busy, not frozen, and is left to go on (measured: 32 ranks building
+    their models on 2 cores, one missed both pings for over 4 s and the whole group was
+    started again); a stopped one, or one asleep that used no CPU, is lost.
 
     The ranks are pinged by the driver here, not by their node agents: forming is a short
     window, the busiest of a host, when a just-started agent may not answer yet; the probes
@@ -371,7 +416,15 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
         quiet = [r for r, s in silence.items() if s >= limit]
         if not quiet:
             return
+        nodes, pids = where() if where is not None else ([], [])
+        before = process_ticks(ranks, nodes, pids, quiet) if where is not None else {}
         lost = {quiet[i] for i in unresponsive([ranks[r] for r in quiet], CONFIRM_PING_S)}
+        if lost and where is not None:
+            working = busy(before, process_ticks(ranks, nodes, pids, sorted(lost)))
+            if working:
+                log.info("rank(s) %s did not answer a ping while the group formed, but their processes "
+                         "are working (a loaded host): waiting on", sorted(working))
+            lost -= working
         if not lost:
             return
         kill(lost)

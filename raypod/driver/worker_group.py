@@ -184,7 +184,10 @@ class WorkerGroup:
         """While the group forms: a rank silent for ``fault.silent_s`` ends the wait (see
         :func:`forming_watch`); None when ``fault.silent_s`` is 0."""
         silent_s = self.cfg.fault.silent_s
-        return forming_watch(self.probes, lambda: self.actors, silent_s, self.kill, attempt) if silent_s else None
+        if not silent_s:
+            return None
+        return forming_watch(self.probes, lambda: self.actors, silent_s, self.kill, attempt,
+                             lambda: (self.nodes, self.pids))
 
     def _specs(self, init_method: str, attempt: int,
                injections: list[tuple[int, FaultInjection]]) -> list[GroupSpec]:

@@ -264,6 +264,14 @@ class TrainWorker:
             except ProcessLookupError:
                 pass
 
+    @ray.method(concurrency_group="ping")
+    def cpu_ticks(self, pid: int) -> int | None:
+        """A sibling rank's process as ``/proc`` shows it on this node (see
+        :func:`raypod.worker.node_agent.cpu_ticks`): is a silent sibling working or frozen?"""
+        from raypod.worker.node_agent import cpu_ticks
+
+        return cpu_ticks(pid)
+
     @ray.method(concurrency_group="replica")
     def wait_replicated(self, step: int, timeout: float) -> tuple[int, bool]:
         """``(step, ok)`` once step ``step``'s snapshot reached this rank's replica holder."""

@@ -169,3 +169,55 @@ def test_the_diagnosis_allows_twice_the_late_answers(tmp_path):
     assert f is not None and f.rank == 1 and "(fault.silent_s)" in f.message and "allowed 1.4 s" in f.message
     group.probe = lambda every_s: {0: 0.0, 1: 1.1}  # no late answers: fault.silent_s
     assert diagnosis.silent_failure(group) is not None
+
+
+def test_the_forming_watch_waits_on_a_silent_rank_whose_process_works_and_kills_a_stopped_one(monkeypatch):
+    """Two ranks miss both pings while the group forms: one's process burns CPU (a loaded host),
+    the other is stopped (SIGSTOP, a frozen rank). Read in /proc on the driver's node, only the
+    stopped one is lost."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from raypod.driver.outcomes import GroupStartError
+    from raypod.worker.node_agent import cpu_ticks
+
+    working = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    frozen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        time.sleep(0.5)  # past the interpreter's start
+        frozen.send_signal(signal.SIGSTOP)
+        while cpu_ticks(frozen.pid) is not None:  # until the stop has landed
+            time.sleep(0.01)
+        monkeypatch.setattr(liveness.ray, "get_runtime_context",
+                            lambda: types.SimpleNamespace(get_node_id=lambda: "n0"))
+        monkeypatch.setattr(liveness, "unresponsive", lambda actors, timeout: set(range(len(actors))))
+        probes = types.SimpleNamespace(clear=lambda: None, slowest_s=0.0,
+                                       silence=lambda ranks, every, use_agents: {0: 0.0, 1: 2.0, 2: 2.0})
+        killed: list[set[int]] = []
+        actors = [Actor(), Actor(), Actor()]
+        for a in actors:
+            a.interrupt = Method()
+        pids = [0, working.pid, frozen.pid]
+        check = liveness.forming_watch(probes, lambda: actors, 1.0, killed.append, 3,
+                                       lambda: (["n0"] * 3, pids))
+        with pytest.raises(GroupStartError, match=r"rank\(s\) \[2\] stopped answering"):
+            check()
+        assert killed == [{2}]
+        assert [len(a.interrupt.calls) for a in actors] == [1, 1, 0]  # the others leave the rendezvous
+        pids[2] = 0  # no process to read: the pings decide, as before
+        with pytest.raises(GroupStartError, match=r"rank\(s\) \[2\]"):
+            check()
+    finally:
+        for p in (working, frozen):
+            p.kill()
+            p.wait()
+
+
+def test_busy_is_running_or_cpu_used_between_two_reads():
+    from raypod.worker.node_agent import RUNNING
+
+    before = {1: 100, 2: 100, 3: 100, 4: None, 6: RUNNING}
+    after = {1: RUNNING, 2: 105, 3: 100, 4: None, 5: RUNNING, 6: 100}
+    assert liveness.busy(before, after) == {1, 2, 5}
