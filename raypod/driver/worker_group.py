@@ -96,6 +96,8 @@ class WorkerGroup:
         self.calls, self.probes = InFlight(), Probes(config.fault.node_agents, lambda: self.nodes)
         self.excluded_nodes: set[str] = set()
         """Nodes the ranks must not be placed on (failed a pre-flight check, or lost ranks repeatedly)."""
+        self.store_host: Any = None
+        """The rank actor that hosts the rendezvous store (:meth:`_rendezvous`)."""
 
     # The pool's lists, under the names the driver and the benchmarks read.
     @property
@@ -137,7 +139,7 @@ class WorkerGroup:
             self.placement = [self.placement[i] for i in order]
             self._locate([infos[i] for i in order])
             watch = self._watch(attempt)
-            init_method = self._rendezvous(infos[order[0]]["ip"], timeout, watch)
+            init_method = self._rendezvous(timeout, watch)
             restore_arg = (restore.path, restore.step, restore.metadata_sha256) if restore else None
             refs = [a.setup.remote(spec, restore_arg)
                     for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]
@@ -172,13 +174,17 @@ class WorkerGroup:
         self.twins = hsdp_twins(p.strategy, p.replicas, self.world_size)
         self.peer_to = [None] * self.world_size if self.twins else peer_ring(self.nodes)
 
-    def _rendezvous(self, ip: str, timeout: float, watch: Callable[[], None] | None) -> str:
-        """``tcp://ip:port/prefix``: rank 0's rendezvous store (the one it already hosts, if
-        any: the ranks that stay keep their connections to it) and a prefix of the new group's
-        own, so that no key of an earlier group is ever read."""
-        [port] = get_all([self.actors[0].open_rendezvous.remote(len(self.actors), self.cfg.fault.pg_timeout_s)],
+    def _rendezvous(self, timeout: float, watch: Callable[[], None] | None) -> str:
+        """``tcp://ip:port/prefix``: the rendezvous store (the one :attr:`store_host` already
+        hosts while that actor is still a rank, whatever its rank now: the ranks that stay keep
+        their connections to it; else one on rank 0) and a prefix of the new group's own, so
+        that no key of an earlier group is ever read. Called after :meth:`_locate`."""
+        host = next((r for r, a in enumerate(self.actors) if a == self.store_host), 0) \
+            if self.store_host is not None else 0
+        self.store_host = self.actors[host]
+        [port] = get_all([self.store_host.open_rendezvous.remote(len(self.actors), self.cfg.fault.pg_timeout_s)],
                          timeout, watch)
-        return f"tcp://{ip}:{port}/{uuid.uuid4().hex[:12]}"
+        return f"tcp://{self.node_ips[host]}:{port}/{uuid.uuid4().hex[:12]}"
 
     def _watch(self, attempt: int) -> Callable[[], None] | None:
         """While the group forms: a rank silent for ``fault.silent_s`` ends the wait (see
@@ -211,6 +217,7 @@ class WorkerGroup:
         if self.pg is not None:
             remove_pg_quietly(self.pg)
         self.actors, self.pg, self.world_size = [], None, 0
+        self.store_host = None
         self.calls.clear()
         self.probes.close()  # the node agents
 
@@ -366,7 +373,7 @@ class WorkerGroup:
         infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
         self._locate(infos)
         watch = self._watch(attempt)
-        init_method = self._rendezvous(infos[0]["ip"], timeout, watch)
+        init_method = self._rendezvous(timeout, watch)
         t1 = time.perf_counter()
         refs = [call(a, spec)
                 for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]

@@ -88,3 +88,33 @@ def test_calls_are_sent_in_order_a_bounded_number_per_flush():
     calls.queue(send(0, 3), 0, STEP, 3)
     calls.clear()
     assert len(calls) == 0 and calls.flush() == 0
+
+
+def test_the_rendezvous_stays_on_the_actor_that_hosts_the_store_while_it_is_a_rank(tmp_path, monkeypatch):
+    """The store host keeps hosting whatever its rank becomes (the ranks that stay keep their
+    connections); when it is gone, rank 0 hosts a new store; each rendezvous has a prefix of its own."""
+    import raypod.driver.worker_group as wg
+
+    class Host:
+        def __init__(self, name: str, port: int) -> None:
+            self.name, self.calls = name, 0
+            outer = self
+
+            class _Open:
+                def remote(self, n, timeout):  # noqa: ANN001, ANN202
+                    outer.calls += 1
+                    return port
+
+            self.open_rendezvous = _Open()
+
+    monkeypatch.setattr(wg, "get_all", lambda refs, timeout, watch: list(refs))
+    group = _group(tmp_path)
+    a, b, c = Host("a", 1001), Host("b", 1002), Host("c", 1003)
+    group.actors, group.node_ips = [a, b], ["10.0.0.1", "10.0.0.2"]
+    first = group._rendezvous(1.0, None)
+    assert first.startswith("tcp://10.0.0.1:1001/") and group.store_host is a
+    group.actors, group.node_ips = [b, a], ["10.0.0.2", "10.0.0.1"]  # a is rank 1 now
+    second = group._rendezvous(1.0, None)
+    assert second.startswith("tcp://10.0.0.1:1001/") and second != first and a.calls == 2
+    group.actors, group.node_ips = [c, b], ["10.0.0.3", "10.0.0.2"]  # a was lost
+    assert group._rendezvous(1.0, None).startswith("tcp://10.0.0.3:1003/") and group.store_host is c
