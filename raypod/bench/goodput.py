@@ -7,7 +7,7 @@ persistent checkpoint every 10 steps) for ``duration`` seconds (default 600) wit
 step budget it never reaches. The harness, from outside, SIGKILLs the process of one
 rank every ``kill_every`` seconds (default 60), counted from the system's first
 completed step; the rank is drawn by a ``random.Random(seed)`` that every system
-replays, so all three see the same sequence of ranks. No kill fires in the last
+replays, so every system sees the same sequence of ranks. No kill fires in the last
 ``kill_every / 2`` seconds before the deadline (every kill gets time to recover).
 
 * ``raypod``: :mod:`raypod.bench.anchors.raypod_steps` (``raypod run`` plus a callback

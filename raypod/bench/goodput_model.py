@@ -452,7 +452,7 @@ def markdown(r: dict[str, Any]) -> str:
         + ".", "",
         f"At {_scale_name(be['gpus'])} raypod stays ahead of the best other row ({be['best_other']}, "
         f"goodput {be['best_other_goodput']}) while its per-failure gap stays under {be['gap_s']} s "
-        f"(the model uses {be['raypod_gap_used_s']} s).", "",
+        f"(the model uses {be['raypod_gap_used_s']:.1f} s).", "",
         "Assumptions:", "", *[f"- {a}" for a in r["assumptions"]], "",
         "- **goodput**: share of the wall time whose work is kept, against a job that never fails "
         "and never saves state. **largest loss**: at the largest scale, the cause (stall, lost work, "
