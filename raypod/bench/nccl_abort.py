@@ -4,7 +4,7 @@
     python -m raypod.bench.nccl_abort summary RUN/summary.json --steps 60 --failures 1 [--baseline B]
 
 Two checks, each through :class:`raypod.worker.group.GroupSession` exactly as a rank uses
-it (a master ``TCPStore`` opened first, as ``WorkerActor.open_rendezvous`` does; the mesh
+it (a master ``TCPStore`` opened first, as ``RendezvousStore.open`` does; the mesh
 built by ``build_mesh``):
 
 - **world 1** (one GPU is enough): configure a group of one on ``cuda:0`` (backend
@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 
 def _master_store(world: int, port: int = 0) -> Any:
-    """A rank 0's rendezvous store, listening before anyone joins (``open_rendezvous``)."""
+    """A rendezvous store, listening before anyone joins (``RendezvousStore.open``)."""
     import torch.distributed as dist
 
     return dist.TCPStore("127.0.0.1", port, world, is_master=True, wait_for_workers=False,

@@ -220,14 +220,16 @@ class NoOp:
         return None
 
 
-def _start_ranks(cfg: Any, n: int) -> list[Any]:
+def _start_ranks(cfg: Any, n: int) -> tuple[list[Any], Any]:
     """``n`` :class:`FreeRunner` ranks joined in one group, as raypod's worker group forms one
-    (rank 0's rendezvous store, the peer ring, the same actor options)."""
+    (the job's rendezvous store actor, the peer ring, the same actor options); returns the
+    ranks and the store's actor (kept by the caller while the ranks run)."""
     import ray
 
     from raypod.driver.topology import peer_ring, peers_of
     from raypod.protocol import GroupSpec
     from raypod.recipe import build_recipe
+    from raypod.worker.rendezvous import remote_rendezvous_store
 
     recipe = build_recipe(cfg)
     cls = ray.remote(max_restarts=0, max_task_retries=0,
@@ -235,19 +237,20 @@ def _start_ranks(cfg: Any, n: int) -> list[Any]:
     cpu = cfg.scaling.resources_per_worker.get("CPU", 1.0)
     actors = [cls.options(num_cpus=cpu).remote(int(cpu) or 1) for _ in range(n)]
     infos = ray.get([a.node_info.remote() for a in actors])
-    port = ray.get(actors[0].open_rendezvous.remote(n, cfg.fault.pg_timeout_s))
+    store = remote_rendezvous_store(ray.get_runtime_context().get_node_id()).remote()
+    ip, port = ray.get(store.open.remote(n, cfg.fault.pg_timeout_s))
     ring = peer_ring([i["node_id"] for i in infos])
-    specs = [GroupSpec(config=cfg, recipe=recipe, rank=r, world_size=n, init_method=f"tcp://{infos[0]['ip']}:{port}",
+    specs = [GroupSpec(config=cfg, recipe=recipe, rank=r, world_size=n, init_method=f"tcp://{ip}:{port}/g0",
                        injections=[], attempt=0, peers=peers_of(ring, r)) for r in range(n)]
     ray.get([a.setup.remote(s, None) for a, s in zip(actors, specs, strict=True)])
-    return actors
+    return actors, store
 
 
 def run_nodriver(cfg: Any, n: int, steps: int, snapshot_every: int) -> dict[str, Any]:
     """``n`` ranks stepping with no driver call per step; then :func:`calibrate` on them."""
     import ray
 
-    actors = _start_ranks(cfg, n)
+    actors, _store = _start_ranks(cfg, n)
     per_rank = ray.get([a.run_steps.remote(steps, snapshot_every) for a in actors])
     out = {"ok": True, "step_s": steady(group_times(per_rank), steps), "snapshot_every": snapshot_every,
            **calibrate(actors)}

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -46,6 +46,7 @@ from raypod.policies.scaling import worker_bundle
 from raypod.protocol import GroupSpec, Heartbeat, MemoryReport, WorkerError
 from raypod.recipe import Recipe
 from raypod.worker.actor import remote_worker_class
+from raypod.worker.rendezvous import remote_rendezvous_store
 
 __all__ = ["GroupStartError", "PollResult", "WorkerError", "WorkerGroup"]  # the driver's and tests' import path
 
@@ -96,8 +97,9 @@ class WorkerGroup:
         self.calls, self.probes = InFlight(), Probes(config.fault.node_agents, lambda: self.nodes)
         self.excluded_nodes: set[str] = set()
         """Nodes the ranks must not be placed on (failed a pre-flight check, or lost ranks repeatedly)."""
-        self.store_host: Any = None
-        """The rank actor that hosts the rendezvous store (:meth:`_rendezvous`)."""
+        self.store: Any = None
+        """The job's rendezvous store actor (:mod:`raypod.worker.rendezvous`), started with
+        the first group and kept for every later one."""
 
     # The pool's lists, under the names the driver and the benchmarks read.
     @property
@@ -139,7 +141,7 @@ class WorkerGroup:
             self.placement = [self.placement[i] for i in order]
             self._locate([infos[i] for i in order])
             watch = self._watch(attempt)
-            init_method = self._rendezvous(timeout, watch)
+            init_method = self._rendezvous(timeout)
             restore_arg = (restore.path, restore.step, restore.metadata_sha256) if restore else None
             refs = [a.setup.remote(spec, restore_arg)
                     for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]
@@ -151,7 +153,9 @@ class WorkerGroup:
                 "doctor": [r["doctor"] for r in results if r.get("doctor")]}
 
     def _place(self, world_size: int, timeout: float) -> None:
-        """Reserve ``world_size`` bundles, start an actor in each, and place the spares."""
+        """Reserve ``world_size`` bundles, start an actor in each, and place the spares (and
+        the rendezvous store's actor, which imports torch meanwhile)."""
+        self._start_store()
         self.pg = placement_group([dict(self.bundle)] * world_size,
                                   strategy=self.cfg.scaling.placement_strategy,
                                   bundle_label_selector=avoid_nodes(self.excluded_nodes, world_size))
@@ -174,17 +178,35 @@ class WorkerGroup:
         self.twins = hsdp_twins(p.strategy, p.replicas, self.world_size)
         self.peer_to = [None] * self.world_size if self.twins else peer_ring(self.nodes)
 
-    def _rendezvous(self, timeout: float, watch: Callable[[], None] | None) -> str:
-        """``tcp://ip:port/prefix``: the rendezvous store (the one :attr:`store_host` already
-        hosts while that actor is still a rank, whatever its rank now: the ranks that stay keep
-        their connections to it; else one on rank 0) and a prefix of the new group's own, so
-        that no key of an earlier group is ever read. Called after :meth:`_locate`."""
-        host = next((r for r, a in enumerate(self.actors) if a == self.store_host), 0) \
-            if self.store_host is not None else 0
-        self.store_host = self.actors[host]
-        [port] = get_all([self.store_host.open_rendezvous.remote(len(self.actors), self.cfg.fault.pg_timeout_s)],
-                         timeout, watch)
-        return f"tcp://{self.node_ips[host]}:{port}/{uuid.uuid4().hex[:12]}"
+    def _start_store(self) -> None:
+        """Start the rendezvous store's actor (on the driver's node) unless it runs already."""
+        if self.store is None:
+            self.store = remote_rendezvous_store(ray.get_runtime_context().get_node_id()).remote()
+
+    def _rendezvous(self, timeout: float) -> str:
+        """``tcp://ip:port/prefix``: the job's rendezvous store (the same one for every group
+        while its actor lives: the ranks that stay keep their connections to it; a new one if
+        it was lost) and a prefix of the new group's own, so that no key of an earlier group
+        is ever read.
+
+        Raises:
+            GroupStartError: the store could not be started within ``timeout`` seconds.
+        """
+        for tries_left in (1, 0):
+            self._start_store()
+            try:
+                ip, port = ray.get(self.store.open.remote(len(self.actors), self.cfg.fault.pg_timeout_s),
+                                   timeout=timeout)
+                return f"tcp://{ip}:{port}/{uuid.uuid4().hex[:12]}"
+            except RayActorError as e:
+                log.warning("the rendezvous store's actor is gone (%s): starting another one", e)
+                self.store = None
+                if not tries_left:
+                    raise GroupStartError(f"the rendezvous store could not be started: {e}") from None
+            except GetTimeoutError:
+                raise GroupStartError(f"the rendezvous store did not start within {timeout:.0f} s "
+                                      "(scaling.schedule_timeout_s)") from None
+        raise AssertionError("unreachable")
 
     def _watch(self, attempt: int) -> Callable[[], None] | None:
         """While the group forms: a rank silent for ``fault.silent_s`` ends the wait (see
@@ -217,7 +239,9 @@ class WorkerGroup:
         if self.pg is not None:
             remove_pg_quietly(self.pg)
         self.actors, self.pg, self.world_size = [], None, 0
-        self.store_host = None
+        if self.store is not None:
+            kill_quietly(self.store)
+            self.store = None
         self.calls.clear()
         self.probes.close()  # the node agents
 
@@ -373,7 +397,7 @@ class WorkerGroup:
         infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
         self._locate(infos)
         watch = self._watch(attempt)
-        init_method = self._rendezvous(timeout, watch)
+        init_method = self._rendezvous(timeout)
         t1 = time.perf_counter()
         refs = [call(a, spec)
                 for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]

@@ -40,8 +40,6 @@ class TrainWorker:
         self.trainer = None
         self.preempted_at: float | None = None
         self.closed = False
-        self._store: Any = None
-        """The rendezvous store this actor hosts as rank 0 (:meth:`open_rendezvous`)."""
         self._client: tuple[str, Any] | None = None
         """``(host:port, connection)``: this actor's connection to the job's rendezvous store."""
         self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -83,49 +81,26 @@ class TrainWorker:
             "gpu_ids": ray.get_gpu_ids(),
         }
 
-    def open_rendezvous(self, world_size: int, timeout_s: float) -> int:
-        """The rendezvous store of the job's groups, on this node (this actor is rank 0):
-        started on the first call, the same one afterwards while it lasts. Returns its port.
-
-        The store listens before any rank tries to join, so no rank waits in the TCP
-        client's connect-retry back-off; and since it outlives each group (every group
-        works under a prefix of its own, see :meth:`_store_for`), the ranks that stay in a
-        re-formed group connect to nothing new.
-        """
-        from datetime import timedelta
-
-        import torch.distributed as dist
-
-        if self._store is None:
-            self._store = dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, wait_for_workers=False,
-                                        timeout=timedelta(seconds=timeout_s))
-        return self._store.port
-
     def _store_for(self, init_method: str, world_size: int, timeout_s: float) -> Any:
-        """The store of the group at ``tcp://host:port/prefix``: the master this actor opened,
-        or its connection to the one at ``host:port`` (kept from earlier groups, else made
-        now), under the group's ``prefix``."""
+        """The store of the group at ``tcp://host:port/prefix`` (the job's rendezvous store,
+        :mod:`raypod.worker.rendezvous`): this actor's connection to ``host:port``, kept from
+        earlier groups or made now, under the group's ``prefix``."""
         from datetime import timedelta
 
         import torch.distributed as dist
 
         address, _, prefix = init_method.removeprefix("tcp://").partition("/")
         host, port = address.rsplit(":", 1)
-        mine = self._store
-        if mine is not None and mine.port == int(port):
-            base = mine
-        else:
-            kept = self._client
-            if kept is None or kept[0] != address:
-                kept = (address, dist.TCPStore(host, int(port), world_size, is_master=False,
-                                               timeout=timedelta(seconds=timeout_s)))
-                self._client = kept  # a connection to an earlier group's store is dropped
-            base = kept[1]
-        return dist.PrefixStore(f"raypod/{prefix}/", base) if prefix else base
+        kept = self._client
+        if kept is None or kept[0] != address:
+            kept = (address, dist.TCPStore(host, int(port), world_size, is_master=False,
+                                           timeout=timedelta(seconds=timeout_s)))
+            self._client = kept  # a connection to an earlier store (its actor was lost) is dropped
+        return dist.PrefixStore(f"raypod/{prefix}/", kept[1]) if prefix else kept[1]
 
     def _forget_store(self) -> None:
-        """Drop this actor's store connection and master: the next group connects anew."""
-        self._client = self._store = None
+        """Drop this actor's store connection: the next group connects anew."""
+        self._client = None
 
     def warm(self, config: Any, recipe: Any, rehearse: bool = False) -> dict[str, Any]:
         """Get ready to take a rank: load the data; a spare or joiner (``rehearse``) also

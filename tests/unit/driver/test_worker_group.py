@@ -7,6 +7,9 @@ topology helpers and the spare pool's bookkeeping need no cluster.
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 from support import assert_implements_group_protocol
 
 from raypod.config import JobConfig
@@ -90,31 +93,44 @@ def test_calls_are_sent_in_order_a_bounded_number_per_flush():
     assert len(calls) == 0 and calls.flush() == 0
 
 
-def test_the_rendezvous_stays_on_the_actor_that_hosts_the_store_while_it_is_a_rank(tmp_path, monkeypatch):
-    """The store host keeps hosting whatever its rank becomes (the ranks that stay keep their
-    connections); when it is gone, rank 0 hosts a new store; each rendezvous has a prefix of its own."""
+def test_every_group_meets_through_the_same_store_actor_until_it_is_lost(tmp_path, monkeypatch):
+    """One store actor serves each rendezvous (a prefix of its own each time); when its actor
+    is gone, another one is started and the rendezvous goes on."""
+    import ray.exceptions
+
     import raypod.driver.worker_group as wg
 
-    class Host:
-        def __init__(self, name: str, port: int) -> None:
-            self.name, self.calls = name, 0
+    started: list[Any] = []
+
+    class Store:
+        def __init__(self, port: int) -> None:
+            self.port, self.lost, self.calls = port, False, 0
             outer = self
 
             class _Open:
                 def remote(self, n, timeout):  # noqa: ANN001, ANN202
                     outer.calls += 1
-                    return port
+                    return outer
 
-            self.open_rendezvous = _Open()
+            self.open = _Open()
 
-    monkeypatch.setattr(wg, "get_all", lambda refs, timeout, watch: list(refs))
+    def fake_get(ref, timeout):  # noqa: ANN001, ANN202
+        if ref.lost:
+            raise ray.exceptions.RayActorError()
+        return ("10.0.0.9", ref.port)
+
+    def new_store(node_id):  # noqa: ANN001, ANN202
+        store = Store(2000 + len(started))
+        started.append(store)
+        return types.SimpleNamespace(remote=lambda: store)
+
+    monkeypatch.setattr(wg, "remote_rendezvous_store", new_store)
+    monkeypatch.setattr(wg.ray, "get", fake_get)
+    monkeypatch.setattr(wg.ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "n0"))
     group = _group(tmp_path)
-    a, b, c = Host("a", 1001), Host("b", 1002), Host("c", 1003)
-    group.actors, group.node_ips = [a, b], ["10.0.0.1", "10.0.0.2"]
-    first = group._rendezvous(1.0, None)
-    assert first.startswith("tcp://10.0.0.1:1001/") and group.store_host is a
-    group.actors, group.node_ips = [b, a], ["10.0.0.2", "10.0.0.1"]  # a is rank 1 now
-    second = group._rendezvous(1.0, None)
-    assert second.startswith("tcp://10.0.0.1:1001/") and second != first and a.calls == 2
-    group.actors, group.node_ips = [c, b], ["10.0.0.3", "10.0.0.2"]  # a was lost
-    assert group._rendezvous(1.0, None).startswith("tcp://10.0.0.3:1003/") and group.store_host is c
+    group.actors = ["r0", "r1"]
+    first, second = group._rendezvous(1.0), group._rendezvous(1.0)
+    assert first.startswith("tcp://10.0.0.9:2000/") and second.startswith("tcp://10.0.0.9:2000/")
+    assert first != second and len(started) == 1 and started[0].calls == 2
+    started[0].lost = True  # its node went
+    assert group._rendezvous(1.0).startswith("tcp://10.0.0.9:2001/") and len(started) == 2

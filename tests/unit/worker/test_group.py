@@ -175,20 +175,22 @@ def test_nccl_settings_never_kill_a_survivor(monkeypatch):
 
 
 def test_a_worker_keeps_its_store_connection_from_one_group_to_the_next():
-    """Rank 0's actor hosts one store for the job; a rank connects to it once and works under
-    each group's prefix; after a failed join it connects anew."""
+    """The job's store (its own actor's class, here in this process) serves every group; a
+    rank connects to it once and works under each group's prefix; after a failed join it
+    connects anew."""
     from raypod.worker.actor import TrainWorker
+    from raypod.worker.rendezvous import RendezvousStore
 
-    host, ranker = TrainWorker.__new__(TrainWorker), TrainWorker.__new__(TrainWorker)
-    for w in (host, ranker):
-        w._store = w._client = None
-    port = host.open_rendezvous(2, 30.0)
-    assert host.open_rendezvous(2, 30.0) == port  # the same store for the next group
-    first = ranker._store_for(f"tcp://127.0.0.1:{port}/g1", 2, 30.0)
-    second = ranker._store_for(f"tcp://127.0.0.1:{port}/g2", 2, 30.0)
+    store = RendezvousStore()
+    _ip, port = store.open(2, 30.0)
+    assert store.open(2, 30.0)[1] == port  # the same store for the next group
+    a, b = TrainWorker.__new__(TrainWorker), TrainWorker.__new__(TrainWorker)
+    a._client = b._client = None
+    first = a._store_for(f"tcp://127.0.0.1:{port}/g1", 2, 30.0)
+    second = a._store_for(f"tcp://127.0.0.1:{port}/g2", 2, 30.0)
     assert first.underlying_store is second.underlying_store  # one connection
     first.set("key", "1")
     assert not second.check(["key"])  # each group's keys apart
-    assert host._store_for(f"tcp://127.0.0.1:{port}/g1", 2, 30.0).get("key") == b"1"  # the host uses its own
-    ranker._forget_store()
-    assert ranker._store_for(f"tcp://127.0.0.1:{port}/g2", 2, 30.0).underlying_store is not first.underlying_store
+    assert b._store_for(f"tcp://127.0.0.1:{port}/g1", 2, 30.0).get("key") == b"1"
+    a._forget_store()
+    assert a._store_for(f"tcp://127.0.0.1:{port}/g2", 2, 30.0).underlying_store is not first.underlying_store
