@@ -34,7 +34,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import ray
@@ -61,6 +61,13 @@ def heartbeats(actors: list[Any], timeout: float) -> dict[int, Any]:
     return out
 
 
+def _sibling(actors: list[Any], nodes: list[str], ranks: Collection[int], r: int) -> Any | None:
+    """A rank on ``r``'s node that is not among ``ranks`` (its actor acts on ``r``'s process
+    from that node: kills it, reads it), or None."""
+    return next((a for q, a in enumerate(actors) if q not in ranks and q < len(nodes) and nodes[q] == nodes[r]),
+                None)
+
+
 def kill_now(actors: list[Any], nodes: list[str], pids: list[int], ranks: set[int]) -> None:
     """SIGKILL the processes of ``ranks`` now (after ``ray.kill``): through a live rank on the
     same node (its ``kill_pid`` runs on the ping thread), else from the driver when the rank
@@ -69,8 +76,7 @@ def kill_now(actors: list[Any], nodes: list[str], pids: list[int], ranks: set[in
     for r in sorted(ranks):
         if r >= len(pids) or r >= len(nodes) or not pids[r]:
             continue
-        helper = next((a for q, a in enumerate(actors)
-                       if q not in ranks and q < len(nodes) and nodes[q] == nodes[r]), None)
+        helper = _sibling(actors, nodes, ranks, r)
         try:
             if helper is not None:
                 helper.kill_pid.remote(pids[r])
@@ -95,8 +101,7 @@ def process_ticks(actors: list[Any], nodes: list[str], pids: list[int], ranks: l
         if nodes[r] == here:
             out[r] = cpu_ticks(pids[r])
             continue
-        reader = next((a for q, a in enumerate(actors)
-                       if q not in ranks and q < len(nodes) and nodes[q] == nodes[r]), None)
+        reader = _sibling(actors, nodes, ranks, r)
         if reader is not None:
             asked[reader.cpu_ticks.remote(pids[r])] = r
     if asked:

@@ -192,21 +192,30 @@ class WorkerGroup:
         Raises:
             GroupStartError: the store could not be started within ``timeout`` seconds.
         """
-        for tries_left in (1, 0):
-            self._start_store()
+        try:
+            ip, port = self._open_store(timeout)
+        except RayActorError as e:
+            log.warning("the rendezvous store's actor is gone (%s): starting another one", e)
+            self.store = None
             try:
-                ip, port = ray.get(self.store.open.remote(len(self.actors), self.cfg.fault.pg_timeout_s),
-                                   timeout=timeout)
-                return f"tcp://{ip}:{port}/{uuid.uuid4().hex[:12]}"
-            except RayActorError as e:
-                log.warning("the rendezvous store's actor is gone (%s): starting another one", e)
-                self.store = None
-                if not tries_left:
-                    raise GroupStartError(f"the rendezvous store could not be started: {e}") from None
-            except GetTimeoutError:
-                raise GroupStartError(f"the rendezvous store did not start within {timeout:.0f} s "
-                                      "(scaling.schedule_timeout_s)") from None
-        raise AssertionError("unreachable")
+                ip, port = self._open_store(timeout)
+            except RayActorError as again:
+                raise GroupStartError(f"the rendezvous store could not be started: {again}") from None
+        return f"tcp://{ip}:{port}/{uuid.uuid4().hex[:12]}"
+
+    def _open_store(self, timeout: float) -> tuple[str, int]:
+        """``(ip, port)`` of the store's actor (started if need be).
+
+        Raises:
+            RayActorError: the actor is gone.
+            GroupStartError: it did not answer within ``timeout`` seconds.
+        """
+        self._start_store()
+        try:
+            return ray.get(self.store.open.remote(len(self.actors), self.cfg.fault.pg_timeout_s), timeout=timeout)
+        except GetTimeoutError:
+            raise GroupStartError(f"the rendezvous store did not start within {timeout:.0f} s "
+                                  "(scaling.schedule_timeout_s)") from None
 
     def _watch(self, attempt: int) -> Callable[[], None] | None:
         """While the group forms: a rank silent for ``fault.silent_s`` ends the wait (see

@@ -40,12 +40,13 @@ the driver itself is gone, and the rendezvous store's waits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -88,6 +89,21 @@ def _sockets() -> dict[int, str]:
     return out
 
 
+@contextlib.contextmanager
+def _borrowed(fd: int) -> Iterator[socket.socket | None]:
+    """A socket object over ``fd`` that leaves the fd open (its owner closes it); None when
+    ``fd`` is no socket any more."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        yield None
+        return
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
 def _ports(sock: socket.socket) -> tuple[int, int]:
     """``(local port, remote port)`` of a connected TCP socket; ``(0, 0)`` when it is not."""
     try:
@@ -100,15 +116,9 @@ def _store_clients(port: int) -> dict[int, str]:
     """This process's TCP connections to a rendezvous store listening on ``port``."""
     out: dict[int, str] = {}
     for fd, link in _sockets().items():
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            continue
-        try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6) and _ports(sock)[1] == port:
+        with _borrowed(fd) as sock:
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and _ports(sock)[1] == port:
                 out[fd] = link
-        finally:
-            sock.detach()
     return out
 
 
@@ -122,22 +132,19 @@ def _shutdown(fds: dict[int, str], store_port: int | None = None, release_store:
     for fd, link in fds.items():
         if now.get(fd) != link:
             continue  # closed (gloo drops a pair after its error), or the fd was reused
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            continue
-        try:
-            if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
-                    and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
-                local, remote = _ports(sock) if store_port else (0, 0)
-                if store_port and (local == store_port or (remote == store_port and not release_store)):
-                    continue
-                sock.shutdown(socket.SHUT_RDWR)
-                done += 1
-        except OSError:
-            pass  # not connected any more
-        finally:
-            sock.detach()  # the fd stays gloo's, which closes it
+        with _borrowed(fd) as sock:  # the fd stays gloo's, which closes it
+            if sock is None:
+                continue
+            try:
+                if (sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+                        and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                    local, remote = _ports(sock) if store_port else (0, 0)
+                    if store_port and (local == store_port or (remote == store_port and not release_store)):
+                        continue
+                    sock.shutdown(socket.SHUT_RDWR)
+                    done += 1
+            except OSError:
+                pass  # not connected any more
     return done
 
 
