@@ -464,11 +464,13 @@ def _checkpoint_chosen(event: dict[str, Any]) -> bool:
     because the checkpoint was newer and so got training back sooner (its recorded
     ``source_choice``: e.g. a bad loss right after a save, the last snapshot steps older).
     Nothing failed over to storage: the choice is the policy's, so it counts as in memory's
-    stead for the verdict."""
+    stead for the verdict. The event holds the estimates rounded to the millisecond, so two
+    that differed by less read equal; the policy gives a true tie to memory, so a checkpoint
+    chosen at equal recorded estimates was still the sooner."""
     choice = event.get("source_choice") or {}
     return (_source(event) == "checkpoint" and choice.get("chosen") == "checkpoint"
             and choice.get("memory_step") is not None
-            and choice.get("est_checkpoint_s", 0.0) < choice.get("est_memory_s", 0.0))
+            and choice.get("est_checkpoint_s", 0.0) <= choice.get("est_memory_s", 0.0))
 
 
 def _nothing_lost(report: dict[str, Any]) -> bool:

@@ -184,6 +184,8 @@ def test_a_newer_checkpoint_chosen_over_an_older_snapshot_is_not_a_fall_back_to_
               "source_choice": {"chosen": "checkpoint", "memory_step": 6, "checkpoint_step": 10,
                                 "est_memory_s": 1.2, "est_checkpoint_s": 0.5, "reason": "sooner"}}
     assert _checkpoint_chosen(chosen)
+    # Estimates recorded to the millisecond: a checkpoint sooner by less than that reads as a tie.
+    assert _checkpoint_chosen({**chosen, "source_choice": {**chosen["source_choice"], "est_memory_s": 0.5}})
     # No snapshot in memory at all, or memory cheaper but not used: storage was a fall-back.
     assert not _checkpoint_chosen({**chosen, "source_choice": {**chosen["source_choice"], "memory_step": None}})
     assert not _checkpoint_chosen({**chosen, "source_choice": {**chosen["source_choice"], "est_memory_s": 0.1}})
