@@ -21,6 +21,7 @@ This module imports neither Ray nor torch.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -259,7 +260,8 @@ class WorkerGroupProtocol(Protocol):
 
     # recovery
     def kill(self, ranks: set[int]) -> None: ...
-    def drain(self, timeout: float, attempt: int | None = None) -> set[int]: ...
+    def drain(self, timeout: float, attempt: int | None = None, keep: set[int] | frozenset[int] = frozenset(),
+              patience: Callable[[], float] | None = None) -> set[int]: ...
     def memory_reports(self, ranks: list[int], timeout: float = 5.0) -> dict[int, MemoryReport]: ...
     def recover_in_place(self, lost: set[int], restore_step: int, attempt: int,
                          injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]: ...

@@ -226,8 +226,9 @@ class FakeGroup:
     def kill(self, ranks):
         self.calls.append(("kill", sorted(ranks)))
 
-    def drain(self, timeout, attempt=None):
+    def drain(self, timeout, attempt=None, keep=frozenset(), patience=None):
         self.queue.clear()
+        self.calls.append(("drain", sorted(keep), patience() if keep and patience is not None else None))
         return set()
 
     def memory_reports(self, ranks, timeout=5.0):

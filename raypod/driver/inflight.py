@@ -121,12 +121,19 @@ class InFlight:
             self._collect(ready, out)
         return out
 
-    def drain(self, actors: list[Any], timeout: float, attempt: int | None = None) -> set[int]:
+    def drain(self, actors: list[Any], timeout: float, attempt: int | None = None,
+              keep: set[int] | frozenset[int] = frozenset(),
+              patience: Callable[[], float] | None = None) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks.
 
         A rank is lost when its actor died, or when its call is still running after
         ``timeout`` (hung, even though its peers' collectives broke). ``attempt`` (the
         attempt the ranks are in) keeps a late interrupt from reaching a rejoined rank.
+
+        A rank of ``keep`` (it holds the only in-memory copy of some rank's state now) that
+        answered the interrupt is waited for longer before it is given up: up to
+        ``patience()`` seconds in all (what the way back without it would take; see
+        :func:`raypod.driver.recovery_plan.patience_s`).
         """
         lost: set[int] = set()
         self._queued.clear()  # never sent: nothing to settle
@@ -140,11 +147,23 @@ class InFlight:
             where = self._interrupt({r: actors[r] for r in stuck}, attempt, first)
             self._settle(time.monotonic() + timeout, lost)
             still = self._busy() - lost
+            # Only a rank that answered the interrupt (its process runs) is worth waiting for.
+            held = still & set(keep) & set(where)
+            extra = (patience() - timeout) if held and patience is not None else 0.0
+            if extra > 0:
+                log.warning("rank(s) %s still in their calls %.1f s after their groups were aborted, "
+                            "and they hold the only in-memory copy of a rank's state: waiting up to "
+                            "%.1f s more before giving them up (the way back without them is "
+                            "estimated at %.1f s)", sorted(held), timeout, extra, extra + timeout)
+                self._settle(time.monotonic() + extra, lost, held)
+                if not (self._busy() - lost) & held:
+                    log.info("rank(s) %s ended their calls within the extra wait: kept", sorted(held))
+                still = self._busy() - lost
             if still:
                 calls = sorted((r, what, step) for r, what, step in self._pending.values()
                                if r in still and what != REPLICA)
                 log.warning("rank(s) %s still in %s %.1f s after their groups were aborted (%s): "
-                            "given up as lost", sorted(still), calls, timeout,
+                            "given up as lost", sorted(still), calls, timeout + max(0.0, extra),
                             "; ".join(f"rank {r} was in step {w.step}, phase {w.phase_name} for "
                                       f"{w.in_phase_s:.1f} s" for r, w in sorted(where.items()) if r in still)
                             or "no answer to the interrupt")
@@ -154,17 +173,18 @@ class InFlight:
 
     # A replica wait may hang on an exchange with the dead peer until its own timeout; it
     # says nothing about its rank, which the regroup releases (not waited for).
-    def _work(self) -> list[Any]:
-        return [ref for ref, (_, what, _) in self._pending.items() if what != REPLICA]
+    def _work(self, ranks: set[int] | None = None) -> list[Any]:
+        return [ref for ref, (rank, what, _) in self._pending.items()
+                if what != REPLICA and (ranks is None or rank in ranks)]
 
     def _busy(self) -> set[int]:
         return {rank for rank, what, _ in self._pending.values() if what != REPLICA}
 
-    def _settle(self, deadline: float, lost: set[int]) -> None:
-        """Collect the calls (other than replica waits) that end before ``deadline``; the
-        ranks whose actor died join ``lost``."""
-        while self._work() and time.monotonic() < deadline:
-            refs = self._work()
+    def _settle(self, deadline: float, lost: set[int], ranks: set[int] | None = None) -> None:
+        """Collect the calls (other than replica waits; of ``ranks`` only, when given) that end
+        before ``deadline``; the ranks whose actor died join ``lost``."""
+        while self._work(ranks) and time.monotonic() < deadline:
+            refs = self._work(ranks)
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 break

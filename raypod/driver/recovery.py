@@ -27,9 +27,11 @@ from raypod.driver.recovery_plan import (
     SourceFacts,
     keeps_survivors,
     needs_second_ping,
+    patience_s,
     plan_hand_over,
     plan_recovery,
     plan_roll_back,
+    sole_copies,
 )
 from raypod.driver.state import (
     ErroredState,
@@ -161,8 +163,22 @@ class Recovery:
             d.dead_ranks -= suspects - silent
         culprit |= d.dead_ranks  # every rank found dead, not only the one blamed
         group.kill(culprit)
+        # A survivor left holding the only copy of a state is waited for longer if its call
+        # does not end (giving it up would leave memory nothing to recover from).
+        keep = sole_copies(group.world_size, culprit, group.holder_of) if d.policies.cadence.enabled else set()
+
+        def patience() -> float:
+            try:
+                ckpt = d.store.latest()
+            except Exception as e:  # noqa: BLE001 - storage unreadable now: as if none were committed
+                log.warning("recovery: the newest checkpoint could not be read (%s)", e)
+                ckpt = None
+            return patience_s(self._sources(ckpt), d.ledger.finished_through(group.world_size),
+                              d.cfg.fault.hang_timeout_s)
+
         # The ranks are still in the attempt before this recovery's (counted already).
-        return group.drain(timeout=min(5.0, d.cfg.fault.pg_timeout_s), attempt=d.attempt - 1) | culprit
+        return group.drain(timeout=min(5.0, d.cfg.fault.pg_timeout_s), attempt=d.attempt - 1,
+                           keep=keep, patience=patience) | culprit
 
     def _from_memory(self, plan: Plan, lost: set[int], f: Failure, event: FailureEvent, marks: Marks) -> bool:
         """Re-form the group at the plan's step from memory, in place or shrunk."""

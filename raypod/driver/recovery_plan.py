@@ -185,6 +185,42 @@ def needs_second_ping(blamed: set[int], suspects: set[int], holder_of: Callable[
     return bool(suspects) and any(holder_of(d) in lost for d in lost)
 
 
+def sole_copies(world_size: int, lost: set[int], holder_of: Callable[[int], int | None]) -> set[int]:
+    """The live ranks that hold the only in-memory copy of some rank's state once ``lost`` are
+    gone: the holder of a lost rank's copy (its replica, or its HSDP twin), and a rank whose
+    own copy was held by a lost rank (its state is left in its own process only). Giving one
+    of them up as well leaves memory nothing to recover from."""
+    out: set[int] = set()
+    for r in range(world_size):
+        holder = holder_of(r)
+        if holder is None:
+            continue
+        if r in lost and holder not in lost:
+            out.add(holder)
+        elif r not in lost and holder in lost:
+            out.add(r)
+    return out
+
+
+def patience_s(sources: SourceFacts, target: int, hang_timeout_s: float) -> float:
+    """How long a recovery waits, in all, for a rank of :func:`sole_copies` whose call has not
+    ended after its groups were aborted, before giving it up: what the way back without it
+    would take (every rank restarts, loads the newest committed checkpoint, or starts from
+    scratch, then redoes the steps up to ``target``), at most ``fault.hang_timeout_s``.
+
+    Giving such a rank up throws away every step since the checkpoint; waiting on a rank that
+    never answers costs the wait. Waiting as long as the alternative would take (the ski-rental
+    rule) never costs more than twice the better of the two choices, whichever it turns out to be.
+    """
+    restart = sources.group_start_s or DEFAULT_LOAD_S
+    if sources.checkpoint_step is not None:
+        alt = estimate(CHECKPOINT, sources.checkpoint_step, target, sources.step_s,
+                       sources.load_estimate(), restart)
+    else:
+        alt = estimate(CHECKPOINT, 0, target, sources.step_s, 0.0, restart)
+    return min(hang_timeout_s, alt.est_s)
+
+
 def _common(steps: Iterable[Iterable[int]]) -> set[int] | None:
     """The steps in every set (None for no set at all)."""
     out: set[int] | None = None

@@ -331,10 +331,11 @@ class WorkerGroup:
             kill_quietly(self.actors[r])
         kill_now(self.actors, self.nodes, self.pids, ranks)  # a stopped process too
 
-    def drain(self, timeout: float, attempt: int | None = None) -> set[int]:
+    def drain(self, timeout: float, attempt: int | None = None, keep: set[int] | frozenset[int] = frozenset(),
+              patience: Callable[[], float] | None = None) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks
         (see :meth:`InFlight.drain`)."""
-        return self.calls.drain(self.actors, timeout, attempt)
+        return self.calls.drain(self.actors, timeout, attempt, keep, patience)
 
     def memory_reports(self, ranks: list[int], timeout: float = 5.0) -> dict[int, MemoryReport]:
         """What each live rank holds in memory right now (own snapshots, replicas)."""

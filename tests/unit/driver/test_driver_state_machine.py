@@ -175,6 +175,10 @@ def test_hang_blames_the_rank_behind_and_recovers_it_in_place(health_driver):
     assert "rank 1 stuck at step 6 in phase start" in ev.message
     assert ev.restored_from == "memory step 5" and ev.lost_steps == 0
     assert ("kill", [1]) in FakeGroup.calls and ("recover_in_place", [1], 5) in FakeGroup.calls
+    # Rank 0 holds rank 1's replica and its own copy was on rank 1: the drain waits longer for it
+    # (up to what a restart from scratch would take, here at most fault.hang_timeout_s).
+    drains = [c for c in FakeGroup.calls if c[0] == "drain"]
+    assert len(drains) == 1 and drains[0][1] == [0] and 0 < drains[0][2] <= 0.3
     # The lost rank's slot becomes a spare only once a step after the restore point completed.
     refills = [c for c in FakeGroup.calls if c[0] == "refill_spares"]
     assert len(refills) == 1 and refills[0][1] == [("pg", 1)] and refills[0][2] > 5

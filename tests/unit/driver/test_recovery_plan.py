@@ -136,3 +136,21 @@ def test_roll_back_to_the_newest_snapshot_before_the_bad_step():
 def test_the_plan_imports_no_ray():
     code = "import raypod.driver.recovery_plan, sys; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_ranks_left_with_the_only_copy_of_a_state():
+    ring = {0: 1, 1: 2, 2: 3, 3: 0}.get  # rank r's copy is held by r + 1
+    # Rank 1 lost: 2 holds its replica, and 0's own copy was on 1.
+    assert rp.sole_copies(4, {1}, ring) == {0, 2}
+    assert rp.sole_copies(4, {1, 2}, ring) == {0, 3}
+    assert rp.sole_copies(2, {1}, {0: 1, 1: 0}.get) == {0}
+    assert rp.sole_copies(4, {1}, lambda r: None) == set()  # no copies kept: nothing to protect
+
+
+def test_patience_is_what_the_way_back_without_the_rank_would_take_at_most_the_hang_timeout():
+    # No checkpoint: every step since the start is redone after a group start.
+    assert rp.patience_s(SourceFacts(None, step_s=0.1, group_start_s=4.0), 300, 600.0) == 34.0
+    # A checkpoint at step 290: its load, 10 steps, a group start.
+    assert rp.patience_s(SourceFacts(290, step_s=0.1, load_s=2.0, group_start_s=4.0), 300, 600.0) == 7.0
+    # Never beyond fault.hang_timeout_s.
+    assert rp.patience_s(SourceFacts(None, step_s=1.0, group_start_s=4.0), 10_000, 60.0) == 60.0

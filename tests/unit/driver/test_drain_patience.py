@@ -1,0 +1,64 @@
+"""The drain after a failure gives up a rank whose call does not end, except that a rank
+holding the only in-memory copy of a state is waited for as long as the way back without
+it would take (``InFlight.drain``'s ``keep`` and ``patience``), on real Ray actors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from raypod.driver.inflight import STEP, InFlight
+from raypod.protocol import Interrupted
+
+
+def _rank_class():
+    import ray
+
+    @ray.remote(num_cpus=0, concurrency_groups={"health": 1})
+    class Rank:
+        """A rank whose step call runs on past its groups' abort (a call that nothing aborts)."""
+
+        def step(self, seconds: float) -> None:
+            time.sleep(seconds)
+            raise RuntimeError("its groups were aborted")
+
+        @ray.method(concurrency_group="health")
+        def interrupt(self, attempt: int | None = None) -> Interrupted:
+            return Interrupted(rank=0, step=5, phase=None, in_phase_s=0.0)
+
+    return Rank
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_rank_with_the_only_copy_is_waited_for_and_kept(ray_connected, keep):
+    import ray
+
+    rank = _rank_class().remote()
+    try:
+        calls = InFlight()
+        calls.add(rank.step.remote(2.0), 0, STEP, 5)
+        t0 = time.monotonic()
+        lost = calls.drain([rank], timeout=0.5, keep={0} if keep else set(), patience=lambda: 10.0)
+        took = time.monotonic() - t0
+        if keep:  # its call ended (with an error) within the extra wait: a survivor
+            assert lost == set() and 1.5 < took < 8.0
+        else:  # the drain's own timeout: given up as hung
+            assert lost == {0} and took < 1.9
+    finally:
+        ray.kill(rank)
+
+
+def test_the_extra_wait_ends_at_the_patience(ray_connected):
+    import ray
+
+    rank = _rank_class().remote()
+    try:
+        calls = InFlight()
+        calls.add(rank.step.remote(30.0), 0, STEP, 5)
+        t0 = time.monotonic()
+        lost = calls.drain([rank], timeout=0.5, keep={0}, patience=lambda: 1.5)
+        took = time.monotonic() - t0
+        assert lost == {0} and 1.3 < took < 4.0
+    finally:
+        ray.kill(rank)
