@@ -156,9 +156,9 @@ class InFlight:
                             "%.1f s more before giving them up (the way back without them is "
                             "estimated at %.1f s)", sorted(held), timeout, extra, extra + timeout)
                 self._settle(time.monotonic() + extra, lost, held)
-                if not (self._busy() - lost) & held:
-                    log.info("rank(s) %s ended their calls within the extra wait: kept", sorted(held))
                 still = self._busy() - lost
+                if not still & held:
+                    log.info("rank(s) %s ended their calls within the extra wait: kept", sorted(held))
             if still:
                 calls = sorted((r, what, step) for r, what, step in self._pending.values()
                                if r in still and what != REPLICA)

@@ -165,7 +165,7 @@ class Recovery:
         group.kill(culprit)
         # A survivor left holding the only copy of a state is waited for longer if its call
         # does not end (giving it up would leave memory nothing to recover from).
-        keep = sole_copies(group.world_size, culprit, group.holder_of) if d.policies.cadence.enabled else set()
+        keep = sole_copies(group.world_size, culprit, group.holder_of)
 
         def patience() -> float:
             try:
