@@ -40,9 +40,15 @@ class RendezvousStore:
 
 def remote_rendezvous_store(node_id: str | None) -> Any:
     """:class:`RendezvousStore` as an actor class: no CPU (it must start while the ranks hold
-    every CPU), on node ``node_id`` when it has room (the driver's), else anywhere."""
+    every CPU), on node ``node_id`` (the driver's) and nowhere else.
+
+    The affinity is hard: a soft one lets Ray place the store on any node when the driver's
+    raylet is slow to take it (a loaded host), and a store on a rank's node is lost with that
+    node, together with the re-formation that needed it (and a new one may land on the node
+    that just failed, before Ray has marked it dead). The driver's node needs no free CPU for
+    it, and losing that node ends the job anyway."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    strategy = NodeAffinitySchedulingStrategy(node_id, soft=True) if node_id else "DEFAULT"
+    strategy = NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else "DEFAULT"
     return ray.remote(max_restarts=0, max_task_retries=0)(RendezvousStore).options(
         num_cpus=0, scheduling_strategy=strategy)

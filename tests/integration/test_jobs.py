@@ -90,8 +90,12 @@ def test_rank_and_replica_holder_lost_falls_back_to_checkpoint(ray_connected, ba
     ev = summary["events"][0]
     # The step-10 save may still be in flight (async) when step 12 fails; then step 5 is used.
     assert ev["restored_from"] in ("checkpoint step 10", "checkpoint step 5")
-    # Step 11 counts as completed only once its replicas were in place (then it is lost too).
-    assert 10 <= ev["lost_steps"] + int(ev["restored_from"].split()[-1]) <= 11
+    # Steps counted before the failure and thrown away. Step 10 counts once step 11's results
+    # (which carry step 10's replica acknowledgements) arrived from both ranks, and step 11 only
+    # once its replicas were in place; a rank's step-11 reply can die with its process (the
+    # kill ends it as step 12 starts, before Ray sent the reply: a loaded host), and then only
+    # step 9 counted.
+    assert 9 <= ev["lost_steps"] + int(ev["restored_from"].split()[-1]) <= 11
     assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 
