@@ -57,6 +57,27 @@ def _watch(driver: Any, cluster: Any, steps_at_max: int, log: dict[str, Any], st
         time.sleep(0.1)
 
 
+def _prepared(cfg: Any) -> Any:
+    """The job's recipe after raypod.api.run's data step (the demo corpus built on first use,
+    its tokens prepared with Ray Data; a fresh machine has neither), on a private local Ray
+    of its own before the autoscaling cluster starts: Ray Data's CPU demand there would have
+    the autoscaler add nodes before the job has started on its one node."""
+    import ray
+
+    from raypod import ray_auth
+    from raypod.recipe import build_recipe
+
+    recipe = build_recipe(cfg)
+    recipe.check_data(cfg)
+    ray_auth.for_new_cluster()
+    ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    try:
+        recipe.prepare_data(cfg)  # into the job's token cache: the ranks read it from there
+    finally:
+        ray.shutdown()
+    return recipe
+
+
 def run_trial(config: str | os.PathLike = TINY, overrides: list[str] | None = None,
               steps_at_max: int = 10) -> dict[str, Any]:
     import ray
@@ -86,13 +107,14 @@ def run_trial(config: str | os.PathLike = TINY, overrides: list[str] | None = No
     cfg = load_config(config, [f"checkpoint.storage={storage}", "name=elastic", "mlflow.enabled=false",
                                "scaling.min_workers=1", "scaling.max_workers=3", "scaling.spares=0",
                                *(overrides or [])])
+    recipe = _prepared(cfg)
     cluster = FakeAutoscalingCluster(worker_min=1, worker_max=3)
     cluster.start()
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_workers(1)
         steps = StepLog(hold_from=max(1, cfg.train.max_steps - 50))
-        driver = Driver(cfg, callbacks=[steps, ProgressPrinter(live=False)])
+        driver = Driver(cfg, callbacks=[steps, ProgressPrinter(live=False)], recipe=recipe)
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(driver, cluster, steps_at_max, log, stop), daemon=True)
         watcher.start()

@@ -34,7 +34,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import ray
@@ -61,22 +61,27 @@ def heartbeats(actors: list[Any], timeout: float) -> dict[int, Any]:
     return out
 
 
-def _sibling(actors: list[Any], nodes: list[str], ranks: Collection[int], r: int) -> Any | None:
-    """A rank on ``r``'s node that is not among ``ranks`` (its actor acts on ``r``'s process
-    from that node: kills it, reads it), or None."""
-    return next((a for q, a in enumerate(actors) if q not in ranks and q < len(nodes) and nodes[q] == nodes[r]),
-                None)
+def _sibling(actors: list[Any], nodes: list[str], ranks: Collection[int], r: int,
+             agents: Mapping[str, Any] | None = None) -> Any | None:
+    """An actor on ``r``'s node that acts on ``r``'s process from there (kills it, reads it in
+    ``/proc``): a rank not among ``ranks``, else the node's liveness agent (``agents``: node ->
+    :class:`~raypod.worker.node_agent.NodeAgent`; a node with one rank only has no sibling),
+    else None."""
+    sibling = next((a for q, a in enumerate(actors) if q not in ranks and q < len(nodes) and nodes[q] == nodes[r]),
+                   None)
+    return sibling if sibling is not None or not agents or r >= len(nodes) else agents.get(nodes[r])
 
 
-def kill_now(actors: list[Any], nodes: list[str], pids: list[int], ranks: set[int]) -> None:
+def kill_now(actors: list[Any], nodes: list[str], pids: list[int], ranks: set[int],
+             agents: Mapping[str, Any] | None = None) -> None:
     """SIGKILL the processes of ``ranks`` now (after ``ray.kill``): through a live rank on the
-    same node (its ``kill_pid`` runs on the ping thread), else from the driver when the rank
-    runs on the driver's node; a rank with neither is left to Ray."""
+    same node (its ``kill_pid`` runs on the ping thread) or that node's agent (``agents``), else
+    from the driver when the rank runs on the driver's node; a rank with none is left to Ray."""
     here = ray.get_runtime_context().get_node_id()
     for r in sorted(ranks):
         if r >= len(pids) or r >= len(nodes) or not pids[r]:
             continue
-        helper = _sibling(actors, nodes, ranks, r)
+        helper = _sibling(actors, nodes, ranks, r, agents)
         try:
             if helper is not None:
                 helper.kill_pid.remote(pids[r])
@@ -87,11 +92,12 @@ def kill_now(actors: list[Any], nodes: list[str], pids: list[int], ranks: set[in
 
 
 def process_ticks(actors: list[Any], nodes: list[str], pids: list[int], ranks: list[int],
-                  timeout: float = 1.0) -> dict[int, int | None]:
+                  timeout: float = 1.0, agents: Mapping[str, Any] | None = None) -> dict[int, int | None]:
     """Each of ``ranks``' processes as :func:`~raypod.worker.node_agent.cpu_ticks` reads it on
     its node (``RUNNING``, CPU ticks, or None: stopped or gone): by the driver for a rank on the
-    driver's node, else by another rank on that node (its ping thread); a rank neither can
-    read (or whose reader did not answer within ``timeout``) is left out."""
+    driver's node, else by another rank on that node (its ping thread) or the node's agent
+    (``agents``); a rank none can read (or whose reader did not answer within ``timeout``)
+    is left out."""
     here = ray.get_runtime_context().get_node_id()
     out: dict[int, int | None] = {}
     asked: dict[Any, int] = {}
@@ -101,7 +107,7 @@ def process_ticks(actors: list[Any], nodes: list[str], pids: list[int], ranks: l
         if nodes[r] == here:
             out[r] = cpu_ticks(pids[r])
             continue
-        reader = _sibling(actors, nodes, ranks, r)
+        reader = _sibling(actors, nodes, ranks, r, agents)
         if reader is not None:
             asked[reader.cpu_ticks.remote(pids[r])] = r
     if asked:
@@ -402,7 +408,8 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
     its node (:func:`process_ticks`) around the second ping and found running, waiting for a
     CPU or using CPU is busy, not frozen, and is left to go on (measured: 32 ranks building
     their models on 2 cores, one missed both pings for over 4 s and the whole group was
-    started again); a stopped one, or one asleep that used no CPU, is lost.
+    started again); a stopped one, or one asleep that used no CPU, is lost. The reader is
+    the driver (its own node), a sibling rank, or the node's agent (a rank alone on its node).
 
     The ranks are pinged by the driver here, not by their node agents: forming is a short
     window, the busiest of a host, when a just-started agent may not answer yet; the probes
@@ -422,10 +429,11 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
         if not quiet:
             return
         nodes, pids = where() if where is not None else ([], [])
-        before = process_ticks(ranks, nodes, pids, quiet) if where is not None else {}
+        agents = probes.agents.agents if probes.agents is not None else None
+        before = process_ticks(ranks, nodes, pids, quiet, agents=agents) if where is not None else {}
         lost = {quiet[i] for i in unresponsive([ranks[r] for r in quiet], CONFIRM_PING_S)}
         if lost and where is not None:
-            working = busy(before, process_ticks(ranks, nodes, pids, sorted(lost)))
+            working = busy(before, process_ticks(ranks, nodes, pids, sorted(lost), agents=agents))
             if working:
                 log.info("rank(s) %s did not answer a ping while the group formed, but their processes "
                          "are working (a loaded host): waiting on", sorted(working))

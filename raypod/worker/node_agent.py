@@ -15,6 +15,8 @@ with their own ping futures and clock.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -193,6 +195,21 @@ class NodeAgent:
         if every_s:
             self.pings.every_s = every_s
         return self.pings.silence()
+
+    def cpu_ticks(self, pid: int) -> int | None:
+        """A local rank's process as ``/proc`` shows it (:func:`cpu_ticks`): is a silent rank
+        working or frozen? (The driver asks a sibling rank first; a rank alone on its node has
+        none.)"""
+        return cpu_ticks(pid)
+
+    def kill_pid(self, pid: int) -> None:
+        """SIGKILL a lost local rank's process (Ray gives a stopped process a grace period
+        first, while its peers stay blocked in collectives with it)."""
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop(self) -> None:
         """End the pinging thread (the actor is killed right after)."""
