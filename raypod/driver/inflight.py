@@ -131,7 +131,8 @@ class InFlight:
         attempt the ranks are in) keeps a late interrupt from reaching a rejoined rank.
 
         A rank of ``keep`` (it holds the only in-memory copy of some rank's state now) that
-        answered the interrupt is waited for longer before it is given up: up to
+        answered the interrupt (by the end of ``timeout``: a busy host answers late) is
+        waited for longer before it is given up: up to
         ``patience()`` seconds in all (what the way back without it would take; see
         :func:`raypod.driver.recovery_plan.patience_s`).
         """
@@ -144,9 +145,10 @@ class InFlight:
             # Still running: hung, or alive but blocked in a collective the failure broke (on
             # NCCL nothing breaks it: a dead peer's kernels just never arrive). A live rank is
             # told to abort its groups; it then returns with its process and its copies.
-            where = self._interrupt({r: actors[r] for r in stuck}, attempt, first)
+            where, unanswered = self._interrupt({r: actors[r] for r in stuck}, attempt, first)
             self._settle(time.monotonic() + timeout, lost)
             still = self._busy() - lost
+            where.update(self._answers(unanswered, still & set(keep)))  # late on a busy host
             # Only a rank that answered the interrupt (its process runs) is worth waiting for.
             held = still & set(keep) & set(where)
             extra = (patience() - timeout) if held and patience is not None else 0.0
@@ -193,20 +195,30 @@ class InFlight:
             lost.update(e.rank for e in out.errors if e.kind == ErrorKind.WORKER_DIED)
 
     @staticmethod
-    def _interrupt(stuck: dict[int, Any], attempt: int | None, after_s: float) -> dict[int, Interrupted]:
-        """Abort the groups of the ranks whose calls are ``stuck``; where each one was."""
+    def _interrupt(stuck: dict[int, Any], attempt: int | None,
+                   after_s: float) -> tuple[dict[int, Interrupted], dict[Any, int]]:
+        """Abort the groups of the ranks whose calls are ``stuck``: where each one that answered
+        within a ping's time was, and the interrupts not answered by then (``ref -> rank``)."""
         refs = {actor.interrupt.remote(attempt): r for r, actor in stuck.items()}
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PING_TIMEOUT_S)
+        out = InFlight._answers({ref: refs[ref] for ref in ready})
+        for r, where in sorted(out.items()):
+            log.info("rank %d's call still ran %.1f s after the failure (step %s, phase %s "
+                     "for %.1f s): interrupted", r, after_s, where.step, where.phase_name, where.in_phase_s)
+        return out, {ref: r for ref, r in refs.items() if ref not in ready}
+
+    @staticmethod
+    def _answers(refs: dict[Any, int], ranks: set[int] | None = None) -> dict[int, Interrupted]:
+        """The interrupt answers among ``refs`` (``ref -> rank``; of ``ranks`` only, when given)
+        that have arrived: ``rank -> where it was``; an actor gone answers nothing."""
+        wanted = [ref for ref, r in refs.items() if ranks is None or r in ranks]
+        ready, _ = ray.wait(wanted, num_returns=len(wanted), timeout=0) if wanted else ([], [])
         out: dict[int, Interrupted] = {}
         for ref in ready:
             try:
-                where: Interrupted = ray.get(ref)
+                out[refs[ref]] = ray.get(ref)
             except Exception:  # noqa: BLE001 - the actor is gone
                 continue
-            out[refs[ref]] = where
-            log.info("rank %d's call still ran %.1f s after the failure (step %s, phase %s "
-                     "for %.1f s): interrupted", refs[ref], after_s, where.step, where.phase_name,
-                     where.in_phase_s)
         return out
 
     def _collect(self, ready: list[Any], out: PollResult) -> None:

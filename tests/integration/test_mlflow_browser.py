@@ -127,15 +127,15 @@ def _with_playwright(runs_url: str, run_id: str, tmp_path: Path) -> list[Path]:
             page.goto(runs_url, wait_until="domcontentloaded")
             # The experiment's runs table lists the job by name: open it from there.
             link = page.get_by_role("link", name=JOB, exact=True).first
-            expect(link).to_be_visible()
+            expect(link).to_be_visible(timeout=30_000)  # a cold UI bundle on a loaded host: >5 s
             page.screenshot(path=str(runs_png))
             link.click()
             page.wait_for_url(f"**/runs/{run_id}**")
             page.get_by_role("tab", name="Model metrics").click()
             # The loss chart: its title, its legend entry for this run, a drawn plot.
-            expect(page.get_by_text("loss", exact=True).first).to_be_visible()
-            expect(page.get_by_text(f"{JOB} (loss)")).to_be_visible()
-            expect(page.locator("svg.main-svg, .js-plotly-plot").first).to_be_visible()
+            expect(page.get_by_text("loss", exact=True).first).to_be_visible(timeout=30_000)
+            expect(page.get_by_text(f"{JOB} (loss)")).to_be_visible(timeout=30_000)
+            expect(page.locator("svg.main-svg, .js-plotly-plot").first).to_be_visible(timeout=30_000)
             page.wait_for_timeout(1000)  # let the plot finish drawing
             page.screenshot(path=str(chart_png))
         finally:

@@ -5,6 +5,7 @@ it would take (``InFlight.drain``'s ``keep`` and ``patience``), on real Ray acto
 from __future__ import annotations
 
 import time
+import types
 
 import pytest
 
@@ -24,7 +25,8 @@ def _rank_class():
             raise RuntimeError("its groups were aborted")
 
         @ray.method(concurrency_group="health")
-        def interrupt(self, attempt: int | None = None) -> Interrupted:
+        def interrupt(self, attempt: int | None = None, answer_after_s: float = 0.0) -> Interrupted:
+            time.sleep(answer_after_s)
             return Interrupted(rank=0, step=5, phase=None, in_phase_s=0.0)
 
     return Rank
@@ -60,5 +62,27 @@ def test_the_extra_wait_ends_at_the_patience(ray_connected):
         lost = calls.drain([rank], timeout=0.5, keep={0}, patience=lambda: 1.5)
         took = time.monotonic() - t0
         assert lost == {0} and 1.3 < took < 4.0
+    finally:
+        ray.kill(rank)
+
+
+def test_an_interrupt_answered_late_still_counts(ray_connected, monkeypatch):
+    """On a busy host the rank answers the interrupt after the ping's 0.5 s but before the
+    drain's timeout: it is alive, so it is waited for (and kept) all the same."""
+    import ray
+
+    from raypod.driver import inflight
+
+    rank = _rank_class().remote()
+    try:
+        ray.get(rank.interrupt.remote(None))  # the actor is up
+        slow = types.SimpleNamespace(interrupt=types.SimpleNamespace(
+            remote=lambda attempt: rank.interrupt.remote(attempt, inflight.PING_TIMEOUT_S + 0.3)))
+        calls = InFlight()
+        calls.add(rank.step.remote(2.5), 0, STEP, 5)
+        t0 = time.monotonic()
+        lost = calls.drain([slow], timeout=1.5, keep={0}, patience=lambda: 8.0)
+        took = time.monotonic() - t0
+        assert lost == set() and 2.0 < took < 8.0
     finally:
         ray.kill(rank)
