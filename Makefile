@@ -31,7 +31,7 @@ demo: setup
 		--set 'fault.inject=[{step: 40, rank: 1, kind: kill}]'
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rf --durations=25 tests
 
 lint: setup
 	$(VENV)/bin/ruff check raypod jobs tests

@@ -62,6 +62,10 @@ class ErrorKind(str, enum.Enum):
     """A configured ``fault.inject`` exception fired."""
     STORAGE = "storage"
     """A write to ``checkpoint.storage`` failed for good (full, over quota, read-only)."""
+    PEER_LOST = "peer_lost"
+    """The rank's collective broke because a peer closed its connections or vanished (a failed
+    rank aborts its groups before it raises): a consequence of another rank's failure, never
+    blamed while that rank's own error is known."""
 
     def __str__(self) -> str:
         return self.value

@@ -41,7 +41,7 @@ TRAINING_PHASES = frozenset({Phase.START, Phase.FORWARD_BACKWARD, Phase.OPTIMIZE
 ``sync`` it waits itself; in ``done`` it is between steps)."""
 FROZEN = frozenset({"freeze", "freeze_node"})
 """Injected fault kinds that leave a rank silent (stopped with SIGSTOP)."""
-_ROOT_CAUSE = {ErrorKind.WORKER_DIED: 0, ErrorKind.INJECTED: 1, ErrorKind.EXCEPTION: 2}
+_ROOT_CAUSE = {ErrorKind.WORKER_DIED: 0, ErrorKind.INJECTED: 1, ErrorKind.EXCEPTION: 2, ErrorKind.PEER_LOST: 4}
 """Which error is the root cause when several ranks fail (lowest first, then the earliest step)."""
 
 

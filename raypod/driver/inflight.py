@@ -29,6 +29,11 @@ groups (:meth:`raypod.worker.group.GroupSession.abort`), so a live rank blocked 
 collective with a lost peer returns within milliseconds, on gloo and on NCCL alike. A call
 still running ``drain``'s timeout after that is hung, and its rank lost."""
 
+CAUSE_GRACE_S = 0.5
+"""How long the driver waits for a failed rank's own error once its peers' errors (their
+collectives broken by its abort) arrived first and no rank is found dead: a loaded host can
+deliver them in either order (:meth:`InFlight._await_cause`)."""
+
 STEP, REPLICA, SAVE = "step", "replica", "save"
 """What a call in flight is: a training step, a replica wait, a checkpoint save."""
 
@@ -102,12 +107,29 @@ class InFlight:
             log.info("ranks %s do not answer a ping within %.1f s", sorted(dead), PING_TIMEOUT_S)
         ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
         self._collect(ready, out)
+        if not dead and all(e.kind == ErrorKind.PEER_LOST for e in out.errors):
+            self._await_cause(out)
         known = {e.rank for e in out.errors if e.kind == ErrorKind.WORKER_DIED}
         for rank in sorted(dead - known):
             step = min((st for r, what, st in self._pending.values() if r == rank and what == STEP),
                        default=-1)
             out.errors.append(WorkerError(rank=rank, step=step, kind=ErrorKind.WORKER_DIED,
                                           message="the worker does not answer (process or node lost)"))
+
+    def _await_cause(self, out: PollResult, grace: float = CAUSE_GRACE_S) -> None:
+        """Every error so far says that a peer broke the collective, and every rank answered its
+        ping: the rank that failed on its own aborted its groups a moment before it raised, so
+        its error is on its way. Collect what arrives for up to ``grace`` seconds, until an
+        error that is not a peer's breakage (the cause the driver names) is among them."""
+        deadline = time.monotonic() + grace
+        while self._pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return
+            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
+            self._collect(ready, out)
+            if any(e.kind != ErrorKind.PEER_LOST for e in out.errors):
+                return
 
     def quiesce(self, timeout: float) -> PollResult:
         """Let every call in flight finish (the queued ones are sent first; nothing new is

@@ -24,6 +24,15 @@ answers even inside a collective); a rank that does not answer within this time 
 for dead, so that a dead rank (or a lost node) is blamed rather than the peer whose
 collective broke because of it."""
 
+PEER_LOST_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                   "remote worker crashing", "communicator was aborted", "ncclremoteerror",
+                   "while its process groups were aborted", "stopped after a failed step")
+"""Words of a rank's error that say a peer broke its collective (gloo's pair closed or reset by
+the other side, an NCCL communicator aborted or a remote error, raypod's own "the groups were
+aborted while the step ran"), not that this rank failed on its own. A timed-out collective is
+not among them: :meth:`raypod.driver.diagnosis.Diagnosis.failure_from` blames the rank waited for."""
+
+
 def describe(e: BaseException) -> tuple[ErrorKind, str]:
     """``(kind, one line)`` for an exception from a rank call."""
     if isinstance(e, RayActorError):
@@ -33,7 +42,10 @@ def describe(e: BaseException) -> tuple[ErrorKind, str]:
         if type(cause).__name__ == "StorageError":  # raypod.storage: one sentence already
             return ErrorKind.STORAGE, str(cause)
         kind = ErrorKind.INJECTED if type(cause).__name__ == "InjectedFault" else ErrorKind.EXCEPTION
-        return kind, f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
+        text = str(cause).strip()
+        if kind == ErrorKind.EXCEPTION and any(sign in text.lower() for sign in PEER_LOST_SIGNS):
+            kind = ErrorKind.PEER_LOST
+        return kind, f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"
     return ErrorKind.EXCEPTION, f"{type(e).__name__}: {e}"
 
 
