@@ -226,7 +226,7 @@ class FakeGroup:
     def kill(self, ranks):
         self.calls.append(("kill", sorted(ranks)))
 
-    def drain(self, timeout, attempt=None, keep=frozenset(), patience=None):
+    def drain(self, timeout, attempt=None, keep=frozenset(), patience=None, gone=frozenset()):
         self.queue.clear()
         self.calls.append(("drain", sorted(keep), patience() if keep and patience is not None else None))
         return set()

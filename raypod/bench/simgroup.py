@@ -431,7 +431,7 @@ class SimGroup:
             self._calls("kill", len(ranks))
             self.dead |= set(ranks)
 
-    def drain(self, timeout, attempt=None, keep=frozenset(), patience=None):
+    def drain(self, timeout, attempt=None, keep=frozenset(), patience=None, gone=frozenset()):
         """Calls in flight end once the broken collective releases the survivors: they are
         interrupted after :data:`INTERRUPT_AFTER_S` and answer in one round."""
         with self.clock.outside():

@@ -145,7 +145,8 @@ class InFlight:
 
     def drain(self, actors: list[Any], timeout: float, attempt: int | None = None,
               keep: set[int] | frozenset[int] = frozenset(),
-              patience: Callable[[], float] | None = None) -> set[int]:
+              patience: Callable[[], float] | None = None,
+              gone: set[int] | frozenset[int] = frozenset()) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks.
 
         A rank is lost when its actor died, or when its call is still running after
@@ -157,19 +158,23 @@ class InFlight:
         waited for longer before it is given up: up to
         ``patience()`` seconds in all (what the way back without it would take; see
         :func:`raypod.driver.recovery_plan.patience_s`).
+
+        ``gone``: ranks being killed already (the failed rank and every rank found dead): never
+        interrupted, so the wait for the interrupts' answers does not run to its end on a rank
+        that cannot answer (a frozen rank cost every freeze recovery the ping's 0.5 s).
         """
         lost: set[int] = set()
         self._queued.clear()  # never sent: nothing to settle
         first = min(timeout, INTERRUPT_AFTER_S)
         self._settle(time.monotonic() + first, lost)
-        stuck = sorted(self._busy() - lost)
+        stuck = sorted(self._busy() - lost - set(gone))
         if stuck:
             # Still running: hung, or alive but blocked in a collective the failure broke (on
             # NCCL nothing breaks it: a dead peer's kernels just never arrive). A live rank is
             # told to abort its groups; it then returns with its process and its copies.
             where, unanswered = self._interrupt({r: actors[r] for r in stuck}, attempt, first)
-            self._settle(time.monotonic() + timeout, lost)
-            still = self._busy() - lost
+            self._settle(time.monotonic() + timeout, lost, set(stuck))
+            still = self._busy() - lost - set(gone)
             where.update(self._answers(unanswered, still & set(keep)))  # late on a busy host
             # Only a rank that answered the interrupt (its process runs) is worth waiting for.
             held = still & set(keep) & set(where)
@@ -180,7 +185,7 @@ class InFlight:
                             "%.1f s more before giving them up (the way back without them is "
                             "estimated at %.1f s)", sorted(held), timeout, extra, extra + timeout)
                 self._settle(time.monotonic() + extra, lost, held)
-                still = self._busy() - lost
+                still = self._busy() - lost - set(gone)
                 if not still & held:
                     log.info("rank(s) %s ended their calls within the extra wait: kept", sorted(held))
             if still:

@@ -178,7 +178,7 @@ class Recovery:
 
         # The ranks are still in the attempt before this recovery's (counted already).
         return group.drain(timeout=min(5.0, d.cfg.fault.pg_timeout_s), attempt=d.attempt - 1,
-                           keep=keep, patience=patience) | culprit
+                           keep=keep, patience=patience, gone=culprit) | culprit
 
     def _from_memory(self, plan: Plan, lost: set[int], f: Failure, event: FailureEvent, marks: Marks) -> bool:
         """Re-form the group at the plan's step from memory, in place or shrunk."""

@@ -333,10 +333,10 @@ class WorkerGroup:
         kill_now(self.actors, self.nodes, self.pids, ranks, agents)  # a stopped process too
 
     def drain(self, timeout: float, attempt: int | None = None, keep: set[int] | frozenset[int] = frozenset(),
-              patience: Callable[[], float] | None = None) -> set[int]:
+              patience: Callable[[], float] | None = None, gone: set[int] | frozenset[int] = frozenset()) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks
         (see :meth:`InFlight.drain`)."""
-        return self.calls.drain(self.actors, timeout, attempt, keep, patience)
+        return self.calls.drain(self.actors, timeout, attempt, keep, patience, gone)
 
     def memory_reports(self, ranks: list[int], timeout: float = 5.0) -> dict[int, MemoryReport]:
         """What each live rank holds in memory right now (own snapshots, replicas)."""

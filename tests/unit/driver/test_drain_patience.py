@@ -86,3 +86,25 @@ def test_an_interrupt_answered_late_still_counts(ray_connected, monkeypatch):
         assert lost == set() and 2.0 < took < 8.0
     finally:
         ray.kill(rank)
+
+
+def test_a_rank_being_killed_is_not_interrupted_or_waited_for(ray_connected):
+    """Rank 1 is the frozen rank the driver is killing: its call never ends and it would never
+    answer an interrupt. The drain interrupts only rank 0 and ends once rank 0's call has."""
+    import ray
+
+    live, frozen = _rank_class().remote(), _rank_class().remote()
+    try:
+        ray.get([live.interrupt.remote(None), frozen.interrupt.remote(None)])  # both up
+        silent = types.SimpleNamespace(interrupt=types.SimpleNamespace(
+            remote=lambda attempt: frozen.interrupt.remote(attempt, 30.0)))
+        calls = InFlight()
+        calls.add(live.step.remote(0.3), 0, STEP, 5)
+        calls.add(frozen.step.remote(30.0), 1, STEP, 5)
+        t0 = time.monotonic()
+        lost = calls.drain([live, silent], timeout=3.0, gone={1})
+        took = time.monotonic() - t0
+        assert lost == {1} and took < 1.5, took  # not the ping's 0.5 s plus the 3 s timeout
+    finally:
+        ray.kill(live)
+        ray.kill(frozen)
