@@ -164,17 +164,18 @@ class InFlight:
         that cannot answer (a frozen rank cost every freeze recovery the ping's 0.5 s).
         """
         lost: set[int] = set()
+        gone = set(gone)
         self._queued.clear()  # never sent: nothing to settle
         first = min(timeout, INTERRUPT_AFTER_S)
         self._settle(time.monotonic() + first, lost)
-        stuck = sorted(self._busy() - lost - set(gone))
+        stuck = sorted(self._busy() - lost - gone)
         if stuck:
             # Still running: hung, or alive but blocked in a collective the failure broke (on
             # NCCL nothing breaks it: a dead peer's kernels just never arrive). A live rank is
             # told to abort its groups; it then returns with its process and its copies.
             where, unanswered = self._interrupt({r: actors[r] for r in stuck}, attempt, first)
             self._settle(time.monotonic() + timeout, lost, set(stuck))
-            still = self._busy() - lost - set(gone)
+            still = self._busy() - lost - gone
             where.update(self._answers(unanswered, still & set(keep)))  # late on a busy host
             # Only a rank that answered the interrupt (its process runs) is worth waiting for.
             held = still & set(keep) & set(where)
@@ -185,7 +186,7 @@ class InFlight:
                             "%.1f s more before giving them up (the way back without them is "
                             "estimated at %.1f s)", sorted(held), timeout, extra, extra + timeout)
                 self._settle(time.monotonic() + extra, lost, held)
-                still = self._busy() - lost - set(gone)
+                still = self._busy() - lost - gone
                 if not still & held:
                     log.info("rank(s) %s ended their calls within the extra wait: kept", sorted(held))
             if still:

@@ -281,6 +281,12 @@ class Probes:
         self._noted: set[int] = set()
 
     @property
+    def agent_handles(self) -> dict[str, Any] | None:
+        """node -> its running :class:`~raypod.worker.node_agent.NodeAgent` (they read and kill
+        a rank alone on its node); None without node agents."""
+        return self.agents.agents if self.agents is not None else None
+
+    @property
     def slowest_s(self) -> float:
         """The longest an answer is known to have waited in the last :data:`SLOW_WINDOW_S` s
         (a busy host; 0.0: none over 0.25 s)."""
@@ -429,7 +435,7 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
         if not quiet:
             return
         nodes, pids = where() if where is not None else ([], [])
-        agents = probes.agents.agents if probes.agents is not None else None
+        agents = probes.agent_handles
         before = process_ticks(ranks, nodes, pids, quiet, agents=agents) if where is not None else {}
         lost = {quiet[i] for i in unresponsive([ranks[r] for r in quiet], CONFIRM_PING_S)}
         if lost and where is not None:

@@ -329,8 +329,7 @@ class WorkerGroup:
         """End the processes of ``ranks`` now (their slots are refilled by recover_in_place)."""
         for r in ranks:
             kill_quietly(self.actors[r])
-        agents = self.probes.agents.agents if self.probes.agents is not None else None
-        kill_now(self.actors, self.nodes, self.pids, ranks, agents)  # a stopped process too
+        kill_now(self.actors, self.nodes, self.pids, ranks, self.probes.agent_handles)  # a stopped process too
 
     def drain(self, timeout: float, attempt: int | None = None, keep: set[int] | frozenset[int] = frozenset(),
               patience: Callable[[], float] | None = None, gone: set[int] | frozenset[int] = frozenset()) -> set[int]:

@@ -231,13 +231,11 @@ class TrainWorker:
 
     @ray.method(concurrency_group="ping")
     def kill_pid(self, pid: int) -> None:
-        """SIGKILL a lost sibling rank's process on this node (Ray gives a stopped process a
-        grace period first, while its peers stay blocked in collectives with it)."""
-        if pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL a lost sibling rank's process on this node
+        (:func:`raypod.worker.node_agent.kill_pid`)."""
+        from raypod.worker.node_agent import kill_pid
+
+        kill_pid(pid)
 
     @ray.method(concurrency_group="ping")
     def cpu_ticks(self, pid: int) -> int | None:

@@ -70,6 +70,17 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
 
 
+def kill_pid(pid: int) -> None:
+    """SIGKILL a lost rank's process on this node (never the caller's own; gone already is
+    fine): Ray gives a stopped process a grace period first, while its peers stay blocked in
+    collectives with it."""
+    if pid != os.getpid():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class LocalPings:
     """At most one ping in flight per local rank, re-sent ``every_s`` after the last answered
     one was sent (as :class:`raypod.driver.liveness.Probes` does from the driver).
@@ -203,13 +214,8 @@ class NodeAgent:
         return cpu_ticks(pid)
 
     def kill_pid(self, pid: int) -> None:
-        """SIGKILL a lost local rank's process (Ray gives a stopped process a grace period
-        first, while its peers stay blocked in collectives with it)."""
-        if pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL a lost local rank's process (:func:`kill_pid`)."""
+        kill_pid(pid)
 
     def stop(self) -> None:
         """End the pinging thread (the actor is killed right after)."""

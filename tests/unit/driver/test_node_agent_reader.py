@@ -44,7 +44,7 @@ def test_a_rank_alone_on_its_node_is_read_and_killed_through_its_node_agent(ray_
         monkeypatch.setattr(liveness, "unresponsive", lambda actors, timeout: set(range(len(actors))))
         nodes, pids = ["n0", "n1", "n2"], [0, working.pid, frozen.pid]  # not the driver's node
         agents = {"n1": agent, "n2": agent}  # one per node (here both are this host's)
-        probes = types.SimpleNamespace(clear=lambda: None, slowest_s=0.0, agents=types.SimpleNamespace(agents=agents),
+        probes = types.SimpleNamespace(clear=lambda: None, slowest_s=0.0, agent_handles=agents,
                                        silence=lambda ranks, every, use_agents: {0: 0.0, 1: 2.0, 2: 2.0})
         killed: list[set[int]] = []
         actors = [_Rank(), _Rank(), _Rank()]
@@ -53,7 +53,7 @@ def test_a_rank_alone_on_its_node_is_read_and_killed_through_its_node_agent(ray_
             check()
         assert killed == [{2}] and [a.interrupted for a in actors] == [1, 1, 0]
         # Without the agents nothing reads them (no sibling, not the driver's node): both lost.
-        probes.agents = None
+        probes.agent_handles = None
         with pytest.raises(GroupStartError, match=r"rank\(s\) \[1, 2\]"):
             check()
 

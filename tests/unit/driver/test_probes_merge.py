@@ -193,7 +193,7 @@ def test_the_forming_watch_waits_on_a_silent_rank_whose_process_works_and_kills_
         monkeypatch.setattr(liveness.ray, "get_runtime_context",
                             lambda: types.SimpleNamespace(get_node_id=lambda: "n0"))
         monkeypatch.setattr(liveness, "unresponsive", lambda actors, timeout: set(range(len(actors))))
-        probes = types.SimpleNamespace(clear=lambda: None, slowest_s=0.0, agents=None,
+        probes = types.SimpleNamespace(clear=lambda: None, slowest_s=0.0, agent_handles=None,
                                        silence=lambda ranks, every, use_agents: {0: 0.0, 1: 2.0, 2: 2.0})
         killed: list[set[int]] = []
         actors = [Actor(), Actor(), Actor()]
