@@ -112,7 +112,9 @@ def test_abort_releases_a_rank_blocked_in_an_fsdp_collective_with_a_frozen_peer(
                 os.kill(p.pid, signal.SIGKILL)
     for rank, _pid, outcome, after_s, regrouped in results:
         assert outcome.startswith("raised"), (rank, outcome)
-        assert after_s < 0.5, (rank, after_s)  # released by the abort, not by a timeout (60 s)
+        # Released by the abort, not by the group's timeout (60 s). How fast is a benchmark's
+        # question (raypod.bench.nccl_abort --cpu); on a loaded 2-core CI box it took 1.6 s.
+        assert after_s < 15.0, (rank, after_s)
         assert regrouped == "trained in a group of 2"
     assert [p.exitcode for p in procs[:2]] == [0, 0]  # the survivors' own processes, alive throughout
     assert {pid for _, pid, *_ in results} == {procs[0].pid, procs[1].pid}
@@ -151,7 +153,7 @@ def test_abort_during_the_rendezvous_releases_the_ranks_waiting_for_a_missing_pe
                 p.kill()
     for rank, outcome, took in results:
         assert outcome.startswith("raised"), (rank, outcome)
-        assert 1.4 < took < 3.0, (rank, took)  # the abort at 1.5 s, not the store's 60 s
+        assert 1.4 < took < 15.0, (rank, took)  # the abort at 1.5 s, not the store's 60 s
     assert [p.exitcode for p in procs] == [0, 0]
 
 
