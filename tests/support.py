@@ -66,8 +66,6 @@ def run_faulted(cfg: Any) -> tuple[dict, dict, PidsAtFailure, float]:
     """Run ``cfg`` (a job with ``fault.inject``) to its end on the connected Ray: its summary,
     its first event, the ranks' pids at the failure, and how long after the fault fired (its
     marker's time) the driver declared it. A stopped rank left behind is killed."""
-    import json
-
     from raypod.api import run
 
     pids = PidsAtFailure(cfg.job_dir)
@@ -76,8 +74,15 @@ def run_faulted(cfg: Any) -> tuple[dict, dict, PidsAtFailure, float]:
     finally:
         kill_stopped(cfg.job_dir)
     ev = summary["events"][0]
-    marker = json.loads((Path(cfg.job_dir) / "faults" / "fired_0.json").read_text())
-    return summary, ev, pids, summary["started_at"] + ev["detected_s"] - marker["time"]
+    return summary, ev, pids, detected_after_firing(cfg, summary, 0)
+
+
+def detected_after_firing(cfg: Any, summary: dict, i: int) -> float:
+    """How long after fault ``i`` fired (its marker's time) the driver declared it (event ``i``)."""
+    import json
+
+    marker = json.loads((Path(cfg.job_dir) / "faults" / f"fired_{i}.json").read_text())
+    return summary["started_at"] + summary["events"][i]["detected_s"] - marker["time"]
 
 
 class PidsAtFailure(Callback):
@@ -86,9 +91,12 @@ class PidsAtFailure(Callback):
     def __init__(self, job_dir: str) -> None:
         self.job_dir = job_dir
         self.pids: dict[int, dict[str, int]] = {}
+        self.history: list[dict[int, dict[str, int]]] = []
+        """The pids at each failure, in order (``pids`` is the latest)."""
 
     def after_failure(self, event: Any) -> None:
         self.pids = job_pids(self.job_dir)
+        self.history.append(self.pids)
 
 
 # ---- the driver's group contract -----------------------------------------------------
