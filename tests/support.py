@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,44 @@ def tiny_job(storage: Path | str, *overrides: str, name: str = "it", max_steps: 
     if not mlflow:
         base.append("mlflow.enabled=false")
     return load_config(TINY, base + list(overrides))
+
+
+# ---- ``ray job`` on the session's cluster ---------------------------------------------
+
+
+def ray_job(ray_cluster: dict, verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``ray job <verb> --address <dashboard> ...``: the CLI a user types, token auth on."""
+    cmd = [str(BIN / "ray"), "job", verb, "--address", ray_cluster["dashboard"], *args]
+    return subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def ray_job_submit(ray_cluster: dict, job_id: str, entry: list[str]) -> tuple[str, subprocess.CompletedProcess]:
+    """``ray job submit --no-wait`` of ``entry`` with the repository as working dir, tried again
+    (as ``<job_id>-retry``) while the dashboard's job agent is still starting."""
+    deadline = time.time() + 240
+    while True:
+        try:
+            out = ray_job(ray_cluster, "submit", "--no-wait", "--submission-id", job_id,
+                          "--working-dir", str(REPO), "--", *entry, timeout=60)
+        except subprocess.TimeoutExpired:
+            out = subprocess.CompletedProcess([], 1, "", "submit timed out (No available agent?)")
+        if "No available agent" not in out.stderr or time.time() > deadline:
+            return job_id, out
+        job_id += "-retry"
+        time.sleep(2)
+
+
+def ray_job_status(ray_cluster: dict, job_id: str) -> str:
+    """The job's status (``PENDING``, ``RUNNING``, ``SUCCEEDED``, ...) through the job SDK: a
+    poll costs milliseconds here, where each ``ray job status`` is a new Python process of
+    seconds of CPU taken from the job it watches on this 2-core machine."""
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(ray_cluster["dashboard"]).get_job_status(job_id)).rsplit(".", 1)[-1]
+
+
+def ray_job_done(status: str) -> bool:
+    return status in ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 # ---- rank processes of a job with planned faults ------------------------------------

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from support import REPO, tiny_job
+from support import ray_job, ray_job_done, ray_job_status, ray_job_submit, tiny_job
 
 from raypod.api import JobFailed, run
 from raypod.callbacks import Callback, StepReport
@@ -169,43 +166,23 @@ def test_other_strategies(ray_connected, tmp_path, strategy):
     assert summary["status"] == "succeeded" and summary["final_step"] == 6
 
 
-def _ray_job(ray_cluster, verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", verb, "--address", ray_cluster["dashboard"],
-           *args]
-    return subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.mark.timeout(600)
 def test_ray_job_submit(ray_cluster, tmp_path):
     """What a user does: ``ray job submit`` of the shipped script, token auth on."""
     entry = ["python", "jobs/pretrain_gpt.py", "--config", "jobs/configs/tiny.yaml",
              "--set", "train.max_steps=10", "--set", f"checkpoint.storage={tmp_path}",
              "--set", "name=submitted", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
-    job_id = f"raypod-test-{int(time.time())}"
-    deadline = time.time() + 240
-    while True:  # the dashboard's job agent may still be starting
-        try:
-            out = _ray_job(ray_cluster, "submit", "--no-wait", "--submission-id", job_id,
-                           "--working-dir", str(REPO), "--", *entry, timeout=60)
-        except subprocess.TimeoutExpired:
-            out = subprocess.CompletedProcess([], 1, "", "submit timed out (No available agent?)")
-        if "No available agent" not in out.stderr or time.time() > deadline:
-            break
-        job_id += "-retry"
-        time.sleep(2)
+    job_id, out = ray_job_submit(ray_cluster, f"raypod-test-{int(time.time())}", entry)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     deadline, status = time.time() + 240, ""
-    while time.time() < deadline:
-        out = _ray_job(ray_cluster, "status", job_id)
-        status = (out.stdout + out.stderr).lower()  # the CLI logs the status to stderr
-        if any(f"{s}" in status for s in ("succeeded", "failed", "stopped")):
-            break
-        time.sleep(2)
-    out = _ray_job(ray_cluster, "logs", job_id)
+    while time.time() < deadline and not ray_job_done(status := ray_job_status(ray_cluster, job_id)):
+        time.sleep(0.5)
+    final = ray_job(ray_cluster, "status", job_id)  # what the user's CLI says
+    out = ray_job(ray_cluster, "logs", job_id)
     logs = out.stdout + out.stderr
-    if "succeeded" not in status:
-        _ray_job(ray_cluster, "stop", job_id)
-    assert "succeeded" in status, f"status: {status[-500:]}\nlogs:\n{logs[-4000:]}"
+    if status != "SUCCEEDED":
+        ray_job(ray_cluster, "stop", job_id)
+    assert status == "SUCCEEDED", f"status: {status}\nlogs:\n{logs[-4000:]}"
+    assert "succeeded" in (final.stdout + final.stderr).lower(), final.stdout + final.stderr
     assert "job submitted succeeded" in logs
     summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["final_step"] == 10

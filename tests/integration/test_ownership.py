@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import BIN, REPO
+from support import BIN, REPO, ray_job, ray_job_done, ray_job_status, ray_job_submit
 
 
 def _sets(storage: Path, name: str, *extra: str) -> list[str]:
@@ -111,43 +111,26 @@ def test_second_driver_refused_then_ctrl_c_stops_the_first(ray_cluster, tmp_path
         out_a.close()
 
 
-def _ray_job(ray_cluster, verb: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "ray"), "job", verb, "--address", ray_cluster["dashboard"], *args]
-    return subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.timeout(600)
 def test_ray_job_stop_ends_the_job_as_stopped(ray_cluster, tmp_path):
     entry = ["python", "jobs/pretrain_gpt.py", "--config", "jobs/configs/tiny.yaml", "--quiet",
              *_sets(tmp_path, "to-stop")]
-    job_id = f"raypod-stop-{int(time.time())}"
-    deadline = time.time() + 240
-    while True:  # the dashboard's job agent may still be starting
-        try:
-            out = _ray_job(ray_cluster, "submit", "--no-wait", "--submission-id", job_id,
-                           "--working-dir", str(REPO), "--", *entry, timeout=60)
-        except subprocess.TimeoutExpired:
-            out = subprocess.CompletedProcess([], 1, "", "submit timed out (No available agent?)")
-        if "No available agent" not in out.stderr or time.time() > deadline:
-            break
-        job_id += "-retry"
-        time.sleep(2)
+    job_id, out = ray_job_submit(ray_cluster, f"raypod-stop-{int(time.time())}", entry)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
     def running() -> bool:
-        st = _ray_job(ray_cluster, "status", job_id)
-        return not any(s in (st.stdout + st.stderr).lower() for s in ("succeeded", "failed", "stopped"))
+        return not ray_job_done(ray_job_status(ray_cluster, job_id))
 
     try:
         _wait_for_commit(tmp_path / "to-stop", running)
         t0 = time.monotonic()
-        stop = _ray_job(ray_cluster, "stop", job_id)
+        stop = ray_job(ray_cluster, "stop", job_id)
         stop_s = time.monotonic() - t0
         assert stop.returncode == 0, stop.stdout + stop.stderr
     finally:
         if running():
-            _ray_job(ray_cluster, "stop", job_id)
-    logs = _ray_job(ray_cluster, "logs", job_id)
+            ray_job(ray_cluster, "stop", job_id)
+    logs = ray_job(ray_cluster, "logs", job_id)
     text = logs.stdout + logs.stderr
     stopped = [ln for ln in text.splitlines() if "raypod | job to-stop stopped at step" in ln]
     assert len(stopped) == 1 and " by SIGTERM; " in stopped[0], text[-4000:]
