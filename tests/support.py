@@ -36,6 +36,17 @@ def tiny_job(storage: Path | str, *overrides: str, name: str = "it", max_steps: 
     return load_config(TINY, base + list(overrides))
 
 
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell for a subprocess: none of the conftest's Ray
+    settings (``RAY_AUTH_MODE`` above all: a user's shell has only the token file that
+    ``ray start --head`` wrote), the repository importable."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
 # ---- ``ray job`` on the session's cluster ---------------------------------------------
 
 

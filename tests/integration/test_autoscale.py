@@ -3,18 +3,19 @@
 The cluster and the job run in a subprocess (``raypod.bench.elastic``), since this test
 process is attached to the session cluster: the job starts on the one worker node that
 exists, grows as the autoscaler adds nodes, shrinks in place when one is terminated,
-and finishes with every sample seen exactly once.
+and finishes with every sample seen exactly once. The subprocess has a user's environment:
+no RAY_AUTH_MODE, only the token file ``ray start --head`` leaves in ``~/.ray`` (the fake
+cluster's head runs with token authentication on, as every ``ray start --head`` here).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from support import REPO
+from support import REPO, user_env
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_grows_with_the_autoscaler_and_shrinks_when_a_node_goes(tmp_path):
     out = tmp_path / "summary.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = user_env()
     steps = 200
     proc = subprocess.run([sys.executable, "-m", "raypod.bench.elastic", "--trial-out", str(out),
                            "--set", f"train.max_steps={steps}", "--set", "checkpoint.every_steps=50"],
