@@ -38,9 +38,11 @@ def free_port() -> int:
 
 
 def _kill_tree_matching(pattern: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    """SIGTERM, then SIGKILL what is left after 2 s: Ray 2.60's GCS, raylet and autoscaler
+    monitor do not exit on a SIGTERM at all (measured: all three still there after 20 s)."""
+    for sig, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)):
         subprocess.run(["pkill", f"-{int(sig)}", "-f", pattern], check=False)
-        deadline = time.time() + 10
+        deadline = time.time() + wait_s
         while time.time() < deadline:
             if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode != 0:
                 return
