@@ -45,7 +45,7 @@ def three_ranks(storage: Path, *overrides: str):  # noqa: ANN202
 @pytest.fixture(scope="module")
 def baseline(ray_connected, tmp_path_factory):
     """The 3-rank job without faults: the digest every recovered run must reproduce."""
-    return run(three_ranks(tmp_path_factory.mktemp("collective-baseline")), callbacks=[])
+    return run(three_ranks(tmp_path_factory.mktemp("collective-baseline"), "scaling.spares=0"), callbacks=[])
 
 
 @pytest.mark.parametrize("faults", [(("freeze", "forward"), ("freeze", "backward"), ("freeze", "optimizer")),

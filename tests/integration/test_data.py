@@ -45,7 +45,7 @@ def cfg(data, storage: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def fault_free(ray_connected, data, tmp_path_factory):
-    return run(cfg(data, tmp_path_factory.mktemp("ff")), callbacks=[])
+    return run(cfg(data, tmp_path_factory.mktemp("ff"), "scaling.spares=0"), callbacks=[])
 
 
 def test_fault_free_run_crosses_an_epoch(fault_free, data):

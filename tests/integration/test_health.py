@@ -37,7 +37,7 @@ tiny = partial(tiny_job, name="health", max_steps=16)
 @pytest.fixture(scope="module")
 def baseline(ray_connected, tmp_path_factory):
     """The same job without faults: the digest every in-place recovery must reproduce."""
-    return run(tiny(tmp_path_factory.mktemp("health-baseline")), callbacks=[])
+    return run(tiny(tmp_path_factory.mktemp("health-baseline"), "scaling.spares=0"), callbacks=[])
 
 
 def test_hang_is_found_killed_and_recovered_in_place(ray_connected, baseline, tmp_path):
