@@ -53,14 +53,17 @@ def test_tiny_fsdp_trains_and_loss_falls(baseline):
 
 
 def test_killed_worker_recovers_in_place(ray_connected, baseline, tmp_path):
-    """A dead rank is replaced by the warm spare; its shard comes from its peer's memory."""
-    cfg = tiny(tmp_path, "fault.inject=[{step: 12, rank: 1, kind: kill}]")
+    """A dead rank is replaced by the warm spare; its shard comes from its peer's memory. Before
+    it, at step 7, rank 0's step raised: it keeps its process and the group resumes from memory."""
+    cfg = tiny(tmp_path, "fault.inject=[{step: 7, rank: 0, kind: exception}, {step: 12, rank: 1, kind: kill}]")
     summary = run(cfg, callbacks=[ProgressPrinter(live=False)])
     on_disk = json.loads((tmp_path / "it" / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert summary["status"] == "succeeded" and summary["final_step"] == 20
-    assert summary["failures"] == 1 and summary["world_sizes"] == [2, 2]
-    ev = summary["events"][0]
+    assert summary["failures"] == 2 and summary["world_sizes"] == [2, 2, 2]
+    raised, ev = summary["events"]
+    assert raised["kind"] == "exception" and raised["step"] == 7 and raised["rank"] == 0
+    assert raised["restored_from"].startswith("memory") and raised["lost_steps"] <= 1
     assert ev["kind"] == "kill" and ev["step"] == 12 and ev["rank"] == 1
     assert ev["restored_from"] in ("memory step 11", "memory step 10")  # not from storage
     assert ev["lost_steps"] <= 1 and ev["world_size_after"] == 2
@@ -68,14 +71,6 @@ def test_killed_worker_recovers_in_place(ray_connected, baseline, tmp_path):
     assert 0 < summary["goodput"] <= 1 and 0 < summary["productive_s"] < summary["wall_s"]
     assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
     # Restoring from peers' memory gives bit-identical state to the run without faults.
-    assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
-
-
-def test_raising_step_recovers_in_place(ray_connected, baseline, tmp_path):
-    cfg = tiny(tmp_path, "fault.inject=[{step: 7, rank: 0, kind: exception}]")
-    summary = run(cfg, callbacks=[])
-    ev = summary["events"][0]
-    assert ev["kind"] == "exception" and ev["step"] == 7 and ev["restored_from"].startswith("memory")
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 
 
@@ -133,7 +128,7 @@ def test_restart_from_checkpoint_without_memory_snapshots(ray_connected, baselin
 
 
 def test_failure_budget_fails_cleanly(ray_connected, tmp_path):
-    cfg = tiny(tmp_path, "train.max_steps=8", "fault.max_failures=0",
+    cfg = tiny(tmp_path, "train.max_steps=8", "fault.max_failures=0", "scaling.spares=0",
                "fault.inject=[{step: 3, rank: 0, kind: exception}]")
     with pytest.raises(JobFailed, match="fault.max_failures=0 exhausted") as e:
         run(cfg, callbacks=[])
@@ -144,11 +139,11 @@ def test_failure_budget_fails_cleanly(ray_connected, tmp_path):
 
 
 def test_resume_at_another_world_size(ray_connected, tmp_path):
-    first = run(tiny(tmp_path, "train.max_steps=8", "checkpoint.every_steps=4"), callbacks=[])
+    first = run(tiny(tmp_path, "train.max_steps=8", "checkpoint.every_steps=4", "scaling.spares=0"), callbacks=[])
     assert first["final_step"] == 8
     rec = Recorder()
     cfg = tiny(tmp_path, "train.max_steps=12", "checkpoint.every_steps=4", "scaling.min_workers=3",
-               "scaling.max_workers=3")
+               "scaling.max_workers=3", "scaling.spares=0")
     second = run(cfg, callbacks=[rec])
     assert second["resumed_from_step"] == 8 and second["world_sizes"] == [3]
     assert [r.step for r in rec.steps] == [9, 10, 11, 12]
@@ -161,7 +156,7 @@ def test_resume_at_another_world_size(ray_connected, tmp_path):
 @pytest.mark.parametrize("strategy", ["ddp", "hsdp"])
 def test_other_strategies(ray_connected, tmp_path, strategy):
     cfg = tiny(tmp_path, f"parallel.strategy={strategy}", "parallel.replicas=2",
-               "train.max_steps=6", "checkpoint.every_steps=3")
+               "train.max_steps=6", "checkpoint.every_steps=3", "scaling.spares=0")
     summary = run(cfg, callbacks=[])
     assert summary["status"] == "succeeded" and summary["final_step"] == 6
 
