@@ -402,7 +402,8 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
     """A check for :func:`raypod.driver.rank_calls.get_all` while the ranks ``actors()`` form
     group ``attempt``: a rank silent for ``silent_s`` (or twice the slowest answer seen, on a
     host too busy to answer within it) that also misses a second ping of
-    :data:`CONFIRM_PING_S` is killed (``kill``), the others are told to abort their groups
+    :data:`CONFIRM_PING_S` (or whose process its node reads as stopped or gone: no second
+    ping) is killed (``kill``), the others are told to abort their groups
     (``interrupt``: a rank waiting in the rendezvous for it returns), and the wait ends.
     Forming a group is the busiest moment of a host (every rank builds its model at once):
     measured, 33 rank processes on 2 cores missed a 0.5 s second ping; a frozen rank answers
@@ -437,7 +438,13 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
         nodes, pids = where() if where is not None else ([], [])
         agents = probes.agent_handles
         before = process_ticks(ranks, nodes, pids, quiet, agents=agents) if where is not None else {}
-        lost = {quiet[i] for i in unresponsive([ranks[r] for r in quiet], CONFIRM_PING_S)}
+        # A process its node reads as stopped or gone (SIGSTOP, a zombie) can answer no ping:
+        # lost now, without the second one's wait.
+        stopped = {r for r in quiet if r in before and before[r] is None}
+        rest = [r for r in quiet if r not in stopped]
+        if rest:
+            stopped |= {rest[i] for i in unresponsive([ranks[r] for r in rest], CONFIRM_PING_S)}
+        lost = stopped
         if lost and where is not None:
             working = busy(before, process_ticks(ranks, nodes, pids, sorted(lost), agents=agents))
             if working:

@@ -174,7 +174,7 @@ def test_the_diagnosis_allows_twice_the_late_answers(tmp_path):
 def test_the_forming_watch_waits_on_a_silent_rank_whose_process_works_and_kills_a_stopped_one(monkeypatch):
     """Two ranks miss both pings while the group forms: one's process burns CPU (a loaded host),
     the other is stopped (SIGSTOP, a frozen rank). Read in /proc on the driver's node, only the
-    stopped one is lost."""
+    stopped one is lost, and at once (no second ping for a process read as stopped)."""
     import signal
     import subprocess
     import sys
@@ -192,7 +192,13 @@ def test_the_forming_watch_waits_on_a_silent_rank_whose_process_works_and_kills_
             time.sleep(0.01)
         monkeypatch.setattr(liveness.ray, "get_runtime_context",
                             lambda: types.SimpleNamespace(get_node_id=lambda: "n0"))
-        monkeypatch.setattr(liveness, "unresponsive", lambda actors, timeout: set(range(len(actors))))
+        pinged: list[int] = []  # how many ranks each second ping went to
+
+        def second_ping(actors, timeout):  # noqa: ANN001, ANN202 - nobody answers it
+            pinged.append(len(actors))
+            return set(range(len(actors)))
+
+        monkeypatch.setattr(liveness, "unresponsive", second_ping)
         probes = types.SimpleNamespace(clear=lambda: None, slowest_s=0.0, agent_handles=None,
                                        silence=lambda ranks, every, use_agents: {0: 0.0, 1: 2.0, 2: 2.0})
         killed: list[set[int]] = []
@@ -206,9 +212,11 @@ def test_the_forming_watch_waits_on_a_silent_rank_whose_process_works_and_kills_
             check()
         assert killed == [{2}]
         assert [len(a.interrupt.calls) for a in actors] == [1, 1, 0]  # the others leave the rendezvous
+        assert pinged == [1]  # the stopped one was lost as read, without the second ping's wait
         pids[2] = 0  # no process to read: the pings decide, as before
         with pytest.raises(GroupStartError, match=r"rank\(s\) \[2\]"):
             check()
+        assert pinged == [1, 2]
     finally:
         for p in (working, frozen):
             p.kill()
