@@ -102,9 +102,9 @@ class FakeGroup:
     def start(self, world_size, attempt, restore, injections):
         FakeGroup.starts.append((world_size, restore.step if restore else None))
         self.calls.append(("start", sorted(self.excluded_nodes)))
+        self.world_size = world_size  # as the real group: its ranks exist when one fails to join
         if FakeGroup.plan.get("fail_start_attempt") == attempt:
             raise GroupStartError("rank 1 failed to start: boom", rank=1)
-        self.world_size = world_size
         bad = FakeGroup.plan.get("preflight_fails_on")
         check = {"name": "storage", "ok": bad is None or attempt > 0, "detail": "'/x' is not writable"}
         return {"num_samples": 1000, "setup_s": 0.0,
@@ -257,8 +257,9 @@ class FakeGroup:
                 "replaced": sorted(lost), "spares_left": 0}
 
     def load_in_place(self, lost, restore, attempt, injections):
-        self.calls.append(("load_in_place", sorted(lost), restore.step))
-        self._restored(restore.step)
+        step = restore.step if restore is not None else 0
+        self.calls.append(("load_in_place", sorted(lost), step))
+        self._restored(step)
         return {"recover_s": 0.0, "slowest_rank_phases_s": {"restore": 0.01}, "received_bytes": 0,
                 "replaced": sorted(lost), "spares_left": 0, "driver_phases_s": {}}
 

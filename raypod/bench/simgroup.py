@@ -467,7 +467,7 @@ class SimGroup:
 
     def load_in_place(self, lost, restore, attempt, injections):
         with self.clock.outside():
-            return self._regroup(set(lost), restore.step)
+            return self._regroup(set(lost), restore.step if restore is not None else 0)
 
     def rollback(self, step, timeout):
         with self.clock.outside():

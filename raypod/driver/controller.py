@@ -128,6 +128,9 @@ class Driver:
         """Seconds the last checkpoint load took (slowest rank), when this job did one."""
         self.group_start_s: float | None = None
         """Seconds the last group start took (placement, processes, setup)."""
+        self.group_formed = False
+        """The current group finished its start (a failure raised by the start itself leaves
+        ranks inside their set-up call: such a group is never recovered afresh in place)."""
 
     # ---- what other modules read ---------------------------------------------------
     @property
@@ -276,12 +279,14 @@ class Driver:
         group.excluded_nodes = set(self.excluded_nodes)
         self.membership.new_group()
         t_start = time.perf_counter()
+        self.group_formed = False
         try:
             info = group.start(n, state.attempt, restore, self.pending_faults())
         except GroupStartError as e:
             return RecoveringState(Failure(kind=str(e.kind), rank=e.rank, step=restore_step + 1,
                                            message=str(e), time_s=self.acct.now()))
         self.group_start_s = time.perf_counter() - t_start
+        self.group_formed = True
         if info.get("load_s") is not None:
             self.load_s = info["load_s"]
         refused = self._preflight(info.get("doctor", []), restore_step)

@@ -139,6 +139,9 @@ class Recovery:
         if plan.action is Action.LOAD:
             assert ckpt is not None
             return self.load_in_place(event, lost, ckpt, marks)
+        if plan.action is Action.FRESH:
+            assert ckpt is None
+            return d.group_formed and self.load_in_place(event, lost, None, marks)
         if plan.action is Action.RESTART:
             if plan.uses_checkpoint:
                 assert plan.choice.chosen is not None
@@ -225,25 +228,28 @@ class Recovery:
         d._fire("after_resize", d.resizes[-1])
         return info
 
-    def load_in_place(self, event: FailureEvent, lost: set[int], ckpt: CommittedCheckpoint, marks: Marks) -> bool:
-        """Replace ``lost`` ranks and load ``ckpt`` on every rank of the group, in place.
+    def load_in_place(self, event: FailureEvent, lost: set[int], ckpt: CommittedCheckpoint | None,
+                      marks: Marks) -> bool:
+        """Replace ``lost`` ranks and load ``ckpt`` on every rank of the group, in place
+        (``ckpt`` None: every rank starts afresh, :attr:`Action.FRESH`).
 
-        Returns False (every rank then restarts from the checkpoint) when that fails.
+        Returns False (every rank then restarts from the checkpoint, or from scratch) when
+        that fails.
         """
         d, group = self.d, self.d.group
         assert group is not None
+        source = f"checkpoint step {ckpt.step}" if ckpt is not None else "scratch"
         marks.append(("plan", time.perf_counter()))
         try:
             info = group.load_in_place(lost, ckpt, d.attempt, d.pending_faults())
         except GroupStartError as e:
-            log.warning("loading checkpoint step %d in place failed (%s): every rank restarts from it",
-                        ckpt.step, e)
+            log.warning("recovering in place from %s failed (%s): every rank restarts", source, e)
             return False
-        if info["slowest_rank_phases_s"].get("restore") is not None:
+        if ckpt is not None and info["slowest_rank_phases_s"].get("restore") is not None:
             d.load_s = info["slowest_rank_phases_s"]["restore"]
-        self.rebuilt(event, info, marks, ckpt.step, f"checkpoint step {ckpt.step}")
-        log.info("attempt %d: recovered in place from checkpoint step %d in %.2f s (replaced %s)",
-                 d.attempt, ckpt.step, info["recover_s"], info["replaced"])
+        self.rebuilt(event, info, marks, ckpt.step if ckpt is not None else 0, source)
+        log.info("attempt %d: recovered in place from %s in %.2f s (replaced %s)",
+                 d.attempt, source, info["recover_s"], info["replaced"])
         return True
 
     def rebuilt(self, event: FailureEvent, info: dict[str, Any], marks: Marks, step: int, source: str) -> None:

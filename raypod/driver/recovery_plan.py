@@ -24,9 +24,10 @@ A rank died, hung or raised (:func:`plan_recovery`)
        start as well unless it happens in place: survivors left and no shrink).
     5. The plan: :attr:`Action.MEMORY` (re-form in place from memory at ``S``),
        :attr:`Action.SHRINK` (reshard onto fewer ranks at ``S``), :attr:`Action.LOAD`
-       (load the checkpoint in place) or :attr:`Action.RESTART` (every rank restarts from
-       the persistent checkpoint, or from scratch when there is none). A plan the group
-       fails to carry out becomes a restart.
+       (load the checkpoint in place), :attr:`Action.FRESH` (no snapshot and no checkpoint
+       yet, a failure in the first steps: every rank starts afresh in place) or
+       :attr:`Action.RESTART` (every rank restarts from the persistent checkpoint). A plan
+       the group fails to carry out becomes a restart.
 
 Ranks must leave but still work (preemption, a draining node, a replaced straggler;
 :func:`plan_hand_over`): the steps in flight finish, every rank snapshots the last step
@@ -69,6 +70,11 @@ class Action(enum.Enum):
     (``group.load_in_place``)."""
     ROLL_BACK = "roll_back"
     """Every rank restores its own snapshot of step ``step`` in the same group (``group.rollback``)."""
+    FRESH = "fresh"
+    """Replace the lost ranks in place; every rank starts afresh (the model initialised from
+    the seed, step 0): the job has no snapshot and no checkpoint yet, so a restart would
+    start from scratch as well, only with new processes (``group.load_in_place`` without a
+    checkpoint)."""
     RESTART = "restart"
     """Shut the group down; a new one starts from the newest verified checkpoint (or scratch)."""
     RECOVER = "recover"
@@ -258,7 +264,8 @@ def plan_recovery(facts: RecoveryFacts, shrink_to: Callable[[int, int, int], int
     common = {"choice": choice, "lost_replica": lost_replica, "no_memory": no_memory}
     chosen = choice.chosen
     if chosen is None:
-        return Plan(Action.RESTART, **common)
+        fresh = in_place and facts.sources.checkpoint_step is None
+        return Plan(Action.FRESH, 0, **common) if fresh else Plan(Action.RESTART, **common)
     if chosen.kind == CHECKPOINT:
         return Plan(Action.LOAD if in_place else Action.RESTART, chosen.step, **common)
     if shrink is not None:

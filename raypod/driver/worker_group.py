@@ -357,14 +357,18 @@ class WorkerGroup:
             lost, attempt, injections, "in-place recovery failed",
             lambda a, spec: a.reconfigure.remote(spec, restore_step, moves))
 
-    def load_in_place(self, lost: set[int], restore: CommittedCheckpoint, attempt: int,
+    def load_in_place(self, lost: set[int], restore: CommittedCheckpoint | None, attempt: int,
                       injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
         """Replace ``lost`` ranks (spares first), re-form the group, and load the committed
-        checkpoint ``restore`` on every rank: survivors keep their processes.
+        checkpoint ``restore`` on every rank (None: every rank starts afresh, the model
+        initialised from the seed): survivors keep their processes.
 
         Raises:
             GroupStartError: a replacement, the new rendezvous or a rank's load failed.
         """
+        if restore is None:
+            return self._replace_and_regroup(lost, attempt, injections, "starting afresh in place failed",
+                                             lambda a, spec: a.reload.remote(spec, None, 0))
         return self._replace_and_regroup(
             lost, attempt, injections, f"loading checkpoint step {restore.step} in place failed",
             lambda a, spec: a.reload.remote(spec, restore.path, restore.step, restore.metadata_sha256))

@@ -150,15 +150,16 @@ class TrainWorker:
         return {"rank": spec.rank, "setup_s": time.perf_counter() - t0, "load_s": load_s,
                 "num_samples": len(self.trainer.data), "doctor": doctor}
 
-    def _rejoin(self, spec: GroupSpec, restore: Callable[[], int]) -> dict[str, Any]:
-        """Leave the old group, join the new one (model built for a restore), then ``restore()``
-        the state; returns the timings of the three phases and the bytes received."""
+    def _rejoin(self, spec: GroupSpec, restore: Callable[[], int], initialize: bool = False) -> dict[str, Any]:
+        """Leave the old group, join the new one (model built for a restore, or initialised as
+        at the job's start with ``initialize``), then ``restore()`` the state; returns the
+        timings of the three phases and the bytes received."""
         t = [time.perf_counter()]
         self.warm(spec.config, spec.recipe)
         self.trainer.leave()
         t.append(time.perf_counter())
         arrived = time.time()  # wall clock: the driver compares when the ranks reached the rendezvous
-        self._join(spec, initialize=False)
+        self._join(spec, initialize=initialize)
         t.append(time.perf_counter())
         received = restore()
         t.append(time.perf_counter())
@@ -170,10 +171,14 @@ class TrainWorker:
         """Leave the broken group, join the new one and restore ``restore_step`` from memory."""
         return self._rejoin(spec, lambda: self.trainer.restore_memory(restore_step, moves))
 
-    def reload(self, spec: GroupSpec, path: str, step: int, metadata_sha256: str | None = None) -> dict[str, Any]:
+    def reload(self, spec: GroupSpec, path: str | None, step: int, metadata_sha256: str | None = None) -> dict[str, Any]:
         """Leave the broken group, join the new one and load the committed checkpoint ``path``
         (of ``step``) from storage: an in-place recovery that restores no in-memory copy.
-        ``metadata_sha256`` is the manifest's digest of ``.metadata``, checked as it is read."""
+        ``metadata_sha256`` is the manifest's digest of ``.metadata``, checked as it is read.
+        ``path`` None: the job has no checkpoint and no snapshot yet, so the group starts
+        afresh in place (the model initialised from the seed, as at the job's start)."""
+        if path is None:
+            return self._rejoin(spec, self.trainer.restore_initial, initialize=True)
         return self._rejoin(spec, lambda: self.trainer.restore_checkpoint(path, step, metadata_sha256))
 
     def export_reshard(self, step: int, sources: list[int], old_world: int,

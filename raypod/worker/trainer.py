@@ -352,6 +352,20 @@ class Trainer:
         self.snapshots.clear_replicas()
         return 0
 
+    def restore_initial(self) -> int:
+        """Start afresh in a group just joined with ``initialize`` (an in-place recovery before
+        any step was snapshotted or saved): the state is the initialised model and a new
+        optimizer, as at the job's start; every snapshot and replica is dropped.
+
+        Returns:
+            The bytes received from peers (none).
+        """
+        restore.drop_after(self.snapshots, 0)
+        self.snapshots.clear_replicas()
+        self.step = 0
+        self.feed.seek(self.rank, self.world_size, 1)
+        return 0
+
     # ---- in-memory recovery ------------------------------------------------------
     def restore_memory(self, step: int, moves: list[tuple[int, int, int]]) -> int:
         """Restore the state after ``step`` from memory, in a group just joined.

@@ -46,19 +46,19 @@ def test_frozen_rank_is_found_in_a_second_and_recovered_in_place(ray_connected, 
         assert ev["kind"] == "freeze" and ev["rank"] == 1 and ev["step"] == step
         assert "(fault.silent_s)" in ev["message"]
         assert 0.9 <= detected <= 1.6  # fault.silent_s (1 s) plus at most a probe round and a poll
-        # At step 2 no snapshot is counted yet (step 1's replica acks ride in step 2's results):
-        # the group starts again from scratch, a step lost at most.
+        # At step 2 no snapshot is counted yet (step 1's replica acks ride in step 2's results)
+        # and no checkpoint exists: every rank starts afresh, in place, a step lost at most.
         assert ev["restored_from"] in (f"memory step {step - 1}", f"memory step {step - 2}", "scratch"), ev
         assert ev["lost_steps"] <= 1 and (step == 2 or ev["restored_from"] != "scratch"), ev
         # The kill released the survivor at once (the drain's interrupt would take 1 s, Ray's
         # own kill of a stopped process 5 s): measured 0.05 s.
-        assert step == 2 or ev["recovery_phases_s"]["drain"] < 1.0
+        assert ev["recovery_phases_s"]["drain"] < 1.0
     assert summary["world_sizes"] == [2, 2, 2]
     assert summary["final_state_sha256"] == baseline["final_state_sha256"]
-    # Rank 0 survived the step-6 freeze: the same process re-joined the new group; rank 1 is
-    # the spare's. (The step-2 freeze had no snapshot to keep, so the group started again.)
+    # Rank 0 survived both: the same process re-joined each new group; rank 1 was a new one each time.
     first, second, after = *pids.history, job_pids(cfg.job_dir)
-    assert after[0]["attempt"] == second[0]["attempt"] + 1 and after[0]["pid"] == second[0]["pid"]
+    assert first[0]["attempt"] == 0 and after[0]["attempt"] == 2
+    assert after[0]["pid"] == second[0]["pid"] == first[0]["pid"]
     assert len({first[1]["pid"], second[1]["pid"], after[1]["pid"]}) == 3
 
 
@@ -86,5 +86,7 @@ def test_a_rank_frozen_while_the_group_forms_is_found_in_about_a_second(ray_conn
     print(f"freeze at join: detected {detected:.2f} s after the freeze; event {json.dumps(ev)}")
     assert summary["status"] == "succeeded" and summary["final_step"] == 8 and summary["failures"] == 1
     assert ev["kind"] == "unresponsive" and ev["rank"] == 1 and "while the group formed" in ev["message"]
-    assert detected < 6.0, detected  # fault.silent_s, a confirming ping (3 s), a poll; 5.01 s seen on a loaded CI box
+    # fault.silent_s and a read of its process in /proc (stopped: lost without a second ping),
+    # a poll: 1.8-3.0 s measured (4.8-6.5 s with the 3 s confirming ping it no longer needs).
+    assert detected < 6.0, detected
     assert summary["final_state_sha256"] == baseline["final_state_sha256"]

@@ -245,6 +245,29 @@ def test_preflight_failure_on_every_node_refuses_the_job(health_driver):
     assert "fails check storage: '/x' is not writable" in d.state.error and "no other node" in d.state.error
 
 
+def test_a_rank_lost_before_anything_was_kept_starts_afresh_in_place(health_driver):
+    """Rank 1 dies in step 1: no snapshot counted, no checkpoint committed. The survivors keep
+    their processes and every rank starts again from the initialised model (no group start)."""
+    d = health_driver()
+    FakeGroup.plan = {"fail_at": (1, 1)}
+    summary = d.run()
+    assert summary["status"] == "succeeded" and summary["final_step"] == 10
+    [ev] = summary["events"]
+    assert ev["restored_from"] == "scratch" and ev["lost_steps"] == 0 and "recovery_phases_s" in ev
+    assert ev["source_choice"]["chosen"] is None
+    assert ("load_in_place", [1], 0) in FakeGroup.calls
+    assert FakeGroup.starts == [(2, None)]
+
+
+def test_a_group_whose_start_failed_is_started_again_not_recovered_in_place(health_driver):
+    # Its ranks may still be inside their set-up call: nothing is asked of them in place.
+    d = health_driver()
+    FakeGroup.plan = {"fail_start_attempt": 0}
+    summary = d.run()
+    assert summary["status"] == "succeeded" and summary["events"][0]["kind"] == "setup_failed"
+    assert len(FakeGroup.starts) == 2 and not [c for c in FakeGroup.calls if c[0] == "load_in_place"]
+
+
 @pytest.mark.parametrize("fault", ["kill", "nan"])
 def test_a_newer_checkpoint_is_loaded_in_place_over_an_older_snapshot(health_driver, fault):
     """Memory holds step 1 only, step 8 is committed: a failure at step 10 loads step 8 in

@@ -104,8 +104,21 @@ def test_the_load_estimate_prefers_a_measured_load_then_a_save():
 def test_hsdp_twins_restore_from_their_own_snapshots():
     facts = _facts({1}, replicas=[])  # nothing kept as replicas: the twin's own state is the copy
     twin = dataclasses.replace(facts, twins=True)
-    assert rp.plan_recovery(facts, _shrink_to()).action is Action.RESTART
+    assert rp.plan_recovery(facts, _shrink_to()).action is Action.FRESH  # no checkpoint either
     assert rp.plan_recovery(twin, _shrink_to()).action is Action.MEMORY
+
+
+def test_nothing_to_restore_in_the_first_steps_starts_afresh_in_place():
+    # A rank lost before any snapshot counted (step 1's acknowledgements ride in step 2's
+    # results) and before any checkpoint: the survivors keep their processes and every rank
+    # starts again from the initialised model, as a restart would, without new processes.
+    plan = rp.plan_recovery(_facts({1}, own=(), finished=1), _shrink_to())
+    assert plan.action is Action.FRESH and plan.step == 0 and not plan.uses_checkpoint
+    assert plan.no_memory == "no finished step is held in memory by every rank"
+    # With a checkpoint there is something to load; with too few spares and a shrink allowed
+    # every rank is re-formed anyway: a restart.
+    assert rp.plan_recovery(_facts({1}, own=(), finished=6, checkpoint=5), _shrink_to()).action is Action.LOAD
+    assert rp.plan_recovery(_facts({1}, spares=0, own=(), finished=1), _shrink_to()).action is Action.RESTART
 
 
 def test_a_second_ping_only_when_a_lost_rank_would_take_a_copy_with_it():
