@@ -442,11 +442,10 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
         # lost now, without the second one's wait.
         stopped = {r for r in quiet if r in before and before[r] is None}
         rest = [r for r in quiet if r not in stopped]
-        if rest:
-            stopped |= {rest[i] for i in unresponsive([ranks[r] for r in rest], CONFIRM_PING_S)}
-        lost = stopped
-        if lost and where is not None:
-            working = busy(before, process_ticks(ranks, nodes, pids, sorted(lost), agents=agents))
+        missed = {rest[i] for i in unresponsive([ranks[r] for r in rest], CONFIRM_PING_S)} if rest else set()
+        lost = stopped | missed
+        if missed and where is not None:  # read again: did a rank that missed the ping work meanwhile?
+            working = busy(before, process_ticks(ranks, nodes, pids, sorted(missed), agents=agents))
             if working:
                 log.info("rank(s) %s did not answer a ping while the group formed, but their processes "
                          "are working (a loaded host): waiting on", sorted(working))

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 import pytest
-from support import PidsAtFailure, detected_after_firing, job_pids, kill_stopped, tiny_job
+from support import detected_after_firing, job_pids, run_faulted, tiny_job
 
 from raypod.api import run
 
@@ -55,11 +55,7 @@ def test_a_peer_lost_mid_collective_releases_the_survivors_in_place(ray_connecte
     inject = ", ".join(f"{{step: {step}, rank: 1, kind: {kind}, at: {at}}}"
                        for step, (kind, at) in zip(AT_STEPS, faults, strict=True))
     cfg = three_ranks(tmp_path, f"fault.inject=[{inject}]")
-    pids = PidsAtFailure(cfg.job_dir)
-    try:
-        summary = run(cfg, callbacks=[pids])
-    finally:
-        kill_stopped(cfg.job_dir)
+    summary, _, pids, _ = run_faulted(cfg)
     assert summary["status"] == "succeeded" and summary["final_step"] == STEPS, summary.get("error")
     assert summary["failures"] == len(faults) == len(pids.history), summary["events"]
     for i, (kind, at) in enumerate(faults):

@@ -13,7 +13,7 @@ import json
 from functools import partial
 
 import pytest
-from support import PidsAtFailure, detected_after_firing, job_pids, kill_stopped, run_faulted, tiny_job
+from support import detected_after_firing, job_pids, kill_stopped, run_faulted, tiny_job
 
 from raypod.api import run
 
@@ -33,11 +33,7 @@ def test_frozen_rank_is_found_in_a_second_and_recovered_in_place(ray_connected, 
     # probes can), then the process that took its place frozen at step 6.
     cfg = tiny(tmp_path, "checkpoint.memory_every_steps=1",
                "fault.inject=[{step: 2, rank: 1, kind: freeze}, {step: 6, rank: 1, kind: freeze}]")
-    pids = PidsAtFailure(cfg.job_dir)
-    try:
-        summary = run(cfg, callbacks=[pids])
-    finally:
-        kill_stopped(cfg.job_dir)
+    summary, _, pids, _ = run_faulted(cfg)
     assert summary["status"] == "succeeded" and summary["final_step"] == 8 and summary["failures"] == 2
     for i, step in enumerate((2, 6)):
         ev, detected = summary["events"][i], detected_after_firing(cfg, summary, i)

@@ -161,6 +161,7 @@ def test_other_strategies(ray_connected, tmp_path, strategy):
     assert summary["status"] == "succeeded" and summary["final_step"] == 6
 
 
+@pytest.mark.timeout(600)
 def test_ray_job_submit(ray_cluster, tmp_path):
     """What a user does: ``ray job submit`` of the shipped script, token auth on."""
     entry = ["python", "jobs/pretrain_gpt.py", "--config", "jobs/configs/tiny.yaml",
