@@ -50,6 +50,10 @@ class Calibration:
         regroup: seconds to re-form a group of N ranks in place after a kill (wall; the
             recovery's rebuild phase).
         step_s: the light rank's step time with no driver in the loop, by N (wall).
+        regroup_cpu: the most CPU one rank's process spent rejoining in that recovery, by N:
+            the rebuild on a cluster, where each rank forms its groups on cores of its own
+            (``regroup`` is the wall time of N ranks sharing this machine's cores); None in a
+            calibration measured before it was recorded.
         machine: where it was measured; ``command``: how to measure it again.
     """
 
@@ -58,6 +62,7 @@ class Calibration:
     ping: Fit
     regroup: Fit
     step_s: Fit
+    regroup_cpu: Fit | None = None
     machine: dict[str, Any] = field(default_factory=dict)
     date: str = ""
     command: str = "raypod bench scale"
@@ -68,6 +73,8 @@ class Calibration:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Calibration:
         fits = {k: Fit(**data[k]) for k in ("actor_call", "wait", "ping", "regroup", "step_s")}
+        if data.get("regroup_cpu"):
+            fits["regroup_cpu"] = Fit(**data["regroup_cpu"])
         return cls(**fits, machine=data.get("machine", {}), date=data.get("date", ""),
                    command=data.get("command", "raypod bench scale"))
 

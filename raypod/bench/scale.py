@@ -440,6 +440,9 @@ def figures_at(recs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {"raypod_step_s": _med(recs, "raypod", "step_s"), "nodriver_step_s": _med(recs, "nodriver", "step_s"),
            "driver_cpu_per_step_s": _med(recs, "raypod", "driver_cpu_per_step_s"),
            "gap_s": _med(recs, "kill", "gap_s", 3), "regroup_s": table.median(rebuilds, 3),
+           "regroup_cpu_s": table.median((r["phases_s"]["rebuild_rank_cpu_max"] for r in recs if r["kind"] == "kill"
+                                          and r["ok"] and r.get("phases_s", {}).get("rebuild_rank_cpu_max")
+                                          is not None), 3),
            "phases_s": {k: table.median(v, 3) for k, v in phases.items()},
            "actor_call_cpu_s": _med(recs, "nodriver", "actor_call_cpu_s"),
            "wait_cpu_s": _med(recs, "nodriver", "wait_cpu_s"), "ping_round_s": _med(recs, "nodriver", "ping_round_s"),
@@ -453,8 +456,10 @@ def figures_at(recs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 FITTED = {"actor_call": "actor_call_cpu_s", "wait": "wait_cpu_s", "ping": "ping_round_s",
-          "regroup": "regroup_s", "step_s": "nodriver_step_s"}
+          "regroup": "regroup_s", "step_s": "nodriver_step_s", "regroup_cpu": "regroup_cpu_s"}
 """:class:`Calibration` field -> the per-``N`` figure it is fitted to."""
+OPTIONAL = frozenset({"regroup_cpu"})
+"""Fits a calibration may go without (measured by newer code only; the simulator then falls back)."""
 
 
 def fit_calibration(by_n: dict[int, dict[str, Any]], machine: dict[str, Any], date: str,
@@ -467,6 +472,8 @@ def fit_calibration(by_n: dict[int, dict[str, Any]], machine: dict[str, Any], da
     fits = {}
     for name, key in FITTED.items():
         points = [(n, f[key]) for n, f in sorted(by_n.items()) if f.get(key) is not None]
+        if not points and name in OPTIONAL:
+            continue
         if not points:
             raise ValueError(f"no {key} measured at any rank count: no calibration of '{name}'")
         fits[name] = Fit.least_squares(points)
@@ -504,7 +511,7 @@ def acceptance_lines(checks: list[dict[str, Any]]) -> list[str]:
 
 # ---- the table --------------------------------------------------------------------------------
 HEADER = ["N", "raypod step (ms)", "no-driver step (ms)", "ratio", "driver CPU/step (ms)", "kill gap (s)",
-          "regroup (s)", "N no-op calls CPU (µs)", "ray.wait N CPU (µs)", "ping round (ms)", "rank RSS/USS (MiB)",
+          "regroup (s)", "regroup CPU/rank (s)", "N no-op calls CPU (µs)", "ray.wait N CPU (µs)", "ping round (ms)", "rank RSS/USS (MiB)",
           "peak RSS (GiB)", "good trials r/n/k"]
 
 
@@ -514,7 +521,8 @@ def rows(by_n: dict[Any, dict[str, Any]]) -> list[list[str]]:
     for n, f in sorted(by_n.items(), key=lambda kv: int(kv[0])):
         out.append([str(n), fmt(_ms(f["raypod_step_s"]), ".1f"), fmt(_ms(f["nodriver_step_s"]), ".1f"),
                     fmt(f["step_ratio"], ".3f"), fmt(_ms(f["driver_cpu_per_step_s"]), ".2f"),
-                    fmt(f["gap_s"], ".2f"), fmt(f["regroup_s"], ".2f"), fmt(_us(f["actor_call_cpu_s"]), ".0f"),
+                    fmt(f["gap_s"], ".2f"), fmt(f["regroup_s"], ".2f"),
+                    fmt(f.get("regroup_cpu_s"), ".3f"), fmt(_us(f["actor_call_cpu_s"]), ".0f"),
                     fmt(_us(f["wait_cpu_s"]), ".0f"), fmt(_ms(f["ping_round_s"]), ".2f"),
                     f"{_mib(f['rank_rss_bytes'])}/{_mib(f.get('rank_uss_bytes'))}",
                     fmt(f["peak_rss_bytes"] / 2**30, ".1f"),
@@ -527,7 +535,8 @@ def fit_rows(cal: dict[str, Any] | None) -> list[list[str]]:
     if not cal:
         return []
     return [[name, f"{cal[name]['base_s'] * 1e3:.3f}", f"{cal[name]['per_rank_s'] * 1e6:.1f}",
-             ", ".join(f"{int(x)}: {y * 1e3:.3f}" for x, y in cal[name]["points"])] for name in FITTED]
+             ", ".join(f"{int(x)}: {y * 1e3:.3f}" for x, y in cal[name]["points"])] for name in FITTED
+            if cal.get(name)]
 
 
 FIT_HEADER = ["operation", "base (ms)", "per rank (µs)", "points N: ms"]
@@ -541,6 +550,9 @@ DEFINITIONS = {
                        "divided by its steps",
     "kill gap": "kill trial (memory snapshot every step, rank N-1 killed at the start of step steps/2): "
                 "events[0].resumed_s - last_step_s; regroup is its recovery_phases_s.rebuild",
+    "regroup CPU/rank": "the most CPU one rank's process spent in its rejoin of that recovery (leave, "
+                        "rendezvous, build, restore; recovery_phases_s.rebuild_rank_cpu_max): the rebuild "
+                        "where every rank has cores of its own, as on a cluster",
     "calibration": "medians of 30 rounds in the no-driver trial's Ray: CPU of N no-op calls to N num_cpus=0 "
                    "actors submitted and collected, CPU of one ray.wait over N ready refs, wall of a ping "
                    "round over the N idle ranks",

@@ -45,7 +45,11 @@ from raypod.recipe import Recipe
 
 RANKS = (1_000, 10_000, 100_000)
 SOURCES = {
-    "calibration": "raypod bench scale (scale_calibration.json): actor_call, wait, ping, regroup",
+    "calibration": "raypod bench scale (scale_calibration.json): actor_call, wait, ping, regroup; the rebuild "
+                   "is regroup_cpu (the most CPU one rank spent rejoining: each rank has cores of its own on "
+                   "a cluster) where the calibration has it, else regroup (the wall time of N ranks sharing "
+                   "the measuring machine's 2 cores). Not in it: network round trips of gloo's full-mesh "
+                   "connections (loopback here)",
     "step_time": "a rank's step: Llama 3 405B's at 16K H100s, 6 x 405e9 params x 16M tokens / (16,384 GPUs "
                  "x 400 TFLOP/s) = 5.93 s (Llama Team, arXiv:2407.21783), the same at every N (weak "
                  "scaling); --step-s sets another. The light ranks' measured step (2..32 ranks sharing 2 "
@@ -266,6 +270,12 @@ def figures(raw: dict[str, Any], cal: Calibration, memory: dict[str, Any] | None
         "gap_s": gap, "gap_phases_s": {**phases, "first_step": gap - sum(phases.get(k, 0.0) for k in
                                                                          ("drain", "plan", "rebuild"))}
         if gap is not None else {},
+        # Until every rank trains again: the gap less the first step after it, which redoes the
+        # step the fault cut short (lost work, as the goodput model counts it, not waiting).
+        "gap_to_training_s": gap - raw["step_s"] if gap is not None else None,
+        # The rebuild as this machine's cores measured it (N ranks sharing 2 cores), for comparison.
+        "rebuild_shared_cores_s": cal.regroup.at(raw["ranks"]),
+        "rebuild_model": "regroup_cpu" if cal.regroup_cpu is not None else "regroup",
         "modelled_cpu_s": raw["costs"]["cpu"], "modelled_wall_s": raw["costs"]["wall"],
         "real_s": raw["real_s"], "transitions": raw["states"],
         "per_step_terms_s": {"driver Python: StragglerTracker.update": straggler,
@@ -344,13 +354,19 @@ def acceptance(point: dict[str, Any]) -> list[str]:
         ("driver memory GiB (tracemalloc peak)", gib, GOALS["memory_gib"], "<"),
         ("detection p99 s (kill)", point["kill_p99_s"], GOALS["detect_p99_s"], "<"),
         ("decision s (plan_recovery CPU)", point["decision_cpu_s"], GOALS["decision_s"], "<"),
-        ("modelled recovery gap s", point["gap_s"], GOALS["gap_s"], "<="),
+        ("modelled recovery gap s (detection to every rank training again)", point.get("gap_to_training_s"),
+         GOALS["gap_s"], "<="),
     ]
     lines = []
     for name, value, goal, op in checks:
         ok = value is not None and (value <= goal if op == "<=" else value < goal)
         shown = "n/a" if value is None else f"{value:.3g}"
         lines.append(f"{'PASS' if ok else 'FAIL'} at {point['ranks']:,} ranks: {name} = {shown} (goal {op} {goal:g})")
+    if point.get("gap_s") is not None:
+        lines.append(f"with the step it redoes (detection to its end): {point['gap_s']:.3g} s; with the rebuild "
+                     f"as N ranks sharing this machine's cores took it ({point['rebuild_shared_cores_s']:.3g} s "
+                     f"instead of {point['gap_phases_s'].get('rebuild', 0.0):.3g} s): "
+                     f"{point['gap_s'] - point['gap_phases_s'].get('rebuild', 0.0) + point['rebuild_shared_cores_s']:.3g} s")
     return lines
 
 
@@ -398,7 +414,7 @@ def run(trials: int | None = None, out: str | None = "benchmarks/results", ranks
 
 COLUMNS = ("ranks", "step period s", "driver CPU/step s", "of it stragglers s", "Ray CPU/step s", "cores",
            "added s", "mem peak GiB", "kept MiB/step", "detect kill p50/p99 s", "detect freeze p50/p99 s",
-           "decision ms", "gap s (drain/plan/rebuild/first step)")
+           "decision ms", "to training s", "gap s (drain/plan/rebuild/first step)")
 
 
 def _row(p: dict[str, Any]) -> list[str]:
@@ -409,7 +425,7 @@ def _row(p: dict[str, Any]) -> list[str]:
             f(p["straggler_cpu_per_step_s"]) + extra, f(p["modelled_ray_cpu_per_step_s"]), f(p["driver_cores"]),
             f(p["added_latency_s"]), f(p.get("memory_peak_gib")), f(p.get("memory_kept_per_step_mib")),
             f"{f(p['kill_p50_s'])}/{f(p['kill_p99_s'])}", f"{f(p['freeze_p50_s'])}/{f(p['freeze_p99_s'])}",
-            f((p["decision_cpu_s"] or 0) * 1e3), f"{f(p['gap_s'])} ({'/'.join(f(ph.get(k)) for k in ('drain', 'plan', 'rebuild', 'first_step'))})"]
+            f((p["decision_cpu_s"] or 0) * 1e3), f(p.get("gap_to_training_s")), f"{f(p['gap_s'])} ({'/'.join(f(ph.get(k)) for k in ('drain', 'plan', 'rebuild', 'first_step'))})"]
 
 
 def report(result: dict[str, Any], out: str | None) -> None:

@@ -192,6 +192,14 @@ class SimGroup:
         if n:
             self._wait(term, self.cal.ping.at(n))
 
+    def rebuild_s(self, n: int) -> float:
+        """Seconds for ``n`` ranks to form their groups (after a loss: rejoin and restore): on a
+        cluster each rank works on cores of its own, so the slowest rank's CPU in its rejoin
+        (``cal.regroup_cpu``); a calibration without it gives the wall time of ``n`` ranks
+        sharing the measuring machine's cores (``cal.regroup``)."""
+        fit = self.cal.regroup_cpu if self.cal.regroup_cpu is not None else self.cal.regroup
+        return fit.at(n)
+
     # ---- lifecycle -----------------------------------------------------------------
     def start(self, world_size, attempt, restore, injections):
         with self.clock.outside():
@@ -199,9 +207,9 @@ class SimGroup:
             self.nodes = [f"node-{r // RANKS_PER_NODE}" for r in range(world_size)]
             self.peer_to = [(r + 1) % world_size if world_size > 1 else None for r in range(world_size)]
             self._calls("start", world_size)
-            self._wait("start", self.cal.regroup.at(world_size))
+            self._wait("start", self.rebuild_s(world_size))
             self._restored(restore.step if restore else 0)
-            return {"num_samples": self.order.num_samples, "setup_s": self.cal.regroup.at(world_size),
+            return {"num_samples": self.order.num_samples, "setup_s": self.rebuild_s(world_size),
                     "doctor": []}
 
     def shutdown(self):
@@ -453,7 +461,7 @@ class SimGroup:
 
     def _regroup(self, lost: set[int], step: int) -> dict[str, Any]:
         self._calls("regroup", self.world_size)
-        regroup = self.cal.regroup.at(self.world_size)
+        regroup = self.rebuild_s(self.world_size)
         self._wait("regroup", regroup)
         self._restored(step)
         self.freed = [("slot", r) for r in sorted(lost)]

@@ -420,6 +420,9 @@ class WorkerGroup:
         arrived = [r["arrived"] for r in results if "arrived" in r]
         # How far apart the ranks reached the rendezvous: the first one waits that long in it.
         spread = {"arrival_spread": max(arrived) - min(arrived)} if arrived else {}
+        # The most CPU one rank's process spent rejoining (ranks own their cores on a cluster).
+        cpu = [r["cpu_s"] for r in results if "cpu_s" in r]
+        spread.update({"rank_cpu_max": max(cpu)} if cpu else {})
         return {"slowest_rank_phases_s": slowest["phases_s"],
                 "driver_phases_s": {"locate": t1 - t0, "reconfigure": time.perf_counter() - t1, **spread},
                 "received_bytes": sum(r["received_bytes"] for r in results)}

@@ -80,6 +80,19 @@ def test_the_calibration_fits_each_operation_and_round_trips(tmp_path):
     assert isinstance(cal, Calibration)
 
 
+def test_the_rank_s_rejoin_cpu_is_fitted_when_measured_and_optional_before():
+    recs = [_rec("kill", gap_s=0.3, phases_s={"rebuild": 0.4, "rebuild_rank_cpu_max": 0.07}),
+            _rec("kill", gap_s=0.3, phases_s={"rebuild": 0.5, "rebuild_rank_cpu_max": 0.09})]
+    assert scale.figures_at(recs)["regroup_cpu_s"] == pytest.approx(0.08)
+    by_n = {n: _fig(20.0, 19.5, 0.3, n) for n in (2, 4, 8)}
+    assert scale.fit_calibration(by_n, {}, "", "").regroup_cpu is None  # a calibration from before
+    for n, f in by_n.items():
+        f["regroup_cpu_s"] = 0.02 + 0.001 * n
+    cal = scale.fit_calibration(by_n, {}, "", "")
+    assert cal.regroup_cpu.at(100) == pytest.approx(0.12)
+    assert "regroup_cpu" in [row[0] for row in scale.fit_rows(cal.to_json())]
+
+
 def test_the_acceptance_lines_are_computed_from_the_figures():
     good = {2: _fig(20.0, 19.5, 0.30, 2), 32: _fig(40.0, 39.0, 0.40, 32)}
     step, gap = scale.acceptance(good, [2, 32])
@@ -101,11 +114,12 @@ def test_table_rows_and_fit_rows_show_the_figures_in_their_units():
     rows = scale.rows(by_n)
     assert [r[0] for r in rows] == ["2", "4"]
     assert rows[1][1:4] == ["21.0", "20.0", "1.050"]
-    assert rows[1][7] == "900" and rows[1][10] == "400/150" and rows[1][-1] == "1/1/1 of 1"
+    assert rows[1][7] == "—"  # no rejoin CPU measured
+    assert rows[1][8] == "900" and rows[1][11] == "400/150" and rows[1][-1] == "1/1/1 of 1"
     assert all(len(r) == len(scale.HEADER) for r in rows)
     cal = scale.fit_calibration({int(k): v for k, v in by_n.items()}, {}, "", "").to_json()
     fits = scale.fit_rows(cal)
-    assert [r[0] for r in fits] == list(scale.FITTED)
+    assert [r[0] for r in fits] == [k for k in scale.FITTED if k not in scale.OPTIONAL]
     assert fits[0][2] == "200.0"  # 2e-4 s per call, in µs
 
 

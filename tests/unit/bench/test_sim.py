@@ -75,6 +75,18 @@ def test_a_small_run_is_quick_and_reports_every_figure(tmp_path):
     assert (tmp_path / "sim.json").exists() and "ncclCommShrink" in (tmp_path / "sim.md").read_text()
 
 
+def test_the_rebuild_is_the_slowest_rank_s_rejoin_cpu_when_the_calibration_has_it(tmp_path):
+    cal = Calibration(**{**CAL.__dict__, "regroup_cpu": Fit(0.05, 1e-5)})
+    result = sim.run(out=str(tmp_path), ranks=(8,), steps=12, cal=cal, profile_at=None, step_s=0.1)
+    p = result["points"][0]
+    assert p["rebuild_model"] == "regroup_cpu"
+    assert p["gap_phases_s"]["rebuild"] == pytest.approx(cal.regroup_cpu.at(8), abs=0.05)
+    assert p["rebuild_shared_cores_s"] == pytest.approx(CAL.regroup.at(8))
+    # Until training again: the gap less the step that redoes the one the fault cut short.
+    assert p["gap_to_training_s"] == pytest.approx(p["gap_s"] - 0.1)
+    assert p["gap_to_training_s"] >= sum(p["gap_phases_s"][k] for k in ("drain", "plan", "rebuild")) - 1e-6
+
+
 def test_a_freeze_is_found_by_the_real_ping_diagnosis(tmp_path):
     raw = sim.simulate(CAL, 8, steps=10, kill_step=6, kind="freeze")
     ev = raw["events"][0]
