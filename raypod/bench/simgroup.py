@@ -192,6 +192,15 @@ class SimGroup:
         if n:
             self._wait(term, self.cal.ping.at(n))
 
+    def _fanout(self, term: str, n: int) -> None:
+        """One call to each of ``n`` ranks as :func:`raypod.driver.rank_calls.call_ranks` makes
+        it: with node agents a call per node, answered once each agent has its ranks' answers
+        (:meth:`_probe_calls`); else one per rank (:meth:`_round`)."""
+        calls, round_s = self._probe_calls(n)
+        self._calls(term, calls)
+        if n:
+            self._wait(term, round_s)
+
     def rebuild_s(self, n: int) -> float:
         """Seconds for ``n`` ranks to form their groups (after a loss: rejoin and restore): on a
         cluster each rank works on cores of its own, so the slowest rank's CPU in its rejoin
@@ -441,25 +450,31 @@ class SimGroup:
 
     def drain(self, timeout, attempt=None, keep=frozenset(), patience=None, gone=frozenset()):
         """Calls in flight end once the broken collective releases the survivors: they are
-        interrupted after :data:`INTERRUPT_AFTER_S` and answer in one round."""
+        interrupted after :data:`INTERRUPT_AFTER_S` (every survivor, as with NCCL, where nothing
+        else releases them) and answer in one round, through the node agents when on."""
         with self.clock.outside():
             self._unqueue()
             self._wait("drain", min(timeout, INTERRUPT_AFTER_S))
-            self._round("drain", self.world_size - len(self.dead))
+            self._fanout("drain", self.world_size - len(self.dead))
             return set(self.dead | self.frozen)
 
     def memory_reports(self, ranks, timeout=5.0):
         with self.clock.outside():
             ranks = list(ranks)
-            self._round("memory_reports", len(ranks))
-            held = [s for s in (self.finished - 1, self.finished) if s > 0]
-            return {r: MemoryReport(own=list(held), replicas={(r - 1) % self.world_size: list(held)})
-                    for r in ranks}
+            self._fanout("memory_reports", len(ranks))
+            return self._reports(ranks)
+
+    def _reports(self, ranks: list[int]) -> dict[int, MemoryReport]:
+        held = [s for s in (self.finished - 1, self.finished) if s > 0]
+        return {r: MemoryReport(own=list(held), replicas={(r - 1) % self.world_size: list(held)}) for r in ranks}
 
     def flush_replicas(self, timeout, latest=False):
-        return self.memory_reports(range(self.world_size), timeout)
+        with self.clock.outside():
+            self._round("flush_replicas", self.world_size)  # one call per rank (the worker group's)
+            return self._reports(list(range(self.world_size)))
 
     def _regroup(self, lost: set[int], step: int) -> dict[str, Any]:
+        self._round("regroup", len(lost))  # where the new actors run (the others stay put)
         self._calls("regroup", self.world_size)
         regroup = self.rebuild_s(self.world_size)
         self._wait("regroup", regroup)

@@ -18,8 +18,11 @@ from typing import Any
 import ray
 
 from raypod.driver.outcomes import PollResult
-from raypod.driver.rank_calls import PING_TIMEOUT_S, describe, unresponsive
+from raypod.driver.rank_calls import PING_TIMEOUT_S, Fanout, describe, unresponsive
 from raypod.protocol import ErrorKind, Interrupted, WorkerError
+
+Relay = Callable[[str, list[int], tuple[Any, ...], float], Fanout]
+"""``(method, ranks, args, timeout) -> answers``: calls on many ranks through the node agents."""
 
 log = logging.getLogger("raypod.driver")
 
@@ -146,7 +149,8 @@ class InFlight:
     def drain(self, actors: list[Any], timeout: float, attempt: int | None = None,
               keep: set[int] | frozenset[int] = frozenset(),
               patience: Callable[[], float] | None = None,
-              gone: set[int] | frozenset[int] = frozenset()) -> set[int]:
+              gone: set[int] | frozenset[int] = frozenset(),
+              relay: Relay | None = None) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks.
 
         A rank is lost when its actor died, or when its call is still running after
@@ -162,6 +166,9 @@ class InFlight:
         ``gone``: ranks being killed already (the failed rank and every rank found dead): never
         interrupted, so the wait for the interrupts' answers does not run to its end on a rank
         that cannot answer (a frozen rank cost every freeze recovery the ping's 0.5 s).
+
+        ``relay``: sends the interrupts through the node agents (one driver call per node:
+        with NCCL every survivor is blocked, so every survivor is interrupted).
         """
         lost: set[int] = set()
         gone = set(gone)
@@ -173,7 +180,7 @@ class InFlight:
             # Still running: hung, or alive but blocked in a collective the failure broke (on
             # NCCL nothing breaks it: a dead peer's kernels just never arrive). A live rank is
             # told to abort its groups; it then returns with its process and its copies.
-            where, unanswered = self._interrupt({r: actors[r] for r in stuck}, attempt, first)
+            where, unanswered = self._interrupt({r: actors[r] for r in stuck}, attempt, first, relay)
             self._settle(time.monotonic() + timeout, lost, set(stuck))
             still = self._busy() - lost - gone
             where.update(self._answers(unanswered, still & set(keep)))  # late on a busy host
@@ -223,13 +230,21 @@ class InFlight:
             lost.update(e.rank for e in out.errors if e.kind == ErrorKind.WORKER_DIED)
 
     @staticmethod
-    def _interrupt(stuck: dict[int, Any], attempt: int | None,
-                   after_s: float) -> tuple[dict[int, Interrupted], dict[Any, int]]:
+    def _interrupt(stuck: dict[int, Any], attempt: int | None, after_s: float,
+                   relay: Relay | None = None) -> tuple[dict[int, Interrupted], dict[Any, int]]:
         """Abort the groups of the ranks whose calls are ``stuck``: where each one that answered
-        within a ping's time was, and the interrupts not answered by then (``ref -> rank``)."""
-        refs = {actor.interrupt.remote(attempt): r for r, actor in stuck.items()}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PING_TIMEOUT_S)
-        out = InFlight._answers({ref: refs[ref] for ref in ready})
+        within a ping's time was, and the interrupts not answered by then (``ref -> rank``).
+        Through ``relay`` (the node agents), a rank whose answer did not come back in time is
+        sent one interrupt directly, whose late answer the drain can still collect."""
+        if relay is not None:
+            out = dict(relay("interrupt", sorted(stuck), (attempt,), PING_TIMEOUT_S).answers)
+            log.info("interrupted %d rank(s) through their node agents (%d answered)", len(stuck), len(out))
+            refs = {stuck[r].interrupt.remote(attempt): r for r in sorted(set(stuck) - set(out))}
+            ready = []
+        else:
+            refs = {actor.interrupt.remote(attempt): r for r, actor in stuck.items()}
+            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PING_TIMEOUT_S)
+            out = InFlight._answers({ref: refs[ref] for ref in ready})
         for r, where in sorted(out.items()):
             log.info("rank %d's call still ran %.1f s after the failure (step %s, phase %s "
                      "for %.1f s): interrupted", r, after_s, where.step, where.phase_name, where.in_phase_s)

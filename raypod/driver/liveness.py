@@ -281,6 +281,15 @@ class Probes:
         self._noted: set[int] = set()
 
     @property
+    def relays(self) -> dict[str, Any] | None:
+        """node -> its agent, for each agent that has answered for its node's current ranks (so
+        it is up and was told them): a recovery's calls to many ranks go through these
+        (:func:`raypod.driver.rank_calls.call_ranks`); None without node agents."""
+        if self.agents is None:
+            return None
+        return {n: self.agents.agents[n] for n in self.agents.reports if n in self.agents.agents}
+
+    @property
     def agent_handles(self) -> dict[str, Any] | None:
         """node -> its running :class:`~raypod.worker.node_agent.NodeAgent` (they read and kill
         a rank alone on its node); None without node agents."""

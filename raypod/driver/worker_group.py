@@ -34,6 +34,8 @@ from raypod.driver.liveness import Probes, forming_watch, heartbeats, kill_now
 from raypod.driver.outcomes import GroupStartError, PollResult
 from raypod.driver.rank_calls import (
     PING_TIMEOUT_S,
+    Fanout,
+    call_ranks,
     get_all,
     kill_quietly,
     rank_failures,
@@ -335,12 +337,31 @@ class WorkerGroup:
               patience: Callable[[], float] | None = None, gone: set[int] | frozenset[int] = frozenset()) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks
         (see :meth:`InFlight.drain`)."""
-        return self.calls.drain(self.actors, timeout, attempt, keep, patience, gone)
+        relays = self.probes.relays
+        relay = functools.partial(self._call_ranks, relays=relays) if relays else None
+        return self.calls.drain(self.actors, timeout, attempt, keep, patience, gone, relay)
+
+    def _call_ranks(self, method: str, ranks: list[int], args: tuple[Any, ...] = (), timeout: float = 5.0,
+                    relays: dict[str, Any] | None = None) -> Fanout:
+        """``method(*args)`` on ``ranks``, one call per node through the node agents that answer
+        (:func:`call_ranks`), directly to ranks elsewhere."""
+        return call_ranks(method, ranks, self.actors, self.nodes, relays, args, timeout)
 
     def memory_reports(self, ranks: list[int], timeout: float = 5.0) -> dict[int, MemoryReport]:
-        """What each live rank holds in memory right now (own snapshots, replicas)."""
-        refs = [self.actors[r].memory_report.remote() for r in ranks]
-        return dict(zip(ranks, ray.get(refs, timeout=timeout), strict=True))
+        """What each live rank holds in memory right now (own snapshots, replicas): one call per
+        node through the node agents.
+
+        Raises:
+            RuntimeError: a rank's call failed or did not answer within ``timeout`` (naming it).
+        """
+        relays = self.probes.relays
+        got = self._call_ranks("memory_report", list(ranks), timeout=timeout, relays=relays)
+        log.info("memory reports of %d rank(s) through %d node agent(s)", len(ranks),
+                 len({self.nodes[r] for r in ranks if r < len(self.nodes)} & set(relays or ())))
+        if got.failed or got.late:
+            raise RuntimeError("; ".join([f"rank {r}: {m}" for r, m in sorted(got.failed.items())]
+                                         + [f"rank {r} did not answer within {timeout:g} s" for r in got.late]))
+        return {r: got.answers[r] for r in ranks}
 
     def recover_in_place(self, lost: set[int], restore_step: int, attempt: int,
                          injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
@@ -379,7 +400,7 @@ class WorkerGroup:
         self._replace(lost)
         t1 = time.perf_counter()
         with rank_failures(failed):
-            info = self._regroup(attempt, injections, call)
+            info = self._regroup(attempt, injections, call, moved=lost)
         info["recover_s"] = time.perf_counter() - t0
         info["driver_phases_s"]["replace"] = t1 - t0
         return {**info, "replaced": sorted(lost), "spares_left": len(self.pool.spares)}
@@ -403,13 +424,19 @@ class WorkerGroup:
                 self.pool.freed.append(freed)  # the lost rank's slot becomes the next spare
 
     def _regroup(self, attempt: int, injections: list[tuple[int, FaultInjection]],
-                 call: Regroup) -> dict[str, Any]:
-        """Locate every rank, open a rendezvous on rank 0, run ``call(actor, spec)`` on every
-        rank (a ``reconfigure``, ``reload`` or ``reshape``) and sum up its results."""
+                 call: Regroup, moved: set[int] | None = None) -> dict[str, Any]:
+        """Locate the ranks (only those in ``moved``, whose actor changed, when the others
+        keep their place: one call per new actor, not per rank), open a rendezvous, run
+        ``call(actor, spec)`` on every rank (a ``reconfigure``, ``reload`` or ``reshape``) and
+        sum up its results."""
         timeout = self.cfg.scaling.schedule_timeout_s
         t0 = time.perf_counter()
-        infos = ray.get([a.node_info.remote() for a in self.actors], timeout=timeout)
-        self._locate(infos)
+        known = [{"node_id": n, "pid": p, "ip": ip} for n, p, ip in zip(self.nodes, self.pids, self.node_ips,
+                                                                        strict=False)]
+        ask = sorted(moved) if moved is not None and len(known) == len(self.actors) else range(len(self.actors))
+        infos = dict(zip(ask, ray.get([self.actors[r].node_info.remote() for r in ask], timeout=timeout),
+                         strict=True))
+        self._locate([infos.get(r) or known[r] for r in range(len(self.actors))])
         watch = self._watch(attempt)
         init_method = self._rendezvous(timeout)
         t1 = time.perf_counter()

@@ -5,7 +5,8 @@ driver CPU each, ``benchmarks/results/scale_calibration.json``): at 10,000 ranks
 outlasts ``fault.silent_s`` and the driver's core is saturated. A :class:`NodeAgent` on each
 node (the per-node agent of torchelastic or HyperPod) keeps one ping in flight per local rank
 and hands the driver every local rank's silence in one reply, so the driver's cost per round
-is one call per node.
+is one call per node. A recovery's calls to every survivor (interrupts, memory reports) go
+through the agents the same way (:meth:`NodeAgent.relay`).
 
 The agent imports only the standard library and Ray (never torch): it must be up within
 moments of the group's placement, before the first step, on a node whose ranks are busy
@@ -15,6 +16,7 @@ with their own ping futures and clock.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import threading
@@ -181,6 +183,35 @@ class LocalPings:
             return sum(s.ping is not None for s in self.ranks.values())
 
 
+def relay_calls(send: Callable[[Any], Future], ranks: dict[int, Any], timeout: float) -> dict[str, Any]:
+    """Send one call to each of ``ranks`` (``{rank: actor handle}``) at once with ``send`` and
+    wait up to ``timeout`` for the answers.
+
+    Returns ``{"answers": {rank: value}, "failed": {rank: one line} (the actor is gone or the
+    call raised), "late": [ranks that had not answered by then]}``.
+    """
+    futures: dict[int, Future] = {}
+    failed: dict[int, str] = {}
+    for r, handle in ranks.items():
+        try:
+            futures[r] = send(handle)
+        except Exception as e:  # noqa: BLE001 - an actor that cannot be called is gone
+            failed[r] = f"{type(e).__name__}: {e}"
+    concurrent.futures.wait(list(futures.values()), timeout=max(0.0, timeout))
+    answers: dict[int, Any] = {}
+    late = []
+    for r, fut in futures.items():
+        if not fut.done():
+            late.append(r)
+        elif fut.cancelled():
+            failed[r] = "the call was cancelled"
+        elif (error := fut.exception()) is not None:
+            failed[r] = f"{type(error).__name__}: {error}"
+        else:
+            answers[r] = fut.result()
+    return {"answers": answers, "failed": failed, "late": sorted(late)}
+
+
 class NodeAgent:
     """The Ray actor around :class:`LocalPings`: a daemon thread ticks it every :data:`TICK_S`;
     the driver calls :meth:`assign` and :meth:`silence` (made with :func:`remote_node_agent`)."""
@@ -206,6 +237,13 @@ class NodeAgent:
         if every_s:
             self.pings.every_s = every_s
         return self.pings.silence()
+
+    def relay(self, method: str, ranks: dict[int, Any], args: tuple[Any, ...] = (),
+              timeout: float = 5.0) -> dict[str, Any]:
+        """Call ``method(*args)`` on every one of the local ``ranks`` (``{rank: actor handle}``)
+        at once and answer once for all of them (:func:`relay_calls`): a recovery's interrupts
+        and memory reports cost the driver one call per node, not one per rank."""
+        return relay_calls(lambda h: getattr(h, method).remote(*args).future(), ranks, timeout)
 
     def cpu_ticks(self, pid: int) -> int | None:
         """A local rank's process as ``/proc`` shows it (:func:`cpu_ticks`): is a silent rank

@@ -108,3 +108,31 @@ def test_a_rank_being_killed_is_not_interrupted_or_waited_for(ray_connected):
     finally:
         ray.kill(live)
         ray.kill(frozen)
+
+
+def test_stuck_ranks_are_interrupted_through_their_node_agent(ray_connected):
+    """With node agents the drain's interrupts go out as one call per node (the agent calls its
+    ranks); both ranks answer through it and end their calls as survivors."""
+    import ray
+
+    from raypod.driver.rank_calls import call_ranks
+    from raypod.worker.node_agent import remote_node_agent
+
+    ranks = [_rank_class().remote(), _rank_class().remote()]
+    agent = remote_node_agent(ray.get_runtime_context().get_node_id()).remote()
+    relayed: list[tuple[str, list[int]]] = []
+
+    def relay(method, which, args, timeout):
+        relayed.append((method, which))
+        return call_ranks(method, which, ranks, ["n0", "n0"], {"n0": agent}, args, timeout)
+
+    try:
+        ray.get([r.interrupt.remote(None) for r in ranks])  # both up
+        calls = InFlight()
+        for i, r in enumerate(ranks):
+            calls.add(r.step.remote(0.8), i, STEP, 5)
+        lost = calls.drain(ranks, timeout=3.0, attempt=0, relay=relay)
+        assert lost == set() and relayed == [("interrupt", [0, 1])]
+    finally:
+        for a in [agent, *ranks]:
+            ray.kill(a)

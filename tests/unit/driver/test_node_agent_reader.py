@@ -68,3 +68,37 @@ def test_a_rank_alone_on_its_node_is_read_and_killed_through_its_node_agent(ray_
         for p in (working, frozen):
             p.kill()
             p.wait()
+
+
+def test_calls_to_many_ranks_go_one_per_node_through_the_agents(ray_connected):
+    """Ranks 0-1 on a node with an agent, 2 on one without: one relayed call answers for 0 and
+    1, rank 2 is called directly; a dead rank is named as failed, a slow one as late, and
+    when an agent is gone its ranks are called directly."""
+    from raypod.driver.rank_calls import call_ranks
+
+    @ray.remote(num_cpus=0)
+    class Held:
+        """A rank's actor as a recovery calls it: ``memory_report`` (slow on request)."""
+
+        def __init__(self, rank: int, delay_s: float = 0.0) -> None:
+            self.rank, self.delay_s = rank, delay_s
+
+        def memory_report(self) -> dict:
+            time.sleep(self.delay_s)
+            return {"rank": self.rank}
+
+    actors = [Held.remote(0), Held.remote(1), Held.remote(2), Held.remote(3, delay_s=5.0)]
+    agent = remote_node_agent(ray.get_runtime_context().get_node_id()).remote()
+    nodes = ["n0", "n0", "n2", "n0"]
+    try:
+        got = call_ranks("memory_report", [0, 1, 2], actors, nodes, {"n0": agent}, timeout=5.0)
+        assert (got.answers, got.failed, got.late) == ({r: {"rank": r} for r in (0, 1, 2)}, {}, [])
+        ray.kill(actors[1], no_restart=True)
+        got = call_ranks("memory_report", [0, 1, 3], actors, nodes, {"n0": agent}, timeout=1.0)
+        assert got.answers == {0: {"rank": 0}} and list(got.failed) == [1] and got.late == [3]
+        ray.kill(agent, no_restart=True)
+        got = call_ranks("memory_report", [0, 2], actors, nodes, {"n0": agent}, timeout=5.0)
+        assert got.answers == {0: {"rank": 0}, 2: {"rank": 2}}
+    finally:
+        for a in [agent, *actors]:
+            ray.kill(a, no_restart=True)

@@ -130,3 +130,27 @@ def test_cpu_ticks_of_this_process_and_of_none(tmp_path):
 
     assert isinstance(cpu_ticks(os.getpid()), int)  # this process runs: RUNNING (-1)
     assert cpu_ticks(2**22 + 7) is None  # no such process
+
+
+def test_a_relay_answers_for_every_local_rank_at_once_naming_the_failed_and_the_late():
+    from raypod.worker.node_agent import relay_calls
+
+    sent: dict[str, Future] = {}
+
+    def send(handle: str) -> Future:
+        if handle == "gone":
+            raise RuntimeError("actor gone")
+        sent[handle] = Future()
+        return sent[handle]
+
+    import threading
+
+    def answer() -> None:
+        sent["a"].set_result("report a")
+        sent["b"].set_exception(ValueError("boom"))
+
+    threading.Timer(0.05, answer).start()  # "c" never answers
+    out = relay_calls(send, {1: "a", 2: "b", 3: "c", 4: "gone"}, timeout=0.5)
+    assert out["answers"] == {1: "report a"}
+    assert out["failed"] == {2: "ValueError: boom", 4: "RuntimeError: actor gone"}
+    assert out["late"] == [3]
