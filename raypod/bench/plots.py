@@ -217,24 +217,30 @@ def plot_scale(d: dict[str, Any], out: Path) -> Path:
 
 SIM_PANELS = (("driver_cores", "driver cores", "cores", 1.0),
               ("kill_p99_s", "kill detected, p99 (s)", "detect_p99_s", 1.0),
-              ("gap_s", "recovery gap (s)", "gap_s", 5.0))
+              ("gap_to_training_s", "detection to training again (s)", "gap_s", 5.0),
+              ("gap_s", "the same, and the step redone (s)", None, None))
 
 
 def plot_sim(d: dict[str, Any], out: Path, baseline: dict[str, Any] | None = None) -> Path:
     """``raypod bench sim``: the driver's cores, kill detection p99 and recovery gap by N, with the
     goals at 10,000 ranks; ``baseline`` (an earlier ``sim.json``) drawn beside, dashed."""
-    fig, axes = plt.subplots(1, len(SIM_PANELS), figsize=(15, 4.3))
+    fig, axes = plt.subplots(1, len(SIM_PANELS), figsize=(19, 4.3))
     runs = [(d, "now", "-", COLORS["raypod"])]
     if baseline is not None:
         runs.append((baseline, baseline.get("label", f"before ({baseline.get('date', '')})"), "--", "#7f7f7f"))
     for ax, (key, label, goal_key, goal) in zip(axes, SIM_PANELS, strict=True):
+        drawn = False
         for run, name, style, color in runs:
-            pts = [(p["ranks"], p[key]) for p in run["points"] if p.get(key) is not None]
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "o" + style, color=color, label=name)
-        ax.axhline(d.get("goals_at_10k", {}).get(goal_key, goal), color="#d62728", lw=0.8, ls=":",
-                   label="goal at 10,000")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+            pts = [(p["ranks"], p[key]) for p in run["points"] if p.get(key) is not None and p[key] > 0]
+            if pts:  # an earlier run may not have this figure
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "o" + style, color=color, label=name)
+                drawn = True
+        if goal_key is not None:
+            ax.axhline(d.get("goals_at_10k", {}).get(goal_key, goal), color="#d62728", lw=0.8, ls=":",
+                       label="goal at 10,000")
+        if drawn:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
         ax.set_xlabel("ranks (simulated)")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)

@@ -115,6 +115,11 @@ class Recovery:
         assert group is not None
         if not keeps_survivors(group.world_size, d.policies.cadence.enabled):
             return False
+        if not d.group_formed:
+            # The group's own start failed: its ranks may still be inside their set-up call,
+            # where no reload or regroup can reach them (one would wait on that call): every
+            # rank starts again, from the checkpoint if there is one.
+            return False
         marks: Marks = [("start", time.perf_counter())]
         lost = self._take_down(group, f)
         alive = [r for r in range(group.world_size) if r not in lost]
@@ -141,7 +146,7 @@ class Recovery:
             return self.load_in_place(event, lost, ckpt, marks)
         if plan.action is Action.FRESH:
             assert ckpt is None
-            return d.group_formed and self.load_in_place(event, lost, None, marks)
+            return self.load_in_place(event, lost, None, marks)
         if plan.action is Action.RESTART:
             if plan.uses_checkpoint:
                 assert plan.choice.chosen is not None

@@ -181,7 +181,9 @@ class TrainWorker:
         ``path`` None: the job has no checkpoint and no snapshot yet, so the group starts
         afresh in place (the model initialised from the seed, as at the job's start)."""
         if path is None:
-            return self._rejoin(spec, self.trainer.restore_initial, initialize=True)
+            # Looked up once _rejoin has warmed the actor: a new actor in a lost rank's slot
+            # has no trainer before that.
+            return self._rejoin(spec, lambda: self.trainer.restore_initial(), initialize=True)
         return self._rejoin(spec, lambda: self.trainer.restore_checkpoint(path, step, metadata_sha256))
 
     def export_reshard(self, step: int, sources: list[int], old_world: int,

@@ -8,7 +8,8 @@ from raypod.bench import plots
 
 def _sim(cores: float) -> dict:
     return {"date": "2026-11-30", "goals_at_10k": {"cores": 1.0, "detect_p99_s": 1.0, "gap_s": 5.0},
-            "points": [{"ranks": n, "driver_cores": cores, "kill_p99_s": n / 1e4, "gap_s": n / 1e3}
+            "points": [{"ranks": n, "driver_cores": cores, "kill_p99_s": n / 1e4, "gap_s": n / 1e3,
+                        "gap_to_training_s": n / 2e3}
                        for n in (1_000, 10_000, 100_000)]}
 
 

@@ -268,6 +268,19 @@ def test_a_group_whose_start_failed_is_started_again_not_recovered_in_place(heal
     assert len(FakeGroup.starts) == 2 and not [c for c in FakeGroup.calls if c[0] == "load_in_place"]
 
 
+def test_a_resumed_job_whose_start_failed_is_started_again_from_its_checkpoint(health_driver):
+    # A checkpoint exists (step 8, from the job's earlier run): the plan would load it in place,
+    # but the ranks may still be in their set-up call, where no reload reaches them.
+    first = health_driver(train={"max_steps": 8})
+    assert first.run()["committed_step"] == 8
+    FakeGroup.starts, FakeGroup.calls = [], []
+    d = health_driver(train={"max_steps": 12})
+    FakeGroup.plan = {"fail_start_attempt": 0}
+    summary = d.run()
+    assert summary["status"] == "succeeded" and summary["events"][0]["kind"] == "setup_failed"
+    assert FakeGroup.starts == [(2, 8), (2, 8)] and not [c for c in FakeGroup.calls if c[0] == "load_in_place"]
+
+
 @pytest.mark.parametrize("fault", ["kill", "nan"])
 def test_a_newer_checkpoint_is_loaded_in_place_over_an_older_snapshot(health_driver, fault):
     """Memory holds step 1 only, step 8 is committed: a failure at step 10 loads step 8 in
