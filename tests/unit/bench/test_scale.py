@@ -147,3 +147,14 @@ def test_the_results_page_holds_the_table_the_verdicts_the_fits_and_what_was_lef
     assert "- N=4 kill trial 1: timed out after 300s" in page
     result.update(calibration=None, calibration_error="no regroup_s measured at any rank count")
     assert "Calibration not written: no regroup_s measured" in scale.markdown(result)
+
+
+def test_the_kill_trial_measures_the_injected_kill_even_after_a_false_silence():
+    silence = {"kind": "unresponsive", "step": 3, "resumed_s": 20.0, "last_step_s": 10.0,
+               "recovery_phases_s": {"rebuild": 5.0}}
+    kill = {"kind": "kill", "step": 15, "resumed_s": 33.0, "last_step_s": 31.5,
+            "recovery_phases_s": {"rebuild": 1.2}, "restored_from": "memory step 13", "lost_steps": 0}
+    f = scale.kill_figures({"status": "succeeded", "events": [silence, kill]})
+    assert f["ok"] and f["gap_s"] == pytest.approx(1.5) and f["phases_s"] == {"rebuild": 1.2}
+    assert f["other_events"] == ["unresponsive at step 3"]
+    assert not scale.kill_figures({"status": "failed", "events": []})["ok"]
