@@ -27,8 +27,9 @@ from unittest import mock
 from raypod.bench.calibration import Calibration
 from raypod.data.order import SampleOrder
 from raypod.driver.inflight import SUBMIT_PER_POLL
+from raypod.driver.liveness import SLOW_WINDOW_S
 from raypod.driver.outcomes import PollResult
-from raypod.protocol import ErrorKind, Heartbeat, MemoryReport, Phase, StepResult, WorkerError
+from raypod.protocol import ErrorKind, Heartbeat, MemoryReport, Phase, Silence, StepResult, WorkerError
 
 DRIVER_MODULES = ("controller", "accounting", "completion", "ledger", "diagnosis", "membership",
                   "recovery", "stop")
@@ -167,6 +168,11 @@ class SimGroup:
         """The ranks' current ping round: ``(sent at, answered at)``."""
         self.silent_since: float | None = None
         """When the frozen rank's unanswered ping was sent."""
+        self.late: deque[tuple[float, float]] = deque()
+        """``(seen at, seconds)``: ping rounds answered over 0.25 s after they were sent, as the
+        driver's :class:`raypod.driver.liveness.Probes` notes late answers (a busy host gets more
+        time before its ranks count as silent)."""
+        self._round_seen = -1.0
         # The seeded order the ranks read (an epoch of EPOCH_STEPS steps), so the driver's books
         # see what real ranks report: each rank's strided share of the step's ids.
         self.order = SampleOrder(config.train.global_batch * EPOCH_STEPS, config.train.global_batch,
@@ -389,7 +395,8 @@ class SimGroup:
         flight). Per rank (``fault.node_agents`` off): a call to each of N ranks, answered by
         all ``ping(N)`` later. With node agents: a call to each node's agent
         (:meth:`_probe_calls`), answered ``ping(nodes) + ping(RANKS_PER_NODE)`` later, the
-        agent having pinged its ranks. A frozen rank never answers the ping in flight when it
+        agent having pinged its ranks. A round answered over 0.25 s after it was sent is a late
+        answer (``slowest_s`` of the reply), as the driver's probes note them. A frozen rank never answers the ping in flight when it
         froze (or the next one sent): the driver's, or its agent's (:meth:`_agent_silent_since`),
         which the agent's next report carries."""
         with self.clock.outside():
@@ -397,6 +404,12 @@ class SimGroup:
             calls, round_s = self._probe_calls(n)
             sent, answered = self.ping_round
             self._cpu("probe_wait", self.cal.wait.at(calls))
+            if now >= answered > sent != self._round_seen:  # a round answered, seen now
+                self._round_seen = sent
+                if now - sent > 0.25:
+                    self.late.append((now, now - sent))
+            while self.late and self.late[0][0] < now - SLOW_WINDOW_S:
+                self.late.popleft()
             if now >= answered and now - sent >= every_s:
                 self._calls("probe_send", calls)
                 self.ping_round = sent, answered = now, now + round_s
@@ -412,7 +425,7 @@ class SimGroup:
             seen = self.silent_since is not None and (calls == n or now >= self.silent_since + round_s)
             if seen:
                 out[self.plan.rank] = max(out[self.plan.rank], now - self.silent_since)
-            return out
+            return Silence(out, slowest_s=max((late for _, late in self.late), default=0.0))
 
     def _probe_calls(self, n: int) -> tuple[int, float]:
         """``(driver calls per probe round, seconds until the round is answered)`` for ``n``

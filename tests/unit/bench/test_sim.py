@@ -112,3 +112,17 @@ def test_a_large_group_is_sent_a_step_over_several_polls(tmp_path):
     results = group.poll(1.0)  # the last 50 go out, then the step's 0.1 s passes
     assert group.sent == 250 and len(results.steps) == 250
     assert group.costs.cpu["submit_step"] == pytest.approx(2 * CAL.actor_call.at(100) + CAL.actor_call.at(50))
+
+
+def test_the_simulated_probes_report_late_rounds_as_the_driver_s_probes_do(tmp_path):
+    # A round of 1.2 s (as 10,000 ranks' node agents take by a steep calibration): once it is
+    # answered, the driver is told answers come that late, and allows 1.5x that before silence.
+    slow = Calibration(**{**CAL.__dict__, "ping": Fit(1.2, 0.0)})
+    clock = VirtualClock()
+    group = SimGroup(sim.job_config(16, 5, str(tmp_path)), Recipe(), slow, clock)
+    group.world_size = 16
+    clock.advance(1.0)
+    first = group.probe(0.25)  # a round goes out: 2 node agents, answered 1.2 + 1.2 s later
+    assert first.slowest_s == 0.0 and min(first.values()) == 0.0
+    clock.advance(3.0)
+    assert group.probe(0.25).slowest_s == pytest.approx(3.0, abs=0.05)  # seen 3 s after it was sent
