@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -93,6 +93,8 @@ def get_all(refs: list[Any], timeout: float, check: Callable[[], None] | None = 
     return out
 
 
+K = TypeVar("K")
+
 RELAY_MARGIN_S = 0.5
 """How much longer than the calls' own timeout the driver waits for a node agent's relayed
 answer (one hop more)."""
@@ -129,35 +131,37 @@ def call_ranks(method: str, ranks: list[int], actors: list[Any], nodes: list[str
         else:
             straight.append(r)
     out = Fanout()
-    relayed = {agents[n].relay.remote(method, handles, args, timeout): handles  # type: ignore[index]
-               for n, handles in by_node.items()}
-    ready, _ = ray.wait(list(relayed), num_returns=len(relayed), timeout=timeout + RELAY_MARGIN_S) \
-        if relayed else ([], [])
-    for ref, handles in relayed.items():
-        if ref not in ready:
-            out.late.extend(handles)
-            continue
-        try:
-            reply = ray.get(ref)
-        except Exception:  # noqa: BLE001 - the agent is gone: call its ranks directly
-            straight.extend(handles)
-            continue
+    replies, broken, late = gather({agents[n].relay.remote(method, handles, args, timeout): n  # type: ignore[index]
+                                    for n, handles in by_node.items()}, timeout + RELAY_MARGIN_S)
+    for n in late:
+        out.late.extend(by_node[n])
+    for n in broken:  # the agent is gone: call its ranks directly
+        straight.extend(by_node[n])
+    for reply in replies.values():
         out.answers.update(reply["answers"])
         out.failed.update(reply["failed"])
         out.late.extend(reply["late"])
-    refs = {getattr(actors[r], method).remote(*args): r for r in straight}
-    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=max(0.0, deadline - time.monotonic())) \
-        if refs else ([], [])
-    for ref, r in refs.items():
-        if ref not in ready:
-            out.late.append(r)
-            continue
-        try:
-            out.answers[r] = ray.get(ref)
-        except Exception as e:  # noqa: BLE001 - the actor is gone or the call raised
-            out.failed[r] = describe(e)[1]
-    out.late.sort()
+    answers, errors, late = gather({getattr(actors[r], method).remote(*args): r for r in straight},
+                                   deadline - time.monotonic())
+    out.answers.update(answers)
+    out.failed.update({r: describe(e)[1] for r, e in errors.items()})
+    out.late = sorted(out.late + late)
     return out
+
+
+def gather(refs: Mapping[Any, K], timeout: float) -> tuple[dict[K, Any], dict[K, Exception], list[K]]:
+    """Wait up to ``timeout`` for ``refs`` (``ref -> key``): ``(values, errors, keys not ready)``
+    by key, an error being what getting the ref raised (the actor is gone, the call raised)."""
+    ready = set(ray.wait(list(refs), num_returns=len(refs), timeout=max(0.0, timeout))[0]) if refs else set()
+    values: dict[K, Any] = {}
+    errors: dict[K, Exception] = {}
+    for ref, key in refs.items():
+        if ref in ready:
+            try:
+                values[key] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - reported to the caller
+                errors[key] = e
+    return values, errors, [key for ref, key in refs.items() if ref not in ready]
 
 
 def unresponsive(actors: list[Any], timeout: float = PING_TIMEOUT_S) -> set[int]:
@@ -166,15 +170,8 @@ def unresponsive(actors: list[Any], timeout: float = PING_TIMEOUT_S) -> set[int]
     The ping runs on a thread of the actor's own, so a live rank answers at once even
     while its main thread is inside a collective; a dead process or a lost node does not.
     """
-    refs = {a.ping.remote(): i for i, a in enumerate(actors)}
-    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
-    dead = {i for r, i in refs.items() if r not in ready}
-    for r in ready:
-        try:
-            ray.get(r)
-        except Exception:  # noqa: BLE001 - the actor is gone
-            dead.add(refs[r])
-    return dead
+    _, gone, late = gather({a.ping.remote(): i for i, a in enumerate(actors)}, timeout)
+    return set(gone) | set(late)
 
 
 def kill_quietly(actor: Any) -> None:
