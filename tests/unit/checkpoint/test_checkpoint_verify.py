@@ -106,7 +106,8 @@ def test_driver_falls_back_past_a_damaged_checkpoint(two_checkpoints, tmp_path, 
     assert ev["kind"] == "checkpoint_corrupt" and ev["file"] == file and ev["step"] == 8
     assert says in ev["message"] and "\n" not in ev["message"]
     assert ev["restored_from"] == "checkpoint step 4" and summary["failures"] == 0
-    assert "Traceback" not in caplog.text
+    # raypod's own log (a Ray background thread of the test session may log its own traceback)
+    assert not [r for r in caplog.records if r.name.startswith("raypod") and (r.exc_info or "Traceback" in r.getMessage())]
 
 
 def test_no_checkpoint_passes_refuses_rather_than_starting_over(tmp_path):
