@@ -225,14 +225,14 @@ class NoOp:
 
 def _start_ranks(cfg: Any, n: int) -> tuple[list[Any], Any]:
     """``n`` :class:`FreeRunner` ranks joined in one group, as raypod's worker group forms one
-    (the job's rendezvous store actor, the peer ring, the same actor options); returns the
-    ranks and the store's actor (kept by the caller while the ranks run)."""
+    (the job's rendezvous store in this process, the peer ring, the same actor options);
+    returns the ranks and the store (kept by the caller while the ranks run)."""
     import ray
 
     from raypod.driver.topology import peer_ring, peers_of
     from raypod.protocol import GroupSpec
     from raypod.recipe import build_recipe
-    from raypod.worker.rendezvous import remote_rendezvous_store
+    from raypod.worker.rendezvous import RendezvousStore
 
     recipe = build_recipe(cfg)
     cls = ray.remote(max_restarts=0, max_task_retries=0,
@@ -240,8 +240,8 @@ def _start_ranks(cfg: Any, n: int) -> tuple[list[Any], Any]:
     cpu = cfg.scaling.resources_per_worker.get("CPU", 1.0)
     actors = [cls.options(num_cpus=cpu).remote(int(cpu) or 1) for _ in range(n)]
     infos = ray.get([a.node_info.remote() for a in actors])
-    store = remote_rendezvous_store(ray.get_runtime_context().get_node_id()).remote()
-    ip, port = ray.get(store.open.remote(n, cfg.fault.pg_timeout_s))
+    store = RendezvousStore()
+    ip, port = store.open(n, cfg.fault.pg_timeout_s)
     ring = peer_ring([i["node_id"] for i in infos])
     specs = [GroupSpec(config=cfg, recipe=recipe, rank=r, world_size=n, init_method=f"tcp://{ip}:{port}/g0",
                        injections=[], attempt=0, peers=peers_of(ring, r)) for r in range(n)]

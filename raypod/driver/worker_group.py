@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -48,7 +48,7 @@ from raypod.policies.scaling import worker_bundle
 from raypod.protocol import GroupSpec, Heartbeat, MemoryReport, WorkerError
 from raypod.recipe import Recipe
 from raypod.worker.actor import remote_worker_class
-from raypod.worker.rendezvous import remote_rendezvous_store
+from raypod.worker.rendezvous import RendezvousStore
 
 __all__ = ["GroupStartError", "PollResult", "WorkerError", "WorkerGroup"]  # the driver's and tests' import path
 
@@ -99,9 +99,9 @@ class WorkerGroup:
         self.calls, self.probes = InFlight(), Probes(config.fault.node_agents, lambda: self.nodes)
         self.excluded_nodes: set[str] = set()
         """Nodes the ranks must not be placed on (failed a pre-flight check, or lost ranks repeatedly)."""
-        self.store: Any = None
-        """The job's rendezvous store actor (:mod:`raypod.worker.rendezvous`), started with
-        the first group and kept for every later one."""
+        self.store: RendezvousStore | None = None
+        """The job's rendezvous store, in this process (:mod:`raypod.worker.rendezvous`),
+        opened with the first group and kept for every later one."""
 
     # The pool's lists, under the names the driver and the benchmarks read.
     @property
@@ -143,7 +143,7 @@ class WorkerGroup:
             self.placement = [self.placement[i] for i in order]
             self._locate([infos[i] for i in order])
             watch = self._watch(attempt)
-            init_method = self._rendezvous(timeout)
+            init_method = self._rendezvous()
             restore_arg = (restore.path, restore.step, restore.metadata_sha256) if restore else None
             refs = [a.setup.remote(spec, restore_arg)
                     for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]
@@ -155,9 +155,7 @@ class WorkerGroup:
                 "doctor": [r["doctor"] for r in results if r.get("doctor")]}
 
     def _place(self, world_size: int, timeout: float) -> None:
-        """Reserve ``world_size`` bundles, start an actor in each, and place the spares (and
-        the rendezvous store's actor, which imports torch meanwhile)."""
-        self._start_store()
+        """Reserve ``world_size`` bundles, start an actor in each, and place the spares."""
         self.pg = placement_group([dict(self.bundle)] * world_size,
                                   strategy=self.cfg.scaling.placement_strategy,
                                   bundle_label_selector=avoid_nodes(self.excluded_nodes, world_size))
@@ -180,44 +178,14 @@ class WorkerGroup:
         self.twins = hsdp_twins(p.strategy, p.replicas, self.world_size)
         self.peer_to = [None] * self.world_size if self.twins else peer_ring(self.nodes)
 
-    def _start_store(self) -> None:
-        """Start the rendezvous store's actor (on the driver's node) unless it runs already."""
+    def _rendezvous(self) -> str:
+        """``tcp://ip:port/prefix``: the job's rendezvous store (the same one for every group:
+        the ranks that stay keep their connections to it) and a prefix of the new group's own,
+        so that no key of an earlier group is ever read."""
         if self.store is None:
-            self.store = remote_rendezvous_store(ray.get_runtime_context().get_node_id()).remote()
-
-    def _rendezvous(self, timeout: float) -> str:
-        """``tcp://ip:port/prefix``: the job's rendezvous store (the same one for every group
-        while its actor lives: the ranks that stay keep their connections to it; a new one if
-        it was lost) and a prefix of the new group's own, so that no key of an earlier group
-        is ever read.
-
-        Raises:
-            GroupStartError: the store could not be started within ``timeout`` seconds.
-        """
-        try:
-            ip, port = self._open_store(timeout)
-        except RayActorError as e:
-            log.warning("the rendezvous store's actor is gone (%s): starting another one", e)
-            self.store = None
-            try:
-                ip, port = self._open_store(timeout)
-            except RayActorError as again:
-                raise GroupStartError(f"the rendezvous store could not be started: {again}") from None
+            self.store = RendezvousStore()
+        ip, port = self.store.open(len(self.actors), self.cfg.fault.pg_timeout_s)
         return f"tcp://{ip}:{port}/{uuid.uuid4().hex[:12]}"
-
-    def _open_store(self, timeout: float) -> tuple[str, int]:
-        """``(ip, port)`` of the store's actor (started if need be).
-
-        Raises:
-            RayActorError: the actor is gone.
-            GroupStartError: it did not answer within ``timeout`` seconds.
-        """
-        self._start_store()
-        try:
-            return ray.get(self.store.open.remote(len(self.actors), self.cfg.fault.pg_timeout_s), timeout=timeout)
-        except GetTimeoutError:
-            raise GroupStartError(f"the rendezvous store did not start within {timeout:.0f} s "
-                                  "(scaling.schedule_timeout_s)") from None
 
     def _watch(self, attempt: int) -> Callable[[], None] | None:
         """While the group forms: a rank silent for ``fault.silent_s`` ends the wait (see
@@ -251,7 +219,7 @@ class WorkerGroup:
             remove_pg_quietly(self.pg)
         self.actors, self.pg, self.world_size = [], None, 0
         if self.store is not None:
-            kill_quietly(self.store)
+            self.store.close()
             self.store = None
         self.calls.clear()
         self.probes.close()  # the node agents
@@ -438,7 +406,7 @@ class WorkerGroup:
                          strict=True))
         self._locate([infos.get(r) or known[r] for r in range(len(self.actors))])
         watch = self._watch(attempt)
-        init_method = self._rendezvous(timeout)
+        init_method = self._rendezvous()
         t1 = time.perf_counter()
         refs = [call(a, spec)
                 for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]

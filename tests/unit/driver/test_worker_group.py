@@ -7,9 +7,6 @@ topology helpers and the spare pool's bookkeeping need no cluster.
 
 from __future__ import annotations
 
-import types
-from typing import Any
-
 from support import assert_implements_group_protocol
 
 from raypod.config import JobConfig
@@ -93,44 +90,25 @@ def test_calls_are_sent_in_order_a_bounded_number_per_flush():
     assert len(calls) == 0 and calls.flush() == 0
 
 
-def test_every_group_meets_through_the_same_store_actor_until_it_is_lost(tmp_path, monkeypatch):
-    """One store actor serves each rendezvous (a prefix of its own each time); when its actor
-    is gone, another one is started and the rendezvous goes on."""
-    import ray.exceptions
+def test_every_group_meets_through_the_drivers_own_store_until_the_group_is_shut_down(tmp_path, monkeypatch):
+    """The store is a real TCP store in the driver's process: each rendezvous gets a prefix of
+    its own on the same port (the ranks that stay keep their connection), and a client
+    reaches it; closing it drops the server (a group shut down opens another one next time)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
 
     import raypod.driver.worker_group as wg
 
-    started: list[Any] = []
-
-    class Store:
-        def __init__(self, port: int) -> None:
-            self.port, self.lost, self.calls = port, False, 0
-            outer = self
-
-            class _Open:
-                def remote(self, n, timeout):  # noqa: ANN001, ANN202
-                    outer.calls += 1
-                    return outer
-
-            self.open = _Open()
-
-    def fake_get(ref, timeout):  # noqa: ANN001, ANN202
-        if ref.lost:
-            raise ray.exceptions.RayActorError()
-        return ("10.0.0.9", ref.port)
-
-    def new_store(node_id):  # noqa: ANN001, ANN202
-        store = Store(2000 + len(started))
-        started.append(store)
-        return types.SimpleNamespace(remote=lambda: store)
-
-    monkeypatch.setattr(wg, "remote_rendezvous_store", new_store)
-    monkeypatch.setattr(wg.ray, "get", fake_get)
-    monkeypatch.setattr(wg.ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "n0"))
+    monkeypatch.setattr(wg.ray.util, "get_node_ip_address", lambda: "127.0.0.1")
     group = _group(tmp_path)
     group.actors = ["r0", "r1"]
-    first, second = group._rendezvous(1.0), group._rendezvous(1.0)
-    assert first.startswith("tcp://10.0.0.9:2000/") and second.startswith("tcp://10.0.0.9:2000/")
-    assert first != second and len(started) == 1 and started[0].calls == 2
-    started[0].lost = True  # its node went
-    assert group._rendezvous(1.0).startswith("tcp://10.0.0.9:2001/") and len(started) == 2
+    first, second = group._rendezvous(), group._rendezvous()
+    host_port = first.removeprefix("tcp://").split("/")[0]
+    assert second.startswith(f"tcp://{host_port}/") and first != second
+    port = int(host_port.split(":")[1])
+    client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
+    client.set("k", "v")
+    assert group.store is not None and group.store._store.get("k") == b"v"
+    group.store.close()
+    assert group.store._store is None
