@@ -120,7 +120,7 @@ class TokenWindows:
         return self.to_batch(self.windows(np.asarray(ids, dtype=np.int64)))
 
     def warm(self) -> None:
-        """Get a (spare) rank ready: token file in the page cache, Ray Data imported.
+        """Get a spare or joiner ready: token file in the page cache, Ray Data imported.
 
         Then a replacement rank's first batches and its stream's start cost milliseconds.
         """
@@ -232,17 +232,20 @@ class StepFeed:
         self.stats = {"streamed": 0, "local": 0, "late": 0, "recent": 0, "restarts": 0}
 
     # ---- positioning -------------------------------------------------------------
-    def seek(self, rank: int, world_size: int, step: int) -> None:
+    def seek(self, rank: int, world_size: int, step: int, start: bool = True) -> None:
         """The next :meth:`take` is ``step`` as ``rank`` of ``world_size``: get a stream ready for it.
 
         Keeps the running stream when it will reach the first step not held in memory
-        (the usual case after an in-place recovery at the same world size).
+        (the usual case after an in-place recovery at the same world size). With
+        ``start=False`` no stream starts now: the next :meth:`take` serves its step here
+        and then starts one for the steps after it (a job's first step, which then does
+        not share the rank's CPU with importing and starting Ray Data).
         """
         if (rank, world_size) != self.key:
             self.key = (rank, world_size)
             self.recent.clear()
             self._stop()
-        if not self.streamed or step > self.last_step:
+        if not self.streamed or step > self.last_step or not start:
             return
         first = step
         while first in self.recent:
@@ -343,10 +346,10 @@ class StepFeed:
         if not self.streamed:
             out = self._local(step)
         else:
-            if self.pump is None or not self._reaches(step):
+            if self.pump is not None and not self._reaches(step):
                 self.seek(rank, world_size, step)
             out = (self._from_stream(step) if self.pump is not None else None) or self._local(step)
-            if self.pump is None and step < self.last_step:
+            if self.pump is None and step < self.last_step:  # served here; a stream for the next ones
                 self._start(step + 1)
         self.recent[step] = out
         for s in [s for s in self.recent if s < step - self.keep]:

@@ -146,7 +146,9 @@ class TrainWorker:
             t1 = time.perf_counter()
             self.trainer.load(*restore)
             load_s = time.perf_counter() - t1
-        self.trainer.feed.seek(spec.rank, spec.world_size, self.trainer.step + 1)  # start the data stream
+        # The stream starts after the first step, which the rank assembles itself: that step
+        # does not share the rank's CPU with importing and starting Ray Data.
+        self.trainer.feed.seek(spec.rank, spec.world_size, self.trainer.step + 1, start=False)
         return {"rank": spec.rank, "setup_s": time.perf_counter() - t0, "load_s": load_s,
                 "num_samples": len(self.trainer.data), "doctor": doctor}
 

@@ -84,8 +84,6 @@ class Trainer:
                         t.eval_every_steps, type(recipe).__name__)
         self.order = SampleOrder(len(self.data), t.global_batch, t.seed)
         self.feed = StepFeed(self.data, self.order, t.max_steps)
-        if hasattr(self.data, "warm"):
-            self.data.warm()  # a spare's first batches come from the page cache
         self.saves = SaveQueue(config)
         self.step = 0
         self.model = self.optimizer = None
@@ -152,7 +150,11 @@ class Trainer:
         self.optimizer = self.recipe.build_optimizer(self.model, ctx)
 
     def rehearse(self, max_state_bytes: float = 4 * 2**30) -> float:
-        """A spare's warm-up step on a group of its own (see :func:`raypod.worker.rehearsal.rehearse`)."""
+        """A spare's warm-up step on a group of its own (see :func:`raypod.worker.rehearsal.rehearse`),
+        with its data warm (a spare's first batches come from the page cache, its stream starts
+        with Ray Data imported)."""
+        if hasattr(self.data, "warm"):
+            self.data.warm()
         return rehearse(self.cfg, self.recipe, self.data, self.device, max_state_bytes)
 
     def interrupt(self, attempt: int | None = None) -> Interrupted:
