@@ -38,6 +38,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -162,9 +163,10 @@ def _assemble(batch: dict[str, np.ndarray], source: TokenWindows, first: int, ra
 
 
 class _Pump(threading.Thread):
-    """Iterates one Ray Data stream in the background into a bounded queue."""
+    """Builds one Ray Data stream (``dataset()``: Ray Data is imported there the first time)
+    and iterates it in the background into a bounded queue."""
 
-    def __init__(self, dataset: Any, prefetch: int) -> None:
+    def __init__(self, dataset: Callable[[], Any], prefetch: int) -> None:
         super().__init__(daemon=True, name="raypod-data-stream")
         self.dataset = dataset
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -182,7 +184,7 @@ class _Pump(threading.Thread):
     def run(self) -> None:
         it = None
         try:
-            it = iter(self.dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2))
+            it = iter(self.dataset().iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=2))
             for b in it:
                 if not self._put((int(b["step"][0]), b["ids"][0], b["windows"][0])):
                     break
@@ -229,6 +231,9 @@ class StepFeed:
         """Step of the next row the stream will deliver."""
         self.live = False
         """Whether the stream has run ahead of training (until then the rank serves itself)."""
+        self.start_after: int | None = None
+        """``seek(start=False)``: the step served here before any stream starts (the stream
+        starts at the next :meth:`take`, once that step is done)."""
         self.stats = {"streamed": 0, "local": 0, "late": 0, "recent": 0, "restarts": 0}
 
     # ---- positioning -------------------------------------------------------------
@@ -237,14 +242,15 @@ class StepFeed:
 
         Keeps the running stream when it will reach the first step not held in memory
         (the usual case after an in-place recovery at the same world size). With
-        ``start=False`` no stream starts now: the next :meth:`take` serves its step here
-        and then starts one for the steps after it (a job's first step, which then does
-        not share the rank's CPU with importing and starting Ray Data).
+        ``start=False`` no stream starts before ``step`` is done: it is served here and
+        the next :meth:`take` starts one (a job's first step then does not share the
+        rank's CPU with importing and starting Ray Data).
         """
         if (rank, world_size) != self.key:
             self.key = (rank, world_size)
             self.recent.clear()
             self._stop()
+        self.start_after = None if start else step
         if not self.streamed or step > self.last_step or not start:
             return
         first = step
@@ -269,8 +275,8 @@ class StepFeed:
             self.stats["held_back"] = self.stats.get("held_back", 0) + 1
             return
         rank, world_size = self.key
-        ds = self.source.stream(rank, world_size, self.order, first, self.last_step)
-        self.pump = _Pump(ds, self.prefetch)
+        self.pump = _Pump(functools.partial(self.source.stream, rank, world_size, self.order, first, self.last_step),
+                          self.prefetch)
         self.pump.start()
         self.next_row, self.live = first, False
         self.stats["restarts"] += 1
@@ -349,8 +355,8 @@ class StepFeed:
             if self.pump is not None and not self._reaches(step):
                 self.seek(rank, world_size, step)
             out = (self._from_stream(step) if self.pump is not None else None) or self._local(step)
-            if self.pump is None and step < self.last_step:  # served here; a stream for the next ones
-                self._start(step + 1)
+            if self.pump is None and step < self.last_step and (self.start_after is None or step > self.start_after):
+                self._start(step + 1)  # this step served here; a stream for the next ones
         self.recent[step] = out
         for s in [s for s in self.recent if s < step - self.keep]:
             del self.recent[s]
