@@ -137,3 +137,60 @@ def test_map_style_source_is_fetched_in_process():
     ids, batch = feed.take(3, 1, 2)
     assert np.array_equal(ids, order.ids(3)[1::2]) and torch.equal(batch, source.get_batch(ids))
     assert feed.pump is None and feed.stats["local"] == 1
+
+
+class _RecordingSource:
+    """A streamed source without Ray: each stream is the rank's rows, built when iterated;
+    ``built`` notes the first step of every stream built and on which thread."""
+
+    seq_len = 3
+
+    def __init__(self) -> None:
+        self.built: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        return 64
+
+    def get_batch(self, ids: np.ndarray) -> np.ndarray:
+        return np.asarray(ids) * 10
+
+    def to_batch(self, windows: np.ndarray) -> np.ndarray:
+        return np.asarray(windows)
+
+    def stream(self, rank: int, world_size: int, order: SampleOrder, first: int, last: int):  # noqa: ANN201
+        import threading
+
+        self.built.append((first, threading.current_thread().name))
+
+        class Rows:
+            def iter_batches(self, **_):  # noqa: ANN001, ANN202
+                for s in range(first, last + 1):
+                    ids = SampleOrder.rank_share(order.ids(s), rank, world_size).astype(np.int64)
+                    yield {"step": np.array([s]), "ids": ids[None], "windows": (ids * 10)[None]}
+
+        return Rows()
+
+
+def test_a_jobs_first_step_is_served_by_the_rank_and_the_stream_starts_after_it():
+    """``seek(start=False)`` (a job's start): step 1 is assembled here with no stream built;
+    the next take starts one for the steps after it, built on the stream's own thread, and
+    every step gets exactly its share, streamed or not."""
+    order, src = SampleOrder(64, 8, 0), _RecordingSource()
+    feed = StepFeed(src, order, last_step=12)
+    feed.seek(0, 2, 1, start=False)
+    ids, batch = feed.take(1, 0, 2)
+    assert src.built == [] and feed.pump is None and feed.stats["local"] == 1
+    expected = {s: SampleOrder.rank_share(order.ids(s), 0, 2) for s in range(1, 13)}
+    assert np.array_equal(ids, expected[1]) and np.array_equal(batch, expected[1] * 10)
+    ids, _ = feed.take(2, 0, 2)
+    assert np.array_equal(ids, expected[2]) and feed.pump is not None
+    deadline = time.monotonic() + 5
+    while not src.built and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert src.built == [(3, "raypod-data-stream")]
+    for s in range(3, 13):
+        time.sleep(0.02)  # the stream runs ahead
+        ids, batch = feed.take(s, 0, 2)
+        assert np.array_equal(ids, expected[s]) and np.array_equal(batch, expected[s] * 10)
+    assert feed.stats["streamed"] > 0 and len(src.built) == 1, feed.stats
+    feed.close()
