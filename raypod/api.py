@@ -197,9 +197,12 @@ def run(config: JobConfig, callbacks: list[Callback] | None = None, progress: bo
         cbs = default_callbacks(config, progress) if callbacks is None else callbacks
         summary = Driver(config, callbacks=cbs, recipe=recipe, lease=lease, stop=stop,
                          policies=policies_for(config)).run()
-    except StopRequested as e:
-        raise JobStopped(f"job {config.name} stopped by {signal_name(e.signum)} before training started; "
-                         "no step ran", {}, e.signum) from None
+    except KeyboardInterrupt as e:  # a StopRequested, or the KeyboardInterrupt Ray raises for it
+        signum = e.signum if isinstance(e, StopRequested) else stop.signum
+        if signum is None:  # Ctrl-C without our handler (handle_signals=False): not ours to name
+            raise
+        raise JobStopped(f"job {config.name} stopped by {signal_name(signum)} before training started; "
+                         "no step ran", {}, signum) from None
     finally:
         stop.restore()
         lease.release()

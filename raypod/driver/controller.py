@@ -180,9 +180,9 @@ class Driver:
                     self._ownership_lost()
                 else:
                     self.step()
-        except (KeyboardInterrupt, StopRequested) as e:
+        except KeyboardInterrupt as e:  # a StopRequested, or the KeyboardInterrupt Ray raises for it
             self._set_state(self._stopped(self.stop.name or (
-                "SIGINT" if isinstance(e, KeyboardInterrupt) else signal_name(e.signum))))
+                signal_name(e.signum) if isinstance(e, StopRequested) else "SIGINT")))
         except Exception as e:  # noqa: BLE001 - the summary must be written whatever happened
             full = storage_error(e, self.cfg.checkpoint.storage, "writing the job's files")
             if full is not None:  # a commit, the final save or the final model: one sentence

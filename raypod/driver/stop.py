@@ -11,12 +11,14 @@ The handler only records the signal. While the driver is in its training loop
 starts) the handler raises :class:`StopRequested` in the main thread, like Ctrl-C
 raises ``KeyboardInterrupt``. ``ray job stop`` sends SIGKILL
 ``RAY_JOB_STOP_WAIT_TIME_S`` (3 by default) seconds after SIGTERM, so the stop path
-never waits for a new save.
+never waits for a new save, and the job's ending (summary, MLflow) is bounded by what is
+left of that grace (:func:`time_left`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -27,12 +29,45 @@ log = logging.getLogger("raypod.driver")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+STOP_MARGIN_S = 1.0
+"""Of Ray's grace, what the driver keeps for itself after its callbacks (releasing the lease,
+disconnecting from Ray, the interpreter's exit)."""
 
-class StopRequested(BaseException):
+_stopped_at: float | None = None
+"""``time.monotonic()`` of the first stop signal this process handled (a signal is the
+process's, whichever :class:`StopSignals` recorded it)."""
+
+
+def grace_s() -> float:
+    """Seconds between ``ray job stop``'s SIGTERM and its SIGKILL: ``RAY_JOB_STOP_WAIT_TIME_S``
+    (Ray's default, 3, when unset or not a number)."""
+    try:
+        return max(0.0, float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3")))
+    except ValueError:
+        return 3.0
+
+
+def time_left() -> float | None:
+    """Seconds a stopping driver may still spend on its ending (summary, tracking) before Ray's
+    SIGKILL, keeping :data:`STOP_MARGIN_S` for the exit itself; None when no stop was received.
+
+    A callback that waits at the job's end (the MLflow callback flushing its queue) bounds the
+    wait by this; what it cannot send by then stays where the next run of the job finds it.
+    """
+    if _stopped_at is None:
+        return None
+    return max(0.0, _stopped_at + grace_s() - STOP_MARGIN_S - time.monotonic())
+
+
+class StopRequested(KeyboardInterrupt):
     """Raised in the main thread by a stop signal outside the driver's training loop.
 
-    A ``BaseException`` (like ``KeyboardInterrupt``) so that ``except Exception`` does
-    not swallow it.
+    A ``KeyboardInterrupt``, so that ``except Exception`` does not swallow it, and so that
+    a wait inside Ray passes it on: ``ray.get`` and ``ray.wait`` run Python's signal
+    handlers while they block and turn a ``KeyboardInterrupt`` into a fresh one, but
+    drop any other exception a handler raises (Ray's ``check_signals``), which left a
+    ``ray job stop`` during a recovery unanswered until Ray's SIGKILL. Catch
+    ``KeyboardInterrupt`` and read the signal from :class:`StopSignals`.
     """
 
     def __init__(self, signum: int) -> None:
@@ -88,7 +123,10 @@ class StopSignals:
         return self
 
     def restore(self) -> None:
-        """Put back the handlers that were there before :meth:`install`."""
+        """Put back the handlers that were there before :meth:`install`; the stop, if any,
+        is over (:func:`time_left` is None again for the process's next job)."""
+        global _stopped_at
+        _stopped_at = None
         if threading.current_thread() is not threading.main_thread():
             return
         for sig, old in self._previous.items():
@@ -104,7 +142,10 @@ class StopSignals:
                 raise KeyboardInterrupt  # a second Ctrl-C while stopping: the user insists
             log.warning("%s received again; the driver is already stopping", signal_name(signum))
             return
+        global _stopped_at
         self.signum, self.received_at = signum, time.monotonic()
+        if _stopped_at is None:
+            _stopped_at = self.received_at
         log.info("%s received: stopping the job", signal_name(signum))
         if not self.deferred:
             raise StopRequested(signum)

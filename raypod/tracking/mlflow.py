@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from raypod.callbacks import Callback, FailureEvent, JobInfo, StepReport
+from raypod.driver.stop import time_left
 from raypod.redact import REDACTED, redact, redact_uri
 from raypod.tracking.artifacts import EVENTS_TABLE, Timeline
 from raypod.tracking.identity import (
@@ -55,6 +56,14 @@ logger = logging.getLogger("raypod.tracking")
 # What other modules and tests import from here, though it now lives in the modules above.
 __all__ = ["EVENTS_TABLE", "FINAL_MODEL_FILE", "JOB_NAME_TAG", "REDACTED", "RUN_ID_FILE",
            "MLflowCallback", "params_from_config", "redact", "resolve_tracking_uri", "run_url"]
+
+
+def _bounded(wait_s: float) -> float:
+    """``wait_s``, or less when the job is being stopped: a stopped job's ending fits in Ray's
+    grace before its SIGKILL (:func:`raypod.driver.stop.time_left`); what is not sent by then
+    stays in the spool, for the next run of the job."""
+    left = time_left()
+    return wait_s if left is None else min(wait_s, left)
 
 
 class MLflowCallback(Callback):
@@ -253,7 +262,7 @@ class MLflowCallback(Callback):
             return
         sender, run = self._sender, self._sender.run
         sender.setup_now()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + _bounded(10.0)
         while not run.ready.wait(0.05) and not sender.failing and time.monotonic() < deadline:
             pass
         summary["mlflow_run_id"] = run.run_id or run.stored_run_id
@@ -267,7 +276,7 @@ class MLflowCallback(Callback):
         self._stop_node_metrics()
         self._sender.put(("finish", dict(summary), summary_path, list(self._timeline)))
         self._closed = True
-        self._shutdown(self.join_timeout_s)
+        self._shutdown(_bounded(self.join_timeout_s))
 
     # ---- driver-side helpers -------------------------------------------------------
     def _start_node_metrics(self) -> None:

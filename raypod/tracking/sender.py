@@ -219,8 +219,14 @@ class Sender:
             logger.info("waiting up to %.0f s more while the final model is logged to MLflow",
                         model_timeout_s)
             self._thread.join(model_timeout_s)
-        if self._thread.is_alive():
-            logger.warning("MLflow tracking did not finish within %.0f s; what is unsent stays in %s",
+        if self._thread.is_alive() and self.run.run_id is None and not self._staged:
+            # Still inside MLflow's first store call (a new SQLite store runs its schema
+            # migrations: seconds of CPU): nothing was spooled, the thread owns the queue.
+            logger.warning("MLflow tracking did not finish within %.1f s: the tracking store was still "
+                           "being opened, so the run was not created and this driver's metrics and "
+                           "events were not sent", timeout)
+        elif self._thread.is_alive():
+            logger.warning("MLflow tracking did not finish within %.1f s; what is unsent stays in %s",
                            timeout, self.spool_path)
 
     @property

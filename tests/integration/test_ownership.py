@@ -141,3 +141,38 @@ def test_ray_job_stop_ends_the_job_as_stopped(ray_cluster, tmp_path):
     sup_log = sup.read_text() if sup.exists() else ""
     assert "has been terminated gracefully with SIGTERM" in sup_log, sup_log[-2000:]
     print(f"ray job stop took {stop_s:.2f} s; stopped at step {summary['final_step']}")
+
+
+@pytest.mark.parametrize("wait", ["get", "wait"])
+def test_a_stop_signal_ends_the_drivers_wait_inside_ray(ray_connected, wait):
+    """Outside its training loop (placing workers, recovering) the driver waits inside
+    ``ray.get`` / ``ray.wait``; Ray runs the signal handler there and passes on only a
+    ``KeyboardInterrupt`` (its ``check_signals``), so a stop must be one to end the wait: a
+    ``ray job stop`` during a recovery used to go unanswered until Ray's SIGKILL."""
+    import threading
+
+    import ray
+
+    from raypod.driver.stop import StopSignals
+
+    @ray.remote(num_cpus=0)
+    def busy() -> None:
+        time.sleep(60)
+
+    ref = busy.remote()
+    signals = StopSignals().install()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            if wait == "get":
+                ray.get(ref, timeout=20)
+            else:
+                ray.wait([ref], timeout=20)
+        took = time.monotonic() - t0
+    finally:
+        timer.cancel()
+        signals.restore()
+        ray.cancel(ref, force=True)
+    assert signals.name == "SIGTERM" and took < 3.0, took

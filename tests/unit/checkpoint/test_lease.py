@@ -239,3 +239,24 @@ def test_stop_signals_record_in_the_loop_and_raise_elsewhere():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_stop_bounds_the_jobs_ending_by_rays_grace(monkeypatch):
+    import signal
+
+    from raypod.driver import stop
+
+    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "5")
+    signals = stop.StopSignals().install()
+    try:
+        assert stop.time_left() is None
+        signals.deferred = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        left = stop.time_left()
+        assert left is not None and 5 - stop.STOP_MARGIN_S - 0.5 < left <= 5 - stop.STOP_MARGIN_S
+    finally:
+        signals.restore()
+    assert stop.time_left() is None  # the next job in this process starts with no stop
+    monkeypatch.setenv("RAY_JOB_STOP_WAIT_TIME_S", "soon")
+    assert stop.grace_s() == 3.0

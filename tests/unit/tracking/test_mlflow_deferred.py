@@ -75,3 +75,42 @@ print("mlflow" in sys.modules)
                          cwd=str(Path(__file__).parents[3]))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_stopped_jobs_tracking_ends_within_rays_grace_while_the_store_still_opens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``ray job stop`` SIGKILLs the driver 3 s after its SIGTERM: a new SQLite store's schema
+    migrations (seconds of CPU) must not hold the stopped job's summary past that."""
+    import threading
+
+    from raypod.driver import stop
+    from raypod.tracking.identity import RunIdentity
+
+    monkeypatch.chdir(tmp_path)
+    opening = threading.Event()
+    release = threading.Event()
+
+    def slow_open(self, job):  # the store call that does not come back in time
+        opening.set()
+        release.wait(30)
+        raise RuntimeError("store closed")
+
+    monkeypatch.setattr(RunIdentity, "open_run", slow_open)
+    cfg = make_config(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", max_steps=100)
+    cb = MLflowCallback(flush_interval_s=0.1, system_metrics=False, setup_delay_s=60)
+    cb.before_job(JobInfo(config=cfg, job_dir=cfg.job_dir, start_time=time.time()))
+    cb.after_step(report(1))  # the first step: the run is set up now
+    assert opening.wait(10)
+    assert stop.time_left() is None and stop.grace_s() == 3.0
+    monkeypatch.setattr(stop, "_stopped_at", time.monotonic())  # what the SIGTERM handler records
+    try:
+        t0 = time.monotonic()
+        summary: dict = {"status": "stopped"}
+        cb.before_summary(summary)
+        finish(cb, cfg, "stopped")
+        took = time.monotonic() - t0
+    finally:
+        release.set()
+    assert took <= stop.grace_s() - stop.STOP_MARGIN_S + 0.3, took
+    assert "mlflow_run_id" in summary and summary["mlflow_run_id"] is None
+    assert "the tracking store was still being opened" in caplog.text
