@@ -37,16 +37,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _kill_tree_matching(pattern: str) -> None:
+def _tree(*patterns: str) -> set[int]:
+    """The processes whose command line matches one of ``patterns`` and all their
+    descendants: the raylet's dashboard and runtime-env agents rename themselves
+    (``ray::DashboardAgent``), so only their parentage ties them to the cluster (they
+    outlived it before)."""
+    pids = {int(p) for pattern in patterns
+            for p in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()}
+    pids -= {os.getpid()}
+    children: dict[int, list[int]] = {}
+    for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
+        pid, ppid = (int(x) for x in line.split())
+        children.setdefault(ppid, []).append(pid)
+    todo = list(pids)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in pids and c != os.getpid():
+                pids.add(c)
+                todo.append(c)
+    return pids
+
+
+def _kill_tree_matching(*patterns: str) -> None:
     """SIGTERM, then SIGKILL what is left after 2 s: Ray 2.60's GCS, raylet and autoscaler
     monitor do not exit on a SIGTERM at all (measured: all three still there after 20 s)."""
+    pids = _tree(*patterns)
     for sig, wait_s in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 10.0)):
-        subprocess.run(["pkill", f"-{int(sig)}", "-f", pattern], check=False)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
         deadline = time.time() + wait_s
         while time.time() < deadline:
-            if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode != 0:
+            pids = {p for p in pids if _alive(p)}
+            if not pids:
                 return
             time.sleep(0.3)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +124,8 @@ def ray_cluster():
 
         if ray.is_initialized():
             ray.shutdown()
-        _kill_tree_matching(temp_dir)
+        # The Ray client server names the cluster by its GCS port only.
+        _kill_tree_matching(temp_dir, f"ray.util.client.server --address=[^ ]*:{port} ")
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -31,6 +31,7 @@ from raypod.driver.state import HandingOverState, RecoveringState, State
 from raypod.policies.failures import Failure
 from raypod.policies.health import hung_rank
 from raypod.protocol import LATE_FACTOR, ErrorKind, Phase, WorkerError, WorkerGroupProtocol
+from raypod.worker.node_agent import RUNNING
 
 log = logging.getLogger("raypod.driver")
 
@@ -39,6 +40,11 @@ HANG_HISTORY = 3
 TRAINING_PHASES = frozenset({Phase.START, Phase.FORWARD_BACKWARD, Phase.OPTIMIZER, Phase.SNAPSHOT})
 """Phases in which a rank works on its step, so the others may be waiting on it (in
 ``sync`` it waits itself; in ``done`` it is between steps)."""
+BUSY_READ_S = 0.25
+"""While a rank is silent past the limit, how often its process is read on its node."""
+BUSY_CAP = 10.0
+"""A silent rank whose process keeps working is waited for up to this many times
+``fault.silent_s``; past that it is lost, working or not."""
 FROZEN = frozenset({"freeze", "freeze_node"})
 """Injected fault kinds that leave a rank silent (stopped with SIGSTOP)."""
 _ROOT_CAUSE = {ErrorKind.WORKER_DIED: 0, ErrorKind.INJECTED: 1, ErrorKind.EXCEPTION: 2, ErrorKind.PEER_LOST: 4}
@@ -69,6 +75,8 @@ class Diagnosis:
         self.next_health_check = 0.0
         self.silent: set[int] = set()
         """The ranks the last :meth:`silent_failure` found silent (all lost with the one blamed)."""
+        self._reads: dict[int, tuple[float, int | None, bool]] = {}
+        """Silent ranks' processes as last read on their nodes: (when, ticks, working)."""
 
     def watch(self, group: WorkerGroupProtocol, step_durs: Iterable[float], excluded_nodes: dict[str, str],
               draining_nodes: Callable[[], set[str]]) -> State | None:
@@ -159,10 +167,12 @@ class Diagnosis:
         quiet = group.probe(every_s=min(0.25, silent_s / 4))
         # A host that answers late (busy) gets more time (see protocol.Silence).
         limit = max(silent_s, LATE_FACTOR * getattr(quiet, "slowest_s", 0.0))
-        worst = max(quiet, key=lambda r: quiet[r], default=None)
-        if worst is None or quiet[worst] < limit:
+        over = {r: s for r, s in quiet.items() if s >= limit}
+        working = self._working(group, over, silent_s)
+        worst = max(set(over) - working, key=lambda r: quiet[r], default=None)
+        if worst is None:
             return None
-        self.silent = {r for r, s in quiet.items() if s >= limit / 2}
+        self.silent = {r for r, s in quiet.items() if s >= limit / 2} - working
         rank, kind = worst, "unresponsive"
         step = self.ledger.rank_step.get(rank, self.ledger.done_step) + 1
         for marker in self.refresh_fired().values():  # an injected freeze says where it fired
@@ -175,6 +185,42 @@ class Diagnosis:
                                f"(fault.silent_s) on {group.node_of(rank)}{also}"
                                + (f"; allowed {limit:.1f} s, as answers came up to {limit / LATE_FACTOR:.1f} s late"
                                   if limit > silent_s + 0.05 else ""))
+
+    def _working(self, group: WorkerGroupProtocol, over: dict[int, float], silent_s: float) -> set[int]:
+        """Of the ranks silent past the limit (``over``: rank -> seconds), those whose process
+        its node reads as running, waiting for a CPU or the disk, or using CPU: alive on a
+        host too loaded to answer (measured on 2 cores: pings unanswered 1.3-2.7 s while a
+        new MLflow store migrated and a spare imported torch), not frozen. A process read as
+        stopped or gone (SIGSTOP, a zombie), asleep without using CPU since the last read,
+        or not readable at all (its node is cut off) is not working; neither is one silent
+        for :data:`BUSY_CAP` x ``fault.silent_s``. A group that cannot read processes (the
+        simulator's) has none working."""
+        for r in [r for r in self._reads if r not in over]:
+            del self._reads[r]  # answered again
+        read = getattr(group, "process_ticks", None)
+        ask = [r for r, s in over.items() if s < BUSY_CAP * silent_s]
+        if read is None or not ask:
+            return set()
+        now = time.monotonic()
+        due = [r for r in ask if now - self._reads.get(r, (float("-inf"), None, False))[0] >= BUSY_READ_S]
+        if due:
+            got: dict[int, int | None] = read(due)
+            for r in due:
+                t = got.get(r)
+                before = self._reads.get(r)
+                if t is None:  # stopped, gone, or unreadable
+                    works = seen = False
+                elif t == RUNNING or (before is not None and before[1] == RUNNING):
+                    works = seen = True  # running now, or ran since the last read
+                elif before is None or before[1] is None:
+                    works, seen = True, False  # asleep: the next read says whether it used CPU
+                else:
+                    works = seen = t > before[1]
+                self._reads[r] = (now, t, works)
+                if seen and not (before is not None and before[2] and before[1] is not None):
+                    log.info("rank %d has not answered a ping for %.1f s, but its process is working "
+                             "(a loaded host): waiting on", r, over[r])
+        return {r for r in ask if self._reads.get(r, (0.0, None, False))[2]}
 
     # ---- hangs ---------------------------------------------------------------------
     def quick_hang_s(self, step_durs: Iterable[float]) -> float | None:

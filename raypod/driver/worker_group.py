@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raypod.checkpoint import CommittedCheckpoint
 from raypod.config import FaultInjection, JobConfig, recipe_pythonpath
 from raypod.driver.inflight import REPLICA, SAVE, STEP, InFlight
-from raypod.driver.liveness import Probes, forming_watch, heartbeats, kill_now
+from raypod.driver.liveness import Probes, forming_watch, heartbeats, kill_now, process_ticks
 from raypod.driver.outcomes import GroupStartError, PollResult
 from raypod.driver.rank_calls import (
     PING_TIMEOUT_S,
@@ -282,6 +282,12 @@ class WorkerGroup:
     def probe(self, every_s: float) -> dict[int, float]:
         """Per rank: seconds its liveness ping has gone unanswered (see :class:`Probes`)."""
         return self.probes.silence(self.actors, every_s)
+
+    def process_ticks(self, ranks: list[int]) -> dict[int, int | None]:
+        """Each of ``ranks``' processes as its node reads it (:func:`process_ticks`): a rank
+        whose process cannot be read within 0.5 s is left out."""
+        return process_ticks(self.actors, self.nodes, self.pids, ranks, timeout=0.5,
+                             agents=self.probes.agent_handles)
 
     def unresponsive_ranks(self, ranks: list[int], timeout: float = PING_TIMEOUT_S) -> set[int]:
         """The ranks among ``ranks`` that do not answer a ping within ``timeout`` seconds."""

@@ -229,3 +229,48 @@ def test_busy_is_running_or_cpu_used_between_two_reads():
     before = {1: 100, 2: 100, 3: 100, 4: None, 6: RUNNING}
     after = {1: RUNNING, 2: 105, 3: 100, 4: None, 5: RUNNING, 6: 100}
     assert liveness.busy(before, after) == {1, 2, 5}
+
+
+def test_a_rank_silent_while_training_is_waited_on_while_its_process_works(tmp_path, monkeypatch):
+    """Past the silence allowed, the driver reads the silent rank's process on its node: one
+    running or using CPU (a host too loaded to answer a ping) is waited on, up to BUSY_CAP x
+    ``fault.silent_s``; one stopped (SIGSTOP), asleep without using CPU, or not readable is lost."""
+    from raypod.config import JobConfig
+    from raypod.driver import diagnosis as dg
+    from raypod.driver.ledger import StepLedger
+    from raypod.worker.node_agent import RUNNING
+
+    monkeypatch.setattr(dg, "BUSY_READ_S", 0.0)  # read on every look (the driver's loop: every 0.25 s)
+    cfg = JobConfig.model_validate({"name": "busy", "checkpoint": {"storage": str(tmp_path)},
+                                    "fault": {"silent_s": 1.0}})
+    reads: list[dict[int, int | None]] = []
+
+    def start(silent_s: float) -> tuple[dg.Diagnosis, Any]:
+        group = types.SimpleNamespace(node_of=lambda r: "node n0", probe=lambda every_s: {0: 0.0, 1: silent_s})
+        group.process_ticks = lambda ranks: reads.pop(0)
+        return dg.Diagnosis(cfg, StepLedger(), lambda: 0.0), group
+
+    d, group = start(1.5)
+    reads[:] = [{1: RUNNING}, {1: 100}, {1: 100}]
+    assert d.silent_failure(group) is None  # running (or waiting for a CPU)
+    assert d.silent_failure(group) is None  # asleep now, but it ran since
+    f = d.silent_failure(group)  # asleep and no CPU used since: frozen
+    assert f is not None and f.rank == 1 and d.silent == {1}
+    d, group = start(1.5)
+    reads[:] = [{1: 50}, {1: 60}, {1: 60}]
+    assert d.silent_failure(group) is None and d.silent_failure(group) is None  # used CPU
+    assert d.silent_failure(group) is not None
+    d, group = start(1.2)
+    reads[:] = [{1: None}]  # stopped (SIGSTOP) or gone: lost at the first look
+    assert d.silent_failure(group).rank == 1 and not reads
+    d, group = start(1.2)
+    reads[:] = [{}]  # nobody on its node could read it (the node is cut off)
+    assert d.silent_failure(group).rank == 1
+    d, group = start(dg.BUSY_CAP * 1.0)
+    reads[:] = [{1: RUNNING}]
+    assert d.silent_failure(group) is not None and reads  # past the cap: lost, not even read
+    d, group = start(1.5)
+    reads[:] = [{1: RUNNING}]
+    assert d.silent_failure(group) is None
+    group.probe = lambda every_s: {0: 0.0, 1: 0.0}  # it answered again: forgotten
+    assert d.silent_failure(group) is None and not d._reads
