@@ -7,6 +7,8 @@ topology helpers and the spare pool's bookkeeping need no cluster.
 
 from __future__ import annotations
 
+from typing import Any
+
 from support import assert_implements_group_protocol
 
 from raypod.config import JobConfig
@@ -50,6 +52,40 @@ def test_spare_pool_hands_out_spares_oldest_first(tmp_path):
     assert group.take_spares(2) == [("a", ("pg", 0)), ("b", ("pg", 1))]
     assert group.spares == [("c", ("pg", 2))] and group.take_spares(5) == [("c", ("pg", 2))]
     assert group.joining() == 0 and group.freed == [] and group.ready_joiners() == []
+
+
+def test_spares_are_reserved_with_the_ranks_and_started_after_the_first_step(tmp_path, monkeypatch):
+    """A spare's process (torch, data, a rehearsal step) never competes with the ranks' own
+    start: place() only reserves the slots; the refill after the group's first step starts
+    them, as it starts a replaced rank's spare after a recovery."""
+    import types
+
+    import raypod.driver.spares as spares
+    from raypod.driver.membership import Membership
+
+    cfg = JobConfig.model_validate({"name": "x", "recipe": {"target": "raypod.recipe:Recipe"},
+                                    "checkpoint": {"storage": str(tmp_path)}, "scaling": {"spares": 2}})
+    group = WorkerGroup(cfg, Recipe())
+    monkeypatch.setattr(spares, "placement_group", lambda bundles, **_: types.SimpleNamespace(
+        n=len(bundles), ready=lambda: "ready"))
+    monkeypatch.setattr(spares.ray, "get", lambda ref, timeout=None: ref)
+    started: list[tuple[Any, int]] = []
+
+    class Actor:
+        def __init__(self, pg: Any, i: int) -> None:
+            started.append((pg, i))
+            self.warm = types.SimpleNamespace(remote=lambda *a: ("warming", i))
+
+    group.pool._new_actor = Actor
+    group.pool.place()
+    assert started == [] and group.spares == [] and [i for _, i in group.freed] == [0, 1]
+    joins = Membership(cfg.scaling, policy=None)
+    joins.refill_after = 0  # the group started at step 0 (the driver's reset)
+    joins.refill(group, done_step=0)
+    assert started == []
+    joins.refill(group, done_step=1)  # its first step is done
+    assert [i for _, i in started] == [0, 1] and len(group.spares) == 2 and group.freed == []
+    assert sorted(group.pool.warming.values()) == [("warming", 0), ("warming", 1)]
 
 
 def test_a_replacement_spare_keeps_the_ranks_spread_over_the_nodes(tmp_path, monkeypatch):
