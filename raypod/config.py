@@ -56,7 +56,9 @@ class ScalingConfig(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy for the ranks' bundles."""
     spares: int = Field(default=0, ge=0)
-    """Warm spare actors kept ready to replace a lost rank (used by in-process recovery)."""
+    """Warm spare actors kept ready to replace a lost rank (used by in-process recovery).
+    Their slots are reserved with the ranks'; the actors start once the group has
+    completed its first step, so that they never slow the job's start down."""
     schedule_timeout_s: float = Field(default=120.0, gt=0)
     """How long to wait for ``min_workers`` ranks to be placeable before failing."""
 

@@ -58,8 +58,10 @@ class SparePool:
         """``id(actor) -> ref`` of each spare's warm-up call still running (its process may still be
         starting: it cannot answer a ping yet, and is not taken for dead for that)."""
         self.freed: list[Placement] = []
-        """Placements of replaced ranks that become spares at :meth:`refill` (once the group
-        trains again, so that a new spare's start does not slow the recovery down)."""
+        """Placements that become spares at :meth:`refill` (once the group trains: after its
+        first step, or again after a recovery), so that a spare's start slows neither the
+        job's start nor a recovery down: the slots reserved by :meth:`place` and those of
+        replaced ranks."""
         self.joiners: list[tuple[Any, Placement, Any]] = []
         """Actors starting in the background to join at a step boundary: (actor, placement, warm ref)."""
         self.spare_pg: Any = None
@@ -68,7 +70,10 @@ class SparePool:
 
     # ---- spares --------------------------------------------------------------------
     def place(self) -> None:
-        """Reserve and warm ``scaling.spares`` actors, if the cluster has room right now."""
+        """Reserve ``scaling.spares`` slots, if the cluster has room right now; their actors
+        start once the group has completed its first step (:meth:`refill`, as after a
+        recovery), so that a spare's start (a process importing torch, its data, a rehearsal
+        step) never competes with the ranks' own start for the node's CPUs."""
         n = self.cfg.scaling.spares
         if n <= 0:
             return
@@ -85,8 +90,7 @@ class SparePool:
             remove_placement_group(self.spare_pg)
             self.spare_pg = None
             return
-        for i in range(n):
-            self._add_spare((self.spare_pg, i))
+        self.freed.extend((self.spare_pg, i) for i in range(n))
 
     def _add_spare(self, placement: Placement) -> None:
         actor = self._new_actor(*placement)
