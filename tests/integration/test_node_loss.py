@@ -39,7 +39,9 @@ def test_node_removed_recovers_in_place_from_peer_memory(ray_connected, tmp_path
     assert removed["ranks_on_it"], "the removed node held no rank"
     assert summary["status"] == "succeeded" and summary["final_step"] == 24
     [event] = summary["events"]
-    assert event["kind"] == "worker_died" and event["rank"] in removed["ranks_on_it"]
+    # Whichever the driver sees first names the loss: Ray's report that the actors died with
+    # their raylet, or their pings unanswered for fault.silent_s (the node agent is gone too).
+    assert event["kind"] in ("worker_died", "unresponsive") and event["rank"] in removed["ranks_on_it"]
     # The lost rank's shard came from its replica on the other node: nothing read from storage.
     assert event["restored_from"].startswith("memory step"), event
     assert event["lost_steps"] <= 1 and event["world_size_after"] == 2
