@@ -14,7 +14,7 @@ from raypod.callbacks import Callback
 from raypod.checkpoint.lease import JobLease, JobOwned  # noqa: F401 - JobOwned: raised by run()
 from raypod.config import ConfigError, JobConfig
 from raypod.driver.controller import Driver
-from raypod.driver.stop import StopRequested, StopSignals, exit_code, signal_name
+from raypod.driver.stop import StopSignals, exit_code, signal_name
 from raypod.policies import policies_for
 from raypod.progress import ProgressPrinter
 from raypod.recipe import Recipe, build_recipe, check_sharding
@@ -197,8 +197,8 @@ def run(config: JobConfig, callbacks: list[Callback] | None = None, progress: bo
         cbs = default_callbacks(config, progress) if callbacks is None else callbacks
         summary = Driver(config, callbacks=cbs, recipe=recipe, lease=lease, stop=stop,
                          policies=policies_for(config)).run()
-    except KeyboardInterrupt as e:  # a StopRequested, or the KeyboardInterrupt Ray raises for it
-        signum = e.signum if isinstance(e, StopRequested) else stop.signum
+    except KeyboardInterrupt:  # a StopRequested, or the KeyboardInterrupt Ray raises for it
+        signum = stop.signum  # what raised it recorded the signal there
         if signum is None:  # Ctrl-C without our handler (handle_signals=False): not ours to name
             raise
         raise JobStopped(f"job {config.name} stopped by {signal_name(signum)} before training started; "

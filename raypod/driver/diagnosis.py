@@ -27,6 +27,7 @@ from typing import Any
 from raypod import console, faults
 from raypod.config import JobConfig
 from raypod.driver.ledger import StepLedger
+from raypod.driver.liveness import busy
 from raypod.driver.state import HandingOverState, RecoveringState, State
 from raypod.policies.failures import Failure
 from raypod.policies.health import hung_rank
@@ -75,8 +76,9 @@ class Diagnosis:
         self.next_health_check = 0.0
         self.silent: set[int] = set()
         """The ranks the last :meth:`silent_failure` found silent (all lost with the one blamed)."""
-        self._reads: dict[int, tuple[float, int | None, bool]] = {}
-        """Silent ranks' processes as last read on their nodes: (when, ticks, working)."""
+        self._reads: dict[int, tuple[float, int | None, bool, bool]] = {}
+        """Silent ranks' processes as last read on their nodes: (when, ticks or RUNNING, working,
+        whether the log said so)."""
 
     def watch(self, group: WorkerGroupProtocol, step_durs: Iterable[float], excluded_nodes: dict[str, str],
               draining_nodes: Callable[[], set[str]]) -> State | None:
@@ -202,25 +204,23 @@ class Diagnosis:
         if read is None or not ask:
             return set()
         now = time.monotonic()
-        due = [r for r in ask if now - self._reads.get(r, (float("-inf"), None, False))[0] >= BUSY_READ_S]
+        due = [r for r in ask if r not in self._reads or now - self._reads[r][0] >= BUSY_READ_S]
         if due:
             got: dict[int, int | None] = read(due)
             for r in due:
-                t = got.get(r)
-                before = self._reads.get(r)
-                if t is None:  # stopped, gone, or unreadable
-                    works = seen = False
-                elif t == RUNNING or (before is not None and before[1] == RUNNING):
-                    works = seen = True  # running now, or ran since the last read
-                elif before is None or before[1] is None:
-                    works, seen = True, False  # asleep: the next read says whether it used CPU
-                else:
-                    works = seen = t > before[1]
-                self._reads[r] = (now, t, works)
-                if seen and not (before is not None and before[2] and before[1] is not None):
-                    log.info("rank %d has not answered a ping for %.1f s, but its process is working "
-                             "(a loaded host): waiting on", r, over[r])
-        return {r for r in ask if self._reads.get(r, (0.0, None, False))[2]}
+                t, before = got.get(r), self._reads.get(r)
+                last = before[1] if before is not None else None
+                told = before is not None and before[3]
+                if r in busy({r: last}, {r: t}):  # running now, or used CPU since the last read
+                    works = True
+                    if not told:
+                        log.info("rank %d has not answered a ping for %.1f s, but its process is working "
+                                 "(a loaded host): waiting on", r, over[r])
+                        told = True
+                else:  # asleep with nothing to compare yet: the next read says whether it used CPU
+                    works = t is not None and last in (None, RUNNING)
+                self._reads[r] = (now, t, works, told)
+        return {r for r in ask if r in self._reads and self._reads[r][2]}
 
     # ---- hangs ---------------------------------------------------------------------
     def quick_hang_s(self, step_durs: Iterable[float]) -> float | None:
