@@ -136,6 +136,11 @@ class _Deadline(Exception):
     """The shutdown deadline passed in the middle of sending."""
 
 
+class _HandedOver(BaseException):
+    """The joining thread took the queue over while this one was inside the store's first call
+    (a BaseException: the retry loop's ``except Exception`` must not take it for a store error)."""
+
+
 @dataclass(frozen=True)
 class Pace:
     """How the sender batches, spills and retries (the callback's settings of the same names).
@@ -193,6 +198,12 @@ class Sender:
         self._staged = False
         self._deadline: float | None = None
         self._hold_until: float | None = time.monotonic() + setup_delay_s if setup_delay_s > 0 else None
+        # While the thread is inside the store's first call (``open_run``: a new SQLite store's
+        # schema migrations take seconds) it touches nothing but ``self.run``; a join that times
+        # out then takes the queue over under this lock (:meth:`_take_over`) and spools it.
+        self._handoff = threading.Lock()
+        self._opening = False
+        self._handed_over = False
 
     # ---- the driver's side ---------------------------------------------------------
     def put(self, op: tuple[Any, ...]) -> None:
@@ -219,15 +230,32 @@ class Sender:
             logger.info("waiting up to %.0f s more while the final model is logged to MLflow",
                         model_timeout_s)
             self._thread.join(model_timeout_s)
-        if self._thread.is_alive() and self.run.run_id is None and not self._staged:
-            # Still inside MLflow's first store call (a new SQLite store runs its schema
-            # migrations: seconds of CPU): nothing was spooled, the thread owns the queue.
+        if self._thread.is_alive() and self._take_over():
             logger.warning("MLflow tracking did not finish within %.1f s: the tracking store was still "
-                           "being opened, so the run was not created and this driver's metrics and "
-                           "events were not sent", timeout)
+                           "being opened, so this driver's metrics, events and end were kept in %s; "
+                           "they are sent when job '%s' runs again", timeout, self.spool_path,
+                           self._job.config.name)
         elif self._thread.is_alive():
             logger.warning("MLflow tracking did not finish within %.1f s; what is unsent stays in %s",
                            timeout, self.spool_path)
+
+    def _take_over(self) -> bool:
+        """When the thread is still inside the store's first call: take what it holds and what
+        is queued, and put it all in the spool here (the thread drops its work when its call
+        returns). False when the thread is past that call (it spools on its own)."""
+        with self._handoff:
+            if not self._opening:
+                return False
+            self._handed_over = True
+        while True:
+            try:
+                self._absorb(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        self._spill()
+        self.end.stage()
+        self._staged = True
+        return True
 
     @property
     def spool_path(self) -> Path:
@@ -239,6 +267,8 @@ class Sender:
         try:
             self._load_spool()
             self._loop()
+        except _HandedOver:
+            pass  # the joining thread spooled everything
         except BaseException:  # never let tracking hurt the driver
             logger.exception("MLflow tracking thread crashed; tracking stops")
             try:
@@ -502,7 +532,15 @@ class Sender:
             self.end.send(self._check_deadline, self.monitor.stop)
 
     def _setup(self) -> None:
-        run, continued, stored_id = self.run.open_run(self._job)
+        with self._handoff:
+            self._opening = True
+        try:
+            run, continued, stored_id = self.run.open_run(self._job)
+        finally:
+            with self._handoff:
+                self._opening = False
+                if self._handed_over:
+                    raise _HandedOver
         existing = self._continue_run(run) if continued else {}
         # Params: only new ones; a changed value cannot be overwritten, so tag it.
         drop_existing(self._params, existing, self._pending_tags)
