@@ -59,7 +59,20 @@ def world(monkeypatch):
     agents: dict[str, Actor] = {}
     probes = liveness.Probes(True, lambda: nodes)
     probes.agents.make = lambda node: agents.setdefault(node, Actor())
+    probes.agents_on = True  # the group has trained a step
     return types.SimpleNamespace(clock=clock, ranks=ranks, agents=agents, probes=probes)
+
+
+def test_no_agent_starts_before_the_group_trains_and_its_ranks_are_pinged_meanwhile(world):
+    world.probes.close()  # a new group: its agents start once it has trained a step
+    assert world.probes.agents_on is False
+    out = world.probes.silence(world.ranks, 0.25)
+    assert world.agents == {} and all(len(r.ping.calls) == 1 for r in world.ranks)
+    world.clock.t += 1.0
+    assert world.probes.silence(world.ranks, 0.25) == dict.fromkeys(range(4), 1.0)
+    world.probes.agents_on = True  # the first step result (WorkerGroup.poll)
+    out = world.probes.silence(world.ranks, 0.25)
+    assert set(world.agents) == {"n0", "n1"} and out == dict.fromkeys(range(4), 1.0)
 
 
 def reply(agent: Actor, silence: dict[int, float], dead: tuple[int, ...] = ()) -> None:
@@ -274,3 +287,17 @@ def test_a_rank_silent_while_training_is_waited_on_while_its_process_works(tmp_p
     assert d.silent_failure(group) is None
     group.probe = lambda every_s: {0: 0.0, 1: 0.0}  # it answered again: forgotten
     assert d.silent_failure(group) is None and not d._reads
+
+
+def test_the_groups_first_step_result_turns_its_agents_on():
+    from raypod.driver.outcomes import PollResult
+    from raypod.driver.worker_group import WorkerGroup
+
+    group = object.__new__(WorkerGroup)  # only what poll reads
+    results = [PollResult(), PollResult(steps=[object()])]  # type: ignore[list-item]
+    group.calls = types.SimpleNamespace(poll=lambda actors, timeout: results.pop(0))
+    group.actors, group.probes = [], liveness.Probes(True, list)
+    group.poll(0.0)
+    assert group.probes.agents_on is False  # nothing trained yet: forming, or step 1 running
+    group.poll(0.0)
+    assert group.probes.agents_on is True
