@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import signal
 import time
@@ -128,10 +129,33 @@ def busy(before: dict[int, int | None], after: dict[int, int | None]) -> set[int
             if t == RUNNING or (t is not None and before.get(r) not in (None, RUNNING) and t > before[r])}
 
 
+ZONED_FROM_NODES = 64
+"""With more node agents than this, the driver asks one leader per zone of about sqrt(nodes)
+agents (:meth:`raypod.worker.node_agent.NodeAgent.gather`), not every agent: a round of calls
+over every node's agent costs the driver ~0.86 ms a call (``scale_calibration.json``), over
+``fault.silent_s`` at 1,250 nodes; over ~35 zone leaders it is ~30 ms."""
+
+
+def zones(nodes: Collection[str], zoned_from: int = ZONED_FROM_NODES) -> list[list[str]]:
+    """``nodes`` (sorted) cut into zones of ``ceil(sqrt(len(nodes)))``, each led by its first
+    node; none (every agent asked directly) for ``zoned_from`` nodes or fewer."""
+    ordered = sorted(nodes)
+    if len(ordered) <= zoned_from:
+        return []
+    size = math.isqrt(len(ordered) - 1) + 1  # ceil(sqrt(n))
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+
+
 class NodeAgents:
     """The group's node agents (:class:`raypod.worker.node_agent.NodeAgent`, one per node) and
     the one ``silence`` request in flight to each: the driver's cost per probe round is one
-    call per node, not one per rank.
+    call per node, not one per rank. With more than ``zoned_from`` nodes the request goes to
+    one leader per zone (:func:`zones`), whose reply carries the zone's other agents' last
+    replies (:class:`raypod.worker.node_agent.ZoneGather`): one call per zone. A member's
+    report is as old as its leader says (plus the leader's request's age); a member whose
+    request waits at its leader is silent for that long; a leader that does not answer makes
+    its own node's ranks silent (its members' reports just age: their ranks are found silent
+    once the lost leader's node is replaced and the zones re-formed).
 
     Each agent is told its node's ranks with a generation number (bumped whenever they change:
     a start, a replacement, a regroup); only a reply of the current generation covers a rank,
@@ -142,8 +166,15 @@ class NodeAgents:
         make: starts an agent on a node (default: a :class:`NodeAgent` pinned to it).
     """
 
-    def __init__(self, make: Callable[[str], Any] | None = None) -> None:
+    def __init__(self, make: Callable[[str], Any] | None = None, zoned_from: int | None = None) -> None:
         self.make = make or _start_agent
+        self.zoned_from = ZONED_FROM_NODES if zoned_from is None else zoned_from
+        self.pending: dict[str, tuple[float, float]] = {}
+        """Per zone member: (seconds its leader's request to it had waited, when the driver
+        asked the leader)."""
+        self.zone_of: dict[str, str] = {}
+        """Per zone member: its leader (a member whose leader changes starts afresh)."""
+        self._shape: list[int] = []
         self.agents: dict[str, Any] = {}
         self.told: dict[str, tuple[int, dict[int, Any]]] = {}
         """Per node: (generation, ``{rank: actor}``) its agent was told."""
@@ -207,16 +238,59 @@ class NodeAgents:
                 self._end(node)
                 continue
             late += [max(0.0, looked - asked), float(reply.get("slowest_s", 0.0))]
-            if node in self.told and reply["generation"] == self.told[node][0]:
-                self.reports[node] = (reply["silence"], set(reply["dead"]), asked)
+            if "members" in reply:  # a zone leader's: its own reply, then its members'
+                self._members(reply["members"], asked, late)
+                reply = reply["own"]
+                late.append(float(reply.get("slowest_s", 0.0)))
+            self._report(node, reply, asked)
         return late
 
+    def _report(self, node: str, reply: dict[str, Any], asked: float) -> None:
+        if node in self.told and reply["generation"] == self.told[node][0]:
+            self.reports[node] = (reply["silence"], set(reply["dead"]), asked)
+
+    def _members(self, members: dict[str, dict[str, Any]], asked: float, late: list[float]) -> None:
+        """Take in a zone leader's news of its members (leader's request sent at ``asked``)."""
+        for node, info in members.items():
+            if node not in self.agents or node in self.out:
+                continue  # ended meanwhile, or asked directly now (the zones changed)
+            if info["failed"]:
+                log.warning("the liveness agent of node %s failed; its ranks are pinged by the driver", node[:8])
+                self._end(node)
+                continue
+            self.pending[node] = (float(info["pending_s"]), asked)
+            if info["reply"] is not None:
+                self._report(node, info["reply"], asked - float(info["age_s"]))
+                late.append(float(info["reply"].get("slowest_s", 0.0)))
+
     def send(self, now: float, every_s: float) -> None:
-        """A ``silence`` request to each agent with none in flight, ``every_s`` after the last."""
-        for node, agent in self.agents.items():
-            if node not in self.out and now - self.last_sent.get(node, -every_s) >= every_s:
-                self.out[node] = (agent.silence.remote(every_s), now)
-                self.last_sent[node] = now
+        """A ``silence`` request to each agent with none in flight, ``every_s`` after the last;
+        with zones (:func:`zones`) a ``gather`` request to each zone's leader instead."""
+        zoned = zones(self.agents, self.zoned_from)
+        shape = [len(z) for z in zoned]
+        if shape != self._shape:
+            self._shape = shape
+            if zoned:
+                log.info("node agents: %d nodes in %d zones (each zone's leader gathers its members' "
+                         "replies; fault.agent_zones_from=%d)", len(self.agents), len(zoned), self.zoned_from)
+        if not zoned:
+            self.pending.clear()
+            self.zone_of.clear()
+        for zone in zoned or [[node] for node in self.agents]:
+            leader, members = zone[0], zone[1:]
+            for node in members:
+                if self.zone_of.get(node) != leader:  # a new leader: what the old one said is void
+                    self.zone_of[node] = leader
+                    self.pending.pop(node, None)
+            self.zone_of.pop(leader, None)
+            self.pending.pop(leader, None)
+            if leader in self.out or now - self.last_sent.get(leader, -every_s) < every_s:
+                continue
+            agent = self.agents[leader]
+            ref = (agent.gather.remote(every_s, {m: self.agents[m] for m in members}) if zoned
+                   else agent.silence.remote(every_s))
+            self.out[leader] = (ref, now)
+            self.last_sent[leader] = now
 
     def merge(self, now: float, out: dict[int, float]) -> None:
         """Put in ``out`` the silence of every rank an agent covers (a rank of the assignment in
@@ -229,13 +303,16 @@ class NodeAgents:
         for node, (silence, dead, asked) in self.reports.items():
             held = self.out.get(node)
             quiet = now - held[1] if held is not None else 0.0
+            pending = self.pending.get(node)
+            if pending is not None and pending[0] > 0:  # a zone member its leader still waits for
+                quiet = max(quiet, pending[0] + now - pending[1])
             age = now - asked
             out.update({r: max(quiet, s + age) if s > 0 else quiet for r, s in silence.items()})
             out.update(dict.fromkeys(dead, 0.0))
 
     def _end(self, node: str) -> None:
         agent = self.agents.pop(node, None)
-        for held in (self.told, self.out, self.reports, self.last_sent):
+        for held in (self.told, self.out, self.reports, self.last_sent, self.pending, self.zone_of):
             held.pop(node, None)
         if agent is not None:
             try:
@@ -262,10 +339,12 @@ class Probes:
 
     Args:
         agents: use node agents (``fault.node_agents``).
+        zoned_from: zone the agents past this many nodes (``fault.agent_zones_from``).
         nodes: the group's rank -> node list as it stands (the agents follow it).
     """
 
-    def __init__(self, agents: bool = False, nodes: Callable[[], list[str]] | None = None) -> None:
+    def __init__(self, agents: bool = False, nodes: Callable[[], list[str]] | None = None,
+                 zoned_from: int | None = None) -> None:
         self._out: dict[int, tuple[Any, Any, float]] = {}
         self._last: dict[int, tuple[Any, float]] = {}
         """Per rank: (actor, when its last answered ping was sent)."""
@@ -274,7 +353,7 @@ class Probes:
         last :data:`SLOW_WINDOW_S` seconds of them."""
         self._training = False
         self._looked = 0.0
-        self.agents = NodeAgents() if agents and nodes is not None else None
+        self.agents = NodeAgents(zoned_from=zoned_from) if agents and nodes is not None else None
         self.agents_on = False
         """Whether the agents are started and asked (:meth:`silence`): the group turns this on
         once it has trained a step. An agent is a process of its own (Ray's worker start, ~0.8 s

@@ -96,7 +96,8 @@ class WorkerGroup:
         """Per rank: the rank its snapshots are replicated to (``None``: no replication)."""
         self.twins: list[int | None] | None = None
         """HSDP: per rank, the rank whose own snapshots equal it (see :func:`hsdp_twins`)."""
-        self.calls, self.probes = InFlight(), Probes(config.fault.node_agents, lambda: self.nodes)
+        self.calls, self.probes = InFlight(), Probes(config.fault.node_agents, lambda: self.nodes,
+                                                    config.fault.agent_zones_from)
         self.excluded_nodes: set[str] = set()
         """Nodes the ranks must not be placed on (failed a pre-flight check, or lost ranks repeatedly)."""
         self.store: RendezvousStore | None = None

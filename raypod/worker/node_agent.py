@@ -183,6 +183,72 @@ class LocalPings:
             return sum(s.ping is not None for s in self.ranks.values())
 
 
+@dataclass
+class _Member:
+    """Another node's agent in a zone this agent leads: its request in flight (and when it was
+    sent), its last reply (and when the request it answers was sent)."""
+
+    handle: Any
+    request: Future | None = None
+    sent_at: float = 0.0
+    reply: dict[str, Any] | None = None
+    reply_sent_at: float = 0.0
+    failed: bool = False
+
+
+class ZoneGather:
+    """A zone leader's requests to the other agents of its zone (a second tier of agents:
+    with thousands of nodes the driver asks one leader per zone of about sqrt(nodes) agents,
+    not every agent; :class:`raypod.driver.liveness.NodeAgents`).
+
+    Each :meth:`gather` (the driver's request, every probe interval) takes in the members'
+    answers that arrived since the last one, sends a new request to each member with none in
+    flight, and answers at once with every member's last reply and its age. It never waits:
+    a member that does not answer (a frozen or cut-off node) shows as a request pending for
+    longer and longer, which the driver counts as its ranks' silence, as it counts its own
+    unanswered requests.
+
+    Args:
+        send: sends one ``silence`` request to a member agent's handle (``every_s`` given); the
+            future resolves with its reply and fails when the agent died.
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, send: Callable[[Any, float], Future], clock: Callable[[], float] = time.monotonic) -> None:
+        self.send, self.clock = send, clock
+        self.members: dict[str, _Member] = {}
+        self.lock = threading.Lock()
+
+    def gather(self, members: dict[str, Any], every_s: float) -> dict[str, Any]:
+        """``{node: {"reply": its agent's last reply or None, "age_s": seconds since the request
+        it answers was sent, "pending_s": seconds a request sent before this call has waited
+        (0.0: none), "failed": its agent is gone}}`` for the zone's ``members`` (``{node: agent
+        handle}``; a member whose handle changed starts afresh, one no longer listed is
+        dropped), plus ``"slowest_s"``: the longest an answered request waited."""
+        with self.lock:
+            now = self.clock()
+            kept = {n: m for n, m in self.members.items() if n in members and m.handle == members[n]}
+            self.members = {n: kept.get(n) or _Member(h) for n, h in members.items()}
+            slowest, out = 0.0, {}
+            for node, m in self.members.items():
+                if m.request is not None and m.request.done():
+                    if m.request.cancelled() or m.request.exception() is not None:
+                        m.failed = True
+                    else:
+                        m.reply, m.reply_sent_at = m.request.result(), m.sent_at
+                        slowest = max(slowest, float(m.reply.get("slowest_s", 0.0)))
+                    m.request = None
+                pending = now - m.sent_at if m.request is not None else 0.0
+                if m.request is None and not m.failed:
+                    try:
+                        m.request, m.sent_at = self.send(m.handle, every_s), now
+                    except Exception:  # noqa: BLE001 - an actor that cannot be called is gone
+                        m.failed = True
+                out[node] = {"reply": m.reply, "age_s": now - m.reply_sent_at if m.reply is not None else 0.0,
+                             "pending_s": pending, "failed": m.failed}
+            return {"members": out, "slowest_s": slowest}
+
+
 def relay_calls(send: Callable[[Any], Future], ranks: dict[int, Any], timeout: float) -> dict[str, Any]:
     """Send one call to each of ``ranks`` (``{rank: actor handle}``) at once with ``send`` and
     wait up to ``timeout`` for the answers.
@@ -218,6 +284,7 @@ class NodeAgent:
 
     def __init__(self, every_s: float = 0.25) -> None:
         self.pings = LocalPings(lambda handle: handle.ping.remote().future(), every_s)
+        self.zone = ZoneGather(lambda handle, every: handle.silence.remote(every).future())
         self._stop = threading.Event()
         threading.Thread(target=self._run, name="raypod-node-agent", daemon=True).start()
 
@@ -237,6 +304,12 @@ class NodeAgent:
         if every_s:
             self.pings.every_s = every_s
         return self.pings.silence()
+
+    def gather(self, every_s: float, members: dict[str, Any]) -> dict[str, Any]:
+        """As the leader of a zone: this node's own reply (:meth:`silence`, as ``"own"``) and the
+        zone's other agents' last replies (:meth:`ZoneGather.gather`), in one answer."""
+        zone = self.zone.gather(members, every_s)
+        return {"own": self.silence(every_s), **zone}
 
     def relay(self, method: str, ranks: dict[int, Any], args: tuple[Any, ...] = (),
               timeout: float = 5.0) -> dict[str, Any]:

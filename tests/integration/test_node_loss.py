@@ -25,10 +25,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.timeout(600)
 def test_node_removed_recovers_in_place_from_peer_memory(ray_connected, tmp_path):
+    """With the node agents in zones (``fault.agent_zones_from=1``: one leader gathers the other
+    node's agent's replies, as on a cluster of thousands of nodes), whichever node goes."""
     out = tmp_path / "summary.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [sys.executable, "-m", "raypod.bench.node_loss", "--trial-out", str(out), "--after-step", "12"]
-    for s in SETTINGS:
+    for s in [*SETTINGS, "fault.agent_zones_from=1"]:
         cmd += ["--set", s]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -38,7 +38,7 @@ class Method:
 
 class Actor:
     def __init__(self) -> None:
-        self.ping, self.assign, self.silence = Method(), Method(), Method()
+        self.ping, self.assign, self.silence, self.gather = Method(), Method(), Method(), Method()
 
 
 @pytest.fixture
@@ -301,3 +301,55 @@ def test_the_groups_first_step_result_turns_its_agents_on():
     assert group.probes.agents_on is False  # nothing trained yet: forming, or step 1 running
     group.poll(0.0)
     assert group.probes.agents_on is True
+
+
+@pytest.fixture
+def zoned(world):
+    """Five nodes of one rank each, zoned from two nodes: zones [n0 n1 n2] and [n3 n4]."""
+    world.ranks = [Actor() for _ in range(5)]
+    nodes = [f"n{i}" for i in range(5)]
+    world.probes = liveness.Probes(True, lambda: nodes)
+    world.probes.agents = liveness.NodeAgents(lambda node: world.agents.setdefault(node, Actor()), zoned_from=2)
+    world.probes.agents_on = True
+    world.agents.clear()
+    return world
+
+
+def member(agent: Actor, silence: dict[int, float]) -> dict[str, Any]:
+    return {"silence": silence, "dead": [], "generation": agent.assign.calls[-1][1][1], "slowest_s": 0.0}
+
+
+def test_with_zones_the_driver_asks_one_leader_per_zone_and_its_reply_covers_the_members(zoned):
+    assert liveness.zones([f"n{i}" for i in range(5)], 2) == [["n0", "n1", "n2"], ["n3", "n4"]]
+    zoned.probes.silence(zoned.ranks, 0.25)
+    a = zoned.agents
+    assert len(a["n0"].gather.calls) == 1 and len(a["n3"].gather.calls) == 1  # the leaders
+    assert all(not x.silence.calls and not x.gather.calls for n, x in a.items() if n not in ("n0", "n3"))
+    assert set(a["n0"].gather.calls[0][1][1]) == {"n1", "n2"}  # the members' handles go with it
+    zoned.clock.t += 0.1
+    a["n0"].gather.last.answer({"own": member(a["n0"], {0: 0.0}), "slowest_s": 0.0, "members": {
+        "n1": {"reply": member(a["n1"], {1: 0.0}), "age_s": 0.05, "pending_s": 0.0, "failed": False},
+        "n2": {"reply": member(a["n2"], {2: 0.0}), "age_s": 0.05, "pending_s": 0.3, "failed": False}}})
+    out = zoned.probes.silence(zoned.ranks, 0.25)
+    assert {0, 1, 2} <= zoned.probes.via_agent and 3 not in zoned.probes.via_agent
+    assert out[0] == 0.0 and out[1] == 0.0
+    assert out[2] == pytest.approx(0.4)  # its leader's request to it waited 0.3 s, asked 0.1 s ago
+    zoned.clock.t += 1.0  # n2's node stays silent: its ranks' silence keeps growing
+    assert zoned.probes.silence(zoned.ranks, 0.25)[2] == pytest.approx(1.4)
+
+
+def test_a_zone_member_reported_failed_is_ended_and_its_ranks_pinged_by_the_driver(zoned):
+    zoned.probes.silence(zoned.ranks, 0.25)
+    for r in zoned.ranks:
+        r.ping.last.answer()
+    a = zoned.agents
+    a["n0"].gather.last.answer({"own": member(a["n0"], {0: 0.0}), "slowest_s": 0.0, "members": {
+        "n1": {"reply": None, "age_s": 0.0, "pending_s": 0.0, "failed": True},
+        "n2": {"reply": member(a["n2"], {2: 0.0}), "age_s": 0.0, "pending_s": 0.0, "failed": False}}})
+    zoned.clock.t += 0.3
+    pings = len(zoned.ranks[1].ping.calls)
+    zoned.probes.silence(zoned.ranks, 0.25)
+    assert "n1" not in zoned.probes.agents.agents and 1 not in zoned.probes.via_agent
+    assert len(zoned.ranks[1].ping.calls) == pings + 1
+    # The zones are cut again without it: [n0 n2] and [n3 n4]; n2's old pending news is void.
+    assert liveness.zones(zoned.probes.agents.agents, 2) == [["n0", "n2"], ["n3", "n4"]]

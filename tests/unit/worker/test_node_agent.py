@@ -1,10 +1,11 @@
-"""The node agent's pinging logic (:class:`LocalPings`), driven with hand-made futures and clock."""
+"""The node agent's pinging logic (:class:`LocalPings`) and a zone leader's requests to its
+zone's agents (:class:`ZoneGather`), driven with hand-made futures and clock."""
 
 from __future__ import annotations
 
 from concurrent.futures import Future
 
-from raypod.worker.node_agent import RUNNING, LocalPings
+from raypod.worker.node_agent import RUNNING, LocalPings, ZoneGather
 
 
 class Clock:
@@ -154,3 +155,33 @@ def test_a_relay_answers_for_every_local_rank_at_once_naming_the_failed_and_the_
     assert out["answers"] == {1: "report a"}
     assert out["failed"] == {2: "ValueError: boom", 4: "RuntimeError: actor gone"}
     assert out["late"] == [3]
+
+
+def test_a_zone_leader_answers_at_once_with_its_members_last_replies_and_how_long_each_waits():
+    agents, clock = Ranks(), Clock()
+    zone = ZoneGather(lambda handle, every: agents.send(handle), clock)
+    first = zone.gather({"n1": "g1", "n2": "g2"}, 0.25)["members"]
+    assert first["n1"] == {"reply": None, "age_s": 0.0, "pending_s": 0.0, "failed": False}
+    assert len(agents.sent["g1"]) == len(agents.sent["g2"]) == 1  # one request each, sent now
+    clock.t += 0.25
+    agents.sent["g1"][-1].set_result({"silence": {3: 0.0}, "dead": [], "generation": 2, "slowest_s": 0.1})
+    out = zone.gather({"n1": "g1", "n2": "g2"}, 0.25)
+    assert out["members"]["n1"]["reply"]["generation"] == 2 and out["members"]["n1"]["age_s"] == 0.25
+    assert out["members"]["n1"]["pending_s"] == 0.0 and out["slowest_s"] == 0.1
+    assert out["members"]["n2"]["reply"] is None and out["members"]["n2"]["pending_s"] == 0.25  # it froze
+    assert len(agents.sent["g1"]) == 2 and len(agents.sent["g2"]) == 1  # at most one request in flight
+    clock.t += 0.5
+    assert zone.gather({"n1": "g1", "n2": "g2"}, 0.25)["members"]["n2"]["pending_s"] == 0.75
+
+
+def test_a_zone_member_whose_agent_died_is_named_and_a_changed_one_starts_afresh():
+    agents, clock = Ranks(), Clock()
+    zone = ZoneGather(lambda handle, every: agents.send(handle), clock)
+    zone.gather({"n1": "g1", "n2": "g2"}, 0.25)
+    agents.sent["g1"][-1].set_exception(RuntimeError("the actor died"))
+    agents.sent["g2"][-1].set_result({"silence": {}, "dead": [], "generation": 1, "slowest_s": 0.0})
+    out = zone.gather({"n1": "g1", "n2": "g2"}, 0.25)["members"]
+    assert out["n1"]["failed"] and not out["n2"]["failed"]
+    assert len(agents.sent["g1"]) == 1  # a failed member is not asked again
+    out = zone.gather({"n2": "g2b"}, 0.25)["members"]  # n1 left the zone, n2's agent was replaced
+    assert set(out) == {"n2"} and out["n2"]["reply"] is None and len(agents.sent["g2b"]) == 1
