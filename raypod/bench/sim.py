@@ -35,7 +35,13 @@ from unittest import mock
 from raypod.bench import calibration
 from raypod.bench.calibration import Calibration, Fit
 from raypod.bench.goodput_model import llama3_step_s
-from raypod.bench.simgroup import RANKS_PER_NODE, FaultPlan, SimGroup, VirtualClock, driver_clock
+from raypod.bench.simgroup import (
+    FaultPlan,
+    SimGroup,
+    VirtualClock,
+    driver_clock,
+    liveness_round,
+)
 from raypod.bench.table import markdown_table, print_table, write_results
 from raypod.callbacks import Callback, FailureEvent, StepReport
 from raypod.config import JobConfig
@@ -182,7 +188,7 @@ def simulate(cal: Calibration, ranks: int, steps: int = 12, kill_step: int | Non
                 "states": rec.states, "iterations": iterations, "decisions": decisions, "plan": plan,
                 "t_built": t_built, "costs": d_costs(rec), "peak_bytes": peak, "straggler_cpu": straggler_cpu,
                 "stragglers": stragglers, "silent_s": d.cfg.fault.silent_s,
-                "node_agents": d.cfg.fault.node_agents,
+                "node_agents": d.cfg.fault.node_agents, "agent_zones_from": d.cfg.fault.agent_zones_from,
                 "real_s": time.perf_counter() - wall0, "step_s": cal.step_s.at(ranks)}
 
 
@@ -222,8 +228,7 @@ def _detection(raw: dict[str, Any], cal: Calibration, samples: int = 20_000, see
     total = sum(loops)
     silent, every = raw["silent_s"], min(0.25, raw["silent_s"] / 4)
     agents = raw.get("node_agents", True)
-    nodes = -(-raw["ranks"] // RANKS_PER_NODE)
-    round_s = cal.ping.at(nodes) + cal.ping.at(RANKS_PER_NODE) if agents else cal.ping.at(raw["ranks"])
+    _, round_s, zoned = liveness_round(cal, raw["ranks"], agents, raw.get("agent_zones_from", 64))
     period = max(every, round_s)
 
     def rest_of_loop() -> float:
@@ -234,6 +239,8 @@ def _detection(raw: dict[str, Any], cal: Calibration, samples: int = 20_000, see
         seen = missed + silent
         if agents:
             request = missed + rng.uniform(0, period)  # the driver's first request after that ping
+            if zoned:  # its zone's leader asks the member's agent first, once every interval
+                request = missed + rng.uniform(0, every) + rng.uniform(0, period)
             seen = max(seen, request + round_s)
         return seen + rest_of_loop()
 
@@ -299,12 +306,13 @@ def _why_no_steady(raw: dict[str, Any], cal: Calibration) -> str:
     """A job with no steady steps: its failures, and whether the liveness round itself (per-node,
     as :meth:`SimGroup.probe` models it) outlasts ``fault.silent_s``, making healthy ranks silent."""
     kinds = Counter(ev.kind for ev in raw["events"])
-    nodes = -(-raw["ranks"] // RANKS_PER_NODE)
-    round_s = cal.ping.at(nodes) + cal.ping.at(RANKS_PER_NODE)
+    calls, round_s, zoned = liveness_round(cal, raw["ranks"], raw.get("node_agents", True),
+                                           raw.get("agent_zones_from", 64))
     why = (f"no steady step (job {raw['state'].lower()}, {sum(kinds.values())} failures: "
            + ", ".join(f"{k} x{n}" for k, n in kinds.most_common()) + ")")
     if round_s >= raw["silent_s"]:
-        why += (f"; the liveness round over {nodes:,} node agents takes {round_s:.2g} s, longer than "
+        who = f"{calls:,} zone leaders" if zoned else f"{calls:,} node agents"
+        why += (f"; the liveness round over {who} takes {round_s:.2g} s, longer than "
                 f"fault.silent_s = {raw['silent_s']:g} s, so healthy ranks look silent")
     return why
 

@@ -16,6 +16,7 @@ once Ray notices) or frozen (it stops answering pings) half-way through a chosen
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import types
 from collections import defaultdict, deque
@@ -38,6 +39,26 @@ CLOCK_MODULES = tuple(f"raypod.driver.{m}" for m in DRIVER_MODULES) + ("raypod.p
 INTERRUPT_AFTER_S = 0.1
 """The drain interrupts survivors this long after a loss (``raypod.driver.inflight``)."""
 RANKS_PER_NODE = 8
+
+
+def liveness_round(cal: Any, ranks: int, agents: bool = True,
+                   zoned_from: int = 64) -> tuple[int, float, bool]:
+    """``(driver calls per probe round, seconds until the round is answered, zoned)`` for
+    ``ranks``, as the production probes make them (:class:`raypod.driver.liveness.NodeAgents`):
+    without agents a ping per rank (``ping(N)``); with them a request per node agent, answered
+    ``ping(nodes) + ping(RANKS_PER_NODE)`` later (the agent pinged its ranks); past
+    ``zoned_from`` nodes a request per zone leader (zones of ``ceil(sqrt(nodes))`` agents),
+    answered ``ping(zones) + ping(zone)`` later (the leader answers at once with what its
+    members said at its previous request, so a member's news is up to a probe interval older:
+    its age travels with it)."""
+    if not agents or ranks <= 1:
+        return ranks, cal.ping.at(ranks), False
+    nodes = -(-ranks // RANKS_PER_NODE)
+    if nodes <= zoned_from:
+        return nodes, cal.ping.at(nodes) + cal.ping.at(min(ranks, RANKS_PER_NODE)), False
+    size = math.isqrt(nodes - 1) + 1
+    count = -(-nodes // size)
+    return count, cal.ping.at(count) + cal.ping.at(size), True
 EPOCH_STEPS = 64
 """Steps in one epoch of the simulated data set."""
 
@@ -401,7 +422,7 @@ class SimGroup:
         which the agent's next report carries."""
         with self.clock.outside():
             n, now = self.world_size, self.clock.t
-            calls, round_s = self._probe_calls(n)
+            calls, round_s, zoned = self._liveness(n)
             sent, answered = self.ping_round
             self._cpu("probe_wait", self.cal.wait.at(calls))
             if now >= answered > sent != self._round_seen:  # a round answered, seen now
@@ -422,18 +443,27 @@ class SimGroup:
                     self.silent_since = sent
             out = dict.fromkeys(range(n), now - sent if now < answered else 0.0)
             # The agent's report reaches the driver a node round after its ping went unanswered.
-            seen = self.silent_since is not None and (calls == n or now >= self.silent_since + round_s)
+            # Through a zone: its leader has it at its next request, a probe interval later.
+            seen = self.silent_since is not None and (
+                calls == n or now >= self.silent_since + round_s + (every_s if zoned else 0.0))
             if seen:
                 out[self.plan.rank] = max(out[self.plan.rank], now - self.silent_since)
             return Silence(out, slowest_s=max((late for _, late in self.late), default=0.0))
 
     def _probe_calls(self, n: int) -> tuple[int, float]:
-        """``(driver calls per probe round, seconds until the round is answered)`` for ``n``
-        ranks: per node with ``fault.node_agents`` (more than one rank per node), else per rank."""
+        """``(driver calls, seconds until all are answered)`` of one call to each of ``n`` ranks
+        through the node agents (a recovery's fan-out: per node with ``fault.node_agents``,
+        more than one rank per node), else per rank."""
         if not getattr(self.cfg.fault, "node_agents", False) or n <= 1:
             return n, self.cal.ping.at(n)
         nodes = -(-n // RANKS_PER_NODE)
         return nodes, self.cal.ping.at(nodes) + self.cal.ping.at(min(n, RANKS_PER_NODE))
+
+    def _liveness(self, n: int) -> tuple[int, float, bool]:
+        """One probe round for ``n`` ranks (:func:`liveness_round`, this job's settings)."""
+        fault = self.cfg.fault
+        return liveness_round(self.cal, n, bool(getattr(fault, "node_agents", False)),
+                              int(getattr(fault, "agent_zones_from", 64)))
 
     def _agent_silent_since(self, frozen_at: float, every_s: float) -> float:
         """When the frozen rank's unanswered ping was sent by its node agent, which pings its

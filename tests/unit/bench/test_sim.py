@@ -126,3 +126,14 @@ def test_the_simulated_probes_report_late_rounds_as_the_driver_s_probes_do(tmp_p
     assert first.slowest_s == 0.0 and min(first.values()) == 0.0
     clock.advance(3.0)
     assert group.probe(0.25).slowest_s == pytest.approx(3.0, abs=0.05)  # seen 3 s after it was sent
+
+
+def test_past_agent_zones_from_nodes_a_probe_round_asks_one_leader_per_zone():
+    from raypod.bench.simgroup import liveness_round
+
+    cal = Calibration(**{**CAL.__dict__, "ping": Fit(-0.0016, 0.00086)})  # the 12-01 ping line
+    calls, round_s, zoned = liveness_round(cal, 10_000)  # 1,250 nodes of 8 ranks
+    assert zoned and calls == 35 and round_s == pytest.approx(cal.ping.at(35) + cal.ping.at(36))  # zones of 36
+    direct = liveness_round(cal, 10_000, zoned_from=10_000)
+    assert direct[:1] == (1_250,) and direct[1] > 1.0 > round_s  # over fault.silent_s unzoned
+    assert liveness_round(cal, 64 * 8)[2] is False and liveness_round(cal, 10_000, agents=False)[0] == 10_000
