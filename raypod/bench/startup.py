@@ -257,7 +257,9 @@ class RunningCluster:
 
     def busy_pids(self) -> list[int]:
         """The cluster's processes beyond its idle state: a job's driver, actors, supervisor
-        (idle pooled workers, ``ray::IDLE``, do not count)."""
+        (idle pooled workers, ``ray::IDLE``, do not count, nor do the detached actors Ray's
+        own libraries leave behind for the cluster's life, ``ray::_StatsActor`` and the like:
+        Ray Train V2's first job starts two)."""
         busy = []
         for pid in harness.tagged_pids(self.tag):
             if pid in self.baseline:
@@ -267,7 +269,7 @@ class RunningCluster:
                     cmd = f.read().replace(b"\0", b" ")
             except OSError:
                 continue
-            if not cmd.startswith(b"ray::IDLE"):
+            if not cmd.startswith((b"ray::IDLE", b"ray::_")):
                 busy.append(pid)
         return busy
 

@@ -354,11 +354,6 @@ class Probes:
         self._training = False
         self._looked = 0.0
         self.agents = NodeAgents(zoned_from=zoned_from) if agents and nodes is not None else None
-        self.agents_on = False
-        """Whether the agents are started and asked (:meth:`silence`): the group turns this on
-        once it has trained a step. An agent is a process of its own (Ray's worker start, ~0.8 s
-        of CPU): started while the group forms, it takes that CPU from the ranks' start; until
-        then each rank is pinged by the driver, as the forming watch does anyway."""
         self._nodes = nodes or list
         self.via_agent: set[int] = set()
         """The ranks the last :meth:`silence` took from their node's agent (the rest: pinged by the driver)."""
@@ -404,9 +399,8 @@ class Probes:
         self._last.clear()
 
     def close(self) -> None:
-        """End the node agents (the group is shut down; the next one starts them once it trains)."""
+        """End the node agents (the group is shut down)."""
         self.clear()
-        self.agents_on = False
         if self.agents is not None:
             self.agents.close()
 
@@ -428,7 +422,7 @@ class Probes:
         # forming (every rank building its model at once) do not raise the running allowance.
         self._training = use_agents
         nodes = self._nodes()
-        if self.agents is not None and self.agents_on and len(nodes) == len(actors) and actors:
+        if self.agents is not None and len(nodes) == len(actors) and actors:
             self.agents.sync(nodes, actors)
             for late in self.agents.collect(self._looked):
                 self._answered_late(late, "a node agent")
@@ -513,9 +507,11 @@ def forming_watch(probes: Probes, actors: Callable[[], list[Any]], silent_s: flo
     the driver (its own node), a sibling rank, or the node's agent (a rank alone on its node).
 
     The ranks are pinged by the driver here, not by their node agents: forming is a short
-    window, the busiest of a host, when a just-started agent may not answer yet. A group's
-    first forming has no agents yet (:attr:`Probes.agents_on`: they start once it trains), so
-    a rank alone on its node is read by nobody then and gets the second ping's wait.
+    window, the busiest of a host, when a just-started agent may not answer yet; the probes
+    still start the agents (:meth:`NodeAgents.sync`), so that they cover the ranks once the
+    group trains. (Starting them only once the group has trained a step, to keep their
+    process start off the ranks' start, was tried and withdrawn: on 2 cores an agent and the
+    warm spare then start together during steps 2-4, and a freeze there was found late.)
 
     Raises:
         GroupStartError: (from the check) naming the silent ranks, ``kind="unresponsive"``.

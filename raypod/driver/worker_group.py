@@ -257,12 +257,8 @@ class WorkerGroup:
         return len(self.calls)
 
     def poll(self, timeout: float) -> PollResult:
-        """Collect whatever finished within ``timeout`` seconds (see :meth:`InFlight.poll`).
-        The group's first step result starts the node agents (:attr:`Probes.agents_on`)."""
-        result = self.calls.poll(self.actors, timeout)
-        if result.steps:
-            self.probes.agents_on = True
-        return result
+        """Collect whatever finished within ``timeout`` seconds (see :meth:`InFlight.poll`)."""
+        return self.calls.poll(self.actors, timeout)
 
     def quiesce(self, timeout: float) -> PollResult:
         """Let every call in flight finish (nothing new is submitted); return what arrived."""

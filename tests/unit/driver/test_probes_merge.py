@@ -59,20 +59,7 @@ def world(monkeypatch):
     agents: dict[str, Actor] = {}
     probes = liveness.Probes(True, lambda: nodes)
     probes.agents.make = lambda node: agents.setdefault(node, Actor())
-    probes.agents_on = True  # the group has trained a step
     return types.SimpleNamespace(clock=clock, ranks=ranks, agents=agents, probes=probes)
-
-
-def test_no_agent_starts_before_the_group_trains_and_its_ranks_are_pinged_meanwhile(world):
-    world.probes.close()  # a new group: its agents start once it has trained a step
-    assert world.probes.agents_on is False
-    out = world.probes.silence(world.ranks, 0.25)
-    assert world.agents == {} and all(len(r.ping.calls) == 1 for r in world.ranks)
-    world.clock.t += 1.0
-    assert world.probes.silence(world.ranks, 0.25) == dict.fromkeys(range(4), 1.0)
-    world.probes.agents_on = True  # the first step result (WorkerGroup.poll)
-    out = world.probes.silence(world.ranks, 0.25)
-    assert set(world.agents) == {"n0", "n1"} and out == dict.fromkeys(range(4), 1.0)
 
 
 def reply(agent: Actor, silence: dict[int, float], dead: tuple[int, ...] = ()) -> None:
@@ -289,19 +276,6 @@ def test_a_rank_silent_while_training_is_waited_on_while_its_process_works(tmp_p
     assert d.silent_failure(group) is None and not d._reads
 
 
-def test_the_groups_first_step_result_turns_its_agents_on():
-    from raypod.driver.outcomes import PollResult
-    from raypod.driver.worker_group import WorkerGroup
-
-    group = object.__new__(WorkerGroup)  # only what poll reads
-    results = [PollResult(), PollResult(steps=[object()])]  # type: ignore[list-item]
-    group.calls = types.SimpleNamespace(poll=lambda actors, timeout: results.pop(0))
-    group.actors, group.probes = [], liveness.Probes(True, list)
-    group.poll(0.0)
-    assert group.probes.agents_on is False  # nothing trained yet: forming, or step 1 running
-    group.poll(0.0)
-    assert group.probes.agents_on is True
-
 
 @pytest.fixture
 def zoned(world):
@@ -310,7 +284,6 @@ def zoned(world):
     nodes = [f"n{i}" for i in range(5)]
     world.probes = liveness.Probes(True, lambda: nodes)
     world.probes.agents = liveness.NodeAgents(lambda node: world.agents.setdefault(node, Actor()), zoned_from=2)
-    world.probes.agents_on = True
     world.agents.clear()
     return world
 
@@ -353,3 +326,18 @@ def test_a_zone_member_reported_failed_is_ended_and_its_ranks_pinged_by_the_driv
     assert len(zoned.ranks[1].ping.calls) == pings + 1
     # The zones are cut again without it: [n0 n2] and [n3 n4]; n2's old pending news is void.
     assert liveness.zones(zoned.probes.agents.agents, 2) == [["n0", "n2"], ["n3", "n4"]]
+
+
+def test_a_silent_zone_leader_makes_its_own_node_silent_and_its_members_reports_only_age(zoned):
+    zoned.probes.silence(zoned.ranks, 0.25)
+    a = zoned.agents
+    a["n0"].gather.last.answer({"own": member(a["n0"], {0: 0.0}), "slowest_s": 0.0, "members": {
+        "n1": {"reply": member(a["n1"], {1: 0.0}), "age_s": 0.0, "pending_s": 0.0, "failed": False},
+        "n2": {"reply": member(a["n2"], {2: 0.2}), "age_s": 0.1, "pending_s": 0.0, "failed": False}}})
+    zoned.clock.t += 0.3
+    zoned.probes.silence(zoned.ranks, 0.25)  # takes the reply in, asks the leader again
+    zoned.clock.t += 1.5  # the leader's node freezes: no more replies
+    out = zoned.probes.silence(zoned.ranks, 0.25)
+    assert out[0] == pytest.approx(1.5)  # the leader's own rank: its request has waited 1.5 s
+    assert out[1] == 0.0  # a member that was answering is not blamed for its leader
+    assert out[2] == pytest.approx(0.2 + 1.8 + 0.1)  # a ping that was waiting keeps ageing
