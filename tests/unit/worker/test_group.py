@@ -153,7 +153,10 @@ def test_abort_during_the_rendezvous_releases_the_ranks_waiting_for_a_missing_pe
                 p.kill()
     for rank, outcome, took in results:
         assert outcome.startswith("raised"), (rank, outcome)
-        assert 1.4 < took < 15.0, (rank, took)  # the abort at 1.5 s, not the store's 60 s
+        # Released by an abort (each rank's at 1.5 s of its own clock; rank 0 hosts the store,
+        # so its abort can release rank 1 first when rank 1 started later: 1.38 s was seen in
+        # CI), never formed before it, and not by the store's 60 s.
+        assert 1.0 < took < 15.0, (rank, took)
     assert [p.exitcode for p in procs] == [0, 0]
 
 
