@@ -16,7 +16,6 @@ once Ray notices) or frozen (it stops answering pings) half-way through a chosen
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import types
 from collections import defaultdict, deque
@@ -28,7 +27,7 @@ from unittest import mock
 from raypod.bench.calibration import Calibration
 from raypod.data.order import SampleOrder
 from raypod.driver.inflight import SUBMIT_PER_POLL
-from raypod.driver.liveness import SLOW_WINDOW_S
+from raypod.driver.liveness import SLOW_WINDOW_S, zone_size
 from raypod.driver.outcomes import PollResult
 from raypod.protocol import ErrorKind, Heartbeat, MemoryReport, Phase, Silence, StepResult, WorkerError
 
@@ -39,6 +38,8 @@ CLOCK_MODULES = tuple(f"raypod.driver.{m}" for m in DRIVER_MODULES) + ("raypod.p
 INTERRUPT_AFTER_S = 0.1
 """The drain interrupts survivors this long after a loss (``raypod.driver.inflight``)."""
 RANKS_PER_NODE = 8
+EPOCH_STEPS = 64
+"""Steps in one epoch of the simulated data set."""
 
 
 def liveness_round(cal: Any, ranks: int, agents: bool = True,
@@ -56,11 +57,9 @@ def liveness_round(cal: Any, ranks: int, agents: bool = True,
     nodes = -(-ranks // RANKS_PER_NODE)
     if nodes <= zoned_from:
         return nodes, cal.ping.at(nodes) + cal.ping.at(min(ranks, RANKS_PER_NODE)), False
-    size = math.isqrt(nodes - 1) + 1
+    size = zone_size(nodes)
     count = -(-nodes // size)
     return count, cal.ping.at(count) + cal.ping.at(size), True
-EPOCH_STEPS = 64
-"""Steps in one epoch of the simulated data set."""
 
 
 class VirtualClock:
@@ -454,10 +453,9 @@ class SimGroup:
         """``(driver calls, seconds until all are answered)`` of one call to each of ``n`` ranks
         through the node agents (a recovery's fan-out: per node with ``fault.node_agents``,
         more than one rank per node), else per rank."""
-        if not getattr(self.cfg.fault, "node_agents", False) or n <= 1:
-            return n, self.cal.ping.at(n)
-        nodes = -(-n // RANKS_PER_NODE)
-        return nodes, self.cal.ping.at(nodes) + self.cal.ping.at(min(n, RANKS_PER_NODE))
+        calls, round_s, _ = liveness_round(self.cal, n, bool(getattr(self.cfg.fault, "node_agents", False)),
+                                           zoned_from=n)  # never zoned: every node's agent is called
+        return calls, round_s
 
     def _liveness(self, n: int) -> tuple[int, float, bool]:
         """One probe round for ``n`` ranks (:func:`liveness_round`, this job's settings)."""

@@ -136,13 +136,18 @@ over every node's agent costs the driver ~0.86 ms a call (``scale_calibration.js
 ``fault.silent_s`` at 1,250 nodes; over ~35 zone leaders it is ~30 ms."""
 
 
+def zone_size(nodes: int) -> int:
+    """Agents per zone for ``nodes`` nodes: ``ceil(sqrt(nodes))``."""
+    return math.isqrt(nodes - 1) + 1
+
+
 def zones(nodes: Collection[str], zoned_from: int = ZONED_FROM_NODES) -> list[list[str]]:
-    """``nodes`` (sorted) cut into zones of ``ceil(sqrt(len(nodes)))``, each led by its first
-    node; none (every agent asked directly) for ``zoned_from`` nodes or fewer."""
+    """``nodes`` (sorted) cut into zones of :func:`zone_size`, each led by its first node;
+    none (every agent asked directly) for ``zoned_from`` nodes or fewer."""
     ordered = sorted(nodes)
     if len(ordered) <= zoned_from:
         return []
-    size = math.isqrt(len(ordered) - 1) + 1  # ceil(sqrt(n))
+    size = zone_size(len(ordered))
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
@@ -174,7 +179,10 @@ class NodeAgents:
         asked the leader)."""
         self.zone_of: dict[str, str] = {}
         """Per zone member: its leader (a member whose leader changes starts afresh)."""
-        self._shape: list[int] = []
+        self._zones: list[list[str]] = []
+        """What :meth:`send` asks: a leader and its members per zone, or each agent alone
+        (cut again by :meth:`_rezone` only when the agents change, not every probe)."""
+        self._zoned = False
         self.agents: dict[str, Any] = {}
         self.told: dict[str, tuple[int, dict[int, Any]]] = {}
         """Per node: (generation, ``{rank: actor}``) its agent was told."""
@@ -216,6 +224,7 @@ class NodeAgents:
                 log.warning("could not start the liveness agent of node %s: %s", node[:8], e)
                 self._end(node)
             self.reports.pop(node, None)
+        self._rezone()
 
     def collect(self, looked: float) -> list[float]:
         """Take in the agents' replies that arrived (never waits). A reply of an older
@@ -266,31 +275,26 @@ class NodeAgents:
     def send(self, now: float, every_s: float) -> None:
         """A ``silence`` request to each agent with none in flight, ``every_s`` after the last;
         with zones (:func:`zones`) a ``gather`` request to each zone's leader instead."""
-        zoned = zones(self.agents, self.zoned_from)
-        shape = [len(z) for z in zoned]
-        if shape != self._shape:
-            self._shape = shape
-            if zoned:
-                log.info("node agents: %d nodes in %d zones (each zone's leader gathers its members' "
-                         "replies; fault.agent_zones_from=%d)", len(self.agents), len(zoned), self.zoned_from)
-        if not zoned:
-            self.pending.clear()
-            self.zone_of.clear()
-        for zone in zoned or [[node] for node in self.agents]:
-            leader, members = zone[0], zone[1:]
-            for node in members:
-                if self.zone_of.get(node) != leader:  # a new leader: what the old one said is void
-                    self.zone_of[node] = leader
-                    self.pending.pop(node, None)
-            self.zone_of.pop(leader, None)
-            self.pending.pop(leader, None)
+        for leader, *members in self._zones:
             if leader in self.out or now - self.last_sent.get(leader, -every_s) < every_s:
                 continue
             agent = self.agents[leader]
-            ref = (agent.gather.remote(every_s, {m: self.agents[m] for m in members}) if zoned
+            ref = (agent.gather.remote(every_s, {m: self.agents[m] for m in members}) if self._zoned
                    else agent.silence.remote(every_s))
             self.out[leader] = (ref, now)
             self.last_sent[leader] = now
+
+    def _rezone(self) -> None:
+        """Cut the agents into zones again (:func:`zones`) after they changed: a member whose
+        leader changed, or that leads now, drops what its old leader said of it."""
+        zoned = zones(self.agents, self.zoned_from)
+        old, self.zone_of = self.zone_of, {m: zone[0] for zone in zoned for m in zone[1:]}
+        for node in [n for n in self.pending if self.zone_of.get(n) is None or self.zone_of[n] != old.get(n)]:
+            del self.pending[node]
+        if zoned and len(zoned) != len(self._zones if self._zoned else []):
+            log.info("node agents: %d nodes in %d zones (each zone's leader gathers its members' "
+                     "replies; fault.agent_zones_from=%d)", len(self.agents), len(zoned), self.zoned_from)
+        self._zones, self._zoned = zoned or [[node] for node in self.agents], bool(zoned)
 
     def merge(self, now: float, out: dict[int, float]) -> None:
         """Put in ``out`` the silence of every rank an agent covers (a rank of the assignment in
@@ -312,8 +316,9 @@ class NodeAgents:
 
     def _end(self, node: str) -> None:
         agent = self.agents.pop(node, None)
-        for held in (self.told, self.out, self.reports, self.last_sent, self.pending, self.zone_of):
+        for held in (self.told, self.out, self.reports, self.last_sent, self.pending):
             held.pop(node, None)
+        self._rezone()
         if agent is not None:
             try:
                 ray.kill(agent, no_restart=True)
