@@ -144,7 +144,8 @@ class TrainWorker:
         load_s = None
         if restore is not None:
             t1 = time.perf_counter()
-            self.trainer.load(*restore)
+            with self.trainer.groups.tracking():  # what the load opens, an abort shuts down
+                self.trainer.load(*restore)
             load_s = time.perf_counter() - t1
         # The stream starts after the first step, which the rank assembles itself: that step
         # does not share the rank's CPU with importing and starting Ray Data.
@@ -163,7 +164,8 @@ class TrainWorker:
         arrived = time.time()  # wall clock: the driver compares when the ranks reached the rendezvous
         self._join(spec, initialize=initialize)
         t.append(time.perf_counter())
-        received = restore()
+        with self.trainer.groups.tracking():  # the restore's moves: connections an abort shuts down
+            received = restore()
         t.append(time.perf_counter())
         # The process's CPU through it: on a cluster, where each rank has cores of its own, the
         # slowest rank's CPU (not the wall time of N ranks sharing a test box) is the rebuild.

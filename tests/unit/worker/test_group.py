@@ -199,3 +199,58 @@ def test_a_worker_keeps_its_store_connection_from_one_group_to_the_next():
     assert b._store_for(f"tcp://127.0.0.1:{port}/g1", 2, 30.0).get("key") == b"1"
     a._forget_store()
     assert a._store_for(f"tcp://127.0.0.1:{port}/g2", 2, 30.0).underlying_store is not first.underlying_store
+
+
+def _lazy_rank(rank: int, port: int, n: int, out) -> None:  # noqa: ANN001
+    """Form lazily connected groups, then do everything a rank does on them: FSDP2 steps, the
+    checkpoint coordinator's object collectives, the replica exchange. Reports the gloo
+    connections formation opened and how many training opened afterwards (an abort knows
+    only the former)."""
+    import torch.distributed as dist
+
+    from raypod.worker.group import GroupSession, _borrowed, _ports, _sockets
+
+    torch.set_num_threads(1)
+    groups = GroupSession(torch.device("cpu"))
+    to, frm = (rank + 1) % n, (rank - 1) % n
+    mesh = groups.configure(_store(port, rank, n), rank, n, 60.0, _mesh, peers=(to, frm))
+    formed = _sockets()
+    model = _model(mesh)
+    for _ in range(2):
+        model(torch.randn(4, 128)).sum().backward()
+    g = groups.ckpt
+    dist.all_gather_object([None] * n, {"rank": rank}, group=g)
+    dist.gather_object(rank, [None] * n if rank == 0 else None, dst=0, group=g)
+    dist.broadcast_object_list([rank], src=0, group=g)
+    dist.scatter_object_list([None], list(range(n)) if rank == 0 else None, src=0, group=g)
+    dist.barrier(group=g)
+    for w in (dist.isend(torch.ones(8), dst=to, group=groups.replica),
+              dist.irecv(torch.zeros(8), src=frm, group=groups.replica)):
+        w.wait()
+    later = {fd for fd, link in _sockets().items() if formed.get(fd) != link}
+    pairs = 0  # connections formation opened to peers (not listeners, not the store)
+    for fd in groups._opened:
+        with _borrowed(fd) as sock:
+            if sock is not None and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) \
+                    and port not in _ports(sock):
+                pairs += 1
+    out.put((rank, len(later), pairs))
+    dist.barrier()
+    groups.leave()
+
+
+def test_lazy_groups_open_every_connection_training_uses_while_they_form():
+    n = 5
+    procs, out = _spawn(_lazy_rank, n, _port(), n)
+    try:
+        results = sorted(out.get(timeout=150) for _ in range(n))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+    for rank, opened_later, formed in results:
+        assert opened_later == 0, (rank, opened_later)  # every connection is known to abort()
+        # A full mesh is 3 groups x (n - 1) peers per rank; on demand the replica group holds
+        # the two replica peers only (the others' partners are O(log n) off the roots).
+        assert 0 < formed <= 2 * (n - 1) + 2, (rank, formed)
