@@ -161,6 +161,7 @@ def _cpu_s() -> float:
 
 def run_raypod(cfg: Any, steps: int) -> dict[str, Any]:
     """Run the job with this process as its driver; step times, driver CPU and the summary."""
+    import raypod.api as api
     from raypod.api import JobFailed, run
     from raypod.callbacks import Callback, StepReport
 
@@ -168,17 +169,50 @@ def run_raypod(cfg: Any, steps: int) -> dict[str, Any]:
         def __init__(self) -> None:
             self.times: dict[int, float] = {}
             self.cpu: dict[int, float] = {}
+            self.driver: Any = None
+            self.spares_warm_step: int | None = None
 
         def after_step(self, report: StepReport) -> None:
+            if self.spares_warm_step is None and report.step >= 1 and not report.replayed:
+                self._hold_for_spares(report.step)
             self.times.setdefault(report.step, time.time())
             self.cpu.setdefault(report.step, _cpu_s())
 
+        def _hold_for_spares(self, step: int) -> None:
+            """Hold each early step up to 1 s until the spare is warm: the driver starts spares
+            once the group has trained a step, and on 2 shared cores a spare importing torch
+            and rehearsing would run inside the steady window (and be what a kill at step
+            steps/2 waits for), which no rank count of a cluster pays."""
+            import ray
+
+            group = getattr(self.driver, "group", None)
+            pool = getattr(group, "pool", None)
+            deadline = time.monotonic() + 1.0
+            while pool is not None:
+                refs = list(pool.warming.values())
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+                if len(pool.spares) >= SPARES and len(ready) == len(refs):
+                    self.spares_warm_step = step
+                    return
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.05)
+
     rec = Recorder()
+
+    class TrackedDriver(api.Driver):  # the recorder reads the spare pool of the job's driver
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            rec.driver = self
+
+    plain, api.Driver = api.Driver, TrackedDriver
     try:
         summary = run(cfg, callbacks=[rec], progress=False)
     except JobFailed as e:
         return {"ok": False, "why": str(e), "summary": e.summary}
-    out: dict[str, Any] = {"ok": True, "summary": summary,
+    finally:
+        api.Driver = plain
+    out: dict[str, Any] = {"ok": True, "summary": summary, "spares_warm_step": rec.spares_warm_step,
                            "snapshot_every": int(summary.get("memory_snapshots", {}).get("every", 1))}
     if not summary.get("failures"):  # alerts (a throughput dip) interrupt nothing
         out["step_s"] = steady(rec.times, steps)

@@ -144,8 +144,7 @@ class TrainWorker:
         load_s = None
         if restore is not None:
             t1 = time.perf_counter()
-            with self.trainer.groups.tracking():  # what the load opens, an abort shuts down
-                self.trainer.load(*restore)
+            self.trainer.load(*restore)
             load_s = time.perf_counter() - t1
         # The stream starts after the first step, which the rank assembles itself: that step
         # does not share the rank's CPU with importing and starting Ray Data.
@@ -164,8 +163,7 @@ class TrainWorker:
         arrived = time.time()  # wall clock: the driver compares when the ranks reached the rendezvous
         self._join(spec, initialize=initialize)
         t.append(time.perf_counter())
-        with self.trainer.groups.tracking():  # the restore's moves: connections an abort shuts down
-            received = restore()
+        received = restore()
         t.append(time.perf_counter())
         # The process's CPU through it: on a cluster, where each rank has cores of its own, the
         # slowest rank's CPU (not the wall time of N ranks sharing a test box) is the rebuild.

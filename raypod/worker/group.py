@@ -27,18 +27,6 @@ snapshots stay, and the rank joins the next group (:meth:`configure` again).
   listener thread ends the process on an error there). Measured: a rank blocked in an
   FSDP2 all-gather is released 2–6 ms after :meth:`abort`; the process then destroys the
   group and trains in a new one.
-- **Connections on demand, opened while the group forms.** gloo's default full mesh has
-  every rank connect to every other one in every group, through one store read per peer:
-  O(N) connections and store round trips per rank (O(N²) at the store) each time a group
-  forms, which is what makes a re-formation grow with the world. The session creates its
-  gloo groups lazily (``TORCH_GLOO_LAZY_INIT``: a pair connects on its first use) and then,
-  still inside the formation, runs each kind of operation the ranks use once on each group
-  (the collectives on the training and checkpoint groups, the exchange with the two replica
-  peers): each rank connects only to the peers those algorithms reach (ring neighbours,
-  tree and dissemination partners: O(log N); the roots of gather/scatter/broadcast: N), so
-  every connection exists, and is known to :meth:`abort`, before training starts. A
-  restore's point-to-point moves run inside :meth:`tracking`, which adds what they open;
-  anything accepted later on the group's listening ports is shut down by an abort too.
 - **The rendezvous store outlives the groups.** A rank keeps its connection to the store
   from one group to the next (each group under a prefix of its own), so a re-formation
   opens no store connection on the ranks that stay. An abort of formed groups leaves the
@@ -67,8 +55,6 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger("raypod.worker")
-
-LAZY_ENV = "TORCH_GLOO_LAZY_INIT"
 
 NCCL_ENV = {
     "TORCH_NCCL_USE_COMM_NONBLOCKING": "1",  # ncclCommAbort can end a collective in progress
@@ -162,71 +148,6 @@ def _shutdown(fds: dict[int, str], store_port: int | None = None, release_store:
     return done
 
 
-def _listen_ports(fds: dict[int, str]) -> set[int]:
-    """The local ports of the listening TCP sockets among ``fds``."""
-    ports: set[int] = set()
-    for fd in fds:
-        with _borrowed(fd) as sock:
-            if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            try:
-                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    ports.add(sock.getsockname()[1])
-            except OSError:
-                pass
-    return ports
-
-
-def _accepted_on(ports: set[int]) -> dict[int, str]:
-    """This process's connected TCP sockets whose local port is one of ``ports`` (connections
-    a peer opened to one of this rank's gloo listeners)."""
-    out: dict[int, str] = {}
-    if not ports:
-        return out
-    for fd, link in _sockets().items():
-        with _borrowed(fd) as sock:
-            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) \
-                    and sock.type == socket.SOCK_STREAM and _ports(sock)[0] in ports:
-                out[fd] = link
-    return out
-
-
-@contextlib.contextmanager
-def _lazy_gloo(on: bool) -> Iterator[None]:
-    """gloo groups created inside connect a pair on its first use (``TORCH_GLOO_LAZY_INIT``,
-    read when a group's device is created), not every pair at once."""
-    old = os.environ.get(LAZY_ENV)
-    if on:
-        os.environ[LAZY_ENV] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(LAZY_ENV, None)
-        else:
-            os.environ[LAZY_ENV] = old
-
-
-def connect_group(group: dist.ProcessGroup | None) -> None:
-    """Run each kind of collective the ranks use once on ``group`` (tiny CPU tensors, so its
-    gloo part on a CUDA group): all-reduce, all-gather, reduce-scatter, broadcast, gather and
-    scatter from the group's first rank, and a barrier. With lazy connections this opens
-    exactly the pairs those algorithms use, now."""
-    n = dist.get_world_size(group)
-    if n < 2:
-        return
-    me = dist.get_rank(group)
-    root = dist.get_global_rank(group, 0)
-    t = torch.zeros(1)
-    dist.all_reduce(t, group=group)
-    dist.all_gather_into_tensor(torch.zeros(n), t, group=group)
-    dist.reduce_scatter_tensor(torch.zeros(1), torch.zeros(n), group=group)
-    dist.broadcast(t, src=root, group=group)
-    dist.gather(t, [torch.zeros(1) for _ in range(n)] if me == 0 else None, dst=root, group=group)
-    dist.scatter(t, [torch.zeros(1) for _ in range(n)] if me == 0 else None, src=root, group=group)
-    dist.barrier(group=group)
-
-
 def _port_of(store: Any) -> int | None:
     """The listening port of the TCP store behind ``store`` (through any ``PrefixStore``)."""
     while isinstance(store, dist.PrefixStore):
@@ -241,10 +162,8 @@ class GroupSession:
         device: the rank's device (NCCL for the training group on CUDA, gloo on CPU).
     """
 
-    def __init__(self, device: torch.device, lazy: bool = True) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.lazy = lazy
-        """Connect gloo pairs on demand (inside :meth:`configure`), not as a full mesh."""
         self.rank, self.world_size = -1, 0
         self.mesh: DeviceMesh | None = None
         self.ckpt: dist.ProcessGroup | None = None
@@ -254,8 +173,6 @@ class GroupSession:
         self._lock = threading.Lock()
         self._before: dict[int, str] | None = None
         self._opened: dict[int, str] = {}
-        self._listening: set[int] = set()
-        self._window: dict[int, str] | None = None
         self._error: str | None = None
         self.store_port: int | None = None
         """The port of the rendezvous store the groups were formed through: a store that
@@ -263,20 +180,18 @@ class GroupSession:
         an abort of formed groups leaves its traffic alone."""
         self.phases: dict[str, float] = {}
         """Seconds each part of the last :meth:`configure` took (``store``, ``world``, ``ckpt``,
-        ``replica``, ``mesh``, ``connect``): where a slow rendezvous goes."""
+        ``replica``, ``mesh``): where a slow rendezvous goes."""
 
     @property
     def backend(self) -> str:
         return "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
 
     def configure(self, store: Any | Callable[[], Any], rank: int, world_size: int, timeout_s: float,
-                  make_mesh: Callable[[int], DeviceMesh], peers: tuple[int | None, int | None] = (None, None)
-                  ) -> DeviceMesh:
+                  make_mesh: Callable[[int], DeviceMesh]) -> DeviceMesh:
         """Form this rank's groups: ``rank`` of ``world_size`` through ``store`` (or a callable
         that connects to it, so that an abort during the rendezvous reaches its socket too).
 
-        ``make_mesh(world_size)`` builds the training mesh on the new default group;
-        ``peers`` are the ranks this one sends its replica to and receives one from.
+        ``make_mesh(world_size)`` builds the training mesh on the new default group.
 
         Raises:
             RuntimeError: :meth:`abort` was called while the groups were being formed.
@@ -292,65 +207,27 @@ class GroupSession:
         self.store_port = _port_of(store)
         marks.append(time.perf_counter())
         extra = {"device_id": self.device} if self.device.type == "cuda" else {}
-        with _lazy_gloo(self.lazy):
-            dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size,
-                                    timeout=timeout, **extra)
-            marks.append(time.perf_counter())
-            self.ckpt = dist.new_group(backend="gloo", timeout=timeout)
-            marks.append(time.perf_counter())
-            self.replica = dist.new_group(backend="gloo", timeout=timeout)
-            marks.append(time.perf_counter())
-            self.mesh = make_mesh(world_size)
-            marks.append(time.perf_counter())
-        if self.lazy:
-            self._connect(peers)
+        dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timeout, **extra)
         marks.append(time.perf_counter())
-        names = ("store", "world", "ckpt", "replica", "mesh", "connect")
+        self.ckpt = dist.new_group(backend="gloo", timeout=timeout)
+        marks.append(time.perf_counter())
+        self.replica = dist.new_group(backend="gloo", timeout=timeout)
+        marks.append(time.perf_counter())
+        self.mesh = make_mesh(world_size)
+        marks.append(time.perf_counter())
+        names = ("store", "world", "ckpt", "replica", "mesh")
         self.phases = {k: b - a for k, a, b in zip(names, marks, marks[1:], strict=False)}
         with self._lock:
             self._opened = self._new_sockets()
-            self._listening = _listen_ports(self._opened)
             self._before = None
             if self._error is not None:
                 raise RuntimeError(f"rank {rank}: the group was aborted while it formed ({self._error})")
         return self.mesh
 
-    def _connect(self, peers: tuple[int | None, int | None]) -> None:
-        """Open, now, every connection training will use (lazy gloo groups connect a pair on
-        its first use): each collective once on the default group, the mesh's groups and the
-        checkpoint group, and one exchange with the replica peers."""
-        world = dist.group.WORLD
-        groups: list[Any] = [world, self.ckpt, *(self.mesh.get_all_groups() if self.mesh is not None else [])]
-        seen: set[int] = set()
-        for group in groups:
-            if group is None or id(group) in seen or "gloo" not in str(dist.get_backend(group)):
-                continue  # NCCL connects on its own and aborts through its communicators
-            seen.add(id(group))
-            connect_group(group)
-        to, frm = peers
-        if self.replica is not None and to is not None and frm is not None and self.world_size > 1:
-            works = [dist.isend(torch.zeros(1), dst=to, group=self.replica),
-                     dist.irecv(torch.zeros(1), src=frm, group=self.replica)]
-            for w in works:
-                w.wait()
-
-    def _new_sockets(self, before: dict[int, str] | None = None) -> dict[int, str]:
-        before = (self._before or {}) if before is None else before
+    def _new_sockets(self) -> dict[int, str]:
+        before = self._before or {}
         return {fd: link for fd, link in _sockets().items() if before.get(fd) != link}
-
-    @contextlib.contextmanager
-    def tracking(self) -> Iterator[None]:
-        """Connections the formed groups open inside (a restore's point-to-point moves between
-        ranks that were not yet connected) join those :meth:`abort` shuts down."""
-        with self._lock:
-            self._window = _sockets()
-        try:
-            yield
-        finally:
-            with self._lock:
-                if self._window is not None:
-                    self._opened.update(self._new_sockets(self._window))
-                self._window = None
 
     def errored(self) -> str | None:
         """Why this rank's groups were aborted (None while they are usable)."""
@@ -368,9 +245,6 @@ class GroupSession:
             self._error = reason
             forming = self._before is not None
             opened = self._new_sockets() if forming else dict(self._opened)
-            if self._window is not None:
-                opened.update(self._new_sockets(self._window))
-            opened.update(_accepted_on(self._listening))  # pairs a peer connected later
             if forming and self.store_port:  # a rank waiting in the store for a peer that never joins
                 opened.update(_store_clients(self.store_port))
         if self.device.type == "cuda" and dist.is_initialized():
@@ -393,7 +267,7 @@ class GroupSession:
     def leave(self) -> None:
         """Drop the groups (aborted or not); the process stays, ready to :meth:`configure` again."""
         self.mesh = self.ckpt = self.replica = None
-        self._opened, self._listening = {}, set()
+        self._opened = {}
         if not dist.is_initialized():
             return
         try:

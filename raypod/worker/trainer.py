@@ -113,8 +113,7 @@ class Trainer:
         # Checkpoint writes and replica exchange run on gloo groups of their own, so they
         # never interleave with the training collectives.
         self.mesh = self.groups.configure(store, rank, world_size, self.cfg.fault.pg_timeout_s,
-                                          lambda n: build_mesh(self.cfg.parallel, n, self.device),
-                                          peers=(peer_to, peer_from))
+                                          lambda n: build_mesh(self.cfg.parallel, n, self.device))
         self.ckpt_group = self.groups.ckpt
         marks.append(time.perf_counter())
         self._build(RankContext(rank=rank, world_size=world_size, device=self.device, config=self.cfg),
