@@ -173,7 +173,7 @@ def run_raypod(cfg: Any, steps: int) -> dict[str, Any]:
             self.spares_warm_step: int | None = None
 
         def after_step(self, report: StepReport) -> None:
-            if self.spares_warm_step is None and report.step >= 1 and not report.replayed:
+            if self.spares_warm_step is None and not report.replayed:
                 self._hold_for_spares(report.step)
             self.times.setdefault(report.step, time.time())
             self.cpu.setdefault(report.step, _cpu_s())
