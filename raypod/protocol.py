@@ -218,6 +218,8 @@ class GroupSpec:
     attempt: int
     peers: tuple[int | None, int | None] = (None, None)
     """``(peer_to, peer_from)``: the ranks this rank's snapshots go to and come from."""
+    link_first: int | None = None
+    """The peer whose replica link this rank forms first (:func:`raypod.driver.topology.link_first`)."""
 
 
 @runtime_checkable

@@ -263,7 +263,7 @@ def _start_ranks(cfg: Any, n: int) -> tuple[list[Any], Any]:
     returns the ranks and the store (kept by the caller while the ranks run)."""
     import ray
 
-    from raypod.driver.topology import peer_ring, peers_of
+    from raypod.driver.topology import link_first, peer_ring, peers
     from raypod.protocol import GroupSpec
     from raypod.recipe import build_recipe
     from raypod.worker.rendezvous import RendezvousStore
@@ -277,8 +277,9 @@ def _start_ranks(cfg: Any, n: int) -> tuple[list[Any], Any]:
     store = RendezvousStore()
     ip, port = store.open(n, cfg.fault.pg_timeout_s)
     ring = peer_ring([i["node_id"] for i in infos])
+    pairs, first = peers(ring), link_first(ring)
     specs = [GroupSpec(config=cfg, recipe=recipe, rank=r, world_size=n, init_method=f"tcp://{ip}:{port}/g0",
-                       injections=[], attempt=0, peers=peers_of(ring, r)) for r in range(n)]
+                       injections=[], attempt=0, peers=pairs[r], link_first=first[r]) for r in range(n)]
     ray.get([a.setup.remote(s, None) for a, s in zip(actors, specs, strict=True)])
     return actors, store
 

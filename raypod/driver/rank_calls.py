@@ -79,17 +79,22 @@ def get_all(refs: list[Any], timeout: float, check: Callable[[], None] | None = 
     while left:
         wait_s = max(0.0, deadline - time.monotonic())
         ready, _ = ray.wait(list(left), num_returns=1, timeout=min(wait_s, every_s) if check else wait_s)
-        if not ready and time.monotonic() >= deadline:
+        if ready:  # take every call finished by now, not one per wait over all that are left
+            ready, _ = ray.wait(list(left), num_returns=len(left), timeout=0)
+        elif time.monotonic() >= deadline:
             raise GroupStartError(f"ranks did not finish setting up within {timeout:.0f} s")
         if check is not None:
             check()
+        failed: list[tuple[int, ErrorKind, str]] = []
         for r in ready:
+            rank = left.pop(r)
             try:
-                out[left.pop(r)] = ray.get(r)
+                out[rank] = ray.get(r)
             except Exception as e:  # noqa: BLE001
-                kind, msg = describe(e)
-                raise GroupStartError(f"rank {refs.index(r)} failed to start: {msg}",
-                                      kind=kind, rank=refs.index(r)) from None
+                failed.append((rank, *describe(e)))
+        if failed:  # a rank's own failure before the peers' broken collectives it caused
+            rank, kind, msg = min(failed, key=lambda f: f[1] == ErrorKind.PEER_LOST)
+            raise GroupStartError(f"rank {rank} failed to start: {msg}", kind=kind, rank=rank)
     return out
 
 

@@ -43,7 +43,7 @@ from raypod.driver.rank_calls import (
     unresponsive,
 )
 from raypod.driver.spares import Placement, SparePool
-from raypod.driver.topology import avoid_nodes, hsdp_twins, peer_ring, peers_of
+from raypod.driver.topology import avoid_nodes, hsdp_twins, link_first, peer_ring, peers
 from raypod.policies.scaling import worker_bundle
 from raypod.protocol import GroupSpec, Heartbeat, MemoryReport, WorkerError
 from raypod.recipe import Recipe
@@ -200,9 +200,11 @@ class WorkerGroup:
     def _specs(self, init_method: str, attempt: int,
                injections: list[tuple[int, FaultInjection]]) -> list[GroupSpec]:
         """What each rank of the group (as it stands) needs to join it: one spec per rank."""
+        pairs = peers(self.peer_to) if self.peer_to else [(None, None)] * self.world_size
+        first = link_first(self.peer_to) if self.peer_to else [None] * self.world_size
         return [GroupSpec(config=self.cfg, recipe=self.recipe, rank=r, world_size=self.world_size,
                           init_method=init_method, injections=injections, attempt=attempt,
-                          peers=peers_of(self.peer_to, r))
+                          peers=pairs[r], link_first=first[r])
                 for r in range(self.world_size)]
 
     def holder_of(self, rank: int) -> int | None:

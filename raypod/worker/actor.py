@@ -123,7 +123,7 @@ class TrainWorker:
 
         try:
             self.trainer.join(spec.rank, spec.world_size, store, spec.injections, spec.attempt, *spec.peers,
-                              initialize=initialize)
+                              initialize=initialize, link_first=spec.link_first)
         except BaseException:
             # Aborted while forming (the store connection was shut) or timed out in it (a reply
             # may still come on that connection): the next group connects anew.

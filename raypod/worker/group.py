@@ -2,7 +2,8 @@
 
 :class:`GroupSession` is the only place where a rank creates, aborts and drops its
 process groups: the training group (the default group and the device mesh built on it),
-the checkpoint group and the replica group. The :class:`~raypod.worker.trainer.Trainer`
+the checkpoint group and the replica links (:class:`ReplicaLinks`: a two-rank group with
+each of the rank's two replica peers). The :class:`~raypod.worker.trainer.Trainer`
 only builds and steps the model on them.
 
 Why an abort of its own: when a rank is lost, its peers are blocked inside whatever
@@ -155,6 +156,52 @@ def _port_of(store: Any) -> int | None:
     return getattr(store, "port", None)
 
 
+class ReplicaLinks:
+    """The replica exchange's links: a two-rank gloo group with each of this rank's peers
+    (the rank its snapshots go to and the one whose snapshots it keeps), not a group of the
+    whole world.
+
+    The exchange is point-to-point with those two ranks only, so a world-wide group formed a
+    full mesh of connections (N - 1 per rank) for two of them: with the links a rank holds
+    2N + 2 sockets instead of 3N (``benchmarks/gloo_formation_probe.py``). A link forms
+    through the group's store under a prefix of its own (the two ranks, lower first), and only
+    while both of its ranks are at it, so a rank forms its links in the order the driver gives
+    (``first``: :func:`raypod.driver.topology.link_first`), which lets every link of the ring
+    form in at most three rounds. (Not in two threads at once: both would share the rank's one
+    store connection, whose client holds its lock while it waits for a key, and a ring of such
+    waits never ends.) They are created inside :meth:`GroupSession.configure`, so their
+    sockets are among those an abort shuts down.
+    """
+
+    def __init__(self, store: Any, rank: int, peers: tuple[int | None, int | None],
+                 timeout: timedelta, first: int | None = None) -> None:
+        self.rank = rank
+        wanted = sorted({p for p in peers if p is not None and p != rank}, key=lambda p: p != first)
+        self._links: dict[int, tuple[Any, int]] = {}
+        """``peer -> (two-rank group, the peer's rank in it)``."""
+        for peer in wanted:
+            lo, hi = min(rank, peer), max(rank, peer)
+            pg = dist.ProcessGroupGloo(dist.PrefixStore(f"raypod-replica/{lo}-{hi}", store),
+                                       0 if rank == lo else 1, 2, timeout)
+            self._links[peer] = (pg, 0 if peer < rank else 1)
+
+    def _link(self, peer: int) -> tuple[Any, int]:
+        try:
+            return self._links[peer]
+        except KeyError:
+            raise ValueError(f"rank {self.rank} has no replica link to rank {peer}") from None
+
+    def isend(self, tensor: torch.Tensor, dst: int) -> Any:
+        """Send ``tensor`` to peer ``dst`` (a global rank); returns the work to wait on."""
+        pg, at = self._link(dst)
+        return pg.send([tensor], at, 0)
+
+    def irecv(self, tensor: torch.Tensor, src: int) -> Any:
+        """Receive into ``tensor`` from peer ``src`` (a global rank); returns the work to wait on."""
+        pg, at = self._link(src)
+        return pg.recv([tensor], at, 0)
+
+
 class GroupSession:
     """The process groups of one rank in one group attempt; abortable from any thread.
 
@@ -168,8 +215,9 @@ class GroupSession:
         self.mesh: DeviceMesh | None = None
         self.ckpt: dist.ProcessGroup | None = None
         """Checkpoint writes (gloo), apart from the training collectives."""
-        self.replica: dist.ProcessGroup | None = None
-        """The replica exchange (gloo), apart from the training collectives."""
+        self.replica: ReplicaLinks | None = None
+        """The replica exchange's links to this rank's two peers (gloo), apart from the
+        training collectives."""
         self._lock = threading.Lock()
         self._before: dict[int, str] | None = None
         self._opened: dict[int, str] = {}
@@ -187,11 +235,15 @@ class GroupSession:
         return "cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo"
 
     def configure(self, store: Any | Callable[[], Any], rank: int, world_size: int, timeout_s: float,
-                  make_mesh: Callable[[int], DeviceMesh]) -> DeviceMesh:
+                  make_mesh: Callable[[int], DeviceMesh],
+                  peers: tuple[int | None, int | None] = (None, None),
+                  link_first: int | None = None) -> DeviceMesh:
         """Form this rank's groups: ``rank`` of ``world_size`` through ``store`` (or a callable
         that connects to it, so that an abort during the rendezvous reaches its socket too).
 
-        ``make_mesh(world_size)`` builds the training mesh on the new default group.
+        ``make_mesh(world_size)`` builds the training mesh on the new default group;
+        ``peers`` (``(peer_to, peer_from)``) are the ranks the replica exchange links to, the
+        link to ``link_first`` formed first (:class:`ReplicaLinks`).
 
         Raises:
             RuntimeError: :meth:`abort` was called while the groups were being formed.
@@ -212,7 +264,7 @@ class GroupSession:
         marks.append(time.perf_counter())
         self.ckpt = dist.new_group(backend="gloo", timeout=timeout)
         marks.append(time.perf_counter())
-        self.replica = dist.new_group(backend="gloo", timeout=timeout)
+        self.replica = ReplicaLinks(store, rank, peers, timeout, link_first)
         marks.append(time.perf_counter())
         self.mesh = make_mesh(world_size)
         marks.append(time.perf_counter())

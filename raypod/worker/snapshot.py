@@ -16,13 +16,16 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from raypod.protocol import MemoryReport
+
+if TYPE_CHECKING:
+    from raypod.worker.group import ReplicaLinks
 
 log = logging.getLogger("raypod.worker")
 
@@ -323,7 +326,7 @@ class PeerReplicator:
     next step's result; :meth:`wait_round` is the fallback when no later result will come.
     """
 
-    def __init__(self, group: dist.ProcessGroup, peer_to: int | None, peer_from: int | None,
+    def __init__(self, group: ReplicaLinks | None, peer_to: int | None, peer_from: int | None,
                  on_round: Callable[[int], None] | None = None) -> None:
         self.group, self.peer_to, self.peer_from = group, peer_to, peer_from
         self.on_round = on_round
@@ -411,12 +414,12 @@ class PeerReplicator:
         g, to, frm = self.group, self.peer_to, self.peer_from
         size = torch.tensor([buf.numel()], dtype=torch.int64)
         rsize = torch.zeros(1, dtype=torch.int64)
-        for w in (dist.isend(size, dst=to, group=g), dist.irecv(rsize, src=frm, group=g)):
+        for w in (g.isend(size, to), g.irecv(rsize, frm)):
             w.wait()
         if self.on_round is not None:
             self.on_round(step)
         rbuf = _buffer(int(rsize.item()), timed=False)
-        for w in (dist.isend(buf, dst=to, group=g), dist.irecv(rbuf, src=frm, group=g)):
+        for w in (g.isend(buf, to), g.irecv(rbuf, frm)):
             w.wait()
         store.add_replica(frm, step, rbuf)
         with self._cv:

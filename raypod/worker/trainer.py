@@ -97,7 +97,7 @@ class Trainer:
     def join(self, rank: int, world_size: int, store: Any,
              injections: list[tuple[int, FaultInjection]], attempt: int,
              peer_to: int | None = None, peer_from: int | None = None,
-             initialize: bool = True) -> None:
+             initialize: bool = True, link_first: int | None = None) -> None:
         """Join a process group as ``rank`` of ``world_size`` and build the model shard.
 
         With ``initialize=False`` (the state is about to be restored from memory) the
@@ -113,7 +113,8 @@ class Trainer:
         # Checkpoint writes and replica exchange run on gloo groups of their own, so they
         # never interleave with the training collectives.
         self.mesh = self.groups.configure(store, rank, world_size, self.cfg.fault.pg_timeout_s,
-                                          lambda n: build_mesh(self.cfg.parallel, n, self.device))
+                                          lambda n: build_mesh(self.cfg.parallel, n, self.device),
+                                          peers=(peer_to, peer_from), link_first=link_first)
         self.ckpt_group = self.groups.ckpt
         marks.append(time.perf_counter())
         self._build(RankContext(rank=rank, world_size=world_size, device=self.device, config=self.cfg),

@@ -11,7 +11,7 @@ overhead suite can split raypod's step time into its parts:
 
 * ``--snapshot [full|take]``: after every step, raypod's own in-memory snapshot code
   (:func:`raypod.worker.snapshot.take`, then :class:`PeerReplicator` sending it to
-  the other rank over a gloo group of its own), as a raypod rank does it; ``take``
+  the other rank over its replica links, two-rank gloo groups), as a raypod rank does it; ``take``
   copies only, without replication.
 * ``--ckpt-every N``: every ``N`` steps a DCP save of model and optimizer to
   ``--ckpt-dir/step_N`` (``dcp.save``, or ``dcp.async_save`` with ``--ckpt-async``,
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from datetime import timedelta
 
 import torch
 
@@ -63,16 +64,20 @@ def _distributed(args: argparse.Namespace) -> list[tuple[int, float]]:
     import torch.distributed as dist
 
     from raypod.bench.anchors.mlp_common import MLPJob, MLPRun
+    from raypod.driver.topology import link_first
     from raypod.worker import snapshot
+    from raypod.worker.group import ReplicaLinks
 
     dist.init_process_group("gloo")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         ckpt_group = dist.new_group(backend="gloo")
-        replica_group = dist.new_group(backend="gloo")
+        to, frm = (rank + 1) % world, (rank - 1) % world
+        links = ReplicaLinks(dist.PrefixStore("replica", dist.distributed_c10d._get_default_store()), rank,
+                             (to, frm), timedelta(minutes=10), link_first([(r + 1) % world for r in range(world)])[rank])
         run = MLPRun(MLPJob(max_steps=args.steps))
         store = snapshot.SnapshotStore(keep=3)
-        replicator = snapshot.PeerReplicator(replica_group, (rank + 1) % world, (rank - 1) % world)
+        replicator = snapshot.PeerReplicator(links, to, frm)
         pending = None
         out = []
         for step in range(1, args.steps + 1):

@@ -85,3 +85,42 @@ def test_the_driver_waits_a_moment_for_the_cause_when_only_peers_errors_arrived(
     finally:
         for r in ranks:
             ray.kill(r)
+
+
+class _Refs:
+    """``ray.wait``/``ray.get`` over fake refs: ``done`` maps a ref to its value, or to the
+    exception getting it raises; refs not in it never finish. Counts the waits."""
+
+    def __init__(self, done: dict) -> None:
+        self.done, self.waits = done, 0
+
+    def wait(self, refs, num_returns=1, timeout=None):  # noqa: ANN001, ANN202
+        self.waits += 1
+        ready = [r for r in refs if r in self.done][:num_returns]
+        return ready, [r for r in refs if r not in ready]
+
+    def get(self, ref):  # noqa: ANN001, ANN202
+        value = self.done[ref]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
+def test_get_all_takes_every_finished_call_per_wait_and_names_the_cause_not_a_broken_peer(monkeypatch):
+    from ray.exceptions import RayActorError
+
+    from raypod.driver import rank_calls
+    from raypod.driver.outcomes import GroupStartError
+
+    refs = [f"ref{i}" for i in range(1000)]
+    fake = _Refs({r: i for i, r in enumerate(refs)})
+    monkeypatch.setattr(rank_calls, "ray", fake)
+    assert rank_calls.get_all(refs, timeout=5.0) == list(range(1000))
+    assert fake.waits == 2  # not one wait over all that are left per call: O(N^2) at 10,000 ranks
+
+    # Rank 0's rendezvous broke because rank 1's process died: rank 1 is named, whatever the order.
+    fake = _Refs({"a": _task_error(RuntimeError(GLOO_PEER)), "b": RayActorError(), "c": 3})
+    monkeypatch.setattr(rank_calls, "ray", fake)
+    with pytest.raises(GroupStartError) as err:
+        rank_calls.get_all(["a", "b", "c", "d"], timeout=5.0)
+    assert err.value.rank == 1 and err.value.kind == ErrorKind.WORKER_DIED

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from support import assert_implements_group_protocol
 
 from raypod.config import JobConfig
 from raypod.driver.spares import SparePool
-from raypod.driver.topology import avoid_nodes, hsdp_twins, peer_ring, peers_of
+from raypod.driver.topology import avoid_nodes, hsdp_twins, link_first, peer_ring, peers
 from raypod.driver.worker_group import GroupStartError, PollResult, WorkerError, WorkerGroup
 from raypod.protocol import ErrorKind
 from raypod.recipe import Recipe
@@ -40,9 +41,39 @@ def test_topology():
     assert peer_ring(["a", "a", "a"]) == [1, 2, 0]  # one node: the next rank
     assert peer_ring(["a", "a", "b", "b"]) == [2, 3, 0, 1]  # always a rank on the other node
     assert hsdp_twins("hsdp", 2, 4) == [2, 3, 0, 1] and hsdp_twins("fsdp", 2, 4) is None
-    assert peers_of([1, 2, 0], 0) == (1, 2) and peers_of([None, None], 1) == (None, None)
-    assert peers_of([], 0) == (None, None)
+    assert peers([1, 2, 0]) == [(1, 2), (2, 0), (0, 1)] and peers([None, None]) == [(None, None)] * 2
+    assert peers([]) == [] and peers([1, 0]) == [(1, 1), (0, 0)]
     assert avoid_nodes(set(), 2) is None
+
+
+def _rounds_to_link(peer_to: list[int | None]) -> int:
+    """Rounds until every replica link has formed, each rank forming its links one after the
+    other in :func:`link_first`'s order and a link forming only when it is next for both of its
+    ranks; fails on a ring whose links would wait on each other for ever."""
+    first = link_first(peer_to)
+    todo = {}
+    for r, (to, frm) in enumerate(peers(peer_to)):
+        mine = sorted({p for p in (to, frm) if p is not None and p != r}, key=lambda p: p != first[r])
+        todo[r] = [frozenset((r, p)) for p in mine]
+    rounds = 0
+    while any(todo.values()):
+        heads = [links[0] for links in todo.values() if links]
+        ready = {link for link in heads if heads.count(link) == 2}
+        assert ready, f"the links of {peer_to} wait on each other: {todo}"
+        for links in todo.values():
+            if links and links[0] in ready:
+                links.pop(0)
+        rounds += 1
+    return rounds
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3, 5])
+def test_replica_links_of_any_ring_form_in_at_most_three_rounds(nodes):
+    for per_node in range(1, 9):
+        ring = peer_ring([f"n{i // per_node}" for i in range(nodes * per_node)])
+        assert _rounds_to_link(ring) <= 3, ring
+    assert _rounds_to_link([(r + 1) % 1001 for r in range(1001)]) == 3  # an odd ring: one more round
+    assert _rounds_to_link([(r + 1) % 1000 for r in range(1000)]) == 2
 
 
 def test_spare_pool_hands_out_spares_oldest_first(tmp_path):

@@ -199,3 +199,66 @@ def test_a_worker_keeps_its_store_connection_from_one_group_to_the_next():
     assert b._store_for(f"tcp://127.0.0.1:{port}/g1", 2, 30.0).get("key") == b"1"
     a._forget_store()
     assert a._store_for(f"tcp://127.0.0.1:{port}/g2", 2, 30.0).underlying_store is not first.underlying_store
+
+
+def _replica_ring_rank(rank: int, port: int, world: int, out) -> None:  # noqa: ANN001 - a queue
+    """``world`` ranks form their groups with replica links on a ring (each sends to the next
+    and keeps the previous one's), exchange a snapshot, and count their connections. With
+    three ranks, rank 2 then stops itself (SIGSTOP); rank 0 (receiving from it) and rank 1
+    (sending to it) are blocked in the next round until their sessions abort."""
+    import torch.distributed as dist
+
+    from raypod.worker.group import GroupSession
+    from raypod.worker.snapshot import PeerReplicator, SnapshotStore, from_bytes
+
+    torch.set_num_threads(1)
+    groups = GroupSession(torch.device("cpu"))
+    store = _store(port, rank, world)()
+    from raypod.driver.topology import link_first
+
+    to, frm = (rank + 1) % world, (rank - 1) % world
+    first = link_first([(r + 1) % world for r in range(world)])[rank]
+    groups.configure(dist.PrefixStore("g1/", store), rank, world, 60.0, _mesh, peers=(to, frm), link_first=first)
+    snapshots = SnapshotStore()
+    links = sorted(groups.replica._links)
+    rep = PeerReplicator(groups.replica, to, frm)
+    big = 1 << 20  # large enough that a send to a stopped peer cannot sit in the socket buffers
+    rep.submit(1, [torch.full((big,), float(rank))], snapshots)
+    ok = rep.wait_round(1, timeout=60.0)
+    got = snapshots.replicas.get(frm, {})
+    received = float(from_bytes(got[1], [torch.zeros(big)])[0][0]) if 1 in got else None
+    if world == 3 and rank == 2:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    released = None
+    if world == 3:
+        time.sleep(1.0)
+        rep.submit(2, [torch.full((big,), 2.0)], snapshots)
+        threading.Timer(1.0, groups.abort, args=("a peer was lost",)).start()
+        t0 = time.monotonic()
+        finished = rep.wait_round(2, timeout=30.0)
+        released = (finished, time.monotonic() - t0)
+    rep.close()
+    groups.leave()
+    out.put((rank, ok, received, released, links))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_replica_links_join_each_rank_to_its_two_peers_only_and_an_abort_ends_their_round(world):
+    procs, out = _spawn(_replica_ring_rank, world, _port(), world)
+    live = 2 if world == 3 else world
+    try:
+        results = sorted(out.get(timeout=120) for _ in range(live))
+    finally:
+        for p in procs[:live]:
+            p.join(timeout=30)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+    for rank, ok, received, released, links in results:
+        assert ok and received == float((rank - 1) % world), (rank, ok, received)
+        assert links == sorted({(rank + 1) % world, (rank - 1) % world}), (rank, links)
+        if world == 3:
+            finished, took = released
+            # The round with the stopped peer never completes; the abort ends it (not the 60 s timeout).
+            assert not finished and took < 15.0, (rank, released)
+    assert [p.exitcode for p in procs[:live]] == [0] * live

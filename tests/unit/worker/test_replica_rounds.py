@@ -11,29 +11,28 @@ from collections import deque
 import pytest
 import torch
 
-from raypod.worker import snapshot
 from raypod.worker.snapshot import PeerReplicator, SnapshotStore
 
 
 class _Loopback:
-    """``torch.distributed``'s isend/irecv for a rank that is its own peer: what is sent is
-    what the next receive gets."""
+    """Replica links (:class:`~raypod.worker.group.ReplicaLinks`) for a rank that is its own
+    peer: what is sent is what the next receive gets."""
 
     def __init__(self) -> None:
         self.sent: deque[torch.Tensor] = deque()
 
-    def isend(self, tensor: torch.Tensor, dst: int, group: object = None) -> types.SimpleNamespace:
+    def isend(self, tensor: torch.Tensor, dst: int) -> types.SimpleNamespace:
         self.sent.append(tensor.clone())
         return types.SimpleNamespace(wait=lambda: None)
 
-    def irecv(self, tensor: torch.Tensor, src: int, group: object = None) -> types.SimpleNamespace:
+    def irecv(self, tensor: torch.Tensor, src: int) -> types.SimpleNamespace:
         tensor.copy_(self.sent.popleft())
         return types.SimpleNamespace(wait=lambda: None)
 
 
 @pytest.fixture
-def loopback(monkeypatch):
-    monkeypatch.setattr(snapshot, "dist", _Loopback())
+def loopback():
+    return _Loopback()
 
 
 def test_completed_rounds_are_taken_once_and_a_failed_round_never(loopback):
@@ -45,7 +44,7 @@ def test_completed_rounds_are_taken_once_and_a_failed_round_never(loopback):
         if step == 4:
             gate.wait(5.0)
 
-    rep = PeerReplicator(group=None, peer_to=0, peer_from=0, on_round=on_round)
+    rep = PeerReplicator(group=loopback, peer_to=0, peer_from=0, on_round=on_round)
     for step in (1, 2):
         rep.submit(step, [torch.full((4,), float(step))], store)
     assert rep.wait_round(2, timeout=5.0)
