@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from raypod.driver.outcomes import PollResult
-from raypod.driver.rank_calls import PING_TIMEOUT_S, Fanout, describe, unresponsive
+from raypod.driver.rank_calls import PING_TIMEOUT_S, Fanout, describe, finished, unresponsive
 from raypod.protocol import ErrorKind, Interrupted, WorkerError
 
 Relay = Callable[[str, list[int], tuple[Any, ...], float], Fanout]
@@ -93,10 +93,7 @@ class InFlight:
         self.flush()
         if not self._pending:
             return out
-        ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=timeout)
-        if ready:
-            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
-        self._collect(ready, out)
+        self._collect(finished(self._pending, timeout), out)
         if out.errors:  # find the dead: the ranks that no longer answer
             self._find_dead(actors, out)
         return out
@@ -126,10 +123,9 @@ class InFlight:
         error that is not a peer's breakage (the cause the driver names) is among them."""
         deadline = time.monotonic() + grace
         while self._pending and time.monotonic() < deadline:
-            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            ready = finished(self._pending, deadline - time.monotonic())
             if not ready:
                 return
-            ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=0)
             self._collect(ready, out)
             if any(e.kind != ErrorKind.PEER_LOST for e in out.errors):
                 return

@@ -7,7 +7,7 @@ spares (:mod:`raypod.driver.spares`), so that each says a failed call the same w
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -63,6 +63,18 @@ def rank_failures(doing: str) -> Iterator[None]:
         raise GroupStartError(f"{doing}: {msg}", kind=kind) from None
 
 
+def finished(refs: Iterable[Any], timeout: float) -> list[Any]:
+    """Wait up to ``timeout`` for the first of ``refs`` to finish, then return every one finished
+    by now: a wait for each finished call, over all that are left, is O(N²) at N ranks."""
+    refs = list(refs)
+    if not refs:
+        return []
+    ready, _ = ray.wait(refs, num_returns=1, timeout=max(0.0, timeout))
+    if ready:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return ready
+
+
 def get_all(refs: list[Any], timeout: float, check: Callable[[], None] | None = None,
             every_s: float = 0.25) -> list[Any]:
     """Get every ref, failing fast on the first error instead of waiting on the rest.
@@ -78,10 +90,8 @@ def get_all(refs: list[Any], timeout: float, check: Callable[[], None] | None = 
     deadline = time.monotonic() + timeout
     while left:
         wait_s = max(0.0, deadline - time.monotonic())
-        ready, _ = ray.wait(list(left), num_returns=1, timeout=min(wait_s, every_s) if check else wait_s)
-        if ready:  # take every call finished by now, not one per wait over all that are left
-            ready, _ = ray.wait(list(left), num_returns=len(left), timeout=0)
-        elif time.monotonic() >= deadline:
+        ready = finished(left, min(wait_s, every_s) if check else wait_s)
+        if not ready and time.monotonic() >= deadline:
             raise GroupStartError(f"ranks did not finish setting up within {timeout:.0f} s")
         if check is not None:
             check()

@@ -208,14 +208,13 @@ def _replica_ring_rank(rank: int, port: int, world: int, out) -> None:  # noqa: 
     (sending to it) are blocked in the next round until their sessions abort."""
     import torch.distributed as dist
 
+    from raypod.driver.topology import link_first
     from raypod.worker.group import GroupSession
     from raypod.worker.snapshot import PeerReplicator, SnapshotStore, from_bytes
 
     torch.set_num_threads(1)
     groups = GroupSession(torch.device("cpu"))
     store = _store(port, rank, world)()
-    from raypod.driver.topology import link_first
-
     to, frm = (rank + 1) % world, (rank - 1) % world
     first = link_first([(r + 1) % world for r in range(world)])[rank]
     groups.configure(dist.PrefixStore("g1/", store), rank, world, 60.0, _mesh, peers=(to, frm), link_first=first)
