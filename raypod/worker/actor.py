@@ -119,6 +119,8 @@ class TrainWorker:
         # Connected inside the rank's group session, so that an abort during the rendezvous
         # (a peer frozen before it joined) reaches the store's socket too.
         def store() -> Any:
+            if self.trainer.groups.store_lost:  # an abort shut it (the checkpoint group was forming)
+                self._forget_store()
             return self._store_for(spec.init_method, spec.world_size, spec.config.fault.pg_timeout_s)
 
         try:

@@ -28,6 +28,16 @@ snapshots stay, and the rank joins the next group (:meth:`configure` again).
   listener thread ends the process on an error there). Measured: a rank blocked in an
   FSDP2 all-gather is released 2–6 ms after :meth:`abort`; the process then destroys the
   group and trains in a new one.
+- **The checkpoint group forms off the recovery path.** It is the second world-wide group
+  (gloo's full mesh: N - 1 connections per rank, every rank reading every other's address
+  from the store), and nothing before a persistent save needs it. :meth:`configure` forms
+  the training group and the replica links only; the trainer starts the checkpoint group
+  in a thread of its own once the rank has trained its first step in the new group
+  (:meth:`start_checkpoint_group`), so it forms while the ranks train, and a save waits for
+  it (:meth:`checkpoint_group`). Its connections join those an abort shuts down once it has
+  formed; an abort while it forms shuts the connections it opened so far and this rank's
+  store connection (the thread may be waiting in the store for a peer that never comes),
+  and :meth:`leave` aborts a formation still running before it drops the groups.
 - **The rendezvous store outlives the groups.** A rank keeps its connection to the store
   from one group to the next (each group under a prefix of its own), so a re-formation
   opens no store connection on the ranks that stay. An abort of formed groups leaves the
@@ -214,7 +224,18 @@ class GroupSession:
         self.rank, self.world_size = -1, 0
         self.mesh: DeviceMesh | None = None
         self.ckpt: dist.ProcessGroup | None = None
-        """Checkpoint writes (gloo), apart from the training collectives."""
+        """Checkpoint writes (gloo), apart from the training collectives; formed in the
+        background (:meth:`start_checkpoint_group`), None until it has formed."""
+        self._ckpt_thread: threading.Thread | None = None
+        self._ckpt_done = threading.Event()
+        self._ckpt_error: str | None = None
+        self._ckpt_before: dict[int, str] | None = None
+        """This process's sockets when the checkpoint group started forming (None when it is
+        not forming)."""
+        self._timeout = timedelta(minutes=30)
+        self.store_lost = False
+        """An abort shut this rank's store connection (it was waiting in the store): the next
+        group connects to the store anew."""
         self.replica: ReplicaLinks | None = None
         """The replica exchange's links to this rank's two peers (gloo), apart from the
         training collectives."""
@@ -227,8 +248,9 @@ class GroupSession:
         outlives the groups (the worker keeps its connection from one group to the next), so
         an abort of formed groups leaves its traffic alone."""
         self.phases: dict[str, float] = {}
-        """Seconds each part of the last :meth:`configure` took (``store``, ``world``, ``ckpt``,
-        ``replica``, ``mesh``): where a slow rendezvous goes."""
+        """Seconds each part of the last :meth:`configure` took (``store``, ``world``,
+        ``replica``, ``mesh``): where a slow rendezvous goes; ``ckpt`` once the checkpoint
+        group has formed in the background."""
 
     @property
     def backend(self) -> str:
@@ -251,24 +273,24 @@ class GroupSession:
         with self._lock:
             self.rank, self.world_size, self._error = rank, world_size, None
             self._before, self._opened = _sockets(), {}
+            self._ckpt_thread, self._ckpt_error, self._ckpt_before = None, None, None
+            self._ckpt_done = threading.Event()
         if self.device.type == "cuda":
             nccl_env()
-        timeout = timedelta(seconds=timeout_s)
+        timeout = self._timeout = timedelta(seconds=timeout_s)
         marks = [time.perf_counter()]
         store = store() if callable(store) else store
-        self.store_port = _port_of(store)
+        self.store_port, self.store_lost = _port_of(store), False
         marks.append(time.perf_counter())
         extra = {"device_id": self.device} if self.device.type == "cuda" else {}
         dist.init_process_group(self.backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timeout, **extra)
         marks.append(time.perf_counter())
-        self.ckpt = dist.new_group(backend="gloo", timeout=timeout)
-        marks.append(time.perf_counter())
         self.replica = ReplicaLinks(store, rank, peers, timeout, link_first)
         marks.append(time.perf_counter())
         self.mesh = make_mesh(world_size)
         marks.append(time.perf_counter())
-        names = ("store", "world", "ckpt", "replica", "mesh")
+        names = ("store", "world", "replica", "mesh")
         self.phases = {k: b - a for k, a, b in zip(names, marks, marks[1:], strict=False)}
         with self._lock:
             self._opened = self._new_sockets()
@@ -277,9 +299,59 @@ class GroupSession:
                 raise RuntimeError(f"rank {rank}: the group was aborted while it formed ({self._error})")
         return self.mesh
 
-    def _new_sockets(self) -> dict[int, str]:
-        before = self._before or {}
+    def _new_sockets(self, before: dict[int, str] | None = None) -> dict[int, str]:
+        before = (self._before or {}) if before is None else before
         return {fd: link for fd, link in _sockets().items() if before.get(fd) != link}
+
+    def start_checkpoint_group(self) -> None:
+        """Start forming the checkpoint group in a thread of its own (once per group; every
+        rank of the group starts it, the trainer after its first step in the group)."""
+        with self._lock:
+            if (self._ckpt_thread is not None or self._error is not None or self._before is not None
+                    or not dist.is_initialized()):
+                return
+            self._ckpt_before = _sockets()
+            self._ckpt_thread = threading.Thread(target=self._form_checkpoint_group, daemon=True,
+                                                 name=f"raypod-ckpt-group-{self.rank}")
+            self._ckpt_thread.start()
+
+    def _form_checkpoint_group(self) -> None:
+        t0 = time.perf_counter()
+        pg, error = None, None
+        try:
+            # The store is this rank's one connection: nothing else uses it while the rank
+            # trains (the next configure comes after leave, which ends this thread first).
+            pg = dist.new_group(backend="gloo", timeout=self._timeout)
+        except Exception as e:  # noqa: BLE001 - reported by the save that needs it
+            error = f"{type(e).__name__}: {e}"
+        with self._lock:
+            before, self._ckpt_before = self._ckpt_before, None
+            if self._error is not None:  # aborted while it formed: its sockets are shut already
+                error = error or f"aborted while it formed ({self._error})"
+            elif pg is not None and before is not None:
+                self._opened.update(self._new_sockets(before))
+                self.ckpt = pg
+                self.phases["ckpt"] = time.perf_counter() - t0
+            self._ckpt_error = error
+            self._ckpt_done.set()
+        if error is not None:
+            log.info("[rank %d] the checkpoint group did not form: %s", self.rank, error)
+
+    def checkpoint_group(self) -> dist.ProcessGroup:
+        """The checkpoint group, once formed (started now if it was not; waits up to the
+        group's timeout).
+
+        Raises:
+            RuntimeError: it did not form (aborted, or a peer never joined).
+        """
+        self.start_checkpoint_group()
+        if not self._ckpt_done.wait(self._timeout.total_seconds()):
+            raise RuntimeError(f"rank {self.rank}: the checkpoint group did not form in "
+                               f"{self._timeout.total_seconds():.0f} s (fault.pg_timeout_s)")
+        if self.ckpt is None:
+            raise RuntimeError(f"rank {self.rank}: the checkpoint group did not form "
+                               f"({self._ckpt_error or self._error or 'no group'})")
+        return self.ckpt
 
     def errored(self) -> str | None:
         """Why this rank's groups were aborted (None while they are usable)."""
@@ -295,10 +367,13 @@ class GroupSession:
             if self._error is not None or (not dist.is_initialized() and self._before is None):
                 return False
             self._error = reason
-            forming = self._before is not None
-            opened = self._new_sockets() if forming else dict(self._opened)
+            forming = self._before is not None or self._ckpt_before is not None
+            opened = self._new_sockets() if self._before is not None else dict(self._opened)
+            if self._ckpt_before is not None:  # the checkpoint group forming in the background
+                opened.update(self._new_sockets(self._ckpt_before))
             if forming and self.store_port:  # a rank waiting in the store for a peer that never joins
                 opened.update(_store_clients(self.store_port))
+                self.store_lost = True
         if self.device.type == "cuda" and dist.is_initialized():
             for pg in self._groups():
                 try:
@@ -317,7 +392,15 @@ class GroupSession:
         return subs + ([world] if world is not None else [])
 
     def leave(self) -> None:
-        """Drop the groups (aborted or not); the process stays, ready to :meth:`configure` again."""
+        """Drop the groups (aborted or not); the process stays, ready to :meth:`configure` again.
+        A checkpoint group still forming is aborted first (the group is being left)."""
+        thread = self._ckpt_thread
+        if thread is not None and thread.is_alive():
+            self.abort("left while the checkpoint group formed")
+            thread.join(timeout=self._timeout.total_seconds())
+            if thread.is_alive():
+                log.warning("[rank %d] the checkpoint group's formation did not end after its abort",
+                            self.rank)
         self.mesh = self.ckpt = self.replica = None
         self._opened = {}
         if not dist.is_initialized():

@@ -111,11 +111,11 @@ class Trainer:
         self.faults.fire(self.step + 1, "join")
         marks = [time.perf_counter()]
         # Checkpoint writes and replica exchange run on gloo groups of their own, so they
-        # never interleave with the training collectives.
+        # never interleave with the training collectives; the checkpoint group forms in the
+        # background once the rank has trained a step here (off the recovery path).
         self.mesh = self.groups.configure(store, rank, world_size, self.cfg.fault.pg_timeout_s,
                                           lambda n: build_mesh(self.cfg.parallel, n, self.device),
                                           peers=(peer_to, peer_from), link_first=link_first)
-        self.ckpt_group = self.groups.ckpt
         marks.append(time.perf_counter())
         self._build(RankContext(rank=rank, world_size=world_size, device=self.device, config=self.cfg),
                     initialize)
@@ -224,6 +224,7 @@ class Trainer:
         out.replicated = self.replicator.take_acked() if self.replicator else []
         out.memory = self.snapshots.report()
         self._mark(step, Phase.DONE)
+        self.groups.start_checkpoint_group()  # once per group: it forms while the ranks train
         return out
 
     def wait_replicated(self, step: int, timeout: float) -> bool:
@@ -327,7 +328,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------
     def save(self, step: int, path: str) -> list[int]:
         """Start saving the state after ``step``; returns saves finished meanwhile."""
-        return self.saves.save(self.model, self.optimizer, self.ckpt_group, step, path)
+        return self.saves.save(self.model, self.optimizer, self.groups.checkpoint_group(), step, path)
 
     def finish_saves(self) -> list[int]:
         """Wait for every save in flight; returns their steps."""

@@ -261,3 +261,83 @@ def test_replica_links_join_each_rank_to_its_two_peers_only_and_an_abort_ends_th
             # The round with the stopped peer never completes; the abort ends it (not the 60 s timeout).
             assert not finished and took < 15.0, (rank, released)
     assert [p.exitcode for p in procs[:live]] == [0] * live
+
+
+def _checkpoint_group_rank(rank: int, port: int, freeze_at: str, out) -> None:  # noqa: ANN001 - a queue
+    """Three ranks form their groups; the checkpoint group is not among them until a rank
+    starts it (the trainer does after its first step). Rank 2 then stops itself (SIGSTOP):
+    ``freeze_at="write"`` once the checkpoint group has formed, while ranks 0 and 1 are in a
+    collective on it (a checkpoint write); ``freeze_at="forming"`` before it starts its own,
+    while ranks 0 and 1 wait for it in the formation. Either way an abort ends their wait;
+    they then form a group of two (connecting to the store anew where the abort shut their
+    connection) and its checkpoint group."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from raypod.worker.group import GroupSession
+
+    torch.set_num_threads(1)
+    groups = GroupSession(torch.device("cpu"))
+    store = first = _store(port, rank, 3)()  # rank 0's serves the store: kept to the end
+    groups.configure(dist.PrefixStore("g1/", store), rank, 3, 60.0, _mesh)
+    formed_with_the_group = groups.ckpt is not None or "ckpt" in groups.phases
+    if freeze_at == "forming" and rank == 2:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    opened = len(groups._opened)
+    groups.start_checkpoint_group()
+    abort = threading.Timer(1.5, groups.abort, args=("a peer was lost",))
+    if freeze_at == "forming":
+        abort.start()
+    t0, summed, grew = time.monotonic(), None, None
+    try:
+        pg = groups.checkpoint_group()
+        grew = len(groups._opened) - opened  # its connections are among those an abort shuts
+        t = torch.ones(4)
+        dist.all_reduce(t, group=pg)
+        summed = float(t[0])
+        if rank == 2:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        abort.start()
+        t0 = time.monotonic()
+        dist.all_reduce(torch.ones(1 << 20), group=pg)
+        outcome = "returned"
+    except RuntimeError as e:
+        outcome = f"raised: {str(e)[:60]}"
+    released = time.monotonic() - t0
+    store_lost = groups.store_lost
+    groups.leave()
+    if store_lost:
+        store = dist.TCPStore("127.0.0.1", port, 3, is_master=False, timeout=timedelta(seconds=60))
+    groups.configure(dist.PrefixStore("g2/", store), rank, 2, 60.0, _mesh)
+    t = torch.ones(4)
+    dist.all_reduce(t, group=groups.checkpoint_group())
+    groups.leave()
+    del first
+    out.put((rank, formed_with_the_group, grew, summed, outcome, released, store_lost, float(t[0])))
+
+
+@pytest.mark.parametrize("freeze_at", ["write", "forming"])
+def test_the_checkpoint_group_forms_in_the_background_and_an_abort_releases_it(freeze_at):
+    procs, out = _spawn(_checkpoint_group_rank, 3, _port(), freeze_at)
+    try:
+        results = sorted(out.get(timeout=120) for _ in range(2))
+    finally:
+        for p in procs[:2]:
+            p.join(timeout=30)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+    for rank, formed_with_the_group, grew, summed, outcome, released, store_lost, regrouped in results:
+        assert not formed_with_the_group, rank  # off the rendezvous: it forms after the first step
+        assert outcome.startswith("raised"), (rank, outcome)
+        assert released < 15.0, (rank, released)  # the abort, not the group's 60 s timeout
+        if freeze_at == "write":
+            assert summed == 3.0 and grew and grew >= 2, (rank, summed, grew)
+            assert not store_lost, rank
+        else:
+            assert summed is None and "did not form" in outcome, (rank, outcome)
+            assert store_lost, rank  # it was waiting in the store: the next group connects anew
+        assert regrouped == 2.0, (rank, regrouped)
+    assert [p.exitcode for p in procs[:2]] == [0, 0]
