@@ -87,6 +87,30 @@ def nccl_env() -> dict[str, str]:
     return replaced
 
 
+GLOO_ENV = {
+    # A rank's rendezvous key holds its address, not also one pair number per peer (8N
+    # bytes): every rank reads every peer's key, so 8N^2 bytes a rank (800 MB at 10,000).
+    "GLOO_ENABLE_RANK_AS_SEQUENCE_NUMBER": "1",
+    # Those keys read 128 to a store request (multi_get), not one round trip each.
+    "GLOO_ENABLE_STORE_V2_API": "1",
+}
+"""gloo's rendezvous settings (every rank of a group needs the same): measured with
+``benchmarks/gloo_formation_probe.py 64 links``, formation 0.53-0.87 s instead of 1.2-1.4 s,
+the store's host 29-45 ms of CPU instead of 350-370 ms (BENCHMARKS.md, Scale)."""
+
+
+def gloo_env() -> dict[str, str]:
+    """Set :data:`GLOO_ENV` in this process (before its first gloo group); returns the values
+    replaced."""
+    replaced = {k: os.environ[k] for k, v in GLOO_ENV.items() if os.environ.get(k, v) != v}
+    if replaced:
+        log.warning("replacing %s: every rank of a raypod group forms it with %s",
+                    ", ".join(f"{k}={v}" for k, v in replaced.items()),
+                    ", ".join(f"{k}={v}" for k, v in GLOO_ENV.items()))
+    os.environ.update(GLOO_ENV)
+    return replaced
+
+
 def _sockets() -> dict[int, str]:
     """This process's open sockets: ``fd -> "socket:[inode]"``."""
     out: dict[int, str] = {}
@@ -275,6 +299,7 @@ class GroupSession:
             self._before, self._opened = _sockets(), {}
             self._ckpt_thread, self._ckpt_error, self._ckpt_before = None, None, None
             self._ckpt_done = threading.Event()
+        gloo_env()  # the checkpoint group and the replica links are gloo on every device
         if self.device.type == "cuda":
             nccl_env()
         timeout = self._timeout = timedelta(seconds=timeout_s)

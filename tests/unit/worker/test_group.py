@@ -341,3 +341,38 @@ def test_the_checkpoint_group_forms_in_the_background_and_an_abort_releases_it(f
             assert store_lost, rank  # it was waiting in the store: the next group connects anew
         assert regrouped == 2.0, (rank, regrouped)
     assert [p.exitcode for p in procs[:2]] == [0, 0]
+
+
+def test_gloo_rendezvous_keys_do_not_grow_with_the_group(tmp_path, monkeypatch):
+    """With raypod's gloo settings a rank's rendezvous key is the same size in a group of 2
+    and of 6 (gloo's default adds 8 bytes per peer to it, and every rank reads every key);
+    a cluster's own setting is replaced."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from raypod.worker.group import GLOO_ENV, gloo_env
+
+    monkeypatch.setenv("GLOO_ENABLE_RANK_AS_SEQUENCE_NUMBER", "0")
+    monkeypatch.delenv("GLOO_ENABLE_STORE_V2_API", raising=False)
+    assert gloo_env() == {"GLOO_ENABLE_RANK_AS_SEQUENCE_NUMBER": "0"}
+    assert {k: os.environ[k] for k in GLOO_ENV} == GLOO_ENV
+
+    def bytes_per_rank(n: int) -> float:
+        path, groups, errors = str(tmp_path / f"store-{n}"), [], []
+
+        def rank(r: int) -> None:
+            try:
+                groups.append(dist.ProcessGroupGloo(dist.FileStore(path, n), r, n, timedelta(seconds=30)))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors and len(groups) == n, errors
+        return os.path.getsize(path) / n
+
+    assert bytes_per_rank(2) == bytes_per_rank(6)
