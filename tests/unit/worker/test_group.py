@@ -100,16 +100,22 @@ def _spawn(target, n: int, *args):  # noqa: ANN001, ANN202
     return procs, out
 
 
-def test_abort_releases_a_rank_blocked_in_an_fsdp_collective_with_a_frozen_peer():
-    procs, out = _spawn(_frozen_peer_rank, 3, _port())
+def _results(procs, out, live: int) -> list:  # noqa: ANN001
+    """The first ``live`` ranks' results (sorted); those ranks are joined, the rest (a rank
+    that stopped itself) killed."""
     try:
-        results = sorted(out.get(timeout=120) for _ in range(2))
+        return sorted(out.get(timeout=120) for _ in range(live))
     finally:
-        for p in procs[:2]:
+        for p in procs[:live]:
             p.join(timeout=30)
         for p in procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL)
+
+
+def test_abort_releases_a_rank_blocked_in_an_fsdp_collective_with_a_frozen_peer():
+    procs, out = _spawn(_frozen_peer_rank, 3, _port())
+    results = _results(procs, out, 2)
     for rank, _pid, outcome, after_s, regrouped in results:
         assert outcome.startswith("raised"), (rank, outcome)
         # Released by the abort, not by the group's timeout (60 s). How fast is a benchmark's
@@ -245,14 +251,7 @@ def _replica_ring_rank(rank: int, port: int, world: int, out) -> None:  # noqa: 
 def test_replica_links_join_each_rank_to_its_two_peers_only_and_an_abort_ends_their_round(world):
     procs, out = _spawn(_replica_ring_rank, world, _port(), world)
     live = 2 if world == 3 else world
-    try:
-        results = sorted(out.get(timeout=120) for _ in range(live))
-    finally:
-        for p in procs[:live]:
-            p.join(timeout=30)
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
+    results = _results(procs, out, live)
     for rank, ok, received, released, links in results:
         assert ok and received == float((rank - 1) % world), (rank, ok, received)
         assert links == sorted({(rank + 1) % world, (rank - 1) % world}), (rank, links)
@@ -321,14 +320,7 @@ def _checkpoint_group_rank(rank: int, port: int, freeze_at: str, out) -> None:  
 @pytest.mark.parametrize("freeze_at", ["write", "forming"])
 def test_the_checkpoint_group_forms_in_the_background_and_an_abort_releases_it(freeze_at):
     procs, out = _spawn(_checkpoint_group_rank, 3, _port(), freeze_at)
-    try:
-        results = sorted(out.get(timeout=120) for _ in range(2))
-    finally:
-        for p in procs[:2]:
-            p.join(timeout=30)
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
+    results = _results(procs, out, 2)
     for rank, formed_with_the_group, grew, summed, outcome, released, store_lost, regrouped in results:
         assert not formed_with_the_group, rank  # off the rendezvous: it forms after the first step
         assert outcome.startswith("raised"), (rank, outcome)
