@@ -76,15 +76,20 @@ NCCL_ENV = {
 """The NCCL settings under which an abort releases a survivor and nothing ever kills it."""
 
 
+def _set_env(values: dict[str, str], why: str) -> dict[str, str]:
+    """Set ``values`` in this process's environment; returns the values replaced (warned
+    about, with ``why``)."""
+    replaced = {k: os.environ[k] for k, v in values.items() if os.environ.get(k, v) != v}
+    if replaced:
+        log.warning("replacing %s: %s", ", ".join(f"{k}={v}" for k, v in replaced.items()), why)
+    os.environ.update(values)
+    return replaced
+
+
 def nccl_env() -> dict[str, str]:
     """Set :data:`NCCL_ENV` in this process (before its first NCCL group); returns the values
     replaced (a cluster's own ``TORCH_NCCL_*`` that would kill survivors)."""
-    replaced = {k: os.environ[k] for k, v in NCCL_ENV.items() if os.environ.get(k, v) != v}
-    if replaced:
-        log.warning("replacing %s: raypod aborts communicators itself and keeps survivors alive",
-                    ", ".join(f"{k}={v}" for k, v in replaced.items()))
-    os.environ.update(NCCL_ENV)
-    return replaced
+    return _set_env(NCCL_ENV, "raypod aborts communicators itself and keeps survivors alive")
 
 
 GLOO_ENV = {
@@ -102,13 +107,8 @@ the store's host 29-45 ms of CPU instead of 350-370 ms (BENCHMARKS.md, Scale).""
 def gloo_env() -> dict[str, str]:
     """Set :data:`GLOO_ENV` in this process (before its first gloo group); returns the values
     replaced."""
-    replaced = {k: os.environ[k] for k, v in GLOO_ENV.items() if os.environ.get(k, v) != v}
-    if replaced:
-        log.warning("replacing %s: every rank of a raypod group forms it with %s",
-                    ", ".join(f"{k}={v}" for k, v in replaced.items()),
-                    ", ".join(f"{k}={v}" for k, v in GLOO_ENV.items()))
-    os.environ.update(GLOO_ENV)
-    return replaced
+    return _set_env(GLOO_ENV, "every rank of a raypod group forms it with "
+                    + ", ".join(f"{k}={v}" for k, v in GLOO_ENV.items()))
 
 
 def _sockets() -> dict[int, str]:
