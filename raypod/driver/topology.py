@@ -44,10 +44,11 @@ def peers(peer_to: list[int | None]) -> list[tuple[int | None, int | None]]:
     return [(to, frm.get(r) if to is not None else None) for r, to in enumerate(peer_to)]
 
 
-def link_first(peer_to: list[int | None]) -> list[int | None]:
+def link_first(peer_to: list[int | None],
+               pairs: list[tuple[int | None, int | None]] | None = None) -> list[int | None]:
     """Per rank: the replica peer whose link (:class:`~raypod.worker.group.ReplicaLinks`) it
     forms first, so that every rank forms its two links one after the other in at most three
-    rounds, whatever the ring's length.
+    rounds, whatever the ring's length. ``pairs`` is ``peers(peer_to)`` when the caller has it.
 
     A link forms only while both of its ranks are at it. The ring's links are coloured as a
     ring's edges are (0 and 1 alternating along each cycle of ``peer_to``, 2 for the one that
@@ -73,7 +74,7 @@ def link_first(peer_to: list[int | None]) -> list[int | None]:
         return 2 if cycle_len % 2 and p == cycle_len - 1 else p % 2
 
     out: list[int | None] = []
-    for r, (to, frm) in enumerate(peers(peer_to)):
+    for r, (to, frm) in enumerate(pairs if pairs is not None else peers(peer_to)):
         if to is None or frm is None:
             out.append(to if to is not None else frm)
         else:

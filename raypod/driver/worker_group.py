@@ -201,7 +201,7 @@ class WorkerGroup:
                injections: list[tuple[int, FaultInjection]]) -> list[GroupSpec]:
         """What each rank of the group (as it stands) needs to join it: one spec per rank."""
         pairs = peers(self.peer_to) if self.peer_to else [(None, None)] * self.world_size
-        first = link_first(self.peer_to) if self.peer_to else [None] * self.world_size
+        first = link_first(self.peer_to, pairs) if self.peer_to else [None] * self.world_size
         return [GroupSpec(config=self.cfg, recipe=self.recipe, rank=r, world_size=self.world_size,
                           init_method=init_method, injections=injections, attempt=attempt,
                           peers=pairs[r], link_first=first[r])
