@@ -105,6 +105,12 @@ class TrainConfig(_Section):
     ``eval_<name>``); 0: never. Evaluation leaves the training state untouched."""
     eval_samples: int = Field(default=256, ge=1)
     """Samples of the eval data each evaluation uses (the first ones; fewer if it holds fewer)."""
+    step_window: bool = True
+    """How the driver hands out steps. ``true``: one call per rank per window of steps
+    (``TrainWorker.train_window``): the rank trains in a loop of its own, streams each
+    step's result back, and reads which steps it may run from the job's store, where the
+    driver writes one grant per step for all ranks (:mod:`raypod.worker.grants`). ``false``:
+    one ``train_step`` call per rank per step."""
 
 
 class DataConfig(_Section):

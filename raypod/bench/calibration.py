@@ -54,6 +54,9 @@ class Calibration:
             the rebuild on a cluster, where each rank forms its groups on cores of its own
             (``regroup`` is the wall time of N ranks sharing this machine's cores); None in a
             calibration measured before it was recorded.
+        stream_item: driver CPU seconds to collect one streamed step result from each of N
+            window calls (``train.step_window``: a step's results), by N; None in a
+            calibration measured before step windows.
         machine: where it was measured; ``command``: how to measure it again.
     """
 
@@ -63,6 +66,7 @@ class Calibration:
     regroup: Fit
     step_s: Fit
     regroup_cpu: Fit | None = None
+    stream_item: Fit | None = None
     machine: dict[str, Any] = field(default_factory=dict)
     date: str = ""
     command: str = "raypod bench scale"
@@ -73,8 +77,9 @@ class Calibration:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Calibration:
         fits = {k: Fit(**data[k]) for k in ("actor_call", "wait", "ping", "regroup", "step_s")}
-        if data.get("regroup_cpu"):
-            fits["regroup_cpu"] = Fit(**data["regroup_cpu"])
+        for name in ("regroup_cpu", "stream_item"):
+            if data.get(name):
+                fits[name] = Fit(**data[name])
         return cls(**fits, machine=data.get("machine", {}), date=data.get("date", ""),
                    command=data.get("command", "raypod bench scale"))
 

@@ -256,6 +256,20 @@ class NoOp:
     def noop(self) -> None:
         return None
 
+    def stream(self, items: int) -> Any:
+        """A window call's stream (``TrainWorker.train_window``): ``items`` step results."""
+        import numpy as np
+
+        from raypod.protocol import StepResult
+
+        for step in range(1, items + 1):
+            yield StepResult(step=step, rank=0, loss_sum=1.0, samples=2, ids=np.arange(2), epoch=0, lr=0.1,
+                             grad_norm=1.0, compute_s=0.0)
+
+
+STREAM_ITEMS = 20
+"""Results in each stream of the calibration's ``stream_item`` figure."""
+
 
 def _start_ranks(cfg: Any, n: int) -> tuple[list[Any], Any]:
     """``n`` :class:`FreeRunner` ranks joined in one group, as raypod's worker group forms one
@@ -323,6 +337,21 @@ def calibrate(ranks: list[Any], rounds: int = CALIBRATION_ROUNDS) -> dict[str, A
         ray.wait(ready, num_returns=n, timeout=0)
         return time.process_time() - t0
 
+    def stream() -> float:
+        """CPU of collecting one streamed step result from each of the N calls (a step of step
+        windows), as the driver collects them (:meth:`raypod.driver.inflight.InFlight.poll`)."""
+        from raypod.driver.inflight import STEP, InFlight
+
+        gens = [a.stream.options(num_returns="streaming").remote(STREAM_ITEMS) for a in noops]
+        ray.get([g.completed() for g in gens])
+        calls = InFlight()
+        for r, g in enumerate(gens):
+            calls.add(g, r, STEP, 1)
+        t0 = time.process_time()
+        while len(calls):
+            calls.poll([], 1.0)
+        return (time.process_time() - t0) / STREAM_ITEMS
+
     def ping() -> float:
         t0 = time.perf_counter()
         refs = [a.ping.remote() for a in ranks]
@@ -332,6 +361,7 @@ def calibrate(ranks: list[Any], rounds: int = CALIBRATION_ROUNDS) -> dict[str, A
     pids = ray.get([a.ping.remote() for a in ranks])
     mem = [psutil.Process(p).memory_full_info() for p in pids]
     out = {"actor_call_cpu_s": _median_of(rounds, calls), "wait_cpu_s": _median_of(rounds, wait),
+           "stream_item_cpu_s": _median_of(max(3, rounds // 5), stream),
            "ping_round_s": _median_of(rounds, ping), "rank_rss_bytes": statistics.median(m.rss for m in mem),
            "rank_uss_bytes": statistics.median(m.uss for m in mem)}
     for a in noops:
@@ -484,6 +514,7 @@ def figures_at(recs: list[dict[str, Any]]) -> dict[str, Any]:
            "phases_s": {k: table.median(v, 3) for k, v in phases.items()},
            "actor_call_cpu_s": _med(recs, "nodriver", "actor_call_cpu_s"),
            "wait_cpu_s": _med(recs, "nodriver", "wait_cpu_s"), "ping_round_s": _med(recs, "nodriver", "ping_round_s"),
+           "stream_item_cpu_s": _med(recs, "nodriver", "stream_item_cpu_s"),
            "rank_rss_bytes": _med(recs, "nodriver", "rank_rss_bytes", 0),
            "rank_uss_bytes": _med(recs, "nodriver", "rank_uss_bytes", 0),
            "peak_rss_bytes": max((r.get("peak_rss_bytes", 0) for r in recs), default=0),
@@ -494,9 +525,10 @@ def figures_at(recs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 FITTED = {"actor_call": "actor_call_cpu_s", "wait": "wait_cpu_s", "ping": "ping_round_s",
-          "regroup": "regroup_s", "step_s": "nodriver_step_s", "regroup_cpu": "regroup_cpu_s"}
+          "regroup": "regroup_s", "step_s": "nodriver_step_s", "regroup_cpu": "regroup_cpu_s",
+          "stream_item": "stream_item_cpu_s"}
 """:class:`Calibration` field -> the per-``N`` figure it is fitted to."""
-OPTIONAL = frozenset({"regroup_cpu"})
+OPTIONAL = frozenset({"regroup_cpu", "stream_item"})
 """Fits a calibration may go without (measured by newer code only; the simulator then falls back)."""
 
 
@@ -593,7 +625,8 @@ DEFINITIONS = {
                         "where every rank has cores of its own, as on a cluster",
     "calibration": "medians of 30 rounds in the no-driver trial's Ray: CPU of N no-op calls to N num_cpus=0 "
                    "actors submitted and collected, CPU of one ray.wait over N ready refs, wall of a ping "
-                   "round over the N idle ranks",
+                   "round over the N idle ranks; CPU of collecting one streamed step result from each of N "
+                   "calls (a step of step windows, medians of 6 rounds of 20 results each)",
 }
 
 

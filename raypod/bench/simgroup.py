@@ -177,6 +177,8 @@ class SimGroup:
         :class:`raypod.driver.inflight.InFlight` sends at most ``SUBMIT_PER_POLL`` per poll)."""
         self.enqueued = self.sent = 0
         self.per_flush = SUBMIT_PER_POLL
+        self.window_open = False
+        """Step windows (``train.step_window``): whether the ranks' window calls are running."""
         self.unacked: tuple[int, ...] = ()
         """The last snapshot step submitted: the next step's results acknowledge its replicas."""
         self.busy_until = 0.0
@@ -253,6 +255,7 @@ class SimGroup:
 
     def _unqueue(self) -> None:
         """Forget the calls in flight and those not sent yet (a recovery, a roll back, the end)."""
+        self.window_open = False
         self.queue = []
         self.backlog.clear()
         self.enqueued = self.sent
@@ -272,7 +275,16 @@ class SimGroup:
         """Every rank runs ``step``; its results carry the replica acknowledgement of the previous
         snapshot step (its round ends before this step's own snapshot starts), as real ranks do."""
         with self.clock.outside():
-            ticket = self._send("submit_step", self.world_size)
+            if self._windows():
+                # One store write grants the step to every rank; their results stream back in
+                # the calls that opened the window (one per rank, when none is open).
+                if not self.window_open:
+                    ticket, self.window_open = self._send("open_window", self.world_size), True
+                else:
+                    ticket = self.enqueued
+                self._cpu("stream_results", self.cal.stream_item.at(self.world_size))
+            else:
+                ticket = self._send("submit_step", self.world_size)
             done = max(self.clock.t, self.busy_until) + self.cal.step_s.at(self.world_size)
             self.busy_until = done
             if self.plan.step == step and not self.plan.fired:
@@ -288,7 +300,13 @@ class SimGroup:
             ticket = self._send("submit_replica_wait", self.world_size)
             self.queue.append(self._entry(("replica", step, self.busy_until), ticket))
 
+    def _windows(self) -> bool:
+        """Whether the driver hands out steps in windows (as ``WorkerGroup.submit_step`` does;
+        a calibration without ``stream_item`` models one call per rank and step)."""
+        return bool(self.cfg.train.step_window) and self.cal.stream_item is not None
+
     def submit_save(self, step, path):
+        self.window_open = False  # the ranks' windows end before the save
         with self.clock.outside():
             ticket = self._send("submit_save", self.world_size)
             self.queue.append(self._entry(("save", step, self.busy_until), ticket))
@@ -391,6 +409,7 @@ class SimGroup:
         return out
 
     def quiesce(self, timeout):
+        self.window_open = False
         with self.clock.outside():
             self._flush(everything=True)
             return self._collect(max(self.clock.t + timeout, self.busy_until))

@@ -38,7 +38,8 @@ collectives broken by its abort) arrived first and no rank is found dead: a load
 deliver them in either order (:meth:`InFlight._await_cause`)."""
 
 STEP, REPLICA, SAVE = "step", "replica", "save"
-"""What a call in flight is: a training step, a replica wait, a checkpoint save."""
+"""What a call in flight is: a training step (or a window of them: a stream of step results,
+:meth:`InFlight._collect_stream`), a replica wait, a checkpoint save."""
 
 SUBMIT_PER_POLL = 512
 """At most this many rank calls are sent per :meth:`InFlight.flush`: a step for 10,000 ranks is
@@ -262,6 +263,9 @@ class InFlight:
 
     def _collect(self, ready: list[Any], out: PollResult) -> None:
         for ref in ready:
+            if isinstance(ref, ray.ObjectRefGenerator):
+                self._collect_stream(ref, out)
+                continue
             rank, what, step = self._pending.pop(ref)
             try:
                 value = ray.get(ref)
@@ -275,3 +279,24 @@ class InFlight:
                 out.replicated.append((rank, *value))
             elif value:
                 out.saved.append((rank, value))
+
+    def _collect_stream(self, gen: Any, out: PollResult) -> None:
+        """Every step result a window call (``train_window``, a stream) has ready; the call
+        leaves :attr:`_pending` when its stream ends (after its last step, or its error). Its
+        entry's step is the next one it will return."""
+        rank, what, step = self._pending[gen]
+        while ray.wait([gen], timeout=0)[0]:
+            try:
+                ref = next(gen)
+            except StopIteration:
+                del self._pending[gen]
+                return
+            try:
+                value = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - the stream ends with it
+                kind, msg = describe(e)
+                out.errors.append(WorkerError(rank=rank, step=step, kind=kind, message=msg))
+                continue
+            out.steps.append(value)
+            step = value.step + 1
+            self._pending[gen] = (rank, what, step)

@@ -44,6 +44,7 @@ from raypod.driver.rank_calls import (
 )
 from raypod.driver.spares import Placement, SparePool
 from raypod.driver.topology import avoid_nodes, hsdp_twins, link_first, peer_ring, peers
+from raypod.driver.windows import StepWindows
 from raypod.policies.scaling import worker_bundle
 from raypod.protocol import GroupSpec, Heartbeat, MemoryReport, WorkerError
 from raypod.recipe import Recipe
@@ -103,6 +104,8 @@ class WorkerGroup:
         self.store: RendezvousStore | None = None
         """The job's rendezvous store, in this process (:mod:`raypod.worker.rendezvous`),
         opened with the first group and kept for every later one."""
+        self.windows: StepWindows | None = None
+        """With ``train.step_window``: the ranks' open window of steps and its grants."""
 
     # The pool's lists, under the names the driver and the benchmarks read.
     @property
@@ -221,6 +224,7 @@ class WorkerGroup:
         if self.pg is not None:
             remove_pg_quietly(self.pg)
         self.actors, self.pg, self.world_size = [], None, 0
+        self.windows = None  # the ranks are gone, and their window with them
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -229,6 +233,7 @@ class WorkerGroup:
 
     def close(self) -> None:
         """Leave the process group cleanly (end of a successful job), then shut down."""
+        self._end_window()
         try:
             ray.get([a.close.remote() for a in self.actors], timeout=60)
         except Exception as e:  # noqa: BLE001
@@ -244,14 +249,39 @@ class WorkerGroup:
         self.calls.flush()
 
     def submit_step(self, step: int, snapshot: bool = True) -> None:
-        """Every rank runs ``step``; with ``snapshot`` each then snapshots (and replicates) it."""
-        self._send(STEP, step, "train_step", step, snapshot)
+        """Every rank runs ``step``; with ``snapshot`` each then snapshots (and replicates) it.
+
+        With ``train.step_window`` the step is granted in the ranks' open window (one store
+        write for all ranks; :mod:`raypod.driver.windows`), and a window is opened first when
+        none is (one ``train_window`` call per rank); otherwise one ``train_step`` call per rank."""
+        if not self.cfg.train.step_window or self.store is None:
+            self._send(STEP, step, "train_step", step, snapshot)
+            return
+        if self.windows is None or self.windows.store is not self.store:
+            self.windows = StepWindows(self.store)
+        if self.windows.key is not None and step != self.windows.granted + 1:
+            self._end_window()  # a step skipped (a bad batch): a window's steps follow one another
+        if self.windows.key is None:
+            key, address = self.windows.start(step), self.store.address
+            for rank, a in enumerate(self.actors):
+                send = functools.partial(a.train_window.options(num_returns="streaming").remote, address, key, step)
+                self.calls.queue(send, rank, STEP, step)
+        self.windows.grant(step, snapshot)
+        self.calls.flush()
+
+    def _end_window(self) -> None:
+        """End the ranks' open window after the last step granted (their calls return once
+        they have trained it), before any other call on their actors, which would otherwise
+        queue behind the window."""
+        if self.windows is not None and self.store is not None:
+            self.windows.end()
 
     def submit_replica_wait(self, step: int) -> None:
         """Ask every rank to report when its snapshot of ``step`` is held by its peer."""
         self._send(REPLICA, step, "wait_replicated", step, _REPLICA_WAIT_S)
 
     def submit_save(self, step: int, path: str) -> None:
+        self._end_window()
         self._send(SAVE, step, "save", step, path)
 
     @property
@@ -264,16 +294,19 @@ class WorkerGroup:
 
     def quiesce(self, timeout: float) -> PollResult:
         """Let every call in flight finish (nothing new is submitted); return what arrived."""
+        self._end_window()
         return self.calls.quiesce(timeout)
 
     def finish_saves(self) -> list[tuple[int, list[int]]]:
         """Wait for every rank's saves in flight."""
+        self._end_window()
         done = ray.get([a.finish_saves.remote() for a in self.actors], timeout=600)
         return list(enumerate(done))
 
     def state_digest(self, export_path: str | None = None, pretrained_dir: str | None = None) -> str | None:
         """World-size-independent digest of the model and optimizer (a collective); rank 0 writes
         the consolidated model to ``export_path`` and the recipe's own format to ``pretrained_dir``."""
+        self._end_window()
         return ray.get([a.state_digest.remote(export_path, pretrained_dir) for a in self.actors],
                        timeout=600)[0]
 
@@ -314,6 +347,7 @@ class WorkerGroup:
               patience: Callable[[], float] | None = None, gone: set[int] | frozenset[int] = frozenset()) -> set[int]:
         """After a failure: let every call in flight finish or fail; return the lost ranks
         (see :meth:`InFlight.drain`)."""
+        self._end_window()
         relays = self.probes.relays
         relay = functools.partial(self._call_ranks, relays=relays) if relays else None
         return self.calls.drain(self.actors, timeout, attempt, keep, patience, gone, relay)
@@ -322,6 +356,7 @@ class WorkerGroup:
                     relays: dict[str, Any] | None = None) -> Fanout:
         """``method(*args)`` on ``ranks``, one call per node through the node agents that answer
         (:func:`call_ranks`), directly to ranks elsewhere."""
+        self._end_window()
         return call_ranks(method, ranks, self.actors, self.nodes, relays, args, timeout)
 
     def memory_reports(self, ranks: list[int], timeout: float = 5.0) -> dict[int, MemoryReport]:
@@ -331,6 +366,7 @@ class WorkerGroup:
         Raises:
             RuntimeError: a rank's call failed or did not answer within ``timeout`` (naming it).
         """
+        self._end_window()
         relays = self.probes.relays
         got = self._call_ranks("memory_report", list(ranks), timeout=timeout, relays=relays)
         log.info("memory reports of %d rank(s) through %d node agent(s)", len(ranks),
@@ -350,6 +386,7 @@ class WorkerGroup:
         Raises:
             GroupStartError: a replacement or the new rendezvous failed.
         """
+        self._end_window()
         moves = [(self.holder_of(d), d, d) for d in sorted(lost)]
         return self._replace_and_regroup(
             lost, attempt, injections, "in-place recovery failed",
@@ -364,6 +401,7 @@ class WorkerGroup:
         Raises:
             GroupStartError: a replacement, the new rendezvous or a rank's load failed.
         """
+        self._end_window()
         if restore is None:
             return self._replace_and_regroup(lost, attempt, injections, "starting afresh in place failed",
                                              lambda a, spec: a.reload.remote(spec, None, 0))
@@ -406,6 +444,7 @@ class WorkerGroup:
         keep their place: one call per new actor, not per rank), open a rendezvous, run
         ``call(actor, spec)`` on every rank (a ``reconfigure``, ``reload`` or ``reshape``) and
         sum up its results."""
+        self._end_window()
         timeout = self.cfg.scaling.schedule_timeout_s
         t0 = time.perf_counter()
         known = [{"node_id": n, "pid": p, "ip": ip} for n, p, ip in zip(self.nodes, self.pids, self.node_ips,
@@ -437,6 +476,7 @@ class WorkerGroup:
         Returns:
             ``(rank, [steps <= step whose saves finished])``.
         """
+        self._end_window()
         done = ray.get([a.rollback.remote(step) for a in self.actors], timeout=timeout)
         return list(enumerate(done))
 
@@ -446,6 +486,7 @@ class WorkerGroup:
         With ``latest``, every rank first snapshots (and replicates) the state of its last
         step if that step took no snapshot; the ranks must all be at the same step.
         """
+        self._end_window()
         refs = [a.flush_replicas.remote(latest) for a in self.actors]
         return dict(enumerate(ray.get(refs, timeout=timeout)))
 
@@ -493,6 +534,7 @@ class WorkerGroup:
         Raises:
             GroupStartError: a lost rank's state has no live copy, or a rank failed.
         """
+        self._end_window()
         t0 = time.perf_counter()
         old_world = self.world_size
         exporter = {i: (i if i not in lost else self.holder_of(i)) for i in range(old_world)}

@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -42,6 +42,8 @@ class TrainWorker:
         self.closed = False
         self._client: tuple[str, Any] | None = None
         """``(host:port, connection)``: this actor's connection to the job's rendezvous store."""
+        self._grants: Any = None
+        """The reader of this rank's step grants (:class:`raypod.worker.grants.StepGrants`)."""
         self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -225,6 +227,25 @@ class TrainWorker:
         out = self.trainer.train_step(step, snapshot)
         out.preempted = self.preempted_at is not None
         return out
+
+    @ray.method(num_returns="streaming")
+    def train_window(self, address: str, window_key: str, first: int) -> Iterator[StepResult]:
+        """Train steps ``first``, ``first + 1``, ... as the driver grants them, one result per
+        step streamed back as it is done; ends before the first step whose grant is the
+        window's end (see :mod:`raypod.worker.grants`), or when the rank is interrupted while
+        it waits for one. A step that fails ends the window with its error."""
+        from raypod.worker.grants import StepGrants
+
+        if self._grants is None:
+            self._grants = StepGrants()
+        trainer, step = self.trainer, first
+        while True:
+            snapshot = self._grants.wait(address, window_key, step, lambda: trainer.broken,
+                                         trainer.cfg.fault.hang_timeout_s)
+            if snapshot is None:
+                return
+            yield self.train_step(step, snapshot)
+            step += 1
 
     def rollback(self, step: int) -> list[int]:
         """Back to this rank's snapshot of ``step`` (a bad loss); see ``Trainer.rollback``."""

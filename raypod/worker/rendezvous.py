@@ -40,6 +40,20 @@ class RendezvousStore:
                                         timeout=timedelta(seconds=timeout_s))
         return ray.util.get_node_ip_address(), self._store.port
 
+    @property
+    def address(self) -> str:
+        """``host:port`` the ranks reach the store at (once open)."""
+        import ray
+
+        return f"{ray.util.get_node_ip_address()}:{self._store.port}"
+
+    def set(self, key: str, value: bytes) -> None:
+        """Write ``key`` (from this process: the store's own client)."""
+        self._store.set(key, value)
+
+    def delete(self, key: str) -> None:
+        self._store.delete_key(key)
+
     def close(self) -> None:
         """Stop listening (the server ends with the last reference to it); idempotent."""
         self._store = None

@@ -74,6 +74,18 @@ def test_killed_worker_recovers_in_place(ray_connected, baseline, tmp_path):
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 
 
+def test_one_call_per_step_trains_the_same_state(ray_connected, baseline, tmp_path):
+    """``train.step_window: false``: a ``train_step`` call per rank and step instead of the
+    default's windows (one call per rank streaming a result per step, the steps granted in the
+    store). The same state, through a kill that the driver recovers from memory."""
+    cfg = tiny(tmp_path, "train.step_window=false", "fault.inject=[{step: 12, rank: 1, kind: kill}]")
+    summary = run(cfg)
+    assert summary["status"] == "succeeded" and summary["final_step"] == 20 and summary["failures"] == 1
+    assert summary["events"][0]["lost_steps"] <= 1
+    assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
+    assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
+
+
 def test_rank_and_replica_holder_lost_falls_back_to_checkpoint(ray_connected, baseline, tmp_path):
     """Both ranks die at once: no in-memory copy survives, so the last persistent one is used."""
     cfg = tiny(tmp_path, "fault.inject=[{step: 12, rank: 0, kind: kill}, {step: 12, rank: 1, kind: kill}]")

@@ -137,3 +137,28 @@ def test_past_agent_zones_from_nodes_a_probe_round_asks_one_leader_per_zone():
     direct = liveness_round(cal, 10_000, zoned_from=10_000)
     assert direct[:1] == (1_250,) and direct[1] > 1.0 > round_s  # over fault.silent_s unzoned
     assert liveness_round(cal, 64 * 8)[2] is False and liveness_round(cal, 10_000, agents=False)[0] == 10_000
+
+
+def test_with_step_windows_a_step_costs_a_grant_and_its_streamed_results_not_a_call_per_rank(tmp_path):
+    """``train.step_window`` (the default): the ranks' window calls are sent once, then each step
+    charges the driver the collection of N streamed results (the calibration's ``stream_item``);
+    a save ends the window (the next step opens one again)."""
+    cal = Calibration(**{**CAL.__dict__, "stream_item": Fit(1e-4, 20e-6)})
+    clock = VirtualClock()
+    cfg = sim.job_config(250, 5, str(tmp_path))
+    assert cfg.train.step_window
+    group = SimGroup(cfg, Recipe(), cal, clock)
+    group.start(250, 0, None, [])
+    for step in (1, 2, 3):
+        group.submit_step(step)
+    assert group.enqueued == 250 and group.costs.cpu["open_window"] > 0  # one call per rank, once
+    assert "submit_step" not in group.costs.cpu
+    assert group.costs.cpu["stream_results"] == pytest.approx(3 * cal.stream_item.at(250))
+    group.submit_save(3, "path")
+    group.submit_step(4)
+    assert group.enqueued == 2 * 250 + 250  # the save's calls, then the next window's
+    per_step = Calibration(**CAL.__dict__)  # measured before step windows: a call per rank and step
+    old = SimGroup(cfg, Recipe(), per_step, VirtualClock())
+    old.start(250, 0, None, [])
+    old.submit_step(1)
+    assert old.costs.cpu["submit_step"] > 0 and "open_window" not in old.costs.cpu

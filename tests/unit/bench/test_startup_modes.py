@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -108,8 +109,15 @@ def test_stop_ends_exactly_the_cluster_processes_by_tag():
     ray_own = subprocess.Popen(["bash", "-c", 'exec -a "ray::_StatsActor" "$0" -c "import time; time.sleep(60)"',
                                 sys.executable], env={**os.environ, harness.TAG_VAR: cluster.tag})
     try:
+        def renamed() -> bool:  # bash has exec'd under Ray's name (until then it is a bash process)
+            try:
+                return Path(f"/proc/{ray_own.pid}/cmdline").read_bytes().startswith(b"ray::")
+            except OSError:
+                return False
+
         deadline = time.monotonic() + 5
-        while not {ours.pid, ray_own.pid} <= set(harness.tagged_pids(cluster.tag)) and time.monotonic() < deadline:
+        while (not ({ours.pid, ray_own.pid} <= set(harness.tagged_pids(cluster.tag)) and renamed())
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         assert cluster.busy_pids() == [ours.pid]
         cluster.stop()

@@ -1,0 +1,121 @@
+"""Step windows (``train.step_window``): the driver grants each step once for all ranks in the
+job's store; each rank's window call reads its grants and streams a result per step back."""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+
+import pytest
+
+from raypod.driver.inflight import STEP, InFlight
+from raypod.driver.windows import KEEP_KEYS, StepWindows
+from raypod.protocol import ErrorKind
+from raypod.worker.grants import StepGrants, step_key
+from raypod.worker.rendezvous import RendezvousStore
+
+
+@pytest.fixture
+def store():
+    s = RendezvousStore()
+    _, port = s.open(1, 10.0)
+    yield s, f"127.0.0.1:{port}"
+    s.close()
+
+
+def test_grants_reach_a_rank_in_order_and_the_end_marker_ends_its_window(store):
+    master, address = store
+    windows, reader = StepWindows(master), StepGrants(slice_s=0.5)
+    key = windows.start(5)
+    got: list[tuple[int, bool | None, float]] = []
+
+    def rank() -> None:
+        step = 5
+        while True:
+            snap = reader.wait(address, key, step, lambda: False, 30.0)
+            got.append((step, snap, time.monotonic()))
+            if snap is None:
+                return
+            step += 1
+
+    t = threading.Thread(target=rank)
+    t.start()
+    windows.grant(5, True)
+    windows.grant(6, False)
+    time.sleep(0.2)  # the rank waits for step 7's grant: it has none yet
+    assert [(s, f) for s, f, _ in got] == [(5, True), (6, False)]
+    t_grant = time.monotonic()
+    windows.grant(7, True)
+    windows.end()
+    t.join(5.0)
+    assert not t.is_alive()
+    assert [(s, f) for s, f, _ in got] == [(5, True), (6, False), (7, True), (8, None)]
+    assert got[2][2] - t_grant < 0.3  # a grant wakes the waiting rank at once, not at its slice's end
+    assert windows.key is None
+    with pytest.raises(AssertionError):  # no window open: nothing can be granted
+        windows.grant(8, True)
+
+
+def test_a_window_keeps_a_few_grants_in_the_store(store):
+    master, _ = store
+    windows = StepWindows(master)
+    key = windows.start(1)
+    for step in range(1, KEEP_KEYS + 4):
+        windows.grant(step, False)
+    raw = master._store
+    assert not raw.check([step_key(key, 1)]) and not raw.check([step_key(key, 3)])
+    assert all(raw.check([step_key(key, s)]) for s in range(4, KEEP_KEYS + 4))
+
+
+def test_an_interrupted_rank_stops_waiting_for_its_grant(store):
+    _, address = store
+    reader, stop = StepGrants(slice_s=0.2), threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    assert reader.wait(address, "raypod/grant/none", 1, stop.is_set, 30.0) is None
+    assert 0.25 < time.monotonic() - t0 < 2.0
+    t0 = time.monotonic()  # and with no grant for its limit: the window ends, the rank is free
+    assert reader.wait(address, "raypod/grant/none", 1, lambda: False, 0.5) is None
+    assert time.monotonic() - t0 < 2.0
+
+
+def _window_class():
+    import ray
+
+    @ray.remote(max_restarts=0, max_task_retries=0)
+    class Rank:
+        def window(self, first: int, fail_at: int | None, n: int):
+            for step in range(first, first + n):
+                time.sleep(0.05)
+                if step == fail_at:
+                    raise RuntimeError("[gloo] Connection closed by peer")
+                yield types.SimpleNamespace(step=step)
+
+    return Rank
+
+
+@pytest.mark.parametrize("fail_at", [None, 13])
+def test_a_window_call_streams_its_steps_and_its_error_ends_it(ray_connected, fail_at):
+    import ray
+
+    rank = _window_class().remote()
+    try:
+        calls = InFlight()
+        calls.add(rank.window.options(num_returns="streaming").remote(10, fail_at, 6), 0, STEP, 10)
+        steps, errors, polls = [], [], 0
+        deadline = time.monotonic() + 30
+        while len(calls) and time.monotonic() < deadline:
+            out = calls.poll([rank], timeout=0.5)
+            polls += 1
+            steps += [r.step for r in out.steps]
+            errors += out.errors
+        assert len(calls) == 0  # the call leaves the calls in flight when its stream ends
+        if fail_at is None:
+            assert steps == list(range(10, 16)) and errors == []
+        else:
+            assert steps == [10, 11, 12] and len(errors) == 1
+            assert errors[0].rank == 0 and errors[0].step == 13 and errors[0].kind == ErrorKind.PEER_LOST
+        assert polls > 1  # results arrive while the call runs, not at its end
+    finally:
+        ray.kill(rank)
