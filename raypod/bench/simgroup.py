@@ -282,7 +282,6 @@ class SimGroup:
                     ticket, self.window_open = self._send("open_window", self.world_size), True
                 else:
                     ticket = self.enqueued
-                self._cpu("stream_results", self.cal.stream_item.at(self.world_size))
             else:
                 ticket = self._send("submit_step", self.world_size)
             done = max(self.clock.t, self.busy_until) + self.cal.step_s.at(self.world_size)
@@ -356,8 +355,9 @@ class SimGroup:
     def poll(self, timeout):
         with self.clock.outside():
             self._flush()
-            if self.queue:
-                self._cpu("poll_wait", self.cal.wait.at(self.world_size * len(self.queue)))
+            if self.queue:  # with windows the driver waits on one stream per rank, not a call per step
+                refs = self.world_size * (1 if self._windows() else len(self.queue))
+                self._cpu("poll_wait", self.cal.wait.at(refs))
             return self._collect(self.clock.t + timeout)
 
     def _collect(self, until: float) -> PollResult:
@@ -389,6 +389,8 @@ class SimGroup:
         what, step = call[0], call[1]
         n = self.world_size
         if what == "step":
+            if self._windows():  # the driver collects the step's N streamed results as they arrive
+                self._cpu("stream_results", self.cal.stream_item.at(n))
             out.steps.extend(self._results(step, call[3]))
             self.finished = max(self.finished, step)
         elif what == "replica":

@@ -39,7 +39,7 @@ deliver them in either order (:meth:`InFlight._await_cause`)."""
 
 STEP, REPLICA, SAVE = "step", "replica", "save"
 """What a call in flight is: a training step (or a window of them: a stream of step results,
-:meth:`InFlight._collect_stream`), a replica wait, a checkpoint save."""
+:meth:`InFlight._collect_streams`), a replica wait, a checkpoint save."""
 
 SUBMIT_PER_POLL = 512
 """At most this many rank calls are sent per :meth:`InFlight.flush`: a step for 10,000 ranks is
@@ -262,9 +262,11 @@ class InFlight:
         return out
 
     def _collect(self, ready: list[Any], out: PollResult) -> None:
+        streams = [ref for ref in ready if isinstance(ref, ray.ObjectRefGenerator)]
+        if streams:
+            self._collect_streams(streams, out)
         for ref in ready:
             if isinstance(ref, ray.ObjectRefGenerator):
-                self._collect_stream(ref, out)
                 continue
             rank, what, step = self._pending.pop(ref)
             try:
@@ -280,23 +282,42 @@ class InFlight:
             elif value:
                 out.saved.append((rank, value))
 
-    def _collect_stream(self, gen: Any, out: PollResult) -> None:
-        """Every step result a window call (``train_window``, a stream) has ready; the call
-        leaves :attr:`_pending` when its stream ends (after its last step, or its error). Its
-        entry's step is the next one it will return."""
-        rank, what, step = self._pending[gen]
-        while ray.wait([gen], timeout=0)[0]:
-            try:
-                ref = next(gen)
-            except StopIteration:
-                del self._pending[gen]
-                return
-            try:
-                value = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - the stream ends with it
-                kind, msg = describe(e)
+    def _collect_streams(self, gens: list[Any], out: PollResult) -> None:
+        """Every step result the window calls ``gens`` (``train_window``: streams) have ready, got
+        in one ``ray.get``; a call leaves :attr:`_pending` when its stream ends (after its last
+        step, or its error). Its entry's step is the next one it will return."""
+        items: list[tuple[Any, Any]] = []
+        for gen in gens:
+            while gen.next_ready():
+                try:
+                    items.append((gen, next(gen)))
+                except StopIteration:
+                    break
+            if gen.is_finished():  # its end (or its error, among the items) has arrived
+                try:
+                    items.append((gen, next(gen)))  # none is left: the stream is over
+                except StopIteration:
+                    pass
+        try:
+            values = ray.get([ref for _, ref in items])
+            failed: list[BaseException | None] = [None] * len(items)
+        except Exception:  # noqa: BLE001 - some stream ended with an error: take them one by one
+            values, failed = [], []
+            for _, ref in items:
+                try:
+                    values.append(ray.get(ref))
+                    failed.append(None)
+                except Exception as e:  # noqa: BLE001
+                    values.append(None)
+                    failed.append(e)
+        for (gen, _), value, err in zip(items, values, failed, strict=True):
+            rank, what, step = self._pending[gen]
+            if err is not None:
+                kind, msg = describe(err)
                 out.errors.append(WorkerError(rank=rank, step=step, kind=kind, message=msg))
                 continue
             out.steps.append(value)
-            step = value.step + 1
-            self._pending[gen] = (rank, what, step)
+            self._pending[gen] = (rank, what, value.step + 1)
+        for gen in gens:
+            if gen.is_finished() and not gen.next_ready():
+                self._pending.pop(gen, None)

@@ -32,10 +32,13 @@ tiny = tiny_job
 
 @pytest.fixture(scope="module")
 def baseline(ray_connected, tmp_path_factory):
-    """A fault-free 2-rank FSDP2 run of the tiny GPT."""
+    """A fault-free 2-rank FSDP2 run of the tiny GPT, with a ``train_step`` call per rank and step
+    (``train.step_window: false``): every test below that compares its state with it runs the
+    default's step windows, so each also shows that both paths train the same state."""
     storage = tmp_path_factory.mktemp("baseline")
     rec = Recorder()
-    summary = run(tiny(storage, "scaling.spares=0"), callbacks=[rec, ProgressPrinter(live=False)])
+    summary = run(tiny(storage, "scaling.spares=0", "train.step_window=false"),
+                  callbacks=[rec, ProgressPrinter(live=False)])
     return summary, rec
 
 
@@ -74,18 +77,6 @@ def test_killed_worker_recovers_in_place(ray_connected, baseline, tmp_path):
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 
 
-def test_one_call_per_step_trains_the_same_state(ray_connected, baseline, tmp_path):
-    """``train.step_window: false``: a ``train_step`` call per rank and step instead of the
-    default's windows (one call per rank streaming a result per step, the steps granted in the
-    store). The same state, through a kill that the driver recovers from memory."""
-    cfg = tiny(tmp_path, "train.step_window=false", "fault.inject=[{step: 12, rank: 1, kind: kill}]")
-    summary = run(cfg)
-    assert summary["status"] == "succeeded" and summary["final_step"] == 20 and summary["failures"] == 1
-    assert summary["events"][0]["lost_steps"] <= 1
-    assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
-    assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
-
-
 def test_rank_and_replica_holder_lost_falls_back_to_checkpoint(ray_connected, baseline, tmp_path):
     """Both ranks die at once: no in-memory copy survives, so the last persistent one is used."""
     cfg = tiny(tmp_path, "fault.inject=[{step: 12, rank: 0, kind: kill}, {step: 12, rank: 1, kind: kill}]")
@@ -106,8 +97,11 @@ def test_rank_and_replica_holder_lost_falls_back_to_checkpoint(ray_connected, ba
 
 def test_newer_checkpoint_beats_an_older_snapshot(ray_connected, baseline, tmp_path):
     """Snapshots every 14 steps, checkpoints every 5, a kill at step 13: loading the step-10
-    checkpoint in place (survivor and spare) redoes 2 steps where memory step 1 would redo 11."""
-    cfg = tiny(tmp_path, "checkpoint.memory_every_steps=14", "fault.inject=[{step: 13, rank: 1, kind: kill}]")
+    checkpoint in place (survivor and spare) redoes 2 steps where memory step 1 would redo 11.
+    With a ``train_step`` call per rank and step (``train.step_window: false``): that path's
+    recovery."""
+    cfg = tiny(tmp_path, "checkpoint.memory_every_steps=14", "fault.inject=[{step: 13, rank: 1, kind: kill}]",
+               "train.step_window=false")
     summary = run(cfg, callbacks=[])
     assert summary["status"] == "succeeded" and summary["final_step"] == 20
     [ev] = summary["events"]

@@ -153,10 +153,11 @@ def test_with_step_windows_a_step_costs_a_grant_and_its_streamed_results_not_a_c
         group.submit_step(step)
     assert group.enqueued == 250 and group.costs.cpu["open_window"] > 0  # one call per rank, once
     assert "submit_step" not in group.costs.cpu
+    assert sum(len(group.poll(10.0).steps) for _ in range(3)) == 3 * 250  # collected as they arrive
     assert group.costs.cpu["stream_results"] == pytest.approx(3 * cal.stream_item.at(250))
     group.submit_save(3, "path")
     group.submit_step(4)
-    assert group.enqueued == 2 * 250 + 250  # the save's calls, then the next window's
+    assert group.enqueued == 250 + 250 + 250  # the window's calls, the save's, then the next window's
     per_step = Calibration(**CAL.__dict__)  # measured before step windows: a call per rank and step
     old = SimGroup(cfg, Recipe(), per_step, VirtualClock())
     old.start(250, 0, None, [])
