@@ -59,11 +59,15 @@ class StepGrants:
         return self._client[1]
 
     def wait(self, address: str, window_key: str, step: int, stop: Callable[[], bool],
-             limit_s: float) -> bool | None:
+             warn_after_s: float) -> bool | None:
         """Wait for ``step``'s grant: its snapshot flag, or ``None`` when the window ends before
-        it (the end marker, ``stop()`` true, or no grant within ``limit_s`` seconds)."""
+        it (the end marker, or ``stop()`` true: the rank was interrupted).
+
+        A wait has no limit of its own: the driver ends every window it opened, and a rank
+        whose window ended unseen would leave the driver's next grants with nobody to run them.
+        A wait longer than ``warn_after_s`` is logged once (the driver is busy: a slow commit)."""
         key = step_key(window_key, step)
-        deadline = time.monotonic() + limit_s
+        warn_at: float | None = time.monotonic() + warn_after_s
         while True:
             try:
                 value = self._store(address).get(key)
@@ -74,8 +78,8 @@ class StepGrants:
                     time.sleep(0.1)
                 if stop():
                     return None
-                if time.monotonic() >= deadline:
-                    log.warning("no grant for step %d within %.0f s: the window ends", step, limit_s)
-                    return None
+                if warn_at is not None and time.monotonic() >= warn_at:
+                    log.warning("no grant for step %d for %.0f s: still waiting for the driver", step, warn_after_s)
+                    warn_at = None
                 continue
             return None if value == END else value == b"1"
