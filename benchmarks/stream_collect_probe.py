@@ -14,41 +14,27 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import ray
 
-from raypod.bench.scale import STREAM_ITEMS, NoOp
-from raypod.driver.inflight import STEP, InFlight
+from raypod.bench.scale import NoOp, stream_collect_s
+from raypod.driver.inflight import InFlight
 
 
-def _per_item(calls: InFlight, gen: object) -> None:
-    rank, what, _ = calls._pending[gen]
-    while ray.wait([gen], timeout=0)[0]:
-        try:
-            ref = next(gen)
-        except StopIteration:
-            del calls._pending[gen]
-            return
-        value = ray.get(ref)
-        calls._pending[gen] = (rank, what, value.step + 1)
-
-
-def measure(noops: list, way: str) -> float:
-    gens = [a.stream.options(num_returns="streaming").remote(STREAM_ITEMS) for a in noops]
-    ray.get([g.completed() for g in gens])
-    calls = InFlight()
-    for r, g in enumerate(gens):
-        calls.add(g, r, STEP, 1)
-    t0 = time.process_time()
+def _per_item(calls: InFlight) -> None:
+    """285e551's collection: a ``ray.wait`` and a ``ray.get`` per result."""
     while len(calls):
-        if way == "new":
-            calls.poll([], 1.0)
-        else:
-            ready, _ = ray.wait(list(calls._pending), num_returns=len(calls._pending), timeout=1.0)
-            for g in ready:
-                _per_item(calls, g)
-    return (time.process_time() - t0) / STREAM_ITEMS
+        ready, _ = ray.wait(list(calls._pending), num_returns=len(calls._pending), timeout=1.0)
+        for gen in ready:
+            rank, what, _ = calls._pending[gen]
+            while ray.wait([gen], timeout=0)[0]:
+                try:
+                    ref = next(gen)
+                except StopIteration:
+                    del calls._pending[gen]
+                    break
+                value = ray.get(ref)
+                calls._pending[gen] = (rank, what, value.step + 1)
 
 
 def main(ranks: list[int]) -> None:
@@ -58,7 +44,8 @@ def main(ranks: list[int]) -> None:
         ray.get([a.noop.remote() for a in noops])
         out: dict[str, list[float]] = {}
         for way in ("old", "new", "old", "new"):
-            out.setdefault(way, []).append(statistics.median(measure(noops, way) for _ in range(6)))
+            collect = _per_item if way == "old" else None
+            out.setdefault(way, []).append(statistics.median(stream_collect_s(noops, collect) for _ in range(6)))
         print(f"N={n}: " + "; ".join(f"{w} " + " / ".join(f"{v * 1e3:.2f}" for v in vs) for w, vs in out.items())
               + " ms of driver CPU per step of N results")
         for a in noops:

@@ -271,6 +271,28 @@ STREAM_ITEMS = 20
 """Results in each stream of the calibration's ``stream_item`` figure."""
 
 
+def stream_collect_s(noops: list[Any], collect: Any = None) -> float:
+    """Driver CPU seconds to collect one streamed step result from each of the N :class:`NoOp`
+    actors' calls (a step of step windows): each streams :data:`STREAM_ITEMS` results, all
+    arrived before the clock starts; ``collect(calls)`` empties the
+    :class:`~raypod.driver.inflight.InFlight` (default: as the driver does, by polling)."""
+    import ray
+
+    from raypod.driver.inflight import STEP, InFlight
+
+    gens = [a.stream.options(num_returns="streaming").remote(STREAM_ITEMS) for a in noops]
+    ray.get([g.completed() for g in gens])
+    calls = InFlight()
+    for r, g in enumerate(gens):
+        calls.add(g, r, STEP, 1)
+    t0 = time.process_time()
+    if collect is not None:
+        collect(calls)
+    while len(calls):
+        calls.poll([], 1.0)
+    return (time.process_time() - t0) / STREAM_ITEMS
+
+
 def _start_ranks(cfg: Any, n: int) -> tuple[list[Any], Any]:
     """``n`` :class:`FreeRunner` ranks joined in one group, as raypod's worker group forms one
     (the job's rendezvous store in this process, the peer ring, the same actor options);
@@ -338,19 +360,7 @@ def calibrate(ranks: list[Any], rounds: int = CALIBRATION_ROUNDS) -> dict[str, A
         return time.process_time() - t0
 
     def stream() -> float:
-        """CPU of collecting one streamed step result from each of the N calls (a step of step
-        windows), as the driver collects them (:meth:`raypod.driver.inflight.InFlight.poll`)."""
-        from raypod.driver.inflight import STEP, InFlight
-
-        gens = [a.stream.options(num_returns="streaming").remote(STREAM_ITEMS) for a in noops]
-        ray.get([g.completed() for g in gens])
-        calls = InFlight()
-        for r, g in enumerate(gens):
-            calls.add(g, r, STEP, 1)
-        t0 = time.process_time()
-        while len(calls):
-            calls.poll([], 1.0)
-        return (time.process_time() - t0) / STREAM_ITEMS
+        return stream_collect_s(noops)
 
     def ping() -> float:
         t0 = time.perf_counter()
