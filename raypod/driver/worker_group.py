@@ -257,7 +257,7 @@ class WorkerGroup:
         if not self.cfg.train.step_window or self.store is None:
             self._send(STEP, step, "train_step", step, snapshot)
             return
-        if self.windows is None or self.windows.store is not self.store:
+        if self.windows is None:  # reset with the store itself (shutdown)
             self.windows = StepWindows(self.store)
         if self.windows.key is not None and step != self.windows.granted + 1:
             self._end_window()  # a step skipped (a bad batch): a window's steps follow one another
@@ -272,7 +272,9 @@ class WorkerGroup:
     def _end_window(self) -> None:
         """End the ranks' open window after the last step granted (their calls return once
         they have trained it), before any other call on their actors, which would otherwise
-        queue behind the window."""
+        queue behind the window. Called where such calls start: every path to them goes
+        through one of these (a recovery's and a reshard's regroup through ``_regroup``,
+        memory reports and relayed interrupts through ``_call_ranks``)."""
         if self.windows is not None and self.store is not None:
             self.windows.end()
 
@@ -366,7 +368,6 @@ class WorkerGroup:
         Raises:
             RuntimeError: a rank's call failed or did not answer within ``timeout`` (naming it).
         """
-        self._end_window()
         relays = self.probes.relays
         got = self._call_ranks("memory_report", list(ranks), timeout=timeout, relays=relays)
         log.info("memory reports of %d rank(s) through %d node agent(s)", len(ranks),
@@ -386,7 +387,6 @@ class WorkerGroup:
         Raises:
             GroupStartError: a replacement or the new rendezvous failed.
         """
-        self._end_window()
         moves = [(self.holder_of(d), d, d) for d in sorted(lost)]
         return self._replace_and_regroup(
             lost, attempt, injections, "in-place recovery failed",
@@ -401,7 +401,6 @@ class WorkerGroup:
         Raises:
             GroupStartError: a replacement, the new rendezvous or a rank's load failed.
         """
-        self._end_window()
         if restore is None:
             return self._replace_and_regroup(lost, attempt, injections, "starting afresh in place failed",
                                              lambda a, spec: a.reload.remote(spec, None, 0))
