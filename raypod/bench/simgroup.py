@@ -26,7 +26,7 @@ from unittest import mock
 
 from raypod.bench.calibration import Calibration
 from raypod.data.order import SampleOrder
-from raypod.driver.inflight import SUBMIT_PER_POLL
+from raypod.driver.inflight import COLLECT_PER_POLL, SUBMIT_PER_POLL
 from raypod.driver.liveness import SLOW_WINDOW_S, zone_size
 from raypod.driver.outcomes import PollResult
 from raypod.protocol import ErrorKind, Heartbeat, MemoryReport, Phase, Silence, StepResult, WorkerError
@@ -177,6 +177,10 @@ class SimGroup:
         :class:`raypod.driver.inflight.InFlight` sends at most ``SUBMIT_PER_POLL`` per poll)."""
         self.enqueued = self.sent = 0
         self.per_flush = SUBMIT_PER_POLL
+        self.per_collect = COLLECT_PER_POLL
+        self.taken = 0
+        """With windows: results of the first step in :attr:`queue` collected so far (the driver
+        collects at most :attr:`per_collect` streams' results a poll)."""
         self.window_open = False
         """Step windows (``train.step_window``): whether the ranks' window calls are running."""
         self.unacked: tuple[int, ...] = ()
@@ -256,7 +260,7 @@ class SimGroup:
     def _unqueue(self) -> None:
         """Forget the calls in flight and those not sent yet (a recovery, a roll back, the end)."""
         self.window_open = False
-        self.queue = []
+        self.queue, self.taken = [], 0
         self.backlog.clear()
         self.enqueued = self.sent
 
@@ -379,18 +383,38 @@ class SimGroup:
             out.errors.append(WorkerError(rank=self.plan.rank, step=self.plan.step, kind=ErrorKind.WORKER_DIED,
                                           message="the worker does not answer (process or node lost)"))
             return out
+        budget = self.per_collect if self._windows() else None
         for call in [c for c in self.queue if c[2] <= self.clock.t and (fault is None or c[2] < fault)]:
+            if call[0] == "step" and budget is not None:
+                if budget <= 0:
+                    break
+                take = min(budget, self.world_size - self.taken)
+                budget -= take
+                self._take(call, take, out)
+                if self.taken < self.world_size:
+                    break  # the rest of the step's results come in the next polls
+                self.taken = 0
+            else:
+                self._deliver(call, out)
             self.queue.remove(call)
-            self._deliver(call, out)
         return out
 
+    def _take(self, call: tuple[Any, ...], take: int, out: PollResult) -> None:
+        """``take`` more ranks' streamed results of the step ``call`` (``(what, step, done at,
+        acknowledged steps, ...)``), as one poll of the driver collects them."""
+        step = call[1]
+        self._cpu("stream_results", self.cal.stream_item.at(take))
+        out.steps.extend(self._results(step, call[3], range(self.taken, self.taken + take)))
+        self.taken += take
+        if self.taken == self.world_size:
+            self.finished = max(self.finished, step)
+
     def _deliver(self, call: tuple[Any, ...], out: PollResult) -> None:
-        """``call`` is ``(what, step, done at)``, and for a step the acknowledgements its results carry."""
+        """``call`` is ``(what, step, done at)``, and for a step (one call per rank; with windows
+        see :meth:`_take`) the acknowledgements its results carry."""
         what, step = call[0], call[1]
         n = self.world_size
         if what == "step":
-            if self._windows():  # the driver collects the step's N streamed results as they arrive
-                self._cpu("stream_results", self.cal.stream_item.at(n))
             out.steps.extend(self._results(step, call[3]))
             self.finished = max(self.finished, step)
         elif what == "replica":
@@ -398,13 +422,14 @@ class SimGroup:
         else:
             out.saved.extend((r, [step]) for r in range(n))
 
-    def _results(self, step: int, acked: tuple[int, ...] = ()) -> list[StepResult]:
-        """Every rank's result of ``step``, each with its own sample ids (as deserialized) and the
-        snapshot steps ``acked`` whose replicas it has in place since its last result."""
+    def _results(self, step: int, acked: tuple[int, ...] = (), ranks: range | None = None) -> list[StepResult]:
+        """The result of ``step`` of each of ``ranks`` (default: all), each with its own sample ids
+        (as deserialized) and the snapshot steps ``acked`` whose replicas it has in place since
+        its last result."""
         n, step_s = self.world_size, self.cal.step_s.at(self.world_size)
         ids, epoch = self.order.ids(step), self.order.epoch_of(step)
         out = []
-        for r in range(n):
+        for r in ranks if ranks is not None else range(n):
             share = SampleOrder.rank_share(ids, r, n)
             out.append(StepResult(step=step, rank=r, loss_sum=float(len(share)), samples=len(share), ids=share,
                                   epoch=epoch, lr=0.1, grad_norm=1.0, compute_s=step_s, replicated=list(acked)))

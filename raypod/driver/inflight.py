@@ -48,15 +48,24 @@ sent over about 20 driver loop iterations (~0.1 s of driver CPU each at ~0.2 ms 
 polling, and notices a failure, while it is sent. Steps are queued ahead of the ranks
 (:data:`raypod.driver.ledger.STEPS_IN_FLIGHT`), so no rank waits for the rest of the send."""
 
+COLLECT_PER_POLL = 1024
+"""At most this many streams (step windows' calls) have their results collected per
+:meth:`InFlight.poll`: a step of 10,000 ranks' results is collected over about 10 driver loop
+iterations (~0.1 s of driver CPU each at ~0.1 ms a result, the calibration's ``stream_item``)
+instead of in one ~1 s block, during which a failure would wait. Streams that ended (a lost
+rank's error, a window's end) are taken first, and the others in turn, so a lost rank's error
+never waits behind the other ranks' results (:meth:`InFlight._take_first`)."""
+
 
 class InFlight:
     """The rank calls submitted and not collected yet: ``ref -> (rank, what, step)``, and the
     calls queued to be sent (:meth:`queue`), in order."""
 
-    def __init__(self, per_flush: int = SUBMIT_PER_POLL) -> None:
+    def __init__(self, per_flush: int = SUBMIT_PER_POLL, per_collect: int = COLLECT_PER_POLL) -> None:
         self._pending: dict[Any, tuple[int, str, int]] = {}
         self._queued: collections.deque[tuple[Callable[[], Any], int, str, int]] = collections.deque()
         self.per_flush = per_flush
+        self.per_collect = per_collect
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._queued)
@@ -94,7 +103,7 @@ class InFlight:
         self.flush()
         if not self._pending:
             return out
-        self._collect(finished(self._pending, timeout), out)
+        self._collect(finished(self._pending, timeout), out, self.per_collect)
         if out.errors:  # find the dead: the ranks that no longer answer
             self._find_dead(actors, out)
         return out
@@ -261,8 +270,12 @@ class InFlight:
                 continue
         return out
 
-    def _collect(self, ready: list[Any], out: PollResult) -> None:
+    def _collect(self, ready: list[Any], out: PollResult, per_collect: int | None = None) -> None:
+        """Take the results of the calls ``ready``; of streams at most ``per_collect`` (see
+        :data:`COLLECT_PER_POLL`; ``None``: all)."""
         streams = [ref for ref in ready if isinstance(ref, ray.ObjectRefGenerator)]
+        if per_collect is not None and len(streams) > per_collect:
+            streams = self._take_first(streams, per_collect)
         if streams:
             self._collect_streams(streams, out)
         for ref in ready:
@@ -281,6 +294,18 @@ class InFlight:
                 out.replicated.append((rank, *value))
             elif value:
                 out.saved.append((rank, value))
+
+    def _take_first(self, gens: list[Any], limit: int) -> list[Any]:
+        """The ``limit`` streams of ``gens`` (all with results ready) to collect now: those whose
+        call ended (its last result or its error is there: one ``ray.wait`` over the calls'
+        completion refs) first, then the others in the order of :attr:`_pending`, where each
+        stream taken moves to the end, so that every stream is taken in turn."""
+        done = set(ray.wait([g.completed() for g in gens], num_returns=len(gens), timeout=0)[0])
+        ended = [g for g in gens if g.completed() in done]
+        taken = (ended + [g for g in gens if g.completed() not in done])[:limit]
+        for gen in taken:
+            self._pending[gen] = self._pending.pop(gen)
+        return taken
 
     def _collect_streams(self, gens: list[Any], out: PollResult) -> None:
         """Every step result the window calls ``gens`` (``train_window``: streams) have ready, got

@@ -163,3 +163,19 @@ def test_with_step_windows_a_step_costs_a_grant_and_its_streamed_results_not_a_c
     old.start(250, 0, None, [])
     old.submit_step(1)
     assert old.costs.cpu["submit_step"] > 0 and "open_window" not in old.costs.cpu
+
+
+def test_with_step_windows_a_large_step_is_collected_over_several_polls(tmp_path):
+    """As ``InFlight`` collects at most ``COLLECT_PER_POLL`` streams' results a poll, the driver
+    takes a step of 250 ranks in polls of 100, each charged its share (no poll is a block of
+    all N results: a failure is seen between them)."""
+    cal = Calibration(**{**CAL.__dict__, "stream_item": Fit(1e-4, 20e-6)})
+    group = SimGroup(sim.job_config(250, 5, str(tmp_path)), Recipe(), cal, VirtualClock())
+    group.per_collect = 100
+    group.start(250, 0, None, [])
+    group.submit_step(1)
+    group.submit_step(2)
+    sizes = [len(group.poll(10.0).steps) for _ in range(5)]
+    assert sizes == [100, 100, 50, 100, 100] and group.finished == 1
+    assert group.costs.cpu["stream_results"] == pytest.approx(4 * cal.stream_item.at(100) + cal.stream_item.at(50))
+    assert len(group.poll(10.0).steps) == 50 and group.finished == 2

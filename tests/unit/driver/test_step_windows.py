@@ -3,6 +3,7 @@ job's store; each rank's window call reads its grants and streams a result per s
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import types
@@ -93,12 +94,15 @@ def _window_class():
 
     @ray.remote(max_restarts=0, max_task_retries=0)
     class Rank:
-        def window(self, first: int, fail_at: int | None, n: int):
+        def window(self, first: int, fail_at: int | None, n: int, rank: int = 0):
             for step in range(first, first + n):
                 time.sleep(0.05)
                 if step == fail_at:
                     raise RuntimeError("[gloo] Connection closed by peer")
-                yield types.SimpleNamespace(step=step)
+                yield types.SimpleNamespace(step=step, rank=rank)
+
+        def ping(self) -> int:
+            return os.getpid()
 
     return Rank
 
@@ -127,3 +131,37 @@ def test_a_window_call_streams_its_steps_and_its_error_ends_it(ray_connected, fa
         assert polls > 1  # results arrive while the call runs, not at its end
     finally:
         ray.kill(rank)
+
+
+@pytest.mark.parametrize("failing", [None, 3])
+def test_a_poll_collects_a_few_streams_and_an_ended_one_first(ray_connected, failing):
+    """Past ``per_collect`` streams with results ready (``COLLECT_PER_POLL``: 10,000 ranks' step
+    results), a poll collects that many, and the others in the next poll; a stream whose call
+    ended with an error is taken first, so a lost rank's error never waits behind the other
+    ranks' results."""
+    import ray
+
+    ranks = [_window_class().remote() for _ in range(4)]
+    try:
+        calls = InFlight(per_collect=2)
+        # The failing rank's window ends at its step 2; the others' run on (50 steps).
+        gens = [r.window.options(num_returns="streaming").remote(1, 2 if i == failing else None,
+                                                                 2 if failing is None else 50, i)
+                for i, r in enumerate(ranks)]
+        for i, g in enumerate(gens):
+            calls.add(g, i, STEP, 1)
+        ended = [g.completed() for g in gens] if failing is None else [gens[failing].completed()]
+        ray.wait(ended, num_returns=len(ended), timeout=30, fetch_local=False)
+        first = calls.poll(ranks, timeout=5)
+        if failing is None:
+            assert sorted(r.rank for r in first.steps) == [0, 0, 1, 1]  # two streams a poll
+            second = calls.poll(ranks, timeout=5)
+            assert sorted(r.rank for r in second.steps) == [2, 2, 3, 3]  # then the others
+            assert len(calls) == 0
+        else:  # the last stream in order, taken first (after an error every stream is collected)
+            # (then the ranks whose pings queue behind their windows here are taken for dead)
+            assert (first.errors[0].rank, first.errors[0].step) == (3, 2)
+            assert 3 in {r.rank for r in first.steps}
+    finally:
+        for r in ranks:
+            ray.kill(r)
