@@ -288,8 +288,8 @@ def figures(raw: dict[str, Any], cal: Calibration, memory: dict[str, Any] | None
         "per_step_terms_s": {"driver Python: StragglerTracker.update": straggler,
                              "driver Python: the rest": (cpu or 0.0) - straggler,
                              **{f"Ray: {k}": v / n_steps for k, v in raw["costs"]["cpu"].items()
-                                if k in ("submit_step", "submit_replica_wait", "poll_wait", "probe_wait",
-                                         "probe_send")}},
+                                if k in ("submit_step", "open_window", "stream_results", "submit_replica_wait",
+                                         "poll_wait", "probe_wait", "probe_send")}},
     }
     if memory is not None:
         grow = [s[3] for s in _steady(memory)]

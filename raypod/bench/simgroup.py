@@ -324,7 +324,10 @@ class SimGroup:
 
     def _flush(self, everything: bool = False) -> None:
         """Send up to :attr:`per_flush` queued calls (``everything``: all), charging the driver
-        for each; a call group all sent now finishes no earlier than now."""
+        for each. A call group all sent now finishes no earlier than now; a step no earlier than
+        a step's time after now (the last rank starts it when its call arrives: a window's first
+        step), and each step a step's time after the one before (a window's later steps, granted
+        before the calls that run them arrived, follow its first)."""
         left = self.enqueued - self.sent if everything else self.per_flush
         while self.backlog and left > 0:
             term, n = self.backlog[0]
@@ -335,8 +338,20 @@ class SimGroup:
                 self.backlog.popleft()
             else:
                 self.backlog[0][1] -= take
-        self.queue = [(*c[:2], max(c[-1][1], self.clock.t), *c[3:-1], None)
-                      if c[-1] is not None and c[-1][0] <= self.sent else c for c in self.queue]
+        step_s, now, last = self.cal.step_s.at(self.world_size), self.clock.t, None
+        queue = []
+        for c in self.queue:
+            if c[-1] is not None and c[-1][0] <= self.sent:  # sent now
+                due = max(c[-1][1], now + step_s if c[0] == "step" else now)
+                if c[0] == "step" and last is not None:
+                    due = max(due, last + step_s)
+                c = (*c[:2], due, *c[3:-1], None)
+            if c[0] == "step":
+                last = c[2] if c[2] != float("inf") else None
+            queue.append(c)
+        self.queue = queue
+        if last is not None:
+            self.busy_until = max(self.busy_until, last)
 
     def _entry(self, call: tuple[Any, ...], ticket: int) -> tuple[Any, ...]:
         """A call group in flight: due at ``call[2]`` once all its calls are sent."""

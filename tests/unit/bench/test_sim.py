@@ -179,3 +179,21 @@ def test_with_step_windows_a_large_step_is_collected_over_several_polls(tmp_path
     assert sizes == [100, 100, 50, 100, 100] and group.finished == 1
     assert group.costs.cpu["stream_results"] == pytest.approx(4 * cal.stream_item.at(100) + cal.stream_item.at(50))
     assert len(group.poll(10.0).steps) == 50 and group.finished == 2
+
+
+def test_a_window_s_steps_start_when_its_calls_arrive(tmp_path):
+    """A window opened over several polls (``SUBMIT_PER_POLL`` calls each): its first step ends a
+    step's time after the last rank's call went out, and the steps granted meanwhile follow it."""
+    cal = Calibration(**{**CAL.__dict__, "stream_item": Fit(1e-4, 20e-6)})
+    clock = VirtualClock()
+    group = SimGroup(sim.job_config(250, 5, str(tmp_path)), Recipe(), cal, clock)
+    group.per_flush = 100
+    group.start(250, 0, None, [])
+    group.submit_step(1)
+    group.submit_step(2)
+    group.poll(0.0)
+    group.poll(0.0)  # the last 50 window calls go out now
+    sent_at, step_s = clock.t, cal.step_s.at(250)
+    first, second = (c[2] for c in group.queue)
+    assert first == pytest.approx(sent_at + step_s, abs=1e-3)  # (the poll's wait after the send)
+    assert second - first == pytest.approx(step_s)
