@@ -29,6 +29,9 @@ from support import BIN, REPO
 # not the user's ~/.cache: the tests share it (same corpus, same tokens) and leave nothing.
 _TOKEN_CACHE = tempfile.mkdtemp(prefix="raypod-test-token-cache-")
 os.environ.setdefault("RAYPOD_TOKEN_CACHE", _TOKEN_CACHE)
+# Likewise the empty MLflow store new local stores are copied from (raypod.tracking.sqlite_seed).
+_MLFLOW_CACHE = tempfile.mkdtemp(prefix="raypod-test-mlflow-cache-")
+os.environ.setdefault("RAYPOD_MLFLOW_CACHE", _MLFLOW_CACHE)
 
 
 def free_port() -> int:
@@ -265,3 +268,4 @@ def mlflow_cluster_job(mlflow_server, tmp_path_factory):
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_TOKEN_CACHE, ignore_errors=True)
+    shutil.rmtree(_MLFLOW_CACHE, ignore_errors=True)

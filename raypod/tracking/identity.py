@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from raypod.redact import redact_uri
 from raypod.tracking.params import clean_key
+from raypod.tracking.sqlite_seed import seed_store, sqlite_file
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -102,12 +103,8 @@ def _local_path(uri: str) -> str | None:
 
 def _sqlite_dir(tracking_uri: str) -> Path | None:
     """The folder of a ``sqlite:///`` store's file, or None for other stores."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    return Path(os.path.expanduser(path)).parent
+    db = sqlite_file(tracking_uri)
+    return db.parent if db is not None else None
 
 
 def _is_not_found(exc: Exception) -> bool:
@@ -178,6 +175,7 @@ class RunIdentity:
             db_dir = _sqlite_dir(self.tracking_uri)
             if db_dir is not None:
                 db_dir.mkdir(parents=True, exist_ok=True)
+                seed_store(self.tracking_uri)  # a new store: a copy of an empty one, not ~70 migrations
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
         client = self.client
         exp_id = self.experiment = self._experiment_id(client, cfg.mlflow.experiment)
