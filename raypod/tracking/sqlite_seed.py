@@ -10,13 +10,15 @@ store is made by MLflow itself, in a cache folder (``~/.cache/raypod/mlflow``, o
 ``Default`` experiment's location and times set as MLflow would have set them.
 
 The template is used only when it is what MLflow made: a SQLite file whose integrity check
-passes, whose schema is at a recorded revision, and which holds no run and one experiment.
+passes, whose schema (revision and every table, index and trigger) is the one recorded when
+MLflow made it, and which holds no run and one experiment.
 Anything else is made again. A store that exists is never touched, and the copy is linked
 into place only if no other job made the store meanwhile.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -47,8 +49,10 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _empty_store_revision(path: Path) -> str | None:
-    """The schema revision of ``path`` if it is an empty MLflow store (no run, one experiment)."""
+def _empty_store_stamp(path: Path) -> str | None:
+    """``"<schema revision> <sha256 of the schema>"`` if ``path`` is an empty MLflow store (no
+    run, one experiment); the schema's digest covers every table, index, view and trigger, so
+    a template with anything planted in its schema does not match the stamp MLflow's had."""
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     except sqlite3.Error:
@@ -59,23 +63,26 @@ def _empty_store_revision(path: Path) -> str | None:
         revisions = con.execute("SELECT version_num FROM alembic_version").fetchall()
         runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
         experiments = con.execute("SELECT count(*) FROM experiments").fetchone()[0]
+        schema = sorted(con.execute("SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master"))
     except sqlite3.Error:
         return None
     finally:
         con.close()
-    return revisions[0][0] if len(revisions) == 1 and runs == 0 and experiments == 1 else None
+    if len(revisions) != 1 or runs != 0 or experiments != 1:
+        return None
+    return f"{revisions[0][0]} {hashlib.sha256(repr(schema).encode()).hexdigest()}"
 
 
 def template(cache: Path | None = None) -> Path | None:
     """The empty store of the installed MLflow, made by MLflow in ``cache`` if it is not there
-    (or is not an empty store of a known revision); None if it cannot be made."""
+    (or does not match the stamp recorded when MLflow made it); None if it cannot be made."""
     import mlflow
 
     root = cache or _cache_dir()
     path = root / f"empty-store-mlflow-{mlflow.__version__}.db"
-    stamp = path.with_suffix(".revision")
+    stamp = path.with_suffix(".stamp")
     try:
-        if path.exists() and stamp.exists() and _empty_store_revision(path) == stamp.read_text().strip():
+        if path.exists() and stamp.exists() and _empty_store_stamp(path) == stamp.read_text().strip():
             return path
     except OSError:
         pass
@@ -85,11 +92,11 @@ def template(cache: Path | None = None) -> Path | None:
         from mlflow.tracking import MlflowClient
 
         MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
-        revision = _empty_store_revision(tmp)
-        if revision is None:
+        made = _empty_store_stamp(tmp)
+        if made is None:
             return None
         stamp_tmp = _temp_beside(stamp)
-        stamp_tmp.write_text(revision)
+        stamp_tmp.write_text(made)
         os.replace(stamp_tmp, stamp)
         os.replace(tmp, path)
         return path

@@ -41,7 +41,7 @@ def test_other_stores_are_left_to_mlflow(cache, tmp_path):
     assert not seed_store(f"sqlite:///{existing}", cache) and existing.read_bytes() == b"not ours"
 
 
-@pytest.mark.parametrize("damage", ["garbage", "an experiment", "another revision"])
+@pytest.mark.parametrize("damage", ["garbage", "an experiment", "another revision", "a trigger"])
 def test_a_template_that_is_not_what_mlflow_made_is_made_again(tmp_path, damage):
     cache = tmp_path / "cache"
     path = template(cache)
@@ -51,6 +51,8 @@ def test_a_template_that_is_not_what_mlflow_made_is_made_again(tmp_path, damage)
         con = sqlite3.connect(path)
         if damage == "an experiment":
             con.execute("INSERT INTO experiments (experiment_id, name, lifecycle_stage) VALUES (7, 'x', 'active')")
+        elif damage == "a trigger":
+            con.execute("CREATE TRIGGER planted AFTER INSERT ON metrics BEGIN DELETE FROM metrics; END")
         else:
             con.execute("UPDATE alembic_version SET version_num = 'planted'")
         con.commit()
@@ -60,4 +62,5 @@ def test_a_template_that_is_not_what_mlflow_made_is_made_again(tmp_path, damage)
     con = sqlite3.connect(again)
     assert con.execute("SELECT count(*) FROM experiments").fetchone()[0] == 1
     assert con.execute("SELECT version_num FROM alembic_version").fetchone()[0] != "planted"
+    assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'planted'").fetchone()[0] == 0
     con.close()
