@@ -300,7 +300,7 @@ class InFlight:
         call ended (its last result or its error is there: one ``ray.wait`` over the calls'
         completion refs) first, then the others in the order of :attr:`_pending`, where each
         stream taken moves to the end, so that every stream is taken in turn."""
-        done = set(ray.wait([g.completed() for g in gens], num_returns=len(gens), timeout=0)[0])
+        done = set(ray.wait([g.completed() for g in gens], num_returns=len(gens), timeout=0, fetch_local=False)[0])
         ended = [g for g in gens if g.completed() in done]
         taken = (ended + [g for g in gens if g.completed() not in done])[:limit]
         for gen in taken:
