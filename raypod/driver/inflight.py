@@ -301,8 +301,7 @@ class InFlight:
         completion refs) first, then the others in the order of :attr:`_pending`, where each
         stream taken moves to the end, so that every stream is taken in turn."""
         done = set(ray.wait([g.completed() for g in gens], num_returns=len(gens), timeout=0, fetch_local=False)[0])
-        ended = [g for g in gens if g.completed() in done]
-        taken = (ended + [g for g in gens if g.completed() not in done])[:limit]
+        taken = sorted(gens, key=lambda g: g.completed() not in done)[:limit]  # stable: the ended first
         for gen in taken:
             self._pending[gen] = self._pending.pop(gen)
         return taken
