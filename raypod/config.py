@@ -111,6 +111,12 @@ class TrainConfig(_Section):
     step's result back, and reads which steps it may run from the job's store, where the
     driver writes one grant per step for all ranks (:mod:`raypod.worker.grants`). ``false``:
     one ``train_step`` call per rank per step."""
+    window_agents_from: int = Field(default=64, ge=0)
+    """From this many ranks on, a window is opened through the node agents
+    (``fault.node_agents``): each node's agent opens its ranks' windows and sends their results
+    up as one list per step (``NodeAgent.window``), so the driver makes one call per node to
+    open a window and collects one item per node and step. Below it, and with ``0``, the
+    driver opens every rank's window itself (one hop less for each result)."""
 
 
 class DataConfig(_Section):

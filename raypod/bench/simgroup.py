@@ -16,6 +16,7 @@ once Ray notices) or frozen (it stops answering pings) half-way through a chosen
 from __future__ import annotations
 
 import contextlib
+import pickle
 import time
 import types
 from collections import defaultdict, deque
@@ -147,6 +148,22 @@ class Costs:
     wall: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
+def result_unpack_s(ranks: int = RANKS_PER_NODE, rounds: int = 200) -> float:
+    """Seconds of this process's CPU to unpickle one step result in a list of ``ranks`` (a
+    node's list, :meth:`raypod.worker.node_agent.NodeAgent.window`): the median of ``rounds``."""
+    share = list(range(8))
+    batch = [(r, "step", StepResult(step=1, rank=r, loss_sum=8.0, samples=8, ids=share, epoch=0, lr=0.1,
+                                    grad_norm=1.0, compute_s=1.0, replicated=[0])) for r in range(ranks)]
+    data = pickle.dumps(batch)
+    times = []
+    for _ in range(rounds):
+        t = time.process_time()
+        pickle.loads(data)
+        times.append(time.process_time() - t)
+    times.sort()
+    return times[len(times) // 2] / ranks
+
+
 class SimGroup:
     """N simulated ranks behind the driver's group protocol (see the module docstring).
 
@@ -183,6 +200,9 @@ class SimGroup:
         collects at most :attr:`per_collect` streams' results a poll)."""
         self.window_open = False
         """Step windows (``train.step_window``): whether the ranks' window calls are running."""
+        self.unpack_s = result_unpack_s()
+        """CPU to unpickle one more rank's step result in a node's list (measured here, in this
+        process: the driver's own work, like its real CPU that the simulation runs)."""
         self.unacked: tuple[int, ...] = ()
         """The last snapshot step submitted: the next step's results acknowledge its replicas."""
         self.busy_until = 0.0
@@ -283,12 +303,12 @@ class SimGroup:
                 # One store write grants the step to every rank; their results stream back in
                 # the calls that opened the window (one per rank, when none is open).
                 if not self.window_open:
-                    ticket, self.window_open = self._send("open_window", self.world_size), True
+                    ticket, self.window_open = self._send("open_window", self._streams(self.world_size)), True
                 else:
                     ticket = self.enqueued
             else:
                 ticket = self._send("submit_step", self.world_size)
-            done = max(self.clock.t, self.busy_until) + self.cal.step_s.at(self.world_size)
+            done = max(self.clock.t, self.busy_until) + self.cal.step_s.at(self.world_size) + self._relay_s()
             self.busy_until = done
             if self.plan.step == step and not self.plan.fired:
                 self.plan.fired, self.plan.at_s = True, done - self.cal.step_s.at(self.world_size) / 2
@@ -303,6 +323,20 @@ class SimGroup:
             ticket = self._send("submit_replica_wait", self.world_size)
             self.queue.append(self._entry(("replica", step, self.busy_until), ticket))
 
+    def _per_stream(self) -> int:
+        """Ranks per window stream: a node's ranks when its agent opens their windows
+        (``train.window_agents_from``, as ``WorkerGroup._window_agents``), else 1."""
+        least = self.cfg.train.window_agents_from
+        agents = bool(getattr(self.cfg.fault, "node_agents", False))
+        if agents and least and self.world_size >= least and self._windows():
+            return min(RANKS_PER_NODE, self.world_size)
+        return 1
+
+    def _streams(self, ranks: int) -> int:
+        """Window streams that carry ``ranks`` ranks' results."""
+        k = self._per_stream()
+        return -(-ranks // k)
+
     def _windows(self) -> bool:
         """Whether the driver hands out steps in windows (as ``WorkerGroup.submit_step`` does;
         a calibration without ``stream_item`` models one call per rank and step)."""
@@ -313,6 +347,12 @@ class SimGroup:
         with self.clock.outside():
             ticket = self._send("submit_save", self.world_size)
             self.queue.append(self._entry(("save", step, self.busy_until), ticket))
+
+    def _relay_s(self) -> float:
+        """How much later a step's results reach the driver through a node agent: the agent
+        collects its ranks' results (``stream_item`` for its ranks) before it sends them up."""
+        k = self._per_stream()
+        return self.cal.stream_item.at(k) if k > 1 and self.cal.stream_item is not None else 0.0
 
     def _send(self, term: str, n: int) -> int:
         """Queue ``n`` calls at the driver and send what one flush allows; returns the number
@@ -374,8 +414,8 @@ class SimGroup:
     def poll(self, timeout):
         with self.clock.outside():
             self._flush()
-            if self.queue:  # with windows the driver waits on one stream per rank, not a call per step
-                refs = self.world_size * (1 if self._windows() else len(self.queue))
+            if self.queue:  # with windows the driver waits on one stream per rank (or node), not a call per step
+                refs = self._streams(self.world_size) if self._windows() else self.world_size * len(self.queue)
                 self._cpu("poll_wait", self.cal.wait.at(refs))
             return self._collect(self.clock.t + timeout)
 
@@ -403,8 +443,8 @@ class SimGroup:
             if call[0] == "step" and budget is not None:
                 if budget <= 0:
                     break
-                take = min(budget, self.world_size - self.taken)
-                budget -= take
+                take = min(budget * self._per_stream(), self.world_size - self.taken)
+                budget -= self._streams(take)
                 self._take(call, take, out)
                 if self.taken < self.world_size:
                     break  # the rest of the step's results come in the next polls
@@ -417,8 +457,8 @@ class SimGroup:
     def _take(self, call: tuple[Any, ...], take: int, out: PollResult) -> None:
         """``take`` more ranks' streamed results of the step ``call`` (``(what, step, done at,
         acknowledged steps, ...)``), as one poll of the driver collects them."""
-        step = call[1]
-        self._cpu("stream_results", self.cal.stream_item.at(take))
+        step, items = call[1], self._streams(take)
+        self._cpu("stream_results", self.cal.stream_item.at(items) + self.unpack_s * (take - items))
         out.steps.extend(self._results(step, call[3], range(self.taken, self.taken + take)))
         self.taken += take
         if self.taken == self.world_size:
@@ -577,7 +617,7 @@ class SimGroup:
 
     def _regroup(self, lost: set[int], step: int) -> dict[str, Any]:
         self._round("regroup", len(lost))  # where the new actors run (the others stay put)
-        self._calls("regroup", self.world_size)
+        self._regroup_calls(self.world_size)
         regroup = self.rebuild_s(self.world_size)
         self._wait("regroup", regroup)
         self._restored(step)
@@ -585,6 +625,21 @@ class SimGroup:
         self.spares = max(0, self.spares - len(lost))
         return {"recover_s": regroup, "slowest_rank_phases_s": {"regroup": regroup}, "received_bytes": 0,
                 "replaced": sorted(lost), "spares_left": self.spares, "driver_phases_s": {}}
+
+    def _regroup_calls(self, n: int) -> None:
+        """The driver's part of sending a regroup's call to ``n`` ranks and getting their
+        results, as :meth:`WorkerGroup._submit_regroup
+        <raypod.driver.worker_group.WorkerGroup._submit_regroup>` makes them: with node agents,
+        one call per node (``actor_call``), then each rank's result got from the ref its agent
+        handed back (``stream_item``: collecting one small result per rank, the calibration's
+        nearest measure); without agents, or a calibration without ``stream_item``, one call
+        per rank."""
+        calls, _ = self._probe_calls(n)
+        if calls < n and self.cal.stream_item is not None:
+            self._calls("regroup", calls)
+            self._cpu("regroup", self.cal.stream_item.at(n))
+        else:
+            self._calls("regroup", n)
 
     def recover_in_place(self, lost, restore_step, attempt, injections):
         with self.clock.outside():

@@ -57,26 +57,55 @@ rank's error, a window's end) are taken first, and the others in turn, so a lost
 never waits behind the other ranks' results (:meth:`InFlight._take_first`)."""
 
 
+NODE = -1
+"""The rank of a node's window stream in :attr:`InFlight._pending`: its ranks are in
+:attr:`InFlight._members`."""
+
+
 class InFlight:
     """The rank calls submitted and not collected yet: ``ref -> (rank, what, step)``, and the
-    calls queued to be sent (:meth:`queue`), in order."""
+    calls queued to be sent (:meth:`queue`), in order.
+
+    A node's window (:meth:`raypod.worker.node_agent.NodeAgent.window`: its agent opened its
+    ranks' windows and streams their results in one list per step) is one stream for several
+    ranks: its entry's rank is :data:`NODE`, and :attr:`_members` holds the ranks whose own
+    stream has not ended yet, each with the next step it will return."""
 
     def __init__(self, per_flush: int = SUBMIT_PER_POLL, per_collect: int = COLLECT_PER_POLL) -> None:
         self._pending: dict[Any, tuple[int, str, int]] = {}
-        self._queued: collections.deque[tuple[Callable[[], Any], int, str, int]] = collections.deque()
+        self._members: dict[Any, dict[int, int]] = {}
+        self._first: dict[Any, int] = {}
+        """A node window's first step (a member still at it has not started its window)."""
+        self._held = PollResult()
+        """Results collected outside a poll (:meth:`await_started`), handed out by the next one."""
+        self._queued: collections.deque[tuple[Callable[[], Any], int | tuple[int, ...], str, int]] = \
+            collections.deque()
         self.per_flush = per_flush
         self.per_collect = per_collect
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._queued)
 
-    def add(self, ref: Any, rank: int, what: str, step: int) -> None:
+    def add(self, ref: Any, rank: int | tuple[int, ...], what: str, step: int) -> None:
+        """A call sent (``rank``: a tuple of ranks for a node's window stream)."""
+        if isinstance(rank, tuple):
+            self._members[ref] = dict.fromkeys(rank, step)
+            self._first[ref] = step
+            rank = NODE
         self._pending[ref] = (rank, what, step)
 
-    def queue(self, send: Callable[[], Any], rank: int, what: str, step: int) -> None:
-        """A call to send at the next :meth:`flush` (``send()`` submits it and returns its ref).
-        Calls go out in the order queued, so each rank gets its calls in order."""
+    def queue(self, send: Callable[[], Any], rank: int | tuple[int, ...], what: str, step: int) -> None:
+        """A call to send at the next :meth:`flush` (``send()`` submits it and returns its ref;
+        ``rank``: a tuple of ranks for a node's window stream). Calls go out in the order
+        queued, so each rank gets its calls in order."""
         self._queued.append((send, rank, what, step))
+
+    def _entries(self) -> list[tuple[int, str, int]]:
+        """``(rank, what, step)`` of every call in flight, a node window's ranks each apart."""
+        out = [e for e in self._pending.values() if e[0] != NODE]
+        for members in self._members.values():
+            out.extend((r, STEP, step) for r, step in members.items())
+        return out
 
     def flush(self, limit: int | None = None) -> int:
         """Send up to ``limit`` (default :attr:`per_flush`) queued calls; returns how many."""
@@ -93,15 +122,58 @@ class InFlight:
 
     def clear(self) -> None:
         self._pending.clear()
+        self._members.clear()
+        self._first.clear()
         self._queued.clear()
+        self._held = PollResult()
+
+    def _take_held(self, out: PollResult) -> PollResult:
+        held, self._held = self._held, PollResult()
+        out.steps[:0], out.saved[:0], out.errors[:0], out.replicated[:0] = (
+            held.steps, held.saved, held.errors, held.replicated)
+        return out
+
+    def ahead_of(self, ranks: set[int]) -> dict[int, list[Any]]:
+        """Per rank of ``ranks``: refs that end with its calls in flight that run in its actor's
+        default concurrency group (all but replica waits; a window stream's completion ref),
+        which a call from another caller (its node agent) must wait for to run after them."""
+        out: dict[int, list[Any]] = {}
+        for ref, (rank, what, _) in self._pending.items():
+            if rank in ranks and what != REPLICA:
+                out.setdefault(rank, []).append(ref.completed() if isinstance(ref, ray.ObjectRefGenerator) else ref)
+        return out
+
+    def not_started(self) -> set[int]:
+        """Ranks in a node's window (opened by their node agent) that have returned nothing
+        from it yet: their ``train_window`` call may not have reached them."""
+        return {r for gen, members in self._members.items() for r, step in members.items()
+                if step == self._first.get(gen)}
+
+    def await_started(self, timeout: float) -> None:
+        """Wait until every rank in a node's window has returned something from it (a step, its
+        error or its end): then its window call has reached it, and a call the driver sends it
+        directly now runs after that window (a rank runs one caller's calls in order, and a node
+        window's calls come from the agent). What arrives meanwhile goes to the next poll; a
+        rank that has not started by ``timeout`` is reported failed there."""
+        deadline = time.monotonic() + timeout
+        while (waiting := self.not_started()) and time.monotonic() < deadline:
+            gens = [g for g, m in self._members.items() if not waiting.isdisjoint(m)]
+            self._collect(finished(gens, max(0.0, deadline - time.monotonic())), self._held)
+        late = self.not_started()
+        for members in self._members.values():
+            for rank in sorted(late & set(members)):
+                self._held.errors.append(WorkerError(
+                    rank=rank, step=members[rank], kind=ErrorKind.EXCEPTION,
+                    message=f"its step window, opened by its node agent, had not started {timeout:.0f} s later"))
+                members.pop(rank)
 
     def poll(self, actors: list[Any], timeout: float) -> PollResult:
         """Send the next queued calls (:meth:`flush`), then collect whatever finished within
         ``timeout`` seconds; after an error, ranks that do not answer a ping are reported dead
         too (``actors``: the ranks' actors)."""
-        out = PollResult()
+        out = self._take_held(PollResult())
         self.flush()
-        if not self._pending:
+        if not self._pending or out.errors:
             return out
         self._collect(finished(self._pending, timeout), out, self.per_collect)
         if out.errors:  # find the dead: the ranks that no longer answer
@@ -121,7 +193,7 @@ class InFlight:
             self._await_cause(out)
         known = {e.rank for e in out.errors if e.kind == ErrorKind.WORKER_DIED}
         for rank in sorted(dead - known):
-            step = min((st for r, what, st in self._pending.values() if r == rank and what == STEP),
+            step = min((st for r, what, st in self._entries() if r == rank and what == STEP),
                        default=-1)
             out.errors.append(WorkerError(rank=rank, step=step, kind=ErrorKind.WORKER_DIED,
                                           message="the worker does not answer (process or node lost)"))
@@ -143,7 +215,7 @@ class InFlight:
     def quiesce(self, timeout: float) -> PollResult:
         """Let every call in flight finish (the queued ones are sent first; nothing new is
         submitted); return what arrived."""
-        out = PollResult()
+        out = self._take_held(PollResult())
         self.flush(len(self._queued))
         deadline = time.monotonic() + timeout
         while self._pending and time.monotonic() < deadline:
@@ -203,7 +275,7 @@ class InFlight:
                 if not still & held:
                     log.info("rank(s) %s ended their calls within the extra wait: kept", sorted(held))
             if still:
-                calls = sorted((r, what, step) for r, what, step in self._pending.values()
+                calls = sorted((r, what, step) for r, what, step in self._entries()
                                if r in still and what != REPLICA)
                 log.warning("rank(s) %s still in %s %.1f s after their groups were aborted (%s): "
                             "given up as lost", sorted(still), calls, timeout + max(0.0, extra),
@@ -211,17 +283,18 @@ class InFlight:
                                       f"{w.in_phase_s:.1f} s" for r, w in sorted(where.items()) if r in still)
                             or "no answer to the interrupt")
         lost |= self._busy()
-        self._pending.clear()
+        self.clear()
         return lost
 
     # A replica wait may hang on an exchange with the dead peer until its own timeout; it
     # says nothing about its rank, which the regroup releases (not waited for).
     def _work(self, ranks: set[int] | None = None) -> list[Any]:
         return [ref for ref, (rank, what, _) in self._pending.items()
-                if what != REPLICA and (ranks is None or rank in ranks)]
+                if what != REPLICA and (ranks is None or rank in ranks
+                                        or (rank == NODE and not ranks.isdisjoint(self._members.get(ref, ()))))]
 
     def _busy(self) -> set[int]:
-        return {rank for rank, what, _ in self._pending.values() if what != REPLICA}
+        return {rank for rank, what, _ in self._entries() if what != REPLICA}
 
     def _settle(self, deadline: float, lost: set[int], ranks: set[int] | None = None) -> None:
         """Collect the calls (other than replica waits; of ``ranks`` only, when given) that end
@@ -336,6 +409,9 @@ class InFlight:
                     failed.append(e)
         for (gen, _), value, err in zip(items, values, failed, strict=True):
             rank, what, step = self._pending[gen]
+            if rank == NODE:
+                self._node_results(gen, value, err, out)
+                continue
             if err is not None:
                 kind, msg = describe(err)
                 out.errors.append(WorkerError(rank=rank, step=step, kind=kind, message=msg))
@@ -345,3 +421,33 @@ class InFlight:
         for gen in gens:
             if gen.is_finished() and not gen.next_ready():
                 self._pending.pop(gen, None)
+                self._first.pop(gen, None)
+                for rank, step in self._members.pop(gen, {}).items():  # its agent ended it without them
+                    out.errors.append(WorkerError(rank=rank, step=step, kind=ErrorKind.WORKER_DIED,
+                                                  message="its node agent's window ended without its results "
+                                                          "(the agent's process or node lost)"))
+
+    def _node_results(self, gen: Any, value: Any, err: BaseException | None, out: PollResult) -> None:
+        """One item of a node's window stream: ``[(rank, tag, payload)]`` (``tag`` ``"step"``:
+        a :class:`~raypod.protocol.StepResult`; ``"error"``: ``(ErrorKind value, one line)``;
+        ``"end"``: the rank's window ended), or the stream's own error (its agent is gone):
+        every rank still in it is lost with it."""
+        members = self._members.get(gen, {})
+        if err is not None:
+            kind, msg = describe(err)
+            for rank, step in sorted(members.items()):
+                out.errors.append(WorkerError(rank=rank, step=step, kind=ErrorKind.WORKER_DIED,
+                                              message=f"its node agent's window failed: {msg}"))
+            members.clear()
+            return
+        for rank, tag, payload in value:
+            if tag == "step":
+                out.steps.append(payload)
+                members[rank] = payload.step + 1
+            elif tag == "error":
+                kind, msg = payload
+                out.errors.append(WorkerError(rank=rank, step=members.get(rank, -1), kind=ErrorKind(kind),
+                                              message=msg))
+                members.pop(rank, None)
+            else:
+                members.pop(rank, None)

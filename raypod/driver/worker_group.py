@@ -36,6 +36,8 @@ from raypod.driver.rank_calls import (
     PING_TIMEOUT_S,
     Fanout,
     call_ranks,
+    describe,
+    gather,
     get_all,
     kill_quietly,
     rank_failures,
@@ -59,8 +61,13 @@ log = logging.getLogger("raypod.driver")
 # waiting for it (the step still completes; its replica is just not there).
 _REPLICA_WAIT_S = 60.0
 
-Regroup = Callable[[Any, GroupSpec], Any]
-"""``(actor, spec) -> ref``: the call that re-forms one rank (``reconfigure``, ``reload``, ``reshape``)."""
+SUBMIT_WAIT_S = 2.0
+"""How long a regroup waits for the node agents to take their ranks' calls (an agent answers at
+once, sending them); a rank whose agent did not answer by then is called directly."""
+
+Regroup = Callable[[int], tuple[str, tuple[Any, ...]]]
+"""``rank -> (method, args)``: the call that re-forms one rank, ``method(spec, *args)``
+(``reconfigure``, ``reload`` or ``reshape``: :data:`raypod.worker.actor.REGROUP_METHODS`)."""
 
 
 def ranks_runtime_env(config: JobConfig) -> dict[str, Any] | None:
@@ -105,6 +112,8 @@ class WorkerGroup:
         """The job's rendezvous store, in this process (:mod:`raypod.worker.rendezvous`),
         opened with the first group and kept for every later one."""
         self.windows: StepWindows | None = None
+        self._node_windows = 0
+        """How many node agents opened the last window (logged when it changes)."""
         """With ``train.step_window``: the ranks' open window of steps and its grants."""
 
     # The pool's lists, under the names the driver and the benchmarks read.
@@ -200,6 +209,56 @@ class WorkerGroup:
         return forming_watch(self.probes, lambda: self.actors, silent_s, self.kill, attempt,
                              lambda: (self.nodes, self.pids))
 
+    def _submit_regroup(self, init_method: str, attempt: int, injections: list[tuple[int, FaultInjection]],
+                        call: Regroup, timeout: float) -> tuple[list[Any], int]:
+        """Send ``call(rank)``'s method to every rank; returns the calls' refs in rank order and
+        how many of them went through a node agent.
+
+        With node agents, one call per node (:meth:`NodeAgent.submit
+        <raypod.worker.node_agent.NodeAgent.submit>`): the agent calls its ranks and answers at
+        once with the calls' refs, which the driver then waits on as on its own. The spec that
+        every rank shares (config, recipe, rendezvous, attempt) is put in the object store once,
+        and each rank gets only its index and ring peers (:meth:`TrainWorker.join_as
+        <raypod.worker.actor.TrainWorker.join_as>`): at 10,000 ranks one rank's call costs the
+        driver about 0.4 ms to submit plus 0.08 ms to pickle its spec (2.3 KB), so the regroup's
+        round was about 5 s of the driver's CPU, and through the agents it is one call per
+        node. A rank whose node has no agent, or whose agent does not answer, is called directly.
+        """
+        n = len(self.actors)
+        pairs = peers(self.peer_to) if self.peer_to else [(None, None)] * n
+        first = link_first(self.peer_to, pairs) if self.peer_to else [None] * n
+        plans = [call(r) for r in range(n)]
+        relays = self.probes.relays or {}
+        by_node: dict[str, dict[int, tuple[Any, tuple[Any, ...]]]] = {}
+        refs: list[Any] = [None] * n
+        if relays and n > 1:
+            shared = ray.put(GroupSpec(config=self.cfg, recipe=self.recipe, rank=0, world_size=n,
+                                       init_method=init_method, injections=injections, attempt=attempt))
+            for r in range(n):
+                node = self.nodes[r] if r < len(self.nodes) else None
+                if node in relays:
+                    method, args = plans[r]
+                    by_node.setdefault(node, {})[r] = (self.actors[r], (method, shared, r, pairs[r], first[r], *args))
+            answers, broken, late = gather({relays[node].submit.remote("join_as", calls): node
+                                            for node, calls in by_node.items()}, min(timeout, SUBMIT_WAIT_S))
+            for sent in answers.values():
+                for r, ref in sent.items():
+                    refs[r] = ref
+            if broken or late:  # a late agent's calls may still come: a rank answers a regroup once
+                log.warning("regroup: the node agent(s) of %s did not take their ranks' calls (%s): "
+                            "calling those ranks directly", sorted(set(broken) | set(late)),
+                            "; ".join(f"{n}: {describe(e)[1]}" for n, e in broken.items()) or "no answer in time")
+        relayed = sum(ref is not None for ref in refs)
+        if relayed:
+            log.info("regroup: %d of %d ranks called through %d node agent(s)", relayed, n, len(answers))
+        specs = None
+        for r in range(n):
+            if refs[r] is None:
+                specs = specs or self._specs(init_method, attempt, injections)
+                method, args = plans[r]
+                refs[r] = getattr(self.actors[r], method).remote(specs[r], *args)
+        return refs, relayed
+
     def _specs(self, init_method: str, attempt: int,
                injections: list[tuple[int, FaultInjection]]) -> list[GroupSpec]:
         """What each rank of the group (as it stands) needs to join it: one spec per rank."""
@@ -263,11 +322,44 @@ class WorkerGroup:
             self._end_window()  # a step skipped (a bad batch): a window's steps follow one another
         if self.windows.key is None:
             key, address = self.windows.start(step), self.store.address
+            by_node = self._window_agents()
+            for agent, ranks in by_node.values():  # one call per node: its agent opens its ranks' windows
+                self.calls.queue(functools.partial(self._open_node_window, agent, ranks, address, key, step),
+                                 tuple(ranks), STEP, step)
+            through = {r for _, ranks in by_node.values() for r in ranks}
+            if len(by_node) != self._node_windows:
+                self._node_windows = len(by_node)
+                log.info("step windows: %d of %d ranks' windows opened through %d node agent(s)",
+                         len(through), self.world_size, len(by_node))
             for rank, a in enumerate(self.actors):
-                send = functools.partial(a.train_window.options(num_returns="streaming").remote, address, key, step)
-                self.calls.queue(send, rank, STEP, step)
+                if rank not in through:
+                    send = functools.partial(a.train_window.options(num_returns="streaming").remote, address, key, step)
+                    self.calls.queue(send, rank, STEP, step)
         self.windows.grant(step, snapshot)
         self.calls.flush()
+
+    def _open_node_window(self, agent: Any, ranks: list[int], address: str, key: str, step: int) -> Any:
+        """Send a node's window call to its agent (at the flush that sends it, so that the calls
+        queued before it have been sent): with the refs of its ranks' calls still in flight,
+        which the agent waits for before it calls them, so each rank runs its calls in the
+        driver's order (a save sent directly, then the window its agent opens)."""
+        return agent.window.options(num_returns="streaming").remote(
+            {r: self.actors[r] for r in ranks}, address, key, step, self.calls.ahead_of(set(ranks)))
+
+    def _window_agents(self) -> dict[str, tuple[Any, list[int]]]:
+        """The nodes whose agent opens their ranks' next window (``node -> (agent, ranks)``):
+        every node with a running agent once the group has ``train.window_agents_from`` ranks
+        (see :meth:`NodeAgent.window <raypod.worker.node_agent.NodeAgent.window>`); none below."""
+        least = self.cfg.train.window_agents_from
+        relays = self.probes.relays
+        if not least or self.world_size < least or not relays:
+            return {}
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for r in range(self.world_size):
+            node = self.nodes[r] if r < len(self.nodes) else None
+            if node in relays:
+                by_node.setdefault(node, (relays[node], []))[1].append(r)
+        return by_node
 
     def _end_window(self) -> None:
         """End the ranks' open window after the last step granted (their calls return once
@@ -284,6 +376,9 @@ class WorkerGroup:
 
     def submit_save(self, step: int, path: str) -> None:
         self._end_window()
+        # A rank whose window its node agent opened gets the save from the driver, another
+        # caller: it must have started that window first, or the save could run before it.
+        self.calls.await_started(self.cfg.fault.hang_timeout_s)
         self._send(SAVE, step, "save", step, path)
 
     @property
@@ -390,7 +485,7 @@ class WorkerGroup:
         moves = [(self.holder_of(d), d, d) for d in sorted(lost)]
         return self._replace_and_regroup(
             lost, attempt, injections, "in-place recovery failed",
-            lambda a, spec: a.reconfigure.remote(spec, restore_step, moves))
+            lambda r: ("reconfigure", (restore_step, moves)))
 
     def load_in_place(self, lost: set[int], restore: CommittedCheckpoint | None, attempt: int,
                       injections: list[tuple[int, FaultInjection]]) -> dict[str, Any]:
@@ -403,10 +498,10 @@ class WorkerGroup:
         """
         if restore is None:
             return self._replace_and_regroup(lost, attempt, injections, "starting afresh in place failed",
-                                             lambda a, spec: a.reload.remote(spec, None, 0))
+                                             lambda r: ("reload", (None, 0)))
         return self._replace_and_regroup(
             lost, attempt, injections, f"loading checkpoint step {restore.step} in place failed",
-            lambda a, spec: a.reload.remote(spec, restore.path, restore.step, restore.metadata_sha256))
+            lambda r: ("reload", (restore.path, restore.step, restore.metadata_sha256)))
 
     def _replace_and_regroup(self, lost: set[int], attempt: int, injections: list[tuple[int, FaultInjection]],
                              failed: str, call: Regroup) -> dict[str, Any]:
@@ -441,8 +536,8 @@ class WorkerGroup:
                  call: Regroup, moved: set[int] | None = None) -> dict[str, Any]:
         """Locate the ranks (only those in ``moved``, whose actor changed, when the others
         keep their place: one call per new actor, not per rank), open a rendezvous, run
-        ``call(actor, spec)`` on every rank (a ``reconfigure``, ``reload`` or ``reshape``) and
-        sum up its results."""
+        ``call(rank)``'s method on every rank (a ``reconfigure``, ``reload`` or ``reshape``:
+        :meth:`_submit_regroup`) and sum up its results."""
         self._end_window()
         timeout = self.cfg.scaling.schedule_timeout_s
         t0 = time.perf_counter()
@@ -455,8 +550,7 @@ class WorkerGroup:
         watch = self._watch(attempt)
         init_method = self._rendezvous()
         t1 = time.perf_counter()
-        refs = [call(a, spec)
-                for a, spec in zip(self.actors, self._specs(init_method, attempt, injections), strict=True)]
+        refs, relayed = self._submit_regroup(init_method, attempt, injections, call, timeout)
         results = get_all(refs, max(timeout, self.cfg.fault.pg_timeout_s), watch)
         slowest = max(results, key=lambda r: r["reconfigure_s"])
         arrived = [r["arrived"] for r in results if "arrived" in r]
@@ -467,6 +561,7 @@ class WorkerGroup:
         spread.update({"rank_cpu_max": max(cpu)} if cpu else {})
         return {"slowest_rank_phases_s": slowest["phases_s"],
                 "driver_phases_s": {"locate": t1 - t0, "reconfigure": time.perf_counter() - t1, **spread},
+                "relayed": relayed,  # ranks whose call went through their node's agent
                 "received_bytes": sum(r["received_bytes"] for r in results)}
 
     def rollback(self, step: int, timeout: float) -> list[tuple[int, list[int]]]:
@@ -548,8 +643,8 @@ class WorkerGroup:
             self.actors = [self.actors[r] for r in survivors] + [a for a, _ in added]
             self.placement = [self.placement[r] for r in survivors] + [p for _, p in added]
             self.world_size = len(self.actors)
-            info = self._regroup(attempt, injections, lambda a, spec: a.reshape.remote(
-                spec, restore_step, old_world, [exported[i][spec.rank] for i in range(old_world)]))
+            info = self._regroup(attempt, injections, lambda r: (
+                "reshape", (restore_step, old_world, [exported[i][r] for i in range(old_world)])))
         info["recover_s"] = time.perf_counter() - t0
         info["driver_phases_s"]["export"] = t1 - t0
         return {**info, "replaced": sorted(lost), "freed": freed, "old_world": old_world,

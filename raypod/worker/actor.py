@@ -12,6 +12,7 @@ to a replacement with no lost steps and ends it. A second SIGTERM ends it at onc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -25,6 +26,10 @@ import ray
 from raypod.protocol import GroupSpec, Heartbeat, Interrupted, MemoryReport, Phase, StepResult
 
 log = logging.getLogger("raypod.worker")
+
+
+REGROUP_METHODS = ("reconfigure", "reload", "reshape")
+"""The calls that re-form a rank's group; the ones :meth:`TrainWorker.join_as` runs."""
 
 
 class TrainWorker:
@@ -45,6 +50,10 @@ class TrainWorker:
         self._grants: Any = None
         """The reader of this rank's step grants (:class:`raypod.worker.grants.StepGrants`)."""
         self._ray_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._joined: tuple[str, dict[str, Any]] | None = None
+        """``(init_method, result)`` of the last group this rank joined in a regroup: the same
+        regroup's call arriving twice (through its node agent and directly, when the agent
+        answered the driver late) is answered once."""
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         holds_rank = self.trainer is not None and self.trainer.rank >= 0 and not self.closed
@@ -160,6 +169,8 @@ class TrainWorker:
         """Leave the old group, join the new one (model built for a restore, or initialised as
         at the job's start with ``initialize``), then ``restore()`` the state; returns the
         timings of the three phases and the bytes received."""
+        if self._joined is not None and self._joined[0] == spec.init_method:
+            return self._joined[1]  # this regroup's call came twice: it ran already
         t, cpu = [time.perf_counter()], time.process_time()
         self.warm(spec.config, spec.recipe)
         self.trainer.leave()
@@ -171,10 +182,12 @@ class TrainWorker:
         t.append(time.perf_counter())
         # The process's CPU through it: on a cluster, where each rank has cores of its own, the
         # slowest rank's CPU (not the wall time of N ranks sharing a test box) is the rebuild.
-        return {"rank": spec.rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received, "arrived": arrived,
+        result = {"rank": spec.rank, "reconfigure_s": t[-1] - t[0], "received_bytes": received, "arrived": arrived,
                 "cpu_s": time.process_time() - cpu,
                 "phases_s": {"leave": t[1] - t[0], "join": t[2] - t[1], "restore": t[3] - t[2],
                              **{f"join_{k}": v for k, v in self.trainer.join_phases.items()}}}
+        self._joined = (spec.init_method, result)
+        return result
 
     def reconfigure(self, spec: GroupSpec, restore_step: int, moves: list[tuple[int, int, int]]) -> dict[str, Any]:
         """Leave the broken group, join the new one and restore ``restore_step`` from memory."""
@@ -191,6 +204,17 @@ class TrainWorker:
             # has no trainer before that.
             return self._rejoin(spec, lambda: self.trainer.restore_initial(), initialize=True)
         return self._rejoin(spec, lambda: self.trainer.restore_checkpoint(path, step, metadata_sha256))
+
+    def join_as(self, method: str, shared: GroupSpec, rank: int, peers: tuple[int | None, int | None],
+                link_first: int | None, *args: Any) -> dict[str, Any]:
+        """A regroup's call (``reconfigure``, ``reload`` or ``reshape``: ``method(spec, *args)``)
+        sent by this node's agent: ``shared`` is the spec every rank of the new group shares,
+        put in the object store once by the driver, made this rank's by ``rank``, ``peers`` and
+        ``link_first`` (see :meth:`raypod.driver.worker_group.WorkerGroup._submit_regroup`)."""
+        if method not in REGROUP_METHODS:
+            raise ValueError(f"join_as: {method!r} is not a regroup call ({', '.join(REGROUP_METHODS)})")
+        spec = dataclasses.replace(shared, rank=rank, peers=peers, link_first=link_first)
+        return getattr(self, method)(spec, *args)
 
     def export_reshard(self, step: int, sources: list[int], old_world: int,
                        new_world: int) -> dict[int, list[Any]]:

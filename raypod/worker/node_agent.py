@@ -6,7 +6,8 @@ outlasts ``fault.silent_s`` and the driver's core is saturated. A :class:`NodeAg
 node (the per-node agent of torchelastic or HyperPod) keeps one ping in flight per local rank
 and hands the driver every local rank's silence in one reply, so the driver's cost per round
 is one call per node. A recovery's calls to every survivor (interrupts, memory reports) go
-through the agents the same way (:meth:`NodeAgent.relay`).
+through the agents the same way (:meth:`NodeAgent.relay`), and so do a regroup's calls to every
+rank (:meth:`NodeAgent.submit`).
 
 The agent imports only the standard library and Ray (never torch): it must be up within
 moments of the group's placement, before the first step, on a node whose ranks are busy
@@ -21,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,11 @@ import ray
 
 TICK_S = 0.02
 """How often the agent's thread collects answers and sends due pings (a few local ranks: cheap)."""
+
+LINGER_S = 0.02
+"""In a node's window (:func:`window_batches`): once one local rank's result is in, how long
+the agent waits for the others' before it sends what it has (the ranks finish a step at about
+the same time: one list per step and node, not one message per rank)."""
 
 
 @dataclass
@@ -278,6 +284,50 @@ def relay_calls(send: Callable[[Any], Future], ranks: dict[int, Any], timeout: f
     return {"answers": answers, "failed": failed, "late": sorted(late)}
 
 
+def window_batches(streams: dict[Any, int]) -> Iterator[list[tuple[int, str, Any]]]:
+    """The local ranks' window streams (``{stream: rank}``: their ``train_window`` calls) as
+    one stream of lists, each ``[(rank, tag, payload)]``: ``"step"`` with the rank's
+    :class:`~raypod.protocol.StepResult`; ``"error"`` with ``(ErrorKind value, one line)``,
+    the rank's window having ended with that error; ``"end"`` when its window ended. Ends when
+    every rank's window has. A rank's error is sent as soon as it is in (after at most
+    :data:`LINGER_S`)."""
+    from raypod.driver.rank_calls import describe  # the same words as the driver's own
+
+    live = dict(streams)
+    while live:
+        ray.wait(list(live), num_returns=1, timeout=None)
+        ready, _ = ray.wait(list(live), num_returns=len(live), timeout=LINGER_S)
+        batch: list[tuple[int, str, Any]] = []
+        for gen in ready:
+            rank = live[gen]
+            refs = []
+            while gen.next_ready():
+                try:
+                    refs.append(next(gen))
+                except StopIteration:
+                    break
+            ended = gen.is_finished() and not gen.next_ready()
+            if gen.is_finished():
+                try:
+                    refs.append(next(gen))  # its error, if it ended with one
+                except StopIteration:
+                    pass
+            for ref in refs:
+                try:
+                    batch.append((rank, "step", ray.get(ref)))
+                except Exception as e:  # noqa: BLE001 - the rank's step or process failed: its window is over
+                    kind, msg = describe(e)
+                    batch.append((rank, "error", (kind.value, msg)))
+                    ended = True
+                    break
+            if ended:
+                del live[gen]
+                if not batch or batch[-1][:2] != (rank, "error"):
+                    batch.append((rank, "end", None))
+        if batch:
+            yield batch
+
+
 class NodeAgent:
     """The Ray actor around :class:`LocalPings`: a daemon thread ticks it every :data:`TICK_S`;
     the driver calls :meth:`assign` and :meth:`silence` (made with :func:`remote_node_agent`)."""
@@ -318,6 +368,30 @@ class NodeAgent:
         and memory reports cost the driver one call per node, not one per rank."""
         return relay_calls(lambda h: getattr(h, method).remote(*args).future(), ranks, timeout)
 
+    def submit(self, method: str, calls: dict[int, tuple[Any, tuple[Any, ...]]]) -> dict[int, Any]:
+        """Call ``method(*args)`` on each local rank (``calls``: ``{rank: (actor handle, args)}``)
+        and answer at once with the calls' refs, which the driver waits on itself: a regroup's
+        calls cost the driver one call per node, and it still sees each rank's result or error
+        the moment it comes (its fail-fast wait and forming watch work as with direct calls)."""
+        return {r: getattr(handle, method).remote(*args) for r, (handle, args) in calls.items()}
+
+    def window(self, ranks: dict[int, Any], address: str, key: str, first: int,
+               after: dict[int, list[Any]] | None = None) -> Iterator[list[tuple[int, str, Any]]]:
+        """Open the step window ``key`` (first step ``first``) on every one of the local
+        ``ranks`` (``{rank: actor handle}``: one ``train_window`` call each) and stream their
+        results up as one list per step (:func:`window_batches`): the driver makes one call per
+        node to open a window and collects one item per node and step, not one per rank.
+
+        ``after``: per rank, refs of the calls the driver sent it before (a save): a rank runs
+        the calls of one caller in order, not those of two, so the window is opened once they
+        are done (or failed: the driver hears of that from them)."""
+        waits = [ref for refs in (after or {}).values() for ref in refs]
+        if waits:
+            ray.wait(waits, num_returns=len(waits), timeout=None, fetch_local=False)
+        streams = {handle.train_window.options(num_returns="streaming").remote(address, key, first): r
+                   for r, handle in ranks.items()}
+        yield from window_batches(streams)
+
     def cpu_ticks(self, pid: int) -> int | None:
         """A local rank's process as ``/proc`` shows it (:func:`cpu_ticks`): is a silent rank
         working or frozen? (The driver asks a sibling rank first; a rank alone on its node has
@@ -338,5 +412,5 @@ def remote_node_agent(node_id: str) -> Any:
     the ranks hold every CPU of the node; threaded, so ``silence`` answers while ``assign`` runs)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=4)(NodeAgent).options(
+    return ray.remote(max_restarts=0, max_task_retries=0, max_concurrency=8)(NodeAgent).options(
         num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))

@@ -77,6 +77,24 @@ def test_killed_worker_recovers_in_place(ray_connected, baseline, tmp_path):
     assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
 
 
+def test_windows_opened_through_the_node_agent_train_the_same_state(ray_connected, baseline, tmp_path, caplog):
+    """``train.window_agents_from=2``: the node's agent opens both ranks' windows and streams
+    their results up in one list per step (what a job of 64 ranks or more does), across the
+    saves every 5 steps (a window ends before each; the next opens after it) and a kill at
+    step 12, whose regroup goes through the agent too."""
+    cfg = tiny(tmp_path, "train.window_agents_from=2", "fault.inject=[{step: 12, rank: 1, kind: kill}]")
+    with caplog.at_level("INFO", logger="raypod.driver"):
+        summary = run(cfg, callbacks=[])
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("step windows: 2 of 2 ranks' windows opened through 1 node agent") for m in lines)
+    assert any(m.startswith("regroup: 2 of 2 ranks called through 1 node agent") for m in lines)
+    assert summary["status"] == "succeeded" and summary["final_step"] == 20 and summary["failures"] == 1
+    ev = summary["events"][0]
+    assert ev["kind"] == "kill" and ev["restored_from"].startswith("memory") and ev["lost_steps"] <= 1
+    assert summary["samples"] == {"consumed": 320, "duplicated": 0, "skipped": 0}
+    assert summary["final_state_sha256"] == baseline[0]["final_state_sha256"]
+
+
 def test_rank_and_replica_holder_lost_falls_back_to_checkpoint(ray_connected, baseline, tmp_path):
     """Both ranks die at once: no in-memory copy survives, so the last persistent one is used."""
     cfg = tiny(tmp_path, "fault.inject=[{step: 12, rank: 0, kind: kill}, {step: 12, rank: 1, kind: kill}]")

@@ -20,6 +20,11 @@ CAL = Calibration(actor_call=Fit(0.0, 50e-6), wait=Fit(1e-4, 1e-6), ping=Fit(0.0
 """A test calibration: what each call costs is arbitrary here, the figures follow from it."""
 
 
+def _rank_windows(cfg):
+    """``cfg`` with every rank's window opened by the driver (``train.window_agents_from=0``)."""
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"window_agents_from": 0})})
+
+
 def test_the_sim_group_implements_the_protocol(tmp_path):
     group = SimGroup(sim.job_config(4, 5, str(tmp_path)), Recipe(), CAL, VirtualClock())
     assert_implements_group_protocol(group)
@@ -145,7 +150,7 @@ def test_with_step_windows_a_step_costs_a_grant_and_its_streamed_results_not_a_c
     a save ends the window (the next step opens one again)."""
     cal = Calibration(**{**CAL.__dict__, "stream_item": Fit(1e-4, 20e-6)})
     clock = VirtualClock()
-    cfg = sim.job_config(250, 5, str(tmp_path))
+    cfg = _rank_windows(sim.job_config(250, 5, str(tmp_path)))
     assert cfg.train.step_window
     group = SimGroup(cfg, Recipe(), cal, clock)
     group.start(250, 0, None, [])
@@ -170,7 +175,7 @@ def test_with_step_windows_a_large_step_is_collected_over_several_polls(tmp_path
     takes a step of 250 ranks in polls of 100, each charged its share (no poll is a block of
     all N results: a failure is seen between them)."""
     cal = Calibration(**{**CAL.__dict__, "stream_item": Fit(1e-4, 20e-6)})
-    group = SimGroup(sim.job_config(250, 5, str(tmp_path)), Recipe(), cal, VirtualClock())
+    group = SimGroup(_rank_windows(sim.job_config(250, 5, str(tmp_path))), Recipe(), cal, VirtualClock())
     group.per_collect = 100
     group.start(250, 0, None, [])
     group.submit_step(1)
@@ -186,7 +191,7 @@ def test_a_window_s_steps_start_when_its_calls_arrive(tmp_path):
     step's time after the last rank's call went out, and the steps granted meanwhile follow it."""
     cal = Calibration(**{**CAL.__dict__, "stream_item": Fit(1e-4, 20e-6)})
     clock = VirtualClock()
-    group = SimGroup(sim.job_config(250, 5, str(tmp_path)), Recipe(), cal, clock)
+    group = SimGroup(_rank_windows(sim.job_config(250, 5, str(tmp_path))), Recipe(), cal, clock)
     group.per_flush = 100
     group.start(250, 0, None, [])
     group.submit_step(1)
@@ -197,3 +202,45 @@ def test_a_window_s_steps_start_when_its_calls_arrive(tmp_path):
     first, second = (c[2] for c in group.queue)
     assert first == pytest.approx(sent_at + step_s, abs=1e-3)  # (the poll's wait after the send)
     assert second - first == pytest.approx(step_s)
+
+
+def test_a_regroup_s_calls_cost_the_driver_a_call_per_node_with_node_agents(tmp_path):
+    """As ``WorkerGroup._submit_regroup`` sends them: with node agents (the default) one call per
+    node plus each rank's result collected; without them a call per rank."""
+    cal = Calibration(**{**CAL.__dict__, "stream_item": Fit(1e-4, 20e-6)})
+    n = 800
+    group = SimGroup(sim.job_config(n, 5, str(tmp_path)), Recipe(), cal, VirtualClock())
+    assert group.cfg.fault.node_agents
+    group._regroup_calls(n)
+    nodes = n // 8  # RANKS_PER_NODE
+    assert group.costs.cpu["regroup"] == pytest.approx(cal.actor_call.at(nodes) + cal.stream_item.at(n))
+    cfg = sim.job_config(n, 5, str(tmp_path))
+    direct = SimGroup(cfg.model_copy(update={"fault": cfg.fault.model_copy(update={"node_agents": False})}),
+                      Recipe(), cal, VirtualClock())
+    direct._regroup_calls(n)
+    assert direct.costs.cpu["regroup"] == pytest.approx(cal.actor_call.at(n))
+
+
+def test_windows_through_node_agents_cost_a_call_and_an_item_per_node(tmp_path):
+    """From ``train.window_agents_from`` ranks (64 by default) each node's agent opens its ranks'
+    windows and sends their results up in one list per step: the driver opens a window with a
+    call per node and collects a step as one item per node, plus unpickling each further rank's
+    result (measured in this process); the results come an agent's collection later."""
+    cal = Calibration(**{**CAL.__dict__, "stream_item": Fit(1e-4, 20e-6)})
+    cfg = sim.job_config(256, 5, str(tmp_path))
+    assert cfg.train.window_agents_from == 64 and cfg.fault.node_agents
+    group = SimGroup(cfg, Recipe(), cal, VirtualClock())
+    group.per_collect = 20  # node streams a poll: 20 nodes of 8 ranks
+    group.start(256, 0, None, [])
+    group.submit_step(1)
+    assert group.enqueued == 32  # one window call per node
+    assert group.costs.cpu["open_window"] == pytest.approx(cal.actor_call.at(32))
+    sizes = [len(group.poll(10.0).steps) for _ in range(2)]
+    assert sizes == [160, 96] and group.finished == 1
+    assert 0 < group.unpack_s < 1e-4
+    assert group.costs.cpu["stream_results"] == pytest.approx(
+        cal.stream_item.at(20) + group.unpack_s * 140 + cal.stream_item.at(12) + group.unpack_s * 84)
+    below = SimGroup(sim.job_config(32, 5, str(tmp_path)), Recipe(), cal, VirtualClock())
+    below.start(32, 0, None, [])
+    below.submit_step(1)
+    assert below.enqueued == 32  # under 64 ranks: a window call per rank
