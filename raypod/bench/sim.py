@@ -387,7 +387,9 @@ def run(trials: int | None = None, out: str | None = "benchmarks/results", ranks
         trials: unused (one simulation per rank count is deterministic but for CPU noise).
         out: where results go (and, without ``calibration_dir``, where the calibration is read).
         ranks: the rank counts (or them comma-separated, as ``--ranks`` gives them).
-        steps: steps per simulation (default: fewer at larger N; a rank is killed two thirds in).
+        steps: steps per simulation (default 24 up to 1,000 ranks, 9 up to 10,000, 12 beyond:
+            at 100,000 a window's first steps come in bunches, and 6 steps left one step
+            interval before the kill to measure the period from; a rank is killed two thirds in).
         calibration_dir: folder of ``scale_calibration.json``.
         cal: a calibration given in code (tests); then no file is read.
         track_up_to: the largest N simulated with straggler tracking on (see :func:`_point`).
@@ -406,7 +408,7 @@ def run(trials: int | None = None, out: str | None = "benchmarks/results", ranks
     points: list[dict[str, Any]] = []
     for n in ranks:
         base = next((p for p in reversed(points) if p["stragglers_tracked"]), None)
-        points.append(_point(cal, n, steps or (24 if n <= 1_000 else 9 if n <= 10_000 else 6), track_up_to, base))
+        points.append(_point(cal, n, steps or (24 if n <= 1_000 else 9 if n <= 10_000 else 12), track_up_to, base))
     result: dict[str, Any] = {"suite": "sim", "date": time.strftime("%Y-%m-%d"), "points": points,
                               "calibration": cal.to_json(), "sources": SOURCES, "goals_at_10k": GOALS}
     at = {p["ranks"]: p for p in points}

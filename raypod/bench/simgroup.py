@@ -504,9 +504,11 @@ class SimGroup:
 
     # ---- health ----------------------------------------------------------------------
     def heartbeats(self, timeout):
+        """As the worker group asks them: through the node agents (:meth:`_probe_calls`)."""
         with self.clock.outside():
-            self._calls("heartbeats", self.world_size)
-            self._wait("heartbeats", timeout if self.frozen else self.cal.ping.at(self.world_size))
+            calls, round_s = self._probe_calls(self.world_size)
+            self._calls("heartbeats", calls)
+            self._wait("heartbeats", timeout if self.frozen else round_s)
             step = self.finished + 1
             return {r: None if r in self.frozen | self.dead else
                     Heartbeat(rank=r, step=step, phase=Phase.SYNC, in_phase_s=0.0) for r in range(self.world_size)}
@@ -552,11 +554,19 @@ class SimGroup:
 
     def _probe_calls(self, n: int) -> tuple[int, float]:
         """``(driver calls, seconds until all are answered)`` of one call to each of ``n`` ranks
-        through the node agents (a recovery's fan-out: per node with ``fault.node_agents``,
-        more than one rank per node), else per rank."""
-        calls, round_s, _ = liveness_round(self.cal, n, bool(getattr(self.cfg.fault, "node_agents", False)),
-                                           zoned_from=n)  # never zoned: every node's agent is called
-        return calls, round_s
+        as :func:`raypod.driver.rank_calls.call_ranks` makes it (a recovery's fan-out): with
+        ``fault.node_agents`` a call per node, answered once the agent has its ranks' answers;
+        past ``fault.agent_zones_from`` nodes a call per zone, whose leader relays through its
+        members (one more round: a zone's agents); else a call per rank."""
+        fault = self.cfg.fault
+        if not getattr(fault, "node_agents", False) or n <= 1:
+            return n, self.cal.ping.at(n)
+        nodes, local = -(-n // RANKS_PER_NODE), self.cal.ping.at(min(n, RANKS_PER_NODE))
+        if nodes <= int(getattr(fault, "agent_zones_from", 64)):
+            return nodes, self.cal.ping.at(nodes) + local
+        size = zone_size(nodes)
+        count = -(-nodes // size)
+        return count, self.cal.ping.at(count) + self.cal.ping.at(size) + local
 
     def _liveness(self, n: int) -> tuple[int, float, bool]:
         """One probe round for ``n`` ranks (:func:`liveness_round`, this job's settings)."""
@@ -630,8 +640,8 @@ class SimGroup:
         """The driver's part of sending a regroup's call to ``n`` ranks and getting their
         results, as :meth:`WorkerGroup._submit_regroup
         <raypod.driver.worker_group.WorkerGroup._submit_regroup>` makes them: with node agents,
-        one call per node (``actor_call``), then each rank's result got from the ref its agent
-        handed back (``stream_item``: collecting one small result per rank, the calibration's
+        one call per node, or per zone past ``fault.agent_zones_from`` nodes (``actor_call``),
+        then each rank's result got from the ref its agent handed back (``stream_item``: collecting one small result per rank, the calibration's
         nearest measure); without agents, or a calibration without ``stream_item``, one call
         per rank."""
         calls, _ = self._probe_calls(n)

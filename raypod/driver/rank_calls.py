@@ -127,15 +127,20 @@ class Fanout:
 
 
 def call_ranks(method: str, ranks: list[int], actors: list[Any], nodes: list[str],
-               agents: Mapping[str, Any] | None, args: tuple[Any, ...] = (), timeout: float = 5.0) -> Fanout:
+               agents: Mapping[str, Any] | None, args: tuple[Any, ...] = (), timeout: float = 5.0,
+               zoned_from: int | None = None) -> Fanout:
     """Call ``method(*args)`` on each of ``ranks`` and wait up to ``timeout`` for the answers.
 
     With node agents (``agents``: node -> running agent), one call per node: the node's agent
     calls its ranks and answers for all of them (:meth:`~raypod.worker.node_agent.NodeAgent.relay`),
     so the driver's cost is a call per node, not per rank (at 10,000 ranks, a round of 10,000
-    actor calls is seconds of driver CPU). A rank on a node without a running agent, or whose
-    agent fails, is called directly.
+    actor calls is seconds of driver CPU). Past ``zoned_from`` nodes (``fault.agent_zones_from``)
+    one call per zone of about sqrt(nodes) agents, whose leader relays through the others
+    (:meth:`~raypod.worker.node_agent.NodeAgent.relay_zone`; the zones of the liveness probes).
+    A rank on a node without a running agent, or whose agent fails, is called directly.
     """
+    from raypod.driver.liveness import zones
+
     deadline = time.monotonic() + timeout
     by_node: dict[str, dict[int, Any]] = {}
     straight: list[int] = []
@@ -146,16 +151,23 @@ def call_ranks(method: str, ranks: list[int], actors: list[Any], nodes: list[str
         else:
             straight.append(r)
     out = Fanout()
-    replies, broken, late = gather({agents[n].relay.remote(method, handles, args, timeout): n  # type: ignore[index]
-                                    for n, handles in by_node.items()}, timeout + RELAY_MARGIN_S)
-    for n in late:
-        out.late.extend(by_node[n])
-    for n in broken:  # the agent is gone: call its ranks directly
-        straight.extend(by_node[n])
+    cut = zones(by_node, zoned_from) if zoned_from is not None and agents else []
+    requests = {agents[z[0]].relay_zone.remote(method, {n: (agents[n], by_node[n]) for n in z}, args, timeout):  # type: ignore[index]
+                tuple(z) for z in cut}
+    if not cut:
+        requests = {agents[n].relay.remote(method, handles, args, timeout): (n,)  # type: ignore[index]
+                    for n, handles in by_node.items()}
+    replies, broken, late = gather(requests, timeout + RELAY_MARGIN_S * (2 if cut else 1))
+    for z in late:
+        out.late.extend(r for n in z for r in by_node[n])
+    for z in broken:  # the agent (a zone's leader) is gone: call its ranks directly
+        straight.extend(r for n in z for r in by_node[n])
     for reply in replies.values():
         out.answers.update(reply["answers"])
         out.failed.update(reply["failed"])
         out.late.extend(reply["late"])
+        for n in reply.get("broken", ()):  # a member of the zone whose agent is gone
+            straight.extend(by_node[n])
     answers, errors, late = gather({getattr(actors[r], method).remote(*args): r for r in straight},
                                    deadline - time.monotonic())
     out.answers.update(answers)

@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raypod.checkpoint import CommittedCheckpoint
 from raypod.config import FaultInjection, JobConfig, recipe_pythonpath
 from raypod.driver.inflight import REPLICA, SAVE, STEP, InFlight
-from raypod.driver.liveness import Probes, forming_watch, heartbeats, kill_now, process_ticks
+from raypod.driver.liveness import Probes, forming_watch, heartbeats, kill_now, process_ticks, zones
 from raypod.driver.outcomes import GroupStartError, PollResult
 from raypod.driver.rank_calls import (
     PING_TIMEOUT_S,
@@ -239,18 +239,30 @@ class WorkerGroup:
                 if node in relays:
                     method, args = plans[r]
                     by_node.setdefault(node, {})[r] = (self.actors[r], (method, shared, r, pairs[r], first[r], *args))
-            answers, broken, late = gather({relays[node].submit.remote("join_as", calls): node
-                                            for node, calls in by_node.items()}, min(timeout, SUBMIT_WAIT_S))
-            for sent in answers.values():
-                for r, ref in sent.items():
-                    refs[r] = ref
-            if broken or late:  # a late agent's calls may still come: a rank answers a regroup once
+            cut = zones(by_node, self.cfg.fault.agent_zones_from)
+            wait_s = min(timeout, SUBMIT_WAIT_S)
+            if cut:  # past agent_zones_from nodes: one call per zone, its leader submits through the others
+                answers, broken, late = gather(
+                    {relays[z[0]].submit_zone.remote("join_as", {n: (relays[n], by_node[n]) for n in z}, wait_s):
+                     tuple(z) for z in cut}, wait_s * 2)
+                sent = {r: ref for reply in answers.values() for r, ref in reply["refs"].items()}
+                missing = sorted({n for reply in answers.values() for n in reply["broken"]}
+                                 | {n for z in [*broken, *late] for n in z})
+            else:
+                answers, broken, late = gather({relays[node].submit.remote("join_as", calls): node
+                                                for node, calls in by_node.items()}, wait_s)
+                sent = {r: ref for reply in answers.values() for r, ref in reply.items()}
+                missing = sorted({*broken, *late})
+            for r, ref in sent.items():
+                refs[r] = ref
+            if missing:  # a late agent's calls may still come: a rank answers a regroup once
                 log.warning("regroup: the node agent(s) of %s did not take their ranks' calls (%s): "
-                            "calling those ranks directly", sorted(set(broken) | set(late)),
+                            "calling those ranks directly", missing,
                             "; ".join(f"{n}: {describe(e)[1]}" for n, e in broken.items()) or "no answer in time")
         relayed = sum(ref is not None for ref in refs)
         if relayed:
-            log.info("regroup: %d of %d ranks called through %d node agent(s)", relayed, n, len(answers))
+            log.info("regroup: %d of %d ranks called through %d node agent(s)", relayed, n,
+                     len({self.nodes[r] for r in range(n) if r < len(self.nodes) and refs[r] is not None}))
         specs = None
         for r in range(n):
             if refs[r] is None:
@@ -409,8 +421,14 @@ class WorkerGroup:
 
     # ---- health ------------------------------------------------------------------
     def heartbeats(self, timeout: float) -> dict[int, Heartbeat | None]:
-        """Where each rank is (step, phase); ``None`` for a rank that did not answer in time."""
-        return heartbeats(self.actors, timeout)
+        """Where each rank is (step, phase); ``None`` for a rank that did not answer in time.
+        Through the node agents when they run (one call per node, or per zone: a hang check
+        at 100,000 ranks is otherwise 100,000 driver calls)."""
+        relays = self.probes.relays
+        if not relays:
+            return heartbeats(self.actors, timeout)
+        got = self._call_ranks("heartbeat", list(range(len(self.actors))), timeout=timeout, relays=relays)
+        return {r: got.answers.get(r) for r in range(len(self.actors))}
 
     def probe(self, every_s: float) -> dict[int, float]:
         """Per rank: seconds its liveness ping has gone unanswered (see :class:`Probes`)."""
@@ -454,7 +472,8 @@ class WorkerGroup:
         """``method(*args)`` on ``ranks``, one call per node through the node agents that answer
         (:func:`call_ranks`), directly to ranks elsewhere."""
         self._end_window()
-        return call_ranks(method, ranks, self.actors, self.nodes, relays, args, timeout)
+        return call_ranks(method, ranks, self.actors, self.nodes, relays, args, timeout,
+                          zoned_from=self.cfg.fault.agent_zones_from)
 
     def memory_reports(self, ranks: list[int], timeout: float = 5.0) -> dict[int, MemoryReport]:
         """What each live rank holds in memory right now (own snapshots, replicas): one call per

@@ -32,6 +32,9 @@ import ray
 TICK_S = 0.02
 """How often the agent's thread collects answers and sends due pings (a few local ranks: cheap)."""
 
+ZONE_MARGIN_S = 0.5
+"""How much longer than its members' own timeout a zone leader waits for their answers."""
+
 LINGER_S = 0.02
 """In a node's window (:func:`window_batches`): once one local rank's result is in, how long
 the agent waits for the others' before it sends what it has (the ranks finish a step at about
@@ -367,6 +370,46 @@ class NodeAgent:
         at once and answer once for all of them (:func:`relay_calls`): a recovery's interrupts
         and memory reports cost the driver one call per node, not one per rank."""
         return relay_calls(lambda h: getattr(h, method).remote(*args).future(), ranks, timeout)
+
+    def relay_zone(self, method: str, members: dict[str, tuple[Any, dict[int, Any]]], args: tuple[Any, ...] = (),
+                   timeout: float = 5.0) -> dict[str, Any]:
+        """As a zone's leader: :meth:`relay` through each member agent (``members``: ``{node:
+        (agent handle, {rank: actor handle})}``, this agent's own node among them) at once, and
+        answer once for the zone: at thousands of nodes a recovery's call to every rank costs
+        the driver one call per zone of about sqrt(nodes) agents, not one per node. The answer
+        is :meth:`relay`'s, merged, plus ``"broken"``: the nodes whose agent failed (the driver
+        calls their ranks directly)."""
+        futures = {node: agent.relay.remote(method, ranks, args, timeout).future()
+                   for node, (agent, ranks) in members.items()}
+        concurrent.futures.wait(list(futures.values()), timeout=max(0.0, timeout) + ZONE_MARGIN_S)
+        out: dict[str, Any] = {"answers": {}, "failed": {}, "late": [], "broken": []}
+        for node, fut in futures.items():
+            if not fut.done():
+                out["late"].extend(members[node][1])
+            elif fut.cancelled() or fut.exception() is not None:
+                out["broken"].append(node)
+            else:
+                reply = fut.result()
+                out["answers"].update(reply["answers"])
+                out["failed"].update(reply["failed"])
+                out["late"].extend(reply["late"])
+        out["late"].sort()
+        return out
+
+    def submit_zone(self, method: str, members: dict[str, tuple[Any, dict[int, tuple[Any, tuple[Any, ...]]]]],
+                    timeout: float = 5.0) -> dict[str, Any]:
+        """As a zone's leader: :meth:`submit` through each member agent at once; ``{"refs":
+        {rank: ref}, "broken": [nodes whose agent failed or did not answer in time]}`` (the
+        driver calls those nodes' ranks directly)."""
+        futures = {node: agent.submit.remote(method, calls).future() for node, (agent, calls) in members.items()}
+        concurrent.futures.wait(list(futures.values()), timeout=max(0.0, timeout))
+        out: dict[str, Any] = {"refs": {}, "broken": []}
+        for node, fut in futures.items():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                out["refs"].update(fut.result())
+            else:
+                out["broken"].append(node)
+        return out
 
     def submit(self, method: str, calls: dict[int, tuple[Any, tuple[Any, ...]]]) -> dict[int, Any]:
         """Call ``method(*args)`` on each local rank (``calls``: ``{rank: (actor handle, args)}``)

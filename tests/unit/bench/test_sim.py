@@ -206,14 +206,18 @@ def test_a_window_s_steps_start_when_its_calls_arrive(tmp_path):
 
 def test_a_regroup_s_calls_cost_the_driver_a_call_per_node_with_node_agents(tmp_path):
     """As ``WorkerGroup._submit_regroup`` sends them: with node agents (the default) one call per
-    node plus each rank's result collected; without them a call per rank."""
+    node, past ``fault.agent_zones_from`` (64) nodes one per zone of sqrt(nodes) agents, plus
+    each rank's result collected; without agents a call per rank."""
     cal = Calibration(**{**CAL.__dict__, "stream_item": Fit(1e-4, 20e-6)})
+    group = SimGroup(sim.job_config(400, 5, str(tmp_path)), Recipe(), cal, VirtualClock())
+    assert group.cfg.fault.node_agents and group.cfg.fault.agent_zones_from == 64
+    group._regroup_calls(400)  # 50 nodes of 8 ranks (RANKS_PER_NODE)
+    assert group.costs.cpu["regroup"] == pytest.approx(cal.actor_call.at(50) + cal.stream_item.at(400))
     n = 800
     group = SimGroup(sim.job_config(n, 5, str(tmp_path)), Recipe(), cal, VirtualClock())
-    assert group.cfg.fault.node_agents
-    group._regroup_calls(n)
-    nodes = n // 8  # RANKS_PER_NODE
-    assert group.costs.cpu["regroup"] == pytest.approx(cal.actor_call.at(nodes) + cal.stream_item.at(n))
+    group._regroup_calls(n)  # 100 nodes: 10 zones of 10
+    assert group.costs.cpu["regroup"] == pytest.approx(cal.actor_call.at(10) + cal.stream_item.at(n))
+    assert group._probe_calls(n) == (10, pytest.approx(cal.ping.at(10) * 2 + cal.ping.at(8)))
     cfg = sim.job_config(n, 5, str(tmp_path))
     direct = SimGroup(cfg.model_copy(update={"fault": cfg.fault.model_copy(update={"node_agents": False})}),
                       Recipe(), cal, VirtualClock())
