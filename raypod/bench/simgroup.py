@@ -558,15 +558,10 @@ class SimGroup:
         ``fault.node_agents`` a call per node, answered once the agent has its ranks' answers;
         past ``fault.agent_zones_from`` nodes a call per zone, whose leader relays through its
         members (one more round: a zone's agents); else a call per rank."""
-        fault = self.cfg.fault
-        if not getattr(fault, "node_agents", False) or n <= 1:
-            return n, self.cal.ping.at(n)
-        nodes, local = -(-n // RANKS_PER_NODE), self.cal.ping.at(min(n, RANKS_PER_NODE))
-        if nodes <= int(getattr(fault, "agent_zones_from", 64)):
-            return nodes, self.cal.ping.at(nodes) + local
-        size = zone_size(nodes)
-        count = -(-nodes // size)
-        return count, self.cal.ping.at(count) + self.cal.ping.at(size) + local
+        calls, round_s, zoned = self._liveness(n)
+        # A probe's zone leader answers from its members' last replies; a relay waits for theirs,
+        # which wait for their ranks' answers: one local round more.
+        return calls, round_s + (self.cal.ping.at(RANKS_PER_NODE) if zoned else 0.0)
 
     def _liveness(self, n: int) -> tuple[int, float, bool]:
         """One probe round for ``n`` ranks (:func:`liveness_round`, this job's settings)."""

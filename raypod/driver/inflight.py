@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from raypod.driver.outcomes import PollResult
-from raypod.driver.rank_calls import PING_TIMEOUT_S, Fanout, describe, finished, unresponsive
+from raypod.driver.rank_calls import PING_TIMEOUT_S, Fanout, describe, finished, stream_refs, unresponsive
 from raypod.protocol import ErrorKind, Interrupted, WorkerError
 
 Relay = Callable[[str, list[int], tuple[Any, ...], float], Fanout]
@@ -74,8 +74,6 @@ class InFlight:
     def __init__(self, per_flush: int = SUBMIT_PER_POLL, per_collect: int = COLLECT_PER_POLL) -> None:
         self._pending: dict[Any, tuple[int, str, int]] = {}
         self._members: dict[Any, dict[int, int]] = {}
-        self._first: dict[Any, int] = {}
-        """A node window's first step (a member still at it has not started its window)."""
         self._held = PollResult()
         """Results collected outside a poll (:meth:`await_started`), handed out by the next one."""
         self._queued: collections.deque[tuple[Callable[[], Any], int | tuple[int, ...], str, int]] = \
@@ -90,7 +88,6 @@ class InFlight:
         """A call sent (``rank``: a tuple of ranks for a node's window stream)."""
         if isinstance(rank, tuple):
             self._members[ref] = dict.fromkeys(rank, step)
-            self._first[ref] = step
             rank = NODE
         self._pending[ref] = (rank, what, step)
 
@@ -123,7 +120,6 @@ class InFlight:
     def clear(self) -> None:
         self._pending.clear()
         self._members.clear()
-        self._first.clear()
         self._queued.clear()
         self._held = PollResult()
 
@@ -145,9 +141,10 @@ class InFlight:
 
     def not_started(self) -> set[int]:
         """Ranks in a node's window (opened by their node agent) that have returned nothing
-        from it yet: their ``train_window`` call may not have reached them."""
+        from it yet (still at the window's first step, its entry's): their ``train_window`` call
+        may not have reached them."""
         return {r for gen, members in self._members.items() for r, step in members.items()
-                if step == self._first.get(gen)}
+                if step == self._pending[gen][2]}
 
     def await_started(self, timeout: float) -> None:
         """Wait until every rank in a node's window has returned something from it (a step, its
@@ -383,18 +380,7 @@ class InFlight:
         """Every step result the window calls ``gens`` (``train_window``: streams) have ready, got
         in one ``ray.get``; a call leaves :attr:`_pending` when its stream ends (after its last
         step, or its error). Its entry's step is the next one it will return."""
-        items: list[tuple[Any, Any]] = []
-        for gen in gens:
-            while gen.next_ready():
-                try:
-                    items.append((gen, next(gen)))
-                except StopIteration:
-                    break
-            if gen.is_finished():  # its end (or its error, among the items) has arrived
-                try:
-                    items.append((gen, next(gen)))  # none is left: the stream is over
-                except StopIteration:
-                    pass
+        items = [(gen, ref) for gen in gens for ref in stream_refs(gen)]
         try:
             values = ray.get([ref for _, ref in items])
             failed: list[BaseException | None] = [None] * len(items)
@@ -421,7 +407,6 @@ class InFlight:
         for gen in gens:
             if gen.is_finished() and not gen.next_ready():
                 self._pending.pop(gen, None)
-                self._first.pop(gen, None)
                 for rank, step in self._members.pop(gen, {}).items():  # its agent ended it without them
                     out.errors.append(WorkerError(rank=rank, step=step, kind=ErrorKind.WORKER_DIED,
                                                   message="its node agent's window ended without its results "
@@ -434,7 +419,7 @@ class InFlight:
         every rank still in it is lost with it."""
         members = self._members.get(gen, {})
         if err is not None:
-            kind, msg = describe(err)
+            _, msg = describe(err)
             for rank, step in sorted(members.items()):
                 out.errors.append(WorkerError(rank=rank, step=step, kind=ErrorKind.WORKER_DIED,
                                               message=f"its node agent's window failed: {msg}"))

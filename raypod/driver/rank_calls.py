@@ -63,6 +63,23 @@ def rank_failures(doing: str) -> Iterator[None]:
         raise GroupStartError(f"{doing}: {msg}", kind=kind) from None
 
 
+def stream_refs(gen: Any) -> list[Any]:
+    """The refs a streaming call (a ``ray.ObjectRefGenerator``) has ready now, in order, without
+    blocking: its results, and once it ended, its error's ref if it ended with one."""
+    refs = []
+    while gen.next_ready():
+        try:
+            refs.append(next(gen))
+        except StopIteration:
+            break
+    if gen.is_finished():  # its end (or its error, among the refs) has arrived
+        try:
+            refs.append(next(gen))  # none is left: the stream is over
+        except StopIteration:
+            pass
+    return refs
+
+
 def finished(refs: Iterable[Any], timeout: float) -> list[Any]:
     """Wait up to ``timeout`` for the first of ``refs`` to finish, then return every one finished
     by now: a wait for each finished call, over all that are left, is O(N²) at N ranks."""

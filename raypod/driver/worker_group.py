@@ -13,6 +13,7 @@ and drive the state machine one iteration at a time. The group leans on:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -112,9 +113,9 @@ class WorkerGroup:
         """The job's rendezvous store, in this process (:mod:`raypod.worker.rendezvous`),
         opened with the first group and kept for every later one."""
         self.windows: StepWindows | None = None
+        """With ``train.step_window``: the ranks' open window of steps and its grants."""
         self._node_windows = 0
         """How many node agents opened the last window (logged when it changes)."""
-        """With ``train.step_window``: the ranks' open window of steps and its grants."""
 
     # The pool's lists, under the names the driver and the benchmarks read.
     @property
@@ -225,15 +226,13 @@ class WorkerGroup:
         node. A rank whose node has no agent, or whose agent does not answer, is called directly.
         """
         n = len(self.actors)
-        pairs = peers(self.peer_to) if self.peer_to else [(None, None)] * n
-        first = link_first(self.peer_to, pairs) if self.peer_to else [None] * n
+        pairs, first = self._ring(n)
         plans = [call(r) for r in range(n)]
         relays = self.probes.relays or {}
         by_node: dict[str, dict[int, tuple[Any, tuple[Any, ...]]]] = {}
         refs: list[Any] = [None] * n
         if relays and n > 1:
-            shared = ray.put(GroupSpec(config=self.cfg, recipe=self.recipe, rank=0, world_size=n,
-                                       init_method=init_method, injections=injections, attempt=attempt))
+            shared = ray.put(self._shared_spec(n, init_method, attempt, injections))
             for r in range(n):
                 node = self.nodes[r] if r < len(self.nodes) else None
                 if node in relays:
@@ -271,14 +270,24 @@ class WorkerGroup:
                 refs[r] = getattr(self.actors[r], method).remote(specs[r], *args)
         return refs, relayed
 
+    def _ring(self, n: int) -> tuple[list[tuple[int | None, int | None]], list[int | None]]:
+        """Per rank of a group of ``n``: its ``(peer_to, peer_from)`` and the peer whose replica
+        link it forms first (``None`` without a replica ring)."""
+        pairs = peers(self.peer_to) if self.peer_to else [(None, None)] * n
+        return pairs, link_first(self.peer_to, pairs) if self.peer_to else [None] * n
+
+    def _shared_spec(self, n: int, init_method: str, attempt: int,
+                     injections: list[tuple[int, FaultInjection]]) -> GroupSpec:
+        """What every rank of a group of ``n`` shares to join it (rank 0's index, no peers)."""
+        return GroupSpec(config=self.cfg, recipe=self.recipe, rank=0, world_size=n,
+                         init_method=init_method, injections=injections, attempt=attempt)
+
     def _specs(self, init_method: str, attempt: int,
                injections: list[tuple[int, FaultInjection]]) -> list[GroupSpec]:
         """What each rank of the group (as it stands) needs to join it: one spec per rank."""
-        pairs = peers(self.peer_to) if self.peer_to else [(None, None)] * self.world_size
-        first = link_first(self.peer_to, pairs) if self.peer_to else [None] * self.world_size
-        return [GroupSpec(config=self.cfg, recipe=self.recipe, rank=r, world_size=self.world_size,
-                          init_method=init_method, injections=injections, attempt=attempt,
-                          peers=pairs[r], link_first=first[r])
+        pairs, first = self._ring(self.world_size)
+        shared = self._shared_spec(self.world_size, init_method, attempt, injections)
+        return [dataclasses.replace(shared, rank=r, peers=pairs[r], link_first=first[r])
                 for r in range(self.world_size)]
 
     def holder_of(self, rank: int) -> int | None:

@@ -258,7 +258,7 @@ class ZoneGather:
             return {"members": out, "slowest_s": slowest}
 
 
-def relay_calls(send: Callable[[Any], Future], ranks: dict[int, Any], timeout: float) -> dict[str, Any]:
+def relay_calls(send: Callable[[Any], Future], ranks: dict[Any, Any], timeout: float) -> dict[str, Any]:
     """Send one call to each of ``ranks`` (``{rank: actor handle}``) at once with ``send`` and
     wait up to ``timeout`` for the answers.
 
@@ -294,7 +294,7 @@ def window_batches(streams: dict[Any, int]) -> Iterator[list[tuple[int, str, Any
     the rank's window having ended with that error; ``"end"`` when its window ended. Ends when
     every rank's window has. A rank's error is sent as soon as it is in (after at most
     :data:`LINGER_S`)."""
-    from raypod.driver.rank_calls import describe  # the same words as the driver's own
+    from raypod.driver.rank_calls import describe, stream_refs  # the driver's own words and reading
 
     live = dict(streams)
     while live:
@@ -303,18 +303,8 @@ def window_batches(streams: dict[Any, int]) -> Iterator[list[tuple[int, str, Any
         batch: list[tuple[int, str, Any]] = []
         for gen in ready:
             rank = live[gen]
-            refs = []
-            while gen.next_ready():
-                try:
-                    refs.append(next(gen))
-                except StopIteration:
-                    break
+            refs = stream_refs(gen)
             ended = gen.is_finished() and not gen.next_ready()
-            if gen.is_finished():
-                try:
-                    refs.append(next(gen))  # its error, if it ended with one
-                except StopIteration:
-                    pass
             for ref in refs:
                 try:
                     batch.append((rank, "step", ray.get(ref)))
@@ -379,20 +369,14 @@ class NodeAgent:
         the driver one call per zone of about sqrt(nodes) agents, not one per node. The answer
         is :meth:`relay`'s, merged, plus ``"broken"``: the nodes whose agent failed (the driver
         calls their ranks directly)."""
-        futures = {node: agent.relay.remote(method, ranks, args, timeout).future()
-                   for node, (agent, ranks) in members.items()}
-        concurrent.futures.wait(list(futures.values()), timeout=max(0.0, timeout) + ZONE_MARGIN_S)
-        out: dict[str, Any] = {"answers": {}, "failed": {}, "late": [], "broken": []}
-        for node, fut in futures.items():
-            if not fut.done():
-                out["late"].extend(members[node][1])
-            elif fut.cancelled() or fut.exception() is not None:
-                out["broken"].append(node)
-            else:
-                reply = fut.result()
-                out["answers"].update(reply["answers"])
-                out["failed"].update(reply["failed"])
-                out["late"].extend(reply["late"])
+        got = relay_calls(lambda m: m[0].relay.remote(method, m[1], args, timeout).future(), members,
+                          timeout + ZONE_MARGIN_S)
+        out: dict[str, Any] = {"answers": {}, "failed": {}, "late": [r for n in got["late"] for r in members[n][1]],
+                               "broken": sorted(got["failed"])}
+        for reply in got["answers"].values():
+            out["answers"].update(reply["answers"])
+            out["failed"].update(reply["failed"])
+            out["late"].extend(reply["late"])
         out["late"].sort()
         return out
 
@@ -401,15 +385,9 @@ class NodeAgent:
         """As a zone's leader: :meth:`submit` through each member agent at once; ``{"refs":
         {rank: ref}, "broken": [nodes whose agent failed or did not answer in time]}`` (the
         driver calls those nodes' ranks directly)."""
-        futures = {node: agent.submit.remote(method, calls).future() for node, (agent, calls) in members.items()}
-        concurrent.futures.wait(list(futures.values()), timeout=max(0.0, timeout))
-        out: dict[str, Any] = {"refs": {}, "broken": []}
-        for node, fut in futures.items():
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                out["refs"].update(fut.result())
-            else:
-                out["broken"].append(node)
-        return out
+        got = relay_calls(lambda m: m[0].submit.remote(method, m[1]).future(), members, timeout)
+        return {"refs": {r: ref for sent in got["answers"].values() for r, ref in sent.items()},
+                "broken": sorted([*got["failed"], *got["late"]])}
 
     def submit(self, method: str, calls: dict[int, tuple[Any, tuple[Any, ...]]]) -> dict[int, Any]:
         """Call ``method(*args)`` on each local rank (``calls``: ``{rank: (actor handle, args)}``)
